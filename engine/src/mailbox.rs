@@ -1,0 +1,78 @@
+//! Cross-core mailboxes. Each core has one multi-producer queue and an eventfd; the core's
+//! ring always has a read of that eventfd armed, so a message wakes a sleeping core through
+//! its own io_uring. A sender writes the eventfd only when the target said it was about to
+//! sleep, so a busy core receives messages without any system call.
+//!
+//! The queue itself is unbounded; what travels through it is bounded upstream: every piece
+//! comes from a connection with a limit on requests and bytes in flight.
+
+use crate::request::{Completion, Piece, ReplyTo};
+use crossbeam_channel::{Receiver, Sender};
+use std::any::Any;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+pub enum Message {
+    Piece(Piece, ReplyTo),
+    Done(Completion),
+    /// Something for the core's service (the frontend): a new connection, say.
+    Service(Box<dyn Any + Send>),
+    DropVolume(u32, ReplyTo),
+    Stats(Sender<crate::metrics::CoreStats>),
+    /// Finish in-flight work, close connections, checkpoint, then stop. The checkpoint's
+    /// result is sent to the reply.
+    Shutdown(ReplyTo),
+}
+
+pub struct Mailbox {
+    sender: Sender<Message>,
+    sleeping: AtomicBool,
+    eventfd: OwnedFd,
+}
+
+impl Mailbox {
+    pub fn new() -> std::io::Result<(Mailbox, Receiver<Message>)> {
+        // SAFETY: eventfd has no memory-safety preconditions; the result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let (sender, receiver) = crossbeam_channel::unbounded();
+        // SAFETY: fd was just created and is owned by nobody else.
+        let eventfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok((Mailbox { sender, sleeping: AtomicBool::new(false), eventfd }, receiver))
+    }
+
+    pub fn send(&self, message: Message) {
+        // The receiver lives as long as the engine; a send after shutdown is dropped.
+        let _ = self.sender.send(message);
+        if self.sleeping.swap(false, Ordering::SeqCst) {
+            self.wake();
+        }
+    }
+
+    fn wake(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a valid u64 to our eventfd. EAGAIN (counter full) means a
+        // wake-up is already pending, which is all we need.
+        unsafe { libc::write(self.eventfd.as_raw_fd(), &one as *const u64 as *const libc::c_void, 8) };
+    }
+
+    pub(crate) fn eventfd(&self) -> i32 {
+        self.eventfd.as_raw_fd()
+    }
+
+    /// The core announces it will sleep. Returns false if a message raced in (do not sleep).
+    pub(crate) fn prepare_sleep(&self, receiver: &Receiver<Message>) -> bool {
+        self.sleeping.store(true, Ordering::SeqCst);
+        if !receiver.is_empty() {
+            self.sleeping.store(false, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    pub(crate) fn awake(&self) {
+        self.sleeping.store(false, Ordering::SeqCst);
+    }
+}

@@ -1,0 +1,336 @@
+//! One reactor per core: a pinned thread that owns one io_uring (`SINGLE_ISSUER |
+//! DEFER_TASKRUN`, no SQPOLL, so an idle core sleeps in `io_uring_enter`), its shard of the
+//! block store, and the frontend connections handed to it. Nothing else touches them; other
+//! threads and cores talk to it through its mailbox.
+//!
+//! Loop: reap completions, take mailbox messages, route the answers the store produced,
+//! submit. When an iteration found nothing to do, the core sleeps until a completion arrives;
+//! a message arriving meanwhile wakes it through the eventfd read that is always armed.
+
+use crate::error::EngineError;
+use crate::layout::{placement_group, Geometry, CHUNK_SIZE};
+use crate::mailbox::{Mailbox, Message};
+use crate::metrics::CoreStats;
+use crate::request::{Arrived, Completion, Piece, PieceKind, ReplyTo};
+use crate::store::{IoSubmit, Store, StoreIo};
+use crossbeam_channel::Receiver;
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use slab::Slab;
+use std::any::Any;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Submission queue entries per ring. Completion queue is twice this (kernel default).
+const RING_ENTRIES: u32 = 1024;
+/// Messages taken from the mailbox per loop iteration, so completions are not starved.
+const MAILBOX_BATCH_MAX: usize = 256;
+/// Delay after which journal records that no flush asked for are committed anyway.
+const BACKGROUND_COMMIT_DELAY: Duration = Duration::from_millis(100);
+
+/// What the frontend running on a core implements. Callbacks run on the core's thread.
+pub trait CoreService: Send + 'static {
+    fn on_message(&mut self, core: &mut CoreContext, message: Box<dyn Any + Send>);
+    /// Completion of an operation the service submitted with `submit_io`.
+    fn on_io(&mut self, core: &mut CoreContext, tag: u64, result: i32, flags: u32);
+    /// Answer to a piece the service sent with `ReplyTo::Core` naming this core.
+    fn on_completion(&mut self, core: &mut CoreContext, completion: Completion);
+    /// Stop taking new requests; finish and close what is open.
+    fn on_shutdown(&mut self, core: &mut CoreContext);
+    /// True while the service still has requests or connections open.
+    fn busy(&self) -> bool;
+}
+
+/// A service for cores that serve no frontend (tests, tools).
+pub struct NoService;
+
+impl CoreService for NoService {
+    fn on_message(&mut self, _: &mut CoreContext, _: Box<dyn Any + Send>) {}
+    fn on_io(&mut self, _: &mut CoreContext, _: u64, _: i32, _: u32) {}
+    fn on_completion(&mut self, _: &mut CoreContext, _: Completion) {}
+    fn on_shutdown(&mut self, _: &mut CoreContext) {}
+    fn busy(&self) -> bool {
+        false
+    }
+}
+
+/// Shared, read-only after start: the mailboxes and the geometry.
+pub struct Shared {
+    pub mailboxes: Vec<Mailbox>,
+    pub geometry: Geometry,
+}
+
+impl Shared {
+    /// The core that owns the chunk holding `offset` of `volume`.
+    pub fn core_for(&self, volume: u32, offset: u64) -> usize {
+        let pg = placement_group(volume, offset / CHUNK_SIZE, self.geometry.pg_count);
+        (pg % self.geometry.cores) as usize
+    }
+}
+
+enum Op {
+    Wake(#[allow(dead_code)] Box<u64>), // kept alive until the read completes
+    Timer(#[allow(dead_code)] Box<types::Timespec>), // kept alive until the timeout fires
+    Store(StoreIo),
+    Service(u64),
+}
+
+struct Io {
+    ring: IoUring,
+    ops: Slab<Op>,
+}
+
+impl Io {
+    fn push(&mut self, entry: squeue::Entry, op: Op) {
+        let key = self.ops.insert(op);
+        let entry = entry.user_data(key as u64);
+        loop {
+            // SAFETY: every buffer an entry points at is owned by the op (kept in `ops`), the
+            // store task or the service connection until the completion is reaped.
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                return;
+            }
+            if let Err(e) = self.ring.submit() {
+                // EBUSY: completions must be reaped first; they are kept by the kernel (NODROP).
+                if e.raw_os_error() != Some(libc::EBUSY) && e.raw_os_error() != Some(libc::EINTR) {
+                    panic!("io_uring submit failed: {e}");
+                }
+            }
+        }
+    }
+}
+
+impl IoSubmit for Io {
+    fn submit_store(&mut self, entry: squeue::Entry, io: StoreIo) {
+        self.push(entry, Op::Store(io));
+    }
+}
+
+/// What a service sees of its core.
+pub struct CoreContext {
+    pub index: usize,
+    io: Io,
+    store: Store,
+    shared: Arc<Shared>,
+}
+
+impl CoreContext {
+    pub fn cores(&self) -> usize {
+        self.shared.mailboxes.len()
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Submits an operation for the service; its completion comes back to `on_io` with `tag`.
+    /// Whatever memory the entry points at must stay valid until then.
+    pub fn submit_io(&mut self, entry: squeue::Entry, tag: u64) {
+        self.io.push(entry, Op::Service(tag));
+    }
+
+    /// Sends a piece to the core that owns it (this one or another).
+    pub fn send_piece(&mut self, piece: Piece, reply: ReplyTo) {
+        let owner = match piece.kind {
+            PieceKind::Flush => panic!("flush goes to every core: use send_piece_to"),
+            _ => self.shared.core_for(piece.volume, piece.offset),
+        };
+        self.send_piece_to(owner, piece, reply);
+    }
+
+    pub fn send_piece_to(&mut self, core: usize, piece: Piece, reply: ReplyTo) {
+        if core == self.index {
+            self.store.start(&mut self.io, Arrived { piece, reply, at: Instant::now() });
+        } else {
+            self.shared.mailboxes[core].send(Message::Piece(piece, reply));
+        }
+    }
+}
+
+pub(crate) struct Reactor {
+    ctx: CoreContext,
+    receiver: Receiver<Message>,
+    service: Box<dyn CoreService>,
+    shutdown: Option<ReplyTo>,
+    checkpoint_started: bool,
+}
+
+impl Reactor {
+    pub(crate) fn new(
+        index: usize,
+        store: Store,
+        shared: Arc<Shared>,
+        receiver: Receiver<Message>,
+        service: Box<dyn CoreService>,
+        backing_fd: i32,
+    ) -> Result<Reactor, EngineError> {
+        let ring_err = |source| EngineError::Ring { core: index, source };
+        let ring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .build(RING_ENTRIES)
+            .or_else(|_| IoUring::builder().build(RING_ENTRIES))
+            .map_err(ring_err)?;
+        ring.submitter().register_files(&[backing_fd]).map_err(ring_err)?;
+        let mut reactor = Reactor {
+            ctx: CoreContext { index, io: Io { ring, ops: Slab::with_capacity(256) }, store, shared },
+            receiver,
+            service,
+            shutdown: None,
+            checkpoint_started: false,
+        };
+        reactor.arm_wake();
+        Ok(reactor)
+    }
+
+    fn arm_wake(&mut self) {
+        let mut buf = Box::new(0u64);
+        let fd = self.ctx.shared.mailboxes[self.ctx.index].eventfd();
+        let entry = opcode::Read::new(types::Fd(fd), &mut *buf as *mut u64 as *mut u8, 8).build();
+        self.ctx.io.push(entry, Op::Wake(buf));
+    }
+
+    fn arm_timer(&mut self) {
+        let ts = Box::new(types::Timespec::from(BACKGROUND_COMMIT_DELAY));
+        let entry = opcode::Timeout::new(&*ts as *const types::Timespec).build();
+        self.ctx.io.push(entry, Op::Timer(ts));
+        self.ctx.store.timer_armed = true;
+    }
+
+    pub(crate) fn run(mut self) {
+        loop {
+            let mut work = self.reap();
+            work |= self.take_messages();
+            self.route();
+            if self.ctx.store.has_pending_records() && !self.ctx.store.timer_armed && !self.ctx.store.commit_running() {
+                self.arm_timer();
+            }
+            if self.shutdown.is_some() && !self.service.busy() && self.ctx.store.tasks_in_flight() == 0 {
+                if !self.checkpoint_started {
+                    self.checkpoint_started = true;
+                    let reply = self.shutdown.clone().expect("shutdown requested");
+                    self.ctx.store.checkpoint_now(&mut self.ctx.io, reply);
+                    self.route();
+                    work = true;
+                } else if self.ctx.store.idle() {
+                    return;
+                }
+            }
+            let mailbox = &self.ctx.shared.mailboxes[self.ctx.index];
+            let sleep = !work && mailbox.prepare_sleep(&self.receiver);
+            let result = self.ctx.io.ring.submit_and_wait(if sleep { 1 } else { 0 });
+            if sleep {
+                self.ctx.shared.mailboxes[self.ctx.index].awake();
+            }
+            if let Err(e) = result {
+                if !matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::ETIME)) {
+                    panic!("core {}: io_uring_enter failed: {e}", self.ctx.index);
+                }
+            }
+        }
+    }
+
+    fn reap(&mut self) -> bool {
+        let mut any = false;
+        loop {
+            let batch: Vec<cqueue::Entry> = self.ctx.io.ring.completion().take(256).collect();
+            if batch.is_empty() {
+                return any;
+            }
+            any = true;
+            for cqe in batch {
+                let key = cqe.user_data() as usize;
+                let op = self.ctx.io.ops.remove(key);
+                match op {
+                    Op::Wake(_) => self.arm_wake(),
+                    Op::Timer(_) => {
+                        self.ctx.store.timer_armed = false;
+                        self.ctx.store.kick_commit(&mut self.ctx.io);
+                    }
+                    Op::Store(what) => self.ctx.store.on_io(&mut self.ctx.io, what, cqe.result()),
+                    Op::Service(tag) => self.service.on_io(&mut self.ctx, tag, cqe.result(), cqe.flags()),
+                }
+                self.route();
+            }
+        }
+    }
+
+    fn take_messages(&mut self) -> bool {
+        let mut any = false;
+        for _ in 0..MAILBOX_BATCH_MAX {
+            let Ok(message) = self.receiver.try_recv() else { break };
+            any = true;
+            match message {
+                Message::Piece(piece, reply) => {
+                    self.ctx.store.start(&mut self.ctx.io, Arrived { piece, reply, at: Instant::now() });
+                }
+                Message::Done(completion) => self.service.on_completion(&mut self.ctx, completion),
+                Message::Service(m) => self.service.on_message(&mut self.ctx, m),
+                Message::DropVolume(volume, reply) => self.ctx.store.drop_volume(&mut self.ctx.io, volume, reply),
+                Message::Stats(sender) => {
+                    let _ = sender.send(self.stats());
+                }
+                Message::Shutdown(reply) => {
+                    if self.shutdown.is_none() {
+                        self.shutdown = Some(reply);
+                        self.service.on_shutdown(&mut self.ctx);
+                    }
+                }
+            }
+            self.route();
+        }
+        any
+    }
+
+    /// Delivers what the store answered: to this core's service, another core, or a channel.
+    fn route(&mut self) {
+        while !self.ctx.store.out.is_empty() {
+            let out = std::mem::take(&mut self.ctx.store.out);
+            for (reply, completion) in out {
+                match reply {
+                    ReplyTo::Core { core, .. } if core == self.ctx.index => self.service.on_completion(&mut self.ctx, completion),
+                    ReplyTo::Core { core, .. } => self.ctx.shared.mailboxes[core].send(Message::Done(completion)),
+                    ReplyTo::Channel { sender, .. } => {
+                        let _ = sender.send(completion);
+                    }
+                }
+            }
+        }
+    }
+
+    fn stats(&self) -> CoreStats {
+        let s = &self.ctx.store;
+        let c = &s.counters;
+        let map = s.map();
+        CoreStats {
+            core: self.ctx.index,
+            reads: c.reads,
+            writes: c.writes,
+            zeroes: c.zeroes,
+            flushes: c.flushes,
+            bytes_read: c.bytes_read,
+            bytes_written: c.bytes_written,
+            commits: c.commits,
+            checkpoints: c.checkpoints,
+            checksum_errors: c.checksum_errors,
+            io_errors: c.io_errors,
+            pieces_in_flight: s.tasks_in_flight() as u64,
+            slots_total: s.slots_total(),
+            slots_free: s.slots_free(),
+            mapped_blocks: map.mapped_blocks(),
+            volumes: map.volumes().into_iter().map(|v| (v, map.mapped_blocks_of(v))).collect(),
+            latency_read_us: s.latency_read_us.clone(),
+            latency_write_us: s.latency_write_us.clone(),
+            poisoned: s.poisoned(),
+        }
+    }
+}
+
+/// Pins the calling thread to one CPU (best effort: a container may forbid it).
+pub(crate) fn pin_to_cpu(cpu: usize) {
+    // SAFETY: cpu_set_t is plain data; sched_setaffinity reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu % libc::CPU_SETSIZE as usize, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}

@@ -1,0 +1,897 @@
+//! One core's shard of the block store: the block map, the slot allocator, the journal and the
+//! checkpoint of one region, driven by io_uring completions on that core only.
+//!
+//! Invariants:
+//! - Redirect-on-write: a write goes to free slots; the map is changed only when the data
+//!   write has completed, so a block reads wholly old or wholly new.
+//! - A slot replaced by a newer write stays allocated until the journal commit that records the
+//!   replacement is durable, and until no read in flight still targets it.
+//! - A commit is `fdatasync` (the data the records point at), then journal pages (or a full
+//!   checkpoint, copy A then copy B, each synced), then `fdatasync`. One commit at a time.
+//!   FLUSH and FUA replies wait for the commit that follows their write. Concurrent flushes
+//!   share a commit (group commit).
+//! - Writes to a block are serialized by a per-block lock, so a read-modify-write of a partial
+//!   block never loses a neighbour's bytes.
+//! - After a failed data write, journal write or fdatasync the region is poisoned: every later
+//!   write and flush answers EIO rather than acknowledging data that may be lost.
+//! - Every block read is checked against the crc32c recorded when it was written; a mismatch
+//!   answers EIO and is logged with the volume, block and slot. It is never served.
+
+use crate::block_map::{BlockMap, Entry};
+use crate::buffer::AlignedBuf;
+use crate::checkpoint;
+use crate::error::{BlockError, EngineError};
+use crate::journal::{self, Record, ScanEnd, RECORDS_PER_PAGE};
+use crate::layout::{Region, BLOCK_SIZE, PAGE_SIZE};
+use crate::request::{Arrived, Completion, Output, PieceKind, ReplyTo};
+use crate::slot_allocator::SlotAllocator;
+use hdrhistogram::Histogram;
+use io_uring::{opcode, squeue, types};
+use slab::Slab;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// A commit is started at once when this many records wait (about 48 journal pages).
+const PENDING_RECORDS_COMMIT: usize = 8192;
+/// Journal pages used since the last checkpoint beyond which a commit writes a checkpoint
+/// instead: a third of the ring, so that the journal since the *previous* checkpoint (kept for
+/// the case where the newest checkpoint copy is damaged) never exceeds two thirds of it.
+const fn checkpoint_threshold(journal_pages: u64) -> u64 {
+    journal_pages / 3
+}
+
+/// The ring file index of the backing store (registered with `register_files`).
+pub(crate) const BACKING_FILE: types::Fixed = types::Fixed(0);
+
+/// What a store-owned io_uring operation was for.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum StoreIo {
+    /// Read of a run of blocks of a read task: `first` index into the piece's blocks.
+    DataRead { task: usize, first: u32, count: u32 },
+    /// Read of an edge block for a read-modify-write.
+    EdgeRead { task: usize, index: u32 },
+    DataWrite { task: usize, expected: u32 },
+    Commit { expected: u32 },
+}
+
+/// Submission of io_uring operations, implemented by the reactor.
+pub(crate) trait IoSubmit {
+    fn submit_store(&mut self, entry: squeue::Entry, io: StoreIo);
+}
+
+struct Task {
+    arrived: Arrived,
+    first_block: u64,
+    block_count: u32,
+    head: usize,
+    buf: Option<AlignedBuf>,
+    /// For reads: the entries the read expects; for edge reads, the same.
+    expected: Vec<Option<Entry>>,
+    new_slots: Vec<u32>,
+    crcs: Vec<u32>,
+    outstanding: u32,
+    failed: Option<BlockError>,
+    locked: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    SyncData,
+    WriteJournal,
+    SyncJournal,
+    WriteCheckpointA,
+    SyncCheckpointA,
+    WriteCheckpointB,
+    SyncCheckpointB,
+}
+
+struct Commit {
+    stage: Stage,
+    waiters: Vec<ReplyTo>,
+    frees: Vec<u32>,
+    buf: Option<AlignedBuf>,
+    journal_pages: u64,
+    checkpoint: bool,
+    outstanding: u32,
+    failed: bool,
+}
+
+#[derive(Default)]
+pub struct StoreCounters {
+    pub reads: u64,
+    pub writes: u64,
+    pub zeroes: u64,
+    pub flushes: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub commits: u64,
+    pub checkpoints: u64,
+    pub checksum_errors: u64,
+    pub io_errors: u64,
+}
+
+pub(crate) struct Store {
+    core: usize,
+    path: PathBuf,
+    region: Region,
+    map: BlockMap,
+    alloc: SlotAllocator,
+    locks: HashMap<(u32, u64), VecDeque<usize>>,
+    tasks: Slab<Task>,
+    pending_records: Vec<Record>,
+    pending_frees: Vec<u32>,
+    readers: HashMap<u32, u32>,
+    deferred_frees: HashSet<u32>,
+    flush_waiters: Vec<ReplyTo>,
+    space_waiters: VecDeque<usize>,
+    commit: Option<Commit>,
+    force_checkpoint: bool,
+    journal_next_seq: u64,
+    checkpoint_seq: u64,
+    checkpoint_journal_start: u64,
+    retain_from: u64,
+    poisoned: bool,
+    pub timer_armed: bool,
+    pub out: Vec<(ReplyTo, Completion)>,
+    pub counters: StoreCounters,
+    pub latency_read_us: Histogram<u64>,
+    pub latency_write_us: Histogram<u64>,
+}
+
+fn pread_aligned(file: &File, offset: u64, len: usize, path: &Path) -> Result<AlignedBuf, EngineError> {
+    let mut buf = AlignedBuf::zeroed(len);
+    file.read_exact_at(&mut buf, offset).map_err(|source| EngineError::Io { op: "read", path: path.to_owned(), source })?;
+    Ok(buf)
+}
+
+fn pwrite_aligned(file: &File, offset: u64, buf: &AlignedBuf, path: &Path) -> Result<(), EngineError> {
+    file.write_all_at(buf, offset).map_err(|source| EngineError::Io { op: "write", path: path.to_owned(), source })
+}
+
+/// Writes an empty checkpoint into both copies of a freshly formatted region.
+pub(crate) fn format_region(file: &File, region: &Region, path: &Path) -> Result<(), EngineError> {
+    let cp = checkpoint::encode(1, 0, &[]);
+    pwrite_aligned(file, region.checkpoint_a * PAGE_SIZE as u64, &cp, path)?;
+    pwrite_aligned(file, region.checkpoint_b * PAGE_SIZE as u64, &cp, path)?;
+    // A zeroed first journal page, in case the file held an older store.
+    pwrite_aligned(file, region.journal_byte_offset(0), &AlignedBuf::zeroed(PAGE_SIZE), path)
+}
+
+impl Store {
+    /// Recovers one region: the newest valid checkpoint copy, then the journal after it. Ends
+    /// with a fresh checkpoint so that the next run starts from a clean journal.
+    pub(crate) fn open(core: usize, file: &File, path: &Path, region: Region) -> Result<Store, EngineError> {
+        let damaged = |what: String| EngineError::Damaged { core, what };
+        let max_entries = region.slot_count;
+        let mut candidates = Vec::new();
+        for (name, start) in [("A", region.checkpoint_a), ("B", region.checkpoint_b)] {
+            let header = pread_aligned(file, start * PAGE_SIZE as u64, PAGE_SIZE, path)?;
+            match checkpoint::decode_header(&header, max_entries) {
+                Some(h) => candidates.push((h, name, start)),
+                None => eprintln!("torus: core {core}: checkpoint copy {name} is damaged or unwritten; using the other copy"),
+            }
+        }
+        candidates.sort_by_key(|(h, _, _)| std::cmp::Reverse(h.seq));
+        let mut chosen = None;
+        for (h, name, start) in candidates {
+            let body_len = (h.pages() - 1) as usize * PAGE_SIZE;
+            let body = if body_len == 0 { AlignedBuf::zeroed(0) } else { pread_aligned(file, (start + 1) * PAGE_SIZE as u64, body_len, path)? };
+            match checkpoint::decode_body(&h, if body_len == 0 { &[] } else { &body }) {
+                Some(entries) => {
+                    chosen = Some((h, entries));
+                    break;
+                }
+                None => eprintln!("torus: core {core}: checkpoint copy {name} (seq {}) fails its checksum; trying the other copy", h.seq),
+            }
+        }
+        let (header, entries) = chosen.ok_or_else(|| damaged("both checkpoint copies are damaged: the block map cannot be vouched for".into()))?;
+
+        let mut map = BlockMap::default();
+        for (volume, block, e) in entries {
+            if e.slot as u64 >= region.slot_count {
+                return Err(damaged(format!("checkpoint maps volume {volume} block {block} to slot {} past the region", e.slot)));
+            }
+            map.insert(volume, block, e);
+        }
+        let (pages, end) = journal::scan(header.journal_start, region.journal_pages, |seq| {
+            pread_aligned(file, region.journal_byte_offset(seq), PAGE_SIZE, path).map(|b| b.to_vec()).unwrap_or_else(|_| vec![0; PAGE_SIZE])
+        });
+        if let ScanEnd::Damaged { bad_seq, later_seq } = end {
+            return Err(damaged(format!(
+                "journal page {bad_seq} is damaged although page {later_seq} of a later commit is intact: acknowledged writes cannot be vouched for"
+            )));
+        }
+        let replayed_pages = pages.len() as u64;
+        let mut last_seq = header.journal_start;
+        for page in pages {
+            last_seq = page.seq + 1;
+            for r in page.records {
+                match r {
+                    Record::Map { volume, block, slot, crc } => {
+                        if slot as u64 >= region.slot_count {
+                            return Err(damaged(format!("journal page {} maps to slot {slot} past the region", page.seq)));
+                        }
+                        map.insert(volume, block, Entry { slot, crc });
+                    }
+                    Record::Unmap { volume, block } => {
+                        map.remove(volume, block);
+                    }
+                    Record::DropVolume { volume } => {
+                        map.drop_volume(volume);
+                    }
+                }
+            }
+        }
+        let mut alloc = SlotAllocator::new(region.slot_count as u32);
+        for (volume, block, e) in map.iter() {
+            if !alloc.mark_used(e.slot) {
+                return Err(damaged(format!("slot {} is mapped twice (volume {volume} block {block})", e.slot)));
+            }
+        }
+        if let ScanEnd::TornTail { first_bad_seq } = end {
+            eprintln!("torus: core {core}: journal ends in a torn commit at page {first_bad_seq}; dropped its unacknowledged tail");
+        }
+        // Start the next journal a whole lap later, so that no page left from before the crash
+        // can ever be taken for a page of the new run.
+        let next_seq = last_seq.max(header.journal_start) + region.journal_pages;
+        let seq = header.seq + 1;
+        if replayed_pages > 0 || !matches!(end, ScanEnd::Clean) || next_seq != header.journal_start {
+            let entries: Vec<_> = map.iter().collect();
+            let cp = checkpoint::encode(seq, next_seq, &entries);
+            pwrite_aligned(file, region.checkpoint_a * PAGE_SIZE as u64, &cp, path)?;
+            file.sync_data().map_err(|source| EngineError::Io { op: "fdatasync", path: path.to_owned(), source })?;
+            pwrite_aligned(file, region.checkpoint_b * PAGE_SIZE as u64, &cp, path)?;
+            file.sync_data().map_err(|source| EngineError::Io { op: "fdatasync", path: path.to_owned(), source })?;
+        }
+        Ok(Store {
+            core,
+            path: path.to_owned(),
+            region,
+            map,
+            alloc,
+            locks: HashMap::new(),
+            tasks: Slab::new(),
+            pending_records: Vec::new(),
+            pending_frees: Vec::new(),
+            readers: HashMap::new(),
+            deferred_frees: HashSet::new(),
+            flush_waiters: Vec::new(),
+            space_waiters: VecDeque::new(),
+            commit: None,
+            force_checkpoint: false,
+            journal_next_seq: next_seq,
+            checkpoint_seq: seq,
+            checkpoint_journal_start: next_seq,
+            retain_from: next_seq,
+            poisoned: false,
+            timer_armed: false,
+            out: Vec::new(),
+            counters: StoreCounters::default(),
+            latency_read_us: Histogram::new_with_bounds(1, 60_000_000, 2).expect("histogram bounds"),
+            latency_write_us: Histogram::new_with_bounds(1, 60_000_000, 2).expect("histogram bounds"),
+        })
+    }
+
+    pub fn slots_free(&self) -> u64 {
+        self.alloc.free_count() as u64
+    }
+    pub fn slots_total(&self) -> u64 {
+        self.alloc.slot_count() as u64
+    }
+    pub fn map(&self) -> &BlockMap {
+        &self.map
+    }
+    pub fn tasks_in_flight(&self) -> usize {
+        self.tasks.len()
+    }
+    pub fn idle(&self) -> bool {
+        self.tasks.is_empty() && self.commit.is_none() && self.flush_waiters.is_empty()
+    }
+    pub fn has_pending_records(&self) -> bool {
+        !self.pending_records.is_empty() || !self.pending_frees.is_empty()
+    }
+    pub fn poisoned(&self) -> bool {
+        self.poisoned
+    }
+    pub fn commit_running(&self) -> bool {
+        self.commit.is_some()
+    }
+
+    fn reply(&mut self, reply: ReplyTo, output: Result<Output, BlockError>) {
+        let token = reply.token();
+        self.out.push((reply, Completion { token, output }));
+    }
+
+    /// Entry point for a piece that arrived at this core.
+    pub(crate) fn start(&mut self, io: &mut impl IoSubmit, arrived: Arrived) {
+        let piece = &arrived.piece;
+        let first_block = piece.offset / BLOCK_SIZE as u64;
+        let end = piece.offset + piece.len as u64;
+        let block_count = if piece.len == 0 { 0 } else { (end.div_ceil(BLOCK_SIZE as u64) - first_block) as u32 };
+        let head = (piece.offset % BLOCK_SIZE as u64) as usize;
+        match piece.kind {
+            PieceKind::Flush => {
+                self.counters.flushes += 1;
+                if self.poisoned {
+                    self.reply(arrived.reply, Err(BlockError::Io));
+                    return;
+                }
+                self.flush_waiters.push(arrived.reply);
+                self.kick_commit(io);
+                return;
+            }
+            PieceKind::Status => {
+                let mapped = (0..block_count).map(|i| self.map.get(piece.volume, first_block + i as u64).is_some()).collect();
+                self.reply(arrived.reply, Ok(Output::Status { mapped }));
+                return;
+            }
+            _ => {}
+        }
+        let task = Task {
+            arrived,
+            first_block,
+            block_count,
+            head,
+            buf: None,
+            expected: Vec::new(),
+            new_slots: Vec::new(),
+            crcs: Vec::new(),
+            outstanding: 0,
+            failed: None,
+            locked: false,
+        };
+        let tid = self.tasks.insert(task);
+        if matches!(self.tasks[tid].arrived.piece.kind, PieceKind::Read) {
+            self.start_read(io, tid);
+        } else {
+            self.start_write(io, tid);
+        }
+    }
+
+    fn start_read(&mut self, io: &mut impl IoSubmit, tid: usize) {
+        let t = &mut self.tasks[tid];
+        let volume = t.arrived.piece.volume;
+        let mut buf = AlignedBuf::zeroed(t.block_count as usize * BLOCK_SIZE);
+        let expected: Vec<Option<Entry>> = (0..t.block_count).map(|i| self.map.get(volume, t.first_block + i as u64)).collect();
+        let mut i = 0u32;
+        let mut ops = 0;
+        while i < t.block_count {
+            let Some(e) = expected[i as usize] else {
+                i += 1;
+                continue;
+            };
+            let mut count = 1u32;
+            while i + count < t.block_count && expected[(i + count) as usize].map(|n| n.slot) == Some(e.slot + count) {
+                count += 1;
+            }
+            for k in 0..count {
+                *self.readers.entry(e.slot + k).or_insert(0) += 1;
+            }
+            // SAFETY: the buffer lives in the task until every operation on it has completed.
+            let ptr = unsafe { buf.as_mut_ptr().add(i as usize * BLOCK_SIZE) };
+            let entry = opcode::Read::new(BACKING_FILE, ptr, count * BLOCK_SIZE as u32)
+                .offset(self.region.slot_byte_offset(e.slot))
+                .build();
+            io.submit_store(entry, StoreIo::DataRead { task: tid, first: i, count });
+            ops += 1;
+            i += count;
+        }
+        t.expected = expected;
+        t.buf = Some(buf);
+        t.outstanding = ops;
+        if ops == 0 {
+            self.finish_read(tid);
+        }
+    }
+
+    fn finish_read(&mut self, tid: usize) {
+        let t = self.tasks.remove(tid);
+        self.counters.reads += 1;
+        self.counters.bytes_read += t.arrived.piece.len as u64;
+        let _ = self.latency_read_us.record(t.arrived.at.elapsed().as_micros().max(1) as u64);
+        let output = match t.failed {
+            Some(e) => Err(e),
+            None => Ok(Output::Read { data: t.buf.expect("read buffer"), head: t.head }),
+        };
+        self.reply(t.arrived.reply, output);
+    }
+
+    fn read_done(&mut self, tid: usize, first: u32, count: u32, result: i32) {
+        let t = &mut self.tasks[tid];
+        let volume = t.arrived.piece.volume;
+        let buf = t.buf.as_ref().expect("read buffer");
+        for k in first..first + count {
+            let e = t.expected[k as usize].expect("read only mapped blocks");
+            let n = self.readers.get_mut(&e.slot).expect("reader counted");
+            *n -= 1;
+            if *n == 0 {
+                self.readers.remove(&e.slot);
+                if self.deferred_frees.remove(&e.slot) {
+                    self.alloc.release(e.slot);
+                }
+            }
+            if result != (count as usize * BLOCK_SIZE) as i32 {
+                continue;
+            }
+            let data = &buf[k as usize * BLOCK_SIZE..(k as usize + 1) * BLOCK_SIZE];
+            let crc = crc32c::crc32c(data);
+            if crc != e.crc {
+                self.counters.checksum_errors += 1;
+                eprintln!(
+                    "torus: core {}: volume {volume} block {}: checksum mismatch in slot {} of {} (stored {:08x}, read {:08x}); answering EIO",
+                    self.core,
+                    t.first_block + k as u64,
+                    e.slot,
+                    self.path.display(),
+                    e.crc,
+                    crc
+                );
+                t.failed = Some(BlockError::Io);
+            }
+        }
+        if result != (count as usize * BLOCK_SIZE) as i32 {
+            self.counters.io_errors += 1;
+            eprintln!("torus: core {}: read of {count} blocks of volume {volume} failed: {}", self.core, describe_result(result));
+            t.failed = Some(BlockError::Io);
+        }
+        t.outstanding -= 1;
+        if t.outstanding == 0 {
+            self.finish_read(tid);
+        }
+    }
+
+    /// Takes the per-block locks of a write task, or queues it behind the first holder.
+    fn lock(&mut self, tid: usize) -> bool {
+        let t = &self.tasks[tid];
+        let volume = t.arrived.piece.volume;
+        for i in 0..t.block_count {
+            if let Some(q) = self.locks.get_mut(&(volume, t.first_block + i as u64)) {
+                q.push_back(tid);
+                return false;
+            }
+        }
+        for i in 0..t.block_count {
+            self.locks.insert((volume, t.first_block + i as u64), VecDeque::new());
+        }
+        self.tasks[tid].locked = true;
+        true
+    }
+
+    fn unlock(&mut self, io: &mut impl IoSubmit, tid: usize) {
+        let t = &mut self.tasks[tid];
+        if !t.locked {
+            return;
+        }
+        t.locked = false;
+        let volume = t.arrived.piece.volume;
+        let mut woken = Vec::new();
+        for i in 0..t.block_count {
+            if let Some(q) = self.locks.remove(&(volume, t.first_block + i as u64)) {
+                woken.extend(q);
+            }
+        }
+        for w in woken {
+            if self.tasks.contains(w) && !self.tasks[w].locked {
+                self.start_write(io, w);
+            }
+        }
+    }
+
+    fn fail_task(&mut self, io: &mut impl IoSubmit, tid: usize, e: BlockError) {
+        self.unlock(io, tid);
+        let t = self.tasks.remove(tid);
+        self.reply(t.arrived.reply, Err(e));
+    }
+
+    fn start_write(&mut self, io: &mut impl IoSubmit, tid: usize) {
+        if self.poisoned {
+            self.fail_task(io, tid, BlockError::Io);
+            return;
+        }
+        if !self.tasks[tid].locked && !self.lock(tid) {
+            return;
+        }
+        let t = &mut self.tasks[tid];
+        let piece = &t.arrived.piece;
+        let volume = piece.volume;
+        let tail = (piece.offset + piece.len as u64) % BLOCK_SIZE as u64;
+        let partial = t.head != 0 || tail != 0;
+        if let (PieceKind::Zero { .. }, false) = (&piece.kind, partial) {
+            self.zero_blocks(io, tid);
+            return;
+        }
+        let aligned_source = match &piece.kind {
+            PieceKind::Write { data_offset, .. } => !partial && data_offset % PAGE_SIZE == 0,
+            _ => false,
+        };
+        if aligned_source {
+            self.issue_writes(io, tid);
+            return;
+        }
+        let mut buf = AlignedBuf::zeroed(t.block_count as usize * BLOCK_SIZE);
+        let mut edges = vec![];
+        if t.head != 0 {
+            edges.push(0);
+        }
+        if tail != 0 && (t.block_count > 1 || t.head == 0) {
+            edges.push(t.block_count - 1);
+        }
+        t.expected = vec![None; t.block_count as usize];
+        let mut ops = 0;
+        for index in edges {
+            if let Some(e) = self.map.get(volume, t.first_block + index as u64) {
+                t.expected[index as usize] = Some(e);
+                // SAFETY: the buffer lives in the task until the read completes.
+                let ptr = unsafe { buf.as_mut_ptr().add(index as usize * BLOCK_SIZE) };
+                let entry = opcode::Read::new(BACKING_FILE, ptr, BLOCK_SIZE as u32).offset(self.region.slot_byte_offset(e.slot)).build();
+                io.submit_store(entry, StoreIo::EdgeRead { task: tid, index });
+                ops += 1;
+            }
+        }
+        t.buf = Some(buf);
+        t.outstanding = ops;
+        if ops == 0 {
+            self.merge_and_write(io, tid);
+        }
+    }
+
+    fn edge_read_done(&mut self, io: &mut impl IoSubmit, tid: usize, index: u32, result: i32) {
+        let t = &mut self.tasks[tid];
+        let e = t.expected[index as usize].expect("edge read of a mapped block");
+        if result != BLOCK_SIZE as i32 {
+            self.counters.io_errors += 1;
+            t.failed = Some(BlockError::Io);
+        } else {
+            let buf = t.buf.as_ref().expect("merge buffer");
+            let data = &buf[index as usize * BLOCK_SIZE..(index as usize + 1) * BLOCK_SIZE];
+            if crc32c::crc32c(data) != e.crc {
+                self.counters.checksum_errors += 1;
+                eprintln!(
+                    "torus: core {}: volume {} block {}: checksum mismatch in slot {} during read-modify-write; answering EIO",
+                    self.core,
+                    t.arrived.piece.volume,
+                    t.first_block + index as u64,
+                    e.slot
+                );
+                t.failed = Some(BlockError::Io);
+            }
+        }
+        t.outstanding -= 1;
+        if t.outstanding == 0 {
+            if let Some(e) = t.failed {
+                self.fail_task(io, tid, e);
+            } else {
+                self.merge_and_write(io, tid);
+            }
+        }
+    }
+
+    fn merge_and_write(&mut self, io: &mut impl IoSubmit, tid: usize) {
+        let t = &mut self.tasks[tid];
+        let len = t.arrived.piece.len as usize;
+        let head = t.head;
+        let buf = t.buf.as_mut().expect("merge buffer");
+        match &t.arrived.piece.kind {
+            PieceKind::Write { data, data_offset, .. } => buf[head..head + len].copy_from_slice(&data[*data_offset..*data_offset + len]),
+            PieceKind::Zero { .. } => buf[head..head + len].fill(0),
+            _ => unreachable!("only writes are merged"),
+        }
+        self.issue_writes(io, tid);
+    }
+
+    fn issue_writes(&mut self, io: &mut impl IoSubmit, tid: usize) {
+        let count = self.tasks[tid].block_count as usize;
+        let mut slots = Vec::with_capacity(count);
+        for _ in 0..count {
+            match self.alloc.allocate() {
+                Some(s) => slots.push(s),
+                None => break,
+            }
+        }
+        if slots.len() < count {
+            for s in slots {
+                self.alloc.release(s);
+            }
+            let space_coming = !self.pending_frees.is_empty() || self.commit.as_ref().is_some_and(|c| !c.frees.is_empty()) || !self.deferred_frees.is_empty();
+            if space_coming {
+                self.space_waiters.push_back(tid);
+                self.kick_commit(io);
+            } else {
+                self.fail_task(io, tid, BlockError::NoSpace);
+            }
+            return;
+        }
+        let t = &mut self.tasks[tid];
+        let source: *const u8 = match (&t.buf, &t.arrived.piece.kind) {
+            (Some(b), _) => b.as_ptr(),
+            // SAFETY: data_offset + len is inside the buffer (checked by the frontend), and the
+            // Arc in the task keeps it alive until the write completes.
+            (None, PieceKind::Write { data, data_offset, .. }) => unsafe { data.as_ptr().add(*data_offset) },
+            _ => unreachable!("write without a source"),
+        };
+        // SAFETY: source is valid for count blocks, as above.
+        let bytes = unsafe { std::slice::from_raw_parts(source, count * BLOCK_SIZE) };
+        t.crcs = bytes.chunks_exact(BLOCK_SIZE).map(crc32c::crc32c).collect();
+        let mut i = 0;
+        let mut ops = 0;
+        while i < count {
+            let mut run = 1;
+            while i + run < count && slots[i + run] == slots[i] + run as u32 {
+                run += 1;
+            }
+            let len = (run * BLOCK_SIZE) as u32;
+            // SAFETY: as above; the pointer stays valid until completion.
+            let ptr = unsafe { source.add(i * BLOCK_SIZE) };
+            let entry = opcode::Write::new(BACKING_FILE, ptr, len).offset(self.region.slot_byte_offset(slots[i])).build();
+            io.submit_store(entry, StoreIo::DataWrite { task: tid, expected: len });
+            ops += 1;
+            i += run;
+        }
+        t.new_slots = slots;
+        t.outstanding = ops;
+    }
+
+    fn write_done(&mut self, io: &mut impl IoSubmit, tid: usize, expected: u32, result: i32) {
+        let t = &mut self.tasks[tid];
+        if result != expected as i32 {
+            eprintln!(
+                "torus: core {}: data write to {} failed: {}; region poisoned, refusing further writes",
+                self.core,
+                self.path.display(),
+                describe_result(result)
+            );
+            self.counters.io_errors += 1;
+            self.poisoned = true;
+            t.failed = Some(BlockError::Io);
+        }
+        t.outstanding -= 1;
+        if t.outstanding > 0 {
+            return;
+        }
+        if let Some(e) = t.failed {
+            // The new slots stay allocated: the region is poisoned and their contents unknown.
+            self.fail_task(io, tid, e);
+            return;
+        }
+        let volume = t.arrived.piece.volume;
+        for (i, (&slot, &crc)) in t.new_slots.iter().zip(&t.crcs).enumerate() {
+            let block = t.first_block + i as u64;
+            if let Some(old) = self.map.insert(volume, block, Entry { slot, crc }) {
+                self.pending_frees.push(old.slot);
+            }
+            self.pending_records.push(Record::Map { volume, block, slot, crc });
+        }
+        self.counters.writes += 1;
+        self.counters.bytes_written += t.arrived.piece.len as u64;
+        let _ = self.latency_write_us.record(t.arrived.at.elapsed().as_micros().max(1) as u64);
+        self.complete_write(io, tid);
+    }
+
+    fn zero_blocks(&mut self, io: &mut impl IoSubmit, tid: usize) {
+        let t = &self.tasks[tid];
+        let volume = t.arrived.piece.volume;
+        for i in 0..t.block_count {
+            let block = t.first_block + i as u64;
+            if let Some(old) = self.map.remove(volume, block) {
+                self.pending_frees.push(old.slot);
+                self.pending_records.push(Record::Unmap { volume, block });
+            }
+        }
+        self.counters.zeroes += 1;
+        self.complete_write(io, tid);
+    }
+
+    fn complete_write(&mut self, io: &mut impl IoSubmit, tid: usize) {
+        self.unlock(io, tid);
+        let t = self.tasks.remove(tid);
+        let fua = matches!(t.arrived.piece.kind, PieceKind::Write { fua: true, .. } | PieceKind::Zero { fua: true });
+        if fua {
+            self.flush_waiters.push(t.arrived.reply);
+            self.kick_commit(io);
+        } else {
+            self.reply(t.arrived.reply, Ok(Output::Done));
+        }
+        if self.pending_records.len() >= PENDING_RECORDS_COMMIT {
+            self.kick_commit(io);
+        }
+    }
+
+    /// Removes every block of a volume. The answer goes out once the removal is durable.
+    pub(crate) fn drop_volume(&mut self, io: &mut impl IoSubmit, volume: u32, reply: ReplyTo) {
+        let slots = self.map.drop_volume(volume);
+        self.pending_frees.extend(slots);
+        self.pending_records.push(Record::DropVolume { volume });
+        self.flush_waiters.push(reply);
+        self.kick_commit(io);
+    }
+
+    /// Asks for a checkpoint at the next commit (used at shutdown) and starts it.
+    pub(crate) fn checkpoint_now(&mut self, io: &mut impl IoSubmit, reply: ReplyTo) {
+        self.force_checkpoint = true;
+        self.flush_waiters.push(reply);
+        self.kick_commit(io);
+    }
+
+    /// Starts a commit when one is due and none is running.
+    pub(crate) fn kick_commit(&mut self, io: &mut impl IoSubmit) {
+        if self.commit.is_some() {
+            return;
+        }
+        if self.flush_waiters.is_empty() && self.pending_records.is_empty() && self.pending_frees.is_empty() && !self.force_checkpoint {
+            return;
+        }
+        let waiters = std::mem::take(&mut self.flush_waiters);
+        if self.poisoned {
+            for w in waiters {
+                self.reply(w, Err(BlockError::Io));
+            }
+            return;
+        }
+        let records = std::mem::take(&mut self.pending_records);
+        let frees = std::mem::take(&mut self.pending_frees);
+        let pages = records.len().div_ceil(RECORDS_PER_PAGE) as u64;
+        let used = self.journal_next_seq - self.checkpoint_journal_start;
+        let checkpoint = self.force_checkpoint || used + pages > checkpoint_threshold(self.region.journal_pages);
+        self.force_checkpoint = false;
+        let buf = if checkpoint {
+            let entries: Vec<_> = self.map.iter().collect();
+            Some(checkpoint::encode(self.checkpoint_seq + 1, self.journal_next_seq, &entries))
+        } else if pages > 0 {
+            let mut buf = AlignedBuf::zeroed(pages as usize * PAGE_SIZE);
+            for (i, chunk) in records.chunks(RECORDS_PER_PAGE).enumerate() {
+                let seq = self.journal_next_seq + i as u64;
+                journal::encode_page(&mut buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE], seq, self.journal_next_seq, chunk);
+            }
+            Some(buf)
+        } else {
+            None
+        };
+        self.commit = Some(Commit {
+            stage: Stage::SyncData,
+            waiters,
+            frees,
+            buf,
+            journal_pages: if checkpoint { 0 } else { pages },
+            checkpoint,
+            outstanding: 0,
+            failed: false,
+        });
+        self.commit_sync(io, Stage::SyncData);
+    }
+
+    fn commit_sync(&mut self, io: &mut impl IoSubmit, stage: Stage) {
+        let c = self.commit.as_mut().expect("commit running");
+        c.stage = stage;
+        c.outstanding = 1;
+        let entry = opcode::Fsync::new(BACKING_FILE).flags(types::FsyncFlags::DATASYNC).build();
+        io.submit_store(entry, StoreIo::Commit { expected: 0 });
+    }
+
+    fn commit_write_checkpoint(&mut self, io: &mut impl IoSubmit, stage: Stage, start_page: u64) {
+        let c = self.commit.as_mut().expect("commit running");
+        c.stage = stage;
+        c.outstanding = 1;
+        let buf = c.buf.as_ref().expect("checkpoint buffer");
+        let entry = opcode::Write::new(BACKING_FILE, buf.as_ptr(), buf.len() as u32).offset(start_page * PAGE_SIZE as u64).build();
+        io.submit_store(entry, StoreIo::Commit { expected: buf.len() as u32 });
+    }
+
+    fn commit_write_journal(&mut self, io: &mut impl IoSubmit) {
+        let ring = self.region.journal_pages;
+        let first = self.journal_next_seq;
+        let c = self.commit.as_mut().expect("commit running");
+        assert!(first + c.journal_pages <= self.retain_from + ring, "journal would overwrite pages still needed");
+        c.stage = Stage::WriteJournal;
+        let buf = c.buf.as_ref().expect("journal pages");
+        let mut done = 0u64;
+        let mut ops = 0;
+        while done < c.journal_pages {
+            let seq = first + done;
+            let until_wrap = ring - seq % ring;
+            let n = until_wrap.min(c.journal_pages - done);
+            let len = (n as usize * PAGE_SIZE) as u32;
+            // SAFETY: the buffer is kept in the commit until its writes complete.
+            let ptr = unsafe { buf.as_ptr().add(done as usize * PAGE_SIZE) };
+            let entry = opcode::Write::new(BACKING_FILE, ptr, len).offset(self.region.journal_byte_offset(seq)).build();
+            io.submit_store(entry, StoreIo::Commit { expected: len });
+            ops += 1;
+            done += n;
+        }
+        c.outstanding = ops;
+    }
+
+    fn commit_io_done(&mut self, io: &mut impl IoSubmit, expected: u32, result: i32) {
+        let c = self.commit.as_mut().expect("commit running");
+        let ok = if expected == 0 { result == 0 } else { result == expected as i32 };
+        if !ok {
+            eprintln!(
+                "torus: core {}: commit step {:?} on {} failed: {}; region poisoned, refusing further writes",
+                self.core,
+                c.stage,
+                self.path.display(),
+                describe_result(result)
+            );
+            self.counters.io_errors += 1;
+            c.failed = true;
+        }
+        c.outstanding -= 1;
+        if c.outstanding > 0 {
+            return;
+        }
+        if c.failed {
+            self.poisoned = true;
+            let c = self.commit.take().expect("commit running");
+            for w in c.waiters {
+                self.reply(w, Err(BlockError::Io));
+            }
+            let waiters: Vec<usize> = self.space_waiters.drain(..).collect();
+            for tid in waiters {
+                self.fail_task(io, tid, BlockError::Io);
+            }
+            return;
+        }
+        let (stage, checkpoint, has_buf) = (c.stage, c.checkpoint, c.buf.is_some());
+        match stage {
+            Stage::SyncData if checkpoint => self.commit_write_checkpoint(io, Stage::WriteCheckpointA, self.region.checkpoint_a),
+            Stage::SyncData if has_buf => self.commit_write_journal(io),
+            Stage::SyncData => self.finish_commit(io),
+            Stage::WriteJournal => self.commit_sync(io, Stage::SyncJournal),
+            Stage::SyncJournal => self.finish_commit(io),
+            Stage::WriteCheckpointA => self.commit_sync(io, Stage::SyncCheckpointA),
+            Stage::SyncCheckpointA => self.commit_write_checkpoint(io, Stage::WriteCheckpointB, self.region.checkpoint_b),
+            Stage::WriteCheckpointB => self.commit_sync(io, Stage::SyncCheckpointB),
+            Stage::SyncCheckpointB => self.finish_commit(io),
+        }
+    }
+
+    fn finish_commit(&mut self, io: &mut impl IoSubmit) {
+        let c = self.commit.take().expect("commit running");
+        self.counters.commits += 1;
+        if c.checkpoint {
+            self.counters.checkpoints += 1;
+            self.checkpoint_seq += 1;
+            self.retain_from = self.checkpoint_journal_start;
+            self.checkpoint_journal_start = self.journal_next_seq;
+        } else {
+            self.journal_next_seq += c.journal_pages;
+        }
+        for slot in c.frees {
+            if self.readers.contains_key(&slot) {
+                self.deferred_frees.insert(slot);
+            } else {
+                self.alloc.release(slot);
+            }
+        }
+        for w in c.waiters {
+            self.reply(w, Ok(Output::Done));
+        }
+        let waiters: Vec<usize> = self.space_waiters.drain(..).collect();
+        for tid in waiters {
+            self.issue_writes(io, tid);
+        }
+        if !self.flush_waiters.is_empty() || self.force_checkpoint || self.pending_records.len() >= PENDING_RECORDS_COMMIT {
+            self.kick_commit(io);
+        }
+    }
+
+    /// Routes a completion of a store-owned operation.
+    pub(crate) fn on_io(&mut self, io: &mut impl IoSubmit, what: StoreIo, result: i32) {
+        match what {
+            StoreIo::DataRead { task, first, count } => self.read_done(task, first, count, result),
+            StoreIo::EdgeRead { task, index } => self.edge_read_done(io, task, index, result),
+            StoreIo::DataWrite { task, expected } => self.write_done(io, task, expected, result),
+            StoreIo::Commit { expected } => self.commit_io_done(io, expected, result),
+        }
+    }
+}
+
+/// Names an io_uring result for a log line: a negative errno or a short transfer.
+pub(crate) fn describe_result(result: i32) -> String {
+    if result < 0 {
+        std::io::Error::from_raw_os_error(-result).to_string()
+    } else {
+        format!("short transfer of {result} bytes")
+    }
+}
