@@ -16,7 +16,10 @@ pub struct Entry {
     pub crc: u32,
 }
 
-const EMPTY: Entry = Entry { slot: UNMAPPED, crc: 0 };
+const EMPTY: Entry = Entry {
+    slot: UNMAPPED,
+    crc: 0,
+};
 
 type ChunkEntries = [Entry; CHUNK_BLOCKS as usize];
 
@@ -87,7 +90,12 @@ impl BlockMap {
 
     /// Removes every block of a volume, returning their slots.
     pub fn drop_volume(&mut self, volume: u32) -> Vec<u32> {
-        let keys: Vec<(u32, u64)> = self.chunks.keys().filter(|k| k.0 == volume).copied().collect();
+        let keys: Vec<(u32, u64)> = self
+            .chunks
+            .keys()
+            .filter(|k| k.0 == volume)
+            .copied()
+            .collect();
         let mut slots = Vec::new();
         for key in keys {
             let chunk = self.chunks.remove(&key).expect("key listed above");
@@ -136,7 +144,10 @@ mod tests {
     fn insert_replace_remove_and_drop() {
         let mut m = BlockMap::default();
         assert_eq!(m.insert(1, 40, Entry { slot: 3, crc: 9 }), None);
-        assert_eq!(m.insert(1, 40, Entry { slot: 4, crc: 8 }), Some(Entry { slot: 3, crc: 9 }));
+        assert_eq!(
+            m.insert(1, 40, Entry { slot: 4, crc: 8 }),
+            Some(Entry { slot: 3, crc: 9 })
+        );
         m.insert(1, 41, Entry { slot: 5, crc: 0 });
         m.insert(2, 41, Entry { slot: 6, crc: 0 });
         assert_eq!(m.mapped_blocks(), 3);
@@ -146,6 +157,9 @@ mod tests {
         dropped.sort();
         assert_eq!(dropped, vec![4]);
         assert_eq!(m.mapped_blocks(), 1);
-        assert_eq!(m.iter().collect::<Vec<_>>(), vec![(2, 41, Entry { slot: 6, crc: 0 })]);
+        assert_eq!(
+            m.iter().collect::<Vec<_>>(),
+            vec![(2, 41, Entry { slot: 6, crc: 0 })]
+        );
     }
 }

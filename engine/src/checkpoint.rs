@@ -12,7 +12,9 @@
 
 use crate::block_map::Entry;
 use crate::buffer::AlignedBuf;
-use crate::layout::{get_u16, get_u32, get_u64, put_u16, put_u32, put_u64, CHECKPOINT_ENTRY_SIZE, PAGE_SIZE};
+use crate::layout::{
+    get_u16, get_u32, get_u64, put_u16, put_u32, put_u64, CHECKPOINT_ENTRY_SIZE, PAGE_SIZE,
+};
 
 pub const CHECKPOINT_MAGIC: u32 = u32::from_le_bytes(*b"TCKP");
 pub const CHECKPOINT_VERSION: u16 = 1;
@@ -64,7 +66,10 @@ fn header_crc(page: &[u8]) -> u32 {
 
 /// Decodes a header page. None if it is not a valid checkpoint header (or never written).
 pub fn decode_header(page: &[u8], max_entries: u64) -> Option<CheckpointHeader> {
-    if page.len() < PAGE_SIZE || get_u32(page, 0) != CHECKPOINT_MAGIC || header_crc(page) != get_u32(page, 4) {
+    if page.len() < PAGE_SIZE
+        || get_u32(page, 0) != CHECKPOINT_MAGIC
+        || header_crc(page) != get_u32(page, 4)
+    {
         return None;
     }
     if get_u16(page, 8) != CHECKPOINT_VERSION {
@@ -92,7 +97,10 @@ pub fn decode_body(h: &CheckpointHeader, body: &[u8]) -> Option<Vec<(u32, u64, E
                 (
                     get_u32(body, at),
                     get_u64(body, at + 4),
-                    Entry { slot: get_u32(body, at + 12), crc: get_u32(body, at + 16) },
+                    Entry {
+                        slot: get_u32(body, at + 12),
+                        crc: get_u32(body, at + 16),
+                    },
                 )
             })
             .collect(),
@@ -105,7 +113,18 @@ mod tests {
 
     #[test]
     fn roundtrip_and_flips_in_header_or_body_are_detected() {
-        let entries: Vec<_> = (0..500u64).map(|i| (1u32, i * 3, Entry { slot: i as u32, crc: i as u32 * 7 })).collect();
+        let entries: Vec<_> = (0..500u64)
+            .map(|i| {
+                (
+                    1u32,
+                    i * 3,
+                    Entry {
+                        slot: i as u32,
+                        crc: i as u32 * 7,
+                    },
+                )
+            })
+            .collect();
         let buf = encode(9, 1234, &entries);
         let h = decode_header(&buf[..PAGE_SIZE], 10_000).unwrap();
         assert_eq!((h.seq, h.journal_start, h.entry_count), (9, 1234, 500));
@@ -116,6 +135,9 @@ mod tests {
         assert!(decode_body(&h, &bad[PAGE_SIZE..]).is_none());
         bad[20] ^= 1;
         assert!(decode_header(&bad[..PAGE_SIZE], 10_000).is_none());
-        assert!(decode_header(&buf[..PAGE_SIZE], 10).is_none(), "more entries than slots");
+        assert!(
+            decode_header(&buf[..PAGE_SIZE], 10).is_none(),
+            "more entries than slots"
+        );
     }
 }

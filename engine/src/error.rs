@@ -18,7 +18,9 @@ pub enum EngineError {
     NotTorus { path: PathBuf },
     #[error("{path}: both superblock copies are damaged")]
     SuperblockDamaged { path: PathBuf },
-    #[error("{path}: on-disk format version {found} is not supported (this build reads {supported})")]
+    #[error(
+        "{path}: on-disk format version {found} is not supported (this build reads {supported})"
+    )]
     Version {
         path: PathBuf,
         found: u32,

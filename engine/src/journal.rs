@@ -25,9 +25,19 @@ const _: () = assert!(PAGE_HEADER_SIZE + RECORDS_PER_PAGE * RECORD_SIZE <= PAGE_
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Record {
-    Map { volume: u32, block: u64, slot: u32, crc: u32 },
-    Unmap { volume: u32, block: u64 },
-    DropVolume { volume: u32 },
+    Map {
+        volume: u32,
+        block: u64,
+        slot: u32,
+        crc: u32,
+    },
+    Unmap {
+        volume: u32,
+        block: u64,
+    },
+    DropVolume {
+        volume: u32,
+    },
 }
 
 const KIND_MAP: u8 = 1;
@@ -38,7 +48,12 @@ impl Record {
     fn encode(&self, out: &mut [u8]) {
         out[..RECORD_SIZE].fill(0);
         let (kind, volume, block, slot, crc) = match *self {
-            Record::Map { volume, block, slot, crc } => (KIND_MAP, volume, block, slot, crc),
+            Record::Map {
+                volume,
+                block,
+                slot,
+                crc,
+            } => (KIND_MAP, volume, block, slot, crc),
             Record::Unmap { volume, block } => (KIND_UNMAP, volume, block, 0, 0),
             Record::DropVolume { volume } => (KIND_DROP_VOLUME, volume, 0, 0, 0),
         };
@@ -53,7 +68,12 @@ impl Record {
         let volume = get_u32(b, 4);
         let block = get_u64(b, 8);
         match b[0] {
-            KIND_MAP => Some(Record::Map { volume, block, slot: get_u32(b, 16), crc: get_u32(b, 20) }),
+            KIND_MAP => Some(Record::Map {
+                volume,
+                block,
+                slot: get_u32(b, 16),
+                crc: get_u32(b, 20),
+            }),
             KIND_UNMAP => Some(Record::Unmap { volume, block }),
             KIND_DROP_VOLUME => Some(Record::DropVolume { volume }),
             _ => None,
@@ -94,7 +114,10 @@ pub struct DecodedPage {
 
 /// Decodes a page; None when it is not a valid journal page (torn, damaged, or never written).
 pub fn decode_page(page: &[u8]) -> Option<DecodedPage> {
-    if page.len() != PAGE_SIZE || get_u32(page, 0) != JOURNAL_MAGIC || page_crc(page) != get_u32(page, 4) {
+    if page.len() != PAGE_SIZE
+        || get_u32(page, 0) != JOURNAL_MAGIC
+        || page_crc(page) != get_u32(page, 4)
+    {
         return None;
     }
     if get_u16(page, 26) != JOURNAL_VERSION {
@@ -114,7 +137,11 @@ pub fn decode_page(page: &[u8]) -> Option<DecodedPage> {
         let at = PAGE_HEADER_SIZE + i * RECORD_SIZE;
         records.push(Record::decode(&page[at..at + RECORD_SIZE])?);
     }
-    Some(DecodedPage { seq, commit_first_seq, records })
+    Some(DecodedPage {
+        seq,
+        commit_first_seq,
+        records,
+    })
 }
 
 /// How a journal scan ended.
@@ -154,14 +181,26 @@ pub fn scan(
                 let bad_seq = seq;
                 if let Some(p) = other {
                     // A page claiming a later sequence in this position is damage.
-                    return (pages, ScanEnd::Damaged { bad_seq, later_seq: p.seq });
+                    return (
+                        pages,
+                        ScanEnd::Damaged {
+                            bad_seq,
+                            later_seq: p.seq,
+                        },
+                    );
                 }
                 let mut look = seq + 1;
                 while look - start_seq < ring_pages {
                     match decode_page(&read_page(look)) {
                         Some(p) if p.seq == look => {
                             if p.commit_first_seq > bad_seq {
-                                return (pages, ScanEnd::Damaged { bad_seq, later_seq: look });
+                                return (
+                                    pages,
+                                    ScanEnd::Damaged {
+                                        bad_seq,
+                                        later_seq: look,
+                                    },
+                                );
                             }
                             look += 1;
                         }
@@ -171,7 +210,9 @@ pub fn scan(
                 let end = if !written && look == seq + 1 {
                     ScanEnd::Clean
                 } else {
-                    ScanEnd::TornTail { first_bad_seq: bad_seq }
+                    ScanEnd::TornTail {
+                        first_bad_seq: bad_seq,
+                    }
                 };
                 return (pages, end);
             }
@@ -192,15 +233,34 @@ mod tests {
     }
 
     fn rec(block: u64) -> Record {
-        Record::Map { volume: 1, block, slot: block as u32, crc: 7 }
+        Record::Map {
+            volume: 1,
+            block,
+            slot: block as u32,
+            crc: 7,
+        }
     }
 
     #[test]
     fn page_roundtrip_and_every_bit_flip_is_detected() {
-        let recs = vec![rec(1), Record::Unmap { volume: 2, block: 9 }, Record::DropVolume { volume: 4 }];
+        let recs = vec![
+            rec(1),
+            Record::Unmap {
+                volume: 2,
+                block: 9,
+            },
+            Record::DropVolume { volume: 4 },
+        ];
         let mut page = vec![0u8; PAGE_SIZE];
         encode_page(&mut page, 10, 9, &recs);
-        assert_eq!(decode_page(&page), Some(DecodedPage { seq: 10, commit_first_seq: 9, records: recs }));
+        assert_eq!(
+            decode_page(&page),
+            Some(DecodedPage {
+                seq: 10,
+                commit_first_seq: 9,
+                records: recs
+            })
+        );
         for byte in (0..PAGE_SIZE).step_by(97) {
             let mut p = page.clone();
             p[byte] ^= 0x10;
@@ -218,7 +278,17 @@ mod tests {
 
     #[test]
     fn scan_stops_at_an_older_lap() {
-        let r = ring_with(&[(4, 4, vec![rec(1)]), (5, 4, vec![rec(2)]), (6, 6, vec![]), (7, 6, vec![]), (8, 8, vec![]), (1, 1, vec![])], 4);
+        let r = ring_with(
+            &[
+                (4, 4, vec![rec(1)]),
+                (5, 4, vec![rec(2)]),
+                (6, 6, vec![]),
+                (7, 6, vec![]),
+                (8, 8, vec![]),
+                (1, 1, vec![]),
+            ],
+            4,
+        );
         let (pages, end) = scan(7, 4, |s| r[(s % 4) as usize].clone());
         assert_eq!(pages.iter().map(|p| p.seq).collect::<Vec<_>>(), vec![7, 8]);
         assert_eq!(end, ScanEnd::Clean);
@@ -227,7 +297,15 @@ mod tests {
     #[test]
     fn torn_page_inside_the_last_commit_is_a_tail() {
         // commit 3..=5, page 4 torn, page 5 of the same commit durable
-        let mut r = ring_with(&[(2, 2, vec![rec(1)]), (3, 3, vec![rec(2)]), (4, 3, vec![rec(3)]), (5, 3, vec![rec(4)])], 16);
+        let mut r = ring_with(
+            &[
+                (2, 2, vec![rec(1)]),
+                (3, 3, vec![rec(2)]),
+                (4, 3, vec![rec(3)]),
+                (5, 3, vec![rec(4)]),
+            ],
+            16,
+        );
         r[4][100] ^= 1;
         let (pages, end) = scan(2, 16, |s| r[(s % 16) as usize].clone());
         assert_eq!(pages.len(), 2);
@@ -236,10 +314,23 @@ mod tests {
 
     #[test]
     fn damaged_page_before_a_later_commit_is_damage() {
-        let mut r = ring_with(&[(2, 2, vec![rec(1)]), (3, 3, vec![rec(2)]), (4, 4, vec![rec(3)])], 16);
+        let mut r = ring_with(
+            &[
+                (2, 2, vec![rec(1)]),
+                (3, 3, vec![rec(2)]),
+                (4, 4, vec![rec(3)]),
+            ],
+            16,
+        );
         r[3][200] ^= 1;
         let (pages, end) = scan(2, 16, |s| r[(s % 16) as usize].clone());
         assert_eq!(pages.len(), 1);
-        assert_eq!(end, ScanEnd::Damaged { bad_seq: 3, later_seq: 4 });
+        assert_eq!(
+            end,
+            ScanEnd::Damaged {
+                bad_seq: 3,
+                later_seq: 4
+            }
+        );
     }
 }

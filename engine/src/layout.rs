@@ -92,7 +92,9 @@ impl Geometry {
             .ok_or_else(too_small)?
             / cores as u64;
         let journal_pages = (region_pages / 64).clamp(JOURNAL_PAGES_MIN, JOURNAL_PAGES_MAX);
-        let room = region_pages.checked_sub(journal_pages).ok_or_else(too_small)?;
+        let room = region_pages
+            .checked_sub(journal_pages)
+            .ok_or_else(too_small)?;
         // slots + 2 * checkpoint_pages(slots) <= room; start from an estimate and step down.
         let mut slots = room * PAGE_SIZE as u64 / (PAGE_SIZE as u64 + 2 * CHECKPOINT_ENTRY_SIZE);
         while slots > 0 && slots + 2 * checkpoint_pages_for(slots) > room {
@@ -136,7 +138,8 @@ impl Geometry {
 }
 
 pub fn min_bytes(cores: u32) -> u64 {
-    let per_region = JOURNAL_PAGES_MIN + REGION_SLOTS_MIN + 2 * checkpoint_pages_for(REGION_SLOTS_MIN);
+    let per_region =
+        JOURNAL_PAGES_MIN + REGION_SLOTS_MIN + 2 * checkpoint_pages_for(REGION_SLOTS_MIN);
     (SUPERBLOCK_COPIES + per_region * cores as u64) * PAGE_SIZE as u64
 }
 
@@ -266,11 +269,19 @@ mod tests {
 
     #[test]
     fn geometry_fits_inside_the_store() {
-        for &(bytes, cores) in &[(64u64 << 20, 1u32), (1 << 30, 2), (10 << 30, 4), (3 << 40, 64)] {
+        for &(bytes, cores) in &[
+            (64u64 << 20, 1u32),
+            (1 << 30, 2),
+            (10 << 30, 4),
+            (3 << 40, 64),
+        ] {
             let g = Geometry::compute(bytes, cores, Path::new("x")).unwrap();
             let last = g.region(cores as usize - 1);
             assert!(last.slots + last.slot_count <= g.total_pages);
-            assert!(g.checkpoint_pages * PAGE_SIZE as u64 >= PAGE_SIZE as u64 + g.slots_per_region * CHECKPOINT_ENTRY_SIZE);
+            assert!(
+                g.checkpoint_pages * PAGE_SIZE as u64
+                    >= PAGE_SIZE as u64 + g.slots_per_region * CHECKPOINT_ENTRY_SIZE
+            );
         }
     }
 
@@ -283,7 +294,11 @@ mod tests {
     #[test]
     fn superblock_roundtrip_and_damage() {
         let g = Geometry::compute(1 << 30, 2, Path::new("x")).unwrap();
-        let sb = Superblock { geometry: g, node_id: [7; 16], created_unix: 42 };
+        let sb = Superblock {
+            geometry: g,
+            node_id: [7; 16],
+            created_unix: 42,
+        };
         let mut p = sb.encode();
         assert_eq!(Superblock::decode(&p), SuperblockDecode::Ok(sb));
         p[50] ^= 1;
@@ -298,6 +313,9 @@ mod tests {
         for c in 0..16_000 {
             counts[placement_group(3, c, 16) as usize] += 1;
         }
-        assert!(counts.iter().all(|&n| (800..1200).contains(&n)), "{counts:?}");
+        assert!(
+            counts.iter().all(|&n| (800..1200).contains(&n)),
+            "{counts:?}"
+        );
     }
 }

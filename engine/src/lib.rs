@@ -46,20 +46,26 @@ pub struct EngineConfig {
 
 pub struct Engine {
     shared: Arc<Shared>,
-    threads: Vec<JoinHandle<()>>,
+    threads: parking_lot::Mutex<Vec<JoinHandle<()>>>,
     superblock: Superblock,
     path: PathBuf,
     _file: File,
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> EngineError + 'a {
-    move |source| EngineError::Io { op, path: path.to_owned(), source }
+    move |source| EngineError::Io {
+        op,
+        path: path.to_owned(),
+        source,
+    }
 }
 
 fn random_node_id() -> [u8; 16] {
     let mut id = [0u8; 16];
     if let Ok(f) = File::open("/dev/urandom") {
-        let _ = f.read_exact_at(&mut id, 0).or_else(|_| std::io::Read::read_exact(&mut &f, &mut id));
+        let _ = f
+            .read_exact_at(&mut id, 0)
+            .or_else(|_| std::io::Read::read_exact(&mut &f, &mut id));
     }
     id
 }
@@ -67,38 +73,56 @@ fn random_node_id() -> [u8; 16] {
 /// Reads the superblock of an existing store, or None if the store is new (all zero).
 fn read_superblock(file: &File, path: &Path) -> Result<Option<Superblock>, EngineError> {
     let mut buf = AlignedBuf::zeroed(PAGE_SIZE * SUPERBLOCK_COPIES as usize);
-    file.read_exact_at(&mut buf, 0).map_err(io_err("read superblock of", path))?;
+    file.read_exact_at(&mut buf, 0)
+        .map_err(io_err("read superblock of", path))?;
     let mut not_torus = 0;
     let mut version = None;
     for copy in 0..SUPERBLOCK_COPIES as usize {
         match Superblock::decode(&buf[copy * PAGE_SIZE..(copy + 1) * PAGE_SIZE]) {
             SuperblockDecode::Ok(sb) => {
                 if copy > 0 {
-                    eprintln!("torus: {}: superblock copy 0 is damaged; using copy {copy}", path.display());
+                    eprintln!(
+                        "torus: {}: superblock copy 0 is damaged; using copy {copy}",
+                        path.display()
+                    );
                 }
                 return Ok(Some(sb));
             }
             SuperblockDecode::NotTorus => not_torus += 1,
-            SuperblockDecode::BadChecksum => eprintln!("torus: {}: superblock copy {copy} fails its checksum", path.display()),
+            SuperblockDecode::BadChecksum => eprintln!(
+                "torus: {}: superblock copy {copy} fails its checksum",
+                path.display()
+            ),
             SuperblockDecode::Version(v) => version = Some(v),
         }
     }
     if let Some(found) = version {
-        return Err(EngineError::Version { path: path.to_owned(), found, supported: layout::FORMAT_VERSION });
+        return Err(EngineError::Version {
+            path: path.to_owned(),
+            found,
+            supported: layout::FORMAT_VERSION,
+        });
     }
     if not_torus == SUPERBLOCK_COPIES as usize {
         if buf.iter().all(|&b| b == 0) {
             return Ok(None);
         }
-        return Err(EngineError::NotTorus { path: path.to_owned() });
+        return Err(EngineError::NotTorus {
+            path: path.to_owned(),
+        });
     }
-    Err(EngineError::SuperblockDamaged { path: path.to_owned() })
+    Err(EngineError::SuperblockDamaged {
+        path: path.to_owned(),
+    })
 }
 
 impl Engine {
     /// Opens (recovering) or creates the store and starts one reactor per region.
     /// `service(core)` makes the frontend that runs on each core.
-    pub fn open(config: &EngineConfig, mut service: impl FnMut(usize) -> Box<dyn CoreService>) -> Result<Engine, EngineError> {
+    pub fn open(
+        config: &EngineConfig,
+        mut service: impl FnMut(usize) -> Box<dyn CoreService>,
+    ) -> Result<Engine, EngineError> {
         let path = config.path.as_path();
         let file = OpenOptions::new()
             .read(true)
@@ -110,7 +134,11 @@ impl Engine {
             .map_err(io_err("open", path))?;
         let meta = file.metadata().map_err(io_err("stat", path))?;
         let is_device = meta.file_type().is_block_device();
-        let mut size = if is_device { device_size(&file).map_err(io_err("size of", path))? } else { meta.len() };
+        let mut size = if is_device {
+            device_size(&file).map_err(io_err("size of", path))?
+        } else {
+            meta.len()
+        };
         if !is_device && size == 0 {
             size = config.create_size / PAGE_SIZE as u64 * PAGE_SIZE as u64;
             file.set_len(size).map_err(io_err("size", path))?;
@@ -120,7 +148,11 @@ impl Engine {
             if r != 0 {
                 let e = std::io::Error::last_os_error();
                 let _ = std::fs::remove_file(path);
-                return Err(EngineError::Io { op: "reserve space for", path: path.to_owned(), source: e });
+                return Err(EngineError::Io {
+                    op: "reserve space for",
+                    path: path.to_owned(),
+                    source: e,
+                });
             }
         }
         let superblock = match read_superblock(&file, path)? {
@@ -130,7 +162,10 @@ impl Engine {
                 let sb = Superblock {
                     geometry,
                     node_id: random_node_id(),
-                    created_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+                    created_unix: std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0),
                 };
                 for core in 0..geometry.cores as usize {
                     store::format_region(&file, &geometry.region(core), path)?;
@@ -141,24 +176,35 @@ impl Engine {
                     page[copy * PAGE_SIZE..(copy + 1) * PAGE_SIZE].copy_from_slice(&encoded);
                 }
                 file.sync_all().map_err(io_err("fsync", path))?;
-                file.write_all_at(&page, 0).map_err(io_err("write superblock of", path))?;
+                file.write_all_at(&page, 0)
+                    .map_err(io_err("write superblock of", path))?;
                 file.sync_all().map_err(io_err("fsync", path))?;
                 sb
             }
         };
         let geometry = superblock.geometry;
         if geometry.total_pages * PAGE_SIZE as u64 > size {
-            return Err(EngineError::TooSmall { path: path.to_owned(), size, min: geometry.total_pages * PAGE_SIZE as u64 });
+            return Err(EngineError::TooSmall {
+                path: path.to_owned(),
+                size,
+                min: geometry.total_pages * PAGE_SIZE as u64,
+            });
         }
         let mut mailboxes = Vec::new();
         let mut receivers = Vec::new();
         for core in 0..geometry.cores as usize {
-            let (m, r) = mailbox::Mailbox::new().map_err(|source| EngineError::Ring { core, source })?;
+            let (m, r) =
+                mailbox::Mailbox::new().map_err(|source| EngineError::Ring { core, source })?;
             mailboxes.push(m);
             receivers.push(r);
         }
-        let shared = Arc::new(Shared { mailboxes, geometry });
-        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let shared = Arc::new(Shared {
+            mailboxes,
+            geometry,
+        });
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
         let (ready_tx, ready_rx) = crossbeam_channel::unbounded();
         let mut threads = Vec::new();
         for (core, receiver) in receivers.into_iter().enumerate() {
@@ -172,8 +218,17 @@ impl Engine {
                 .name(format!("torus-core-{core}"))
                 .spawn(move || {
                     reactor::pin_to_cpu(core % cpus);
-                    let started = store::Store::open(core, &file, &path, region)
-                        .and_then(|store| reactor::Reactor::new(core, store, shared, receiver, svc, file.as_raw_fd()));
+                    let started =
+                        store::Store::open(core, &file, &path, region).and_then(|store| {
+                            reactor::Reactor::new(
+                                core,
+                                store,
+                                shared,
+                                receiver,
+                                svc,
+                                file.as_raw_fd(),
+                            )
+                        });
                     match started {
                         Ok(r) => {
                             let _ = ready.send(Ok(()));
@@ -199,7 +254,13 @@ impl Engine {
                 Err(_) => break,
             }
         }
-        let engine = Engine { shared, threads, superblock, path: path.to_owned(), _file: file };
+        let engine = Engine {
+            shared,
+            threads: parking_lot::Mutex::new(threads),
+            superblock,
+            path: path.to_owned(),
+            _file: file,
+        };
         if let Some(e) = first_error {
             let _ = engine.stop();
             return Err(e);
@@ -238,7 +299,9 @@ impl Engine {
         for m in &self.shared.mailboxes {
             m.send(Message::Stats(tx.clone()));
         }
-        let mut out: Vec<CoreStats> = (0..self.cores()).filter_map(|_| rx.recv_timeout(Duration::from_secs(1)).ok()).collect();
+        let mut out: Vec<CoreStats> = (0..self.cores())
+            .filter_map(|_| rx.recv_timeout(Duration::from_secs(1)).ok())
+            .collect();
         out.sort_by_key(|s| s.core);
         out
     }
@@ -247,7 +310,13 @@ impl Engine {
     pub fn drop_volume(&self, volume: u32) -> Result<(), BlockError> {
         let (tx, rx) = crossbeam_channel::unbounded();
         for m in &self.shared.mailboxes {
-            m.send(Message::DropVolume(volume, ReplyTo::Channel { sender: tx.clone(), token: 0 }));
+            m.send(Message::DropVolume(
+                volume,
+                ReplyTo::Channel {
+                    sender: tx.clone(),
+                    token: 0,
+                },
+            ));
         }
         for _ in 0..self.cores() {
             rx.recv().map_err(|_| BlockError::ShuttingDown)?.output?;
@@ -259,7 +328,16 @@ impl Engine {
     pub fn run_piece(&self, piece: Piece) -> Result<Output, BlockError> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         let core = self.shared.core_for(piece.volume, piece.offset);
-        self.send(core, Message::Piece(piece, ReplyTo::Channel { sender: tx, token: 0 }));
+        self.send(
+            core,
+            Message::Piece(
+                piece,
+                ReplyTo::Channel {
+                    sender: tx,
+                    token: 0,
+                },
+            ),
+        );
         rx.recv().map_err(|_| BlockError::ShuttingDown)?.output
     }
 
@@ -267,9 +345,20 @@ impl Engine {
     pub fn flush(&self) -> Result<(), BlockError> {
         let (tx, rx) = crossbeam_channel::unbounded();
         for (core, m) in self.shared.mailboxes.iter().enumerate() {
-            let piece = Piece { volume: 0, offset: 0, len: 0, kind: PieceKind::Flush };
+            let piece = Piece {
+                volume: 0,
+                offset: 0,
+                len: 0,
+                kind: PieceKind::Flush,
+            };
             let _ = core;
-            m.send(Message::Piece(piece, ReplyTo::Channel { sender: tx.clone(), token: 0 }));
+            m.send(Message::Piece(
+                piece,
+                ReplyTo::Channel {
+                    sender: tx.clone(),
+                    token: 0,
+                },
+            ));
         }
         for _ in 0..self.cores() {
             rx.recv().map_err(|_| BlockError::ShuttingDown)?.output?;
@@ -279,14 +368,18 @@ impl Engine {
 
     /// Finishes in-flight work, closes connections, writes a checkpoint on every core and stops
     /// the reactors. Returns the first checkpoint error.
-    pub fn stop(self) -> Result<(), BlockError> {
+    pub fn stop(&self) -> Result<(), BlockError> {
+        let threads = std::mem::take(&mut *self.threads.lock());
         let (tx, rx) = crossbeam_channel::unbounded();
         for m in &self.shared.mailboxes {
-            m.send(Message::Shutdown(ReplyTo::Channel { sender: tx.clone(), token: 0 }));
+            m.send(Message::Shutdown(ReplyTo::Channel {
+                sender: tx.clone(),
+                token: 0,
+            }));
         }
         drop(tx);
         let mut result = Ok(());
-        for _ in 0..self.threads.len() {
+        for _ in 0..threads.len() {
             match rx.recv() {
                 Ok(c) => {
                     if let Err(e) = c.output {
@@ -296,7 +389,7 @@ impl Engine {
                 Err(_) => break,
             }
         }
-        for t in self.threads {
+        for t in threads {
             let _ = t.join();
         }
         result

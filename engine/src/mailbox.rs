@@ -40,7 +40,14 @@ impl Mailbox {
         let (sender, receiver) = crossbeam_channel::unbounded();
         // SAFETY: fd was just created and is owned by nobody else.
         let eventfd = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok((Mailbox { sender, sleeping: AtomicBool::new(false), eventfd }, receiver))
+        Ok((
+            Mailbox {
+                sender,
+                sleeping: AtomicBool::new(false),
+                eventfd,
+            },
+            receiver,
+        ))
     }
 
     pub fn send(&self, message: Message) {
@@ -55,7 +62,13 @@ impl Mailbox {
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a valid u64 to our eventfd. EAGAIN (counter full) means a
         // wake-up is already pending, which is all we need.
-        unsafe { libc::write(self.eventfd.as_raw_fd(), &one as *const u64 as *const libc::c_void, 8) };
+        unsafe {
+            libc::write(
+                self.eventfd.as_raw_fd(),
+                &one as *const u64 as *const libc::c_void,
+                8,
+            )
+        };
     }
 
     pub(crate) fn eventfd(&self) -> i32 {

@@ -139,7 +139,14 @@ impl CoreContext {
 
     pub fn send_piece_to(&mut self, core: usize, piece: Piece, reply: ReplyTo) {
         if core == self.index {
-            self.store.start(&mut self.io, Arrived { piece, reply, at: Instant::now() });
+            self.store.start(
+                &mut self.io,
+                Arrived {
+                    piece,
+                    reply,
+                    at: Instant::now(),
+                },
+            );
         } else {
             self.shared.mailboxes[core].send(Message::Piece(piece, reply));
         }
@@ -163,16 +170,29 @@ impl Reactor {
         service: Box<dyn CoreService>,
         backing_fd: i32,
     ) -> Result<Reactor, EngineError> {
-        let ring_err = |source| EngineError::Ring { core: index, source };
+        let ring_err = |source| EngineError::Ring {
+            core: index,
+            source,
+        };
         let ring = IoUring::builder()
             .setup_single_issuer()
             .setup_defer_taskrun()
             .build(RING_ENTRIES)
             .or_else(|_| IoUring::builder().build(RING_ENTRIES))
             .map_err(ring_err)?;
-        ring.submitter().register_files(&[backing_fd]).map_err(ring_err)?;
+        ring.submitter()
+            .register_files(&[backing_fd])
+            .map_err(ring_err)?;
         let mut reactor = Reactor {
-            ctx: CoreContext { index, io: Io { ring, ops: Slab::with_capacity(256) }, store, shared },
+            ctx: CoreContext {
+                index,
+                io: Io {
+                    ring,
+                    ops: Slab::with_capacity(256),
+                },
+                store,
+                shared,
+            },
             receiver,
             service,
             shutdown: None,
@@ -201,10 +221,16 @@ impl Reactor {
             let mut work = self.reap();
             work |= self.take_messages();
             self.route();
-            if self.ctx.store.has_pending_records() && !self.ctx.store.timer_armed && !self.ctx.store.commit_running() {
+            if self.ctx.store.has_pending_records()
+                && !self.ctx.store.timer_armed
+                && !self.ctx.store.commit_running()
+            {
                 self.arm_timer();
             }
-            if self.shutdown.is_some() && !self.service.busy() && self.ctx.store.tasks_in_flight() == 0 {
+            if self.shutdown.is_some()
+                && !self.service.busy()
+                && self.ctx.store.tasks_in_flight() == 0
+            {
                 if !self.checkpoint_started {
                     self.checkpoint_started = true;
                     let reply = self.shutdown.clone().expect("shutdown requested");
@@ -222,7 +248,10 @@ impl Reactor {
                 self.ctx.shared.mailboxes[self.ctx.index].awake();
             }
             if let Err(e) = result {
-                if !matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::ETIME)) {
+                if !matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::ETIME)
+                ) {
                     panic!("core {}: io_uring_enter failed: {e}", self.ctx.index);
                 }
             }
@@ -247,7 +276,10 @@ impl Reactor {
                         self.ctx.store.kick_commit(&mut self.ctx.io);
                     }
                     Op::Store(what) => self.ctx.store.on_io(&mut self.ctx.io, what, cqe.result()),
-                    Op::Service(tag) => self.service.on_io(&mut self.ctx, tag, cqe.result(), cqe.flags()),
+                    Op::Service(tag) => {
+                        self.service
+                            .on_io(&mut self.ctx, tag, cqe.result(), cqe.flags())
+                    }
                 }
                 self.route();
             }
@@ -257,15 +289,26 @@ impl Reactor {
     fn take_messages(&mut self) -> bool {
         let mut any = false;
         for _ in 0..MAILBOX_BATCH_MAX {
-            let Ok(message) = self.receiver.try_recv() else { break };
+            let Ok(message) = self.receiver.try_recv() else {
+                break;
+            };
             any = true;
             match message {
                 Message::Piece(piece, reply) => {
-                    self.ctx.store.start(&mut self.ctx.io, Arrived { piece, reply, at: Instant::now() });
+                    self.ctx.store.start(
+                        &mut self.ctx.io,
+                        Arrived {
+                            piece,
+                            reply,
+                            at: Instant::now(),
+                        },
+                    );
                 }
                 Message::Done(completion) => self.service.on_completion(&mut self.ctx, completion),
                 Message::Service(m) => self.service.on_message(&mut self.ctx, m),
-                Message::DropVolume(volume, reply) => self.ctx.store.drop_volume(&mut self.ctx.io, volume, reply),
+                Message::DropVolume(volume, reply) => {
+                    self.ctx.store.drop_volume(&mut self.ctx.io, volume, reply)
+                }
                 Message::Stats(sender) => {
                     let _ = sender.send(self.stats());
                 }
@@ -287,8 +330,12 @@ impl Reactor {
             let out = std::mem::take(&mut self.ctx.store.out);
             for (reply, completion) in out {
                 match reply {
-                    ReplyTo::Core { core, .. } if core == self.ctx.index => self.service.on_completion(&mut self.ctx, completion),
-                    ReplyTo::Core { core, .. } => self.ctx.shared.mailboxes[core].send(Message::Done(completion)),
+                    ReplyTo::Core { core, .. } if core == self.ctx.index => {
+                        self.service.on_completion(&mut self.ctx, completion)
+                    }
+                    ReplyTo::Core { core, .. } => {
+                        self.ctx.shared.mailboxes[core].send(Message::Done(completion))
+                    }
                     ReplyTo::Channel { sender, .. } => {
                         let _ = sender.send(completion);
                     }
@@ -317,7 +364,11 @@ impl Reactor {
             slots_total: s.slots_total(),
             slots_free: s.slots_free(),
             mapped_blocks: map.mapped_blocks(),
-            volumes: map.volumes().into_iter().map(|v| (v, map.mapped_blocks_of(v))).collect(),
+            volumes: map
+                .volumes()
+                .into_iter()
+                .map(|v| (v, map.mapped_blocks_of(v)))
+                .collect(),
             latency_read_us: s.latency_read_us.clone(),
             latency_write_us: s.latency_write_us.clone(),
             poisoned: s.poisoned(),

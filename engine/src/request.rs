@@ -24,9 +24,15 @@ pub struct Piece {
 pub enum PieceKind {
     Read,
     /// `data[data_offset .. data_offset + len]` is written.
-    Write { data: Arc<AlignedBuf>, data_offset: usize, fua: bool },
+    Write {
+        data: Arc<AlignedBuf>,
+        data_offset: usize,
+        fua: bool,
+    },
     /// Write zeroes; whole blocks are unmapped (thin), partial blocks rewritten.
-    Zero { fua: bool },
+    Zero {
+        fua: bool,
+    },
     /// Make every write this core has acknowledged durable (offset and len are ignored).
     Flush,
     /// Which 4 KiB blocks of the piece are mapped (allocated).
@@ -36,8 +42,14 @@ pub enum PieceKind {
 /// Where the answer to a piece goes. `token` means whatever the requester wants it to.
 #[derive(Debug, Clone)]
 pub enum ReplyTo {
-    Core { core: usize, token: u64 },
-    Channel { sender: Sender<Completion>, token: u64 },
+    Core {
+        core: usize,
+        token: u64,
+    },
+    Channel {
+        sender: Sender<Completion>,
+        token: u64,
+    },
 }
 
 impl ReplyTo {
@@ -58,9 +70,14 @@ pub struct Completion {
 pub enum Output {
     Done,
     /// Whole blocks covering the piece; the piece's bytes start at `head` in `data`.
-    Read { data: AlignedBuf, head: usize },
+    Read {
+        data: AlignedBuf,
+        head: usize,
+    },
     /// One flag per 4 KiB block touched by the piece: true when the block holds data.
-    Status { mapped: Vec<bool> },
+    Status {
+        mapped: Vec<bool>,
+    },
 }
 
 /// A piece with the time it reached the core that owns it, for latency histograms.

@@ -69,7 +69,11 @@ impl SlotAllocator {
                 if slot < self.slot_count {
                     self.words[index] |= 1 << bit;
                     self.free -= 1;
-                    self.cursor = if slot + 1 == self.slot_count { 0 } else { slot + 1 };
+                    self.cursor = if slot + 1 == self.slot_count {
+                        0
+                    } else {
+                        slot + 1
+                    };
                     return Some(slot);
                 }
             }

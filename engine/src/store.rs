@@ -49,11 +49,23 @@ pub(crate) const BACKING_FILE: types::Fixed = types::Fixed(0);
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum StoreIo {
     /// Read of a run of blocks of a read task: `first` index into the piece's blocks.
-    DataRead { task: usize, first: u32, count: u32 },
+    DataRead {
+        task: usize,
+        first: u32,
+        count: u32,
+    },
     /// Read of an edge block for a read-modify-write.
-    EdgeRead { task: usize, index: u32 },
-    DataWrite { task: usize, expected: u32 },
-    Commit { expected: u32 },
+    EdgeRead {
+        task: usize,
+        index: u32,
+    },
+    DataWrite {
+        task: usize,
+        expected: u32,
+    },
+    Commit {
+        expected: u32,
+    },
 }
 
 /// Submission of io_uring operations, implemented by the reactor.
@@ -140,14 +152,34 @@ pub(crate) struct Store {
     pub latency_write_us: Histogram<u64>,
 }
 
-fn pread_aligned(file: &File, offset: u64, len: usize, path: &Path) -> Result<AlignedBuf, EngineError> {
+fn pread_aligned(
+    file: &File,
+    offset: u64,
+    len: usize,
+    path: &Path,
+) -> Result<AlignedBuf, EngineError> {
     let mut buf = AlignedBuf::zeroed(len);
-    file.read_exact_at(&mut buf, offset).map_err(|source| EngineError::Io { op: "read", path: path.to_owned(), source })?;
+    file.read_exact_at(&mut buf, offset)
+        .map_err(|source| EngineError::Io {
+            op: "read",
+            path: path.to_owned(),
+            source,
+        })?;
     Ok(buf)
 }
 
-fn pwrite_aligned(file: &File, offset: u64, buf: &AlignedBuf, path: &Path) -> Result<(), EngineError> {
-    file.write_all_at(buf, offset).map_err(|source| EngineError::Io { op: "write", path: path.to_owned(), source })
+fn pwrite_aligned(
+    file: &File,
+    offset: u64,
+    buf: &AlignedBuf,
+    path: &Path,
+) -> Result<(), EngineError> {
+    file.write_all_at(buf, offset)
+        .map_err(|source| EngineError::Io {
+            op: "write",
+            path: path.to_owned(),
+            source,
+        })
 }
 
 /// Writes an empty checkpoint into both copies of a freshly formatted region.
@@ -156,13 +188,23 @@ pub(crate) fn format_region(file: &File, region: &Region, path: &Path) -> Result
     pwrite_aligned(file, region.checkpoint_a * PAGE_SIZE as u64, &cp, path)?;
     pwrite_aligned(file, region.checkpoint_b * PAGE_SIZE as u64, &cp, path)?;
     // A zeroed first journal page, in case the file held an older store.
-    pwrite_aligned(file, region.journal_byte_offset(0), &AlignedBuf::zeroed(PAGE_SIZE), path)
+    pwrite_aligned(
+        file,
+        region.journal_byte_offset(0),
+        &AlignedBuf::zeroed(PAGE_SIZE),
+        path,
+    )
 }
 
 impl Store {
     /// Recovers one region: the newest valid checkpoint copy, then the journal after it. Ends
     /// with a fresh checkpoint so that the next run starts from a clean journal.
-    pub(crate) fn open(core: usize, file: &File, path: &Path, region: Region) -> Result<Store, EngineError> {
+    pub(crate) fn open(
+        core: usize,
+        file: &File,
+        path: &Path,
+        region: Region,
+    ) -> Result<Store, EngineError> {
         let damaged = |what: String| EngineError::Damaged { core, what };
         let max_entries = region.slot_count;
         let mut candidates = Vec::new();
@@ -177,7 +219,11 @@ impl Store {
         let mut chosen = None;
         for (h, name, start) in candidates {
             let body_len = (h.pages() - 1) as usize * PAGE_SIZE;
-            let body = if body_len == 0 { AlignedBuf::zeroed(0) } else { pread_aligned(file, (start + 1) * PAGE_SIZE as u64, body_len, path)? };
+            let body = if body_len == 0 {
+                AlignedBuf::zeroed(0)
+            } else {
+                pread_aligned(file, (start + 1) * PAGE_SIZE as u64, body_len, path)?
+            };
             match checkpoint::decode_body(&h, if body_len == 0 { &[] } else { &body }) {
                 Some(entries) => {
                     chosen = Some((h, entries));
@@ -186,17 +232,26 @@ impl Store {
                 None => eprintln!("torus: core {core}: checkpoint copy {name} (seq {}) fails its checksum; trying the other copy", h.seq),
             }
         }
-        let (header, entries) = chosen.ok_or_else(|| damaged("both checkpoint copies are damaged: the block map cannot be vouched for".into()))?;
+        let (header, entries) = chosen.ok_or_else(|| {
+            damaged(
+                "both checkpoint copies are damaged: the block map cannot be vouched for".into(),
+            )
+        })?;
 
         let mut map = BlockMap::default();
         for (volume, block, e) in entries {
             if e.slot as u64 >= region.slot_count {
-                return Err(damaged(format!("checkpoint maps volume {volume} block {block} to slot {} past the region", e.slot)));
+                return Err(damaged(format!(
+                    "checkpoint maps volume {volume} block {block} to slot {} past the region",
+                    e.slot
+                )));
             }
             map.insert(volume, block, e);
         }
         let (pages, end) = journal::scan(header.journal_start, region.journal_pages, |seq| {
-            pread_aligned(file, region.journal_byte_offset(seq), PAGE_SIZE, path).map(|b| b.to_vec()).unwrap_or_else(|_| vec![0; PAGE_SIZE])
+            pread_aligned(file, region.journal_byte_offset(seq), PAGE_SIZE, path)
+                .map(|b| b.to_vec())
+                .unwrap_or_else(|_| vec![0; PAGE_SIZE])
         });
         if let ScanEnd::Damaged { bad_seq, later_seq } = end {
             return Err(damaged(format!(
@@ -209,9 +264,17 @@ impl Store {
             last_seq = page.seq + 1;
             for r in page.records {
                 match r {
-                    Record::Map { volume, block, slot, crc } => {
+                    Record::Map {
+                        volume,
+                        block,
+                        slot,
+                        crc,
+                    } => {
                         if slot as u64 >= region.slot_count {
-                            return Err(damaged(format!("journal page {} maps to slot {slot} past the region", page.seq)));
+                            return Err(damaged(format!(
+                                "journal page {} maps to slot {slot} past the region",
+                                page.seq
+                            )));
                         }
                         map.insert(volume, block, Entry { slot, crc });
                     }
@@ -227,7 +290,10 @@ impl Store {
         let mut alloc = SlotAllocator::new(region.slot_count as u32);
         for (volume, block, e) in map.iter() {
             if !alloc.mark_used(e.slot) {
-                return Err(damaged(format!("slot {} is mapped twice (volume {volume} block {block})", e.slot)));
+                return Err(damaged(format!(
+                    "slot {} is mapped twice (volume {volume} block {block})",
+                    e.slot
+                )));
             }
         }
         if let ScanEnd::TornTail { first_bad_seq } = end {
@@ -237,13 +303,22 @@ impl Store {
         // can ever be taken for a page of the new run.
         let next_seq = last_seq.max(header.journal_start) + region.journal_pages;
         let seq = header.seq + 1;
-        if replayed_pages > 0 || !matches!(end, ScanEnd::Clean) || next_seq != header.journal_start {
+        if replayed_pages > 0 || !matches!(end, ScanEnd::Clean) || next_seq != header.journal_start
+        {
             let entries: Vec<_> = map.iter().collect();
             let cp = checkpoint::encode(seq, next_seq, &entries);
             pwrite_aligned(file, region.checkpoint_a * PAGE_SIZE as u64, &cp, path)?;
-            file.sync_data().map_err(|source| EngineError::Io { op: "fdatasync", path: path.to_owned(), source })?;
+            file.sync_data().map_err(|source| EngineError::Io {
+                op: "fdatasync",
+                path: path.to_owned(),
+                source,
+            })?;
             pwrite_aligned(file, region.checkpoint_b * PAGE_SIZE as u64, &cp, path)?;
-            file.sync_data().map_err(|source| EngineError::Io { op: "fdatasync", path: path.to_owned(), source })?;
+            file.sync_data().map_err(|source| EngineError::Io {
+                op: "fdatasync",
+                path: path.to_owned(),
+                source,
+            })?;
         }
         Ok(Store {
             core,
@@ -269,8 +344,10 @@ impl Store {
             timer_armed: false,
             out: Vec::new(),
             counters: StoreCounters::default(),
-            latency_read_us: Histogram::new_with_bounds(1, 60_000_000, 2).expect("histogram bounds"),
-            latency_write_us: Histogram::new_with_bounds(1, 60_000_000, 2).expect("histogram bounds"),
+            latency_read_us: Histogram::new_with_bounds(1, 60_000_000, 2)
+                .expect("histogram bounds"),
+            latency_write_us: Histogram::new_with_bounds(1, 60_000_000, 2)
+                .expect("histogram bounds"),
         })
     }
 
@@ -309,7 +386,11 @@ impl Store {
         let piece = &arrived.piece;
         let first_block = piece.offset / BLOCK_SIZE as u64;
         let end = piece.offset + piece.len as u64;
-        let block_count = if piece.len == 0 { 0 } else { (end.div_ceil(BLOCK_SIZE as u64) - first_block) as u32 };
+        let block_count = if piece.len == 0 {
+            0
+        } else {
+            (end.div_ceil(BLOCK_SIZE as u64) - first_block) as u32
+        };
         let head = (piece.offset % BLOCK_SIZE as u64) as usize;
         match piece.kind {
             PieceKind::Flush => {
@@ -323,7 +404,9 @@ impl Store {
                 return;
             }
             PieceKind::Status => {
-                let mapped = (0..block_count).map(|i| self.map.get(piece.volume, first_block + i as u64).is_some()).collect();
+                let mapped = (0..block_count)
+                    .map(|i| self.map.get(piece.volume, first_block + i as u64).is_some())
+                    .collect();
                 self.reply(arrived.reply, Ok(Output::Status { mapped }));
                 return;
             }
@@ -354,7 +437,9 @@ impl Store {
         let t = &mut self.tasks[tid];
         let volume = t.arrived.piece.volume;
         let mut buf = AlignedBuf::zeroed(t.block_count as usize * BLOCK_SIZE);
-        let expected: Vec<Option<Entry>> = (0..t.block_count).map(|i| self.map.get(volume, t.first_block + i as u64)).collect();
+        let expected: Vec<Option<Entry>> = (0..t.block_count)
+            .map(|i| self.map.get(volume, t.first_block + i as u64))
+            .collect();
         let mut i = 0u32;
         let mut ops = 0;
         while i < t.block_count {
@@ -363,7 +448,9 @@ impl Store {
                 continue;
             };
             let mut count = 1u32;
-            while i + count < t.block_count && expected[(i + count) as usize].map(|n| n.slot) == Some(e.slot + count) {
+            while i + count < t.block_count
+                && expected[(i + count) as usize].map(|n| n.slot) == Some(e.slot + count)
+            {
                 count += 1;
             }
             for k in 0..count {
@@ -374,7 +461,14 @@ impl Store {
             let entry = opcode::Read::new(BACKING_FILE, ptr, count * BLOCK_SIZE as u32)
                 .offset(self.region.slot_byte_offset(e.slot))
                 .build();
-            io.submit_store(entry, StoreIo::DataRead { task: tid, first: i, count });
+            io.submit_store(
+                entry,
+                StoreIo::DataRead {
+                    task: tid,
+                    first: i,
+                    count,
+                },
+            );
             ops += 1;
             i += count;
         }
@@ -390,10 +484,15 @@ impl Store {
         let t = self.tasks.remove(tid);
         self.counters.reads += 1;
         self.counters.bytes_read += t.arrived.piece.len as u64;
-        let _ = self.latency_read_us.record(t.arrived.at.elapsed().as_micros().max(1) as u64);
+        let _ = self
+            .latency_read_us
+            .record(t.arrived.at.elapsed().as_micros().max(1) as u64);
         let output = match t.failed {
             Some(e) => Err(e),
-            None => Ok(Output::Read { data: t.buf.expect("read buffer"), head: t.head }),
+            None => Ok(Output::Read {
+                data: t.buf.expect("read buffer"),
+                head: t.head,
+            }),
         };
         self.reply(t.arrived.reply, output);
     }
@@ -433,7 +532,11 @@ impl Store {
         }
         if result != (count as usize * BLOCK_SIZE) as i32 {
             self.counters.io_errors += 1;
-            eprintln!("torus: core {}: read of {count} blocks of volume {volume} failed: {}", self.core, describe_result(result));
+            eprintln!(
+                "torus: core {}: read of {count} blocks of volume {volume} failed: {}",
+                self.core,
+                describe_result(result)
+            );
             t.failed = Some(BlockError::Io);
         }
         t.outstanding -= 1;
@@ -453,7 +556,8 @@ impl Store {
             }
         }
         for i in 0..t.block_count {
-            self.locks.insert((volume, t.first_block + i as u64), VecDeque::new());
+            self.locks
+                .insert((volume, t.first_block + i as u64), VecDeque::new());
         }
         self.tasks[tid].locked = true;
         true
@@ -525,7 +629,9 @@ impl Store {
                 t.expected[index as usize] = Some(e);
                 // SAFETY: the buffer lives in the task until the read completes.
                 let ptr = unsafe { buf.as_mut_ptr().add(index as usize * BLOCK_SIZE) };
-                let entry = opcode::Read::new(BACKING_FILE, ptr, BLOCK_SIZE as u32).offset(self.region.slot_byte_offset(e.slot)).build();
+                let entry = opcode::Read::new(BACKING_FILE, ptr, BLOCK_SIZE as u32)
+                    .offset(self.region.slot_byte_offset(e.slot))
+                    .build();
                 io.submit_store(entry, StoreIo::EdgeRead { task: tid, index });
                 ops += 1;
             }
@@ -574,7 +680,9 @@ impl Store {
         let head = t.head;
         let buf = t.buf.as_mut().expect("merge buffer");
         match &t.arrived.piece.kind {
-            PieceKind::Write { data, data_offset, .. } => buf[head..head + len].copy_from_slice(&data[*data_offset..*data_offset + len]),
+            PieceKind::Write {
+                data, data_offset, ..
+            } => buf[head..head + len].copy_from_slice(&data[*data_offset..*data_offset + len]),
             PieceKind::Zero { .. } => buf[head..head + len].fill(0),
             _ => unreachable!("only writes are merged"),
         }
@@ -594,7 +702,9 @@ impl Store {
             for s in slots {
                 self.alloc.release(s);
             }
-            let space_coming = !self.pending_frees.is_empty() || self.commit.as_ref().is_some_and(|c| !c.frees.is_empty()) || !self.deferred_frees.is_empty();
+            let space_coming = !self.pending_frees.is_empty()
+                || self.commit.as_ref().is_some_and(|c| !c.frees.is_empty())
+                || !self.deferred_frees.is_empty();
             if space_coming {
                 self.space_waiters.push_back(tid);
                 self.kick_commit(io);
@@ -608,7 +718,12 @@ impl Store {
             (Some(b), _) => b.as_ptr(),
             // SAFETY: data_offset + len is inside the buffer (checked by the frontend), and the
             // Arc in the task keeps it alive until the write completes.
-            (None, PieceKind::Write { data, data_offset, .. }) => unsafe { data.as_ptr().add(*data_offset) },
+            (
+                None,
+                PieceKind::Write {
+                    data, data_offset, ..
+                },
+            ) => unsafe { data.as_ptr().add(*data_offset) },
             _ => unreachable!("write without a source"),
         };
         // SAFETY: source is valid for count blocks, as above.
@@ -624,8 +739,16 @@ impl Store {
             let len = (run * BLOCK_SIZE) as u32;
             // SAFETY: as above; the pointer stays valid until completion.
             let ptr = unsafe { source.add(i * BLOCK_SIZE) };
-            let entry = opcode::Write::new(BACKING_FILE, ptr, len).offset(self.region.slot_byte_offset(slots[i])).build();
-            io.submit_store(entry, StoreIo::DataWrite { task: tid, expected: len });
+            let entry = opcode::Write::new(BACKING_FILE, ptr, len)
+                .offset(self.region.slot_byte_offset(slots[i]))
+                .build();
+            io.submit_store(
+                entry,
+                StoreIo::DataWrite {
+                    task: tid,
+                    expected: len,
+                },
+            );
             ops += 1;
             i += run;
         }
@@ -661,11 +784,18 @@ impl Store {
             if let Some(old) = self.map.insert(volume, block, Entry { slot, crc }) {
                 self.pending_frees.push(old.slot);
             }
-            self.pending_records.push(Record::Map { volume, block, slot, crc });
+            self.pending_records.push(Record::Map {
+                volume,
+                block,
+                slot,
+                crc,
+            });
         }
         self.counters.writes += 1;
         self.counters.bytes_written += t.arrived.piece.len as u64;
-        let _ = self.latency_write_us.record(t.arrived.at.elapsed().as_micros().max(1) as u64);
+        let _ = self
+            .latency_write_us
+            .record(t.arrived.at.elapsed().as_micros().max(1) as u64);
         self.complete_write(io, tid);
     }
 
@@ -686,7 +816,10 @@ impl Store {
     fn complete_write(&mut self, io: &mut impl IoSubmit, tid: usize) {
         self.unlock(io, tid);
         let t = self.tasks.remove(tid);
-        let fua = matches!(t.arrived.piece.kind, PieceKind::Write { fua: true, .. } | PieceKind::Zero { fua: true });
+        let fua = matches!(
+            t.arrived.piece.kind,
+            PieceKind::Write { fua: true, .. } | PieceKind::Zero { fua: true }
+        );
         if fua {
             self.flush_waiters.push(t.arrived.reply);
             self.kick_commit(io);
@@ -719,7 +852,11 @@ impl Store {
         if self.commit.is_some() {
             return;
         }
-        if self.flush_waiters.is_empty() && self.pending_records.is_empty() && self.pending_frees.is_empty() && !self.force_checkpoint {
+        if self.flush_waiters.is_empty()
+            && self.pending_records.is_empty()
+            && self.pending_frees.is_empty()
+            && !self.force_checkpoint
+        {
             return;
         }
         let waiters = std::mem::take(&mut self.flush_waiters);
@@ -733,16 +870,26 @@ impl Store {
         let frees = std::mem::take(&mut self.pending_frees);
         let pages = records.len().div_ceil(RECORDS_PER_PAGE) as u64;
         let used = self.journal_next_seq - self.checkpoint_journal_start;
-        let checkpoint = self.force_checkpoint || used + pages > checkpoint_threshold(self.region.journal_pages);
+        let checkpoint =
+            self.force_checkpoint || used + pages > checkpoint_threshold(self.region.journal_pages);
         self.force_checkpoint = false;
         let buf = if checkpoint {
             let entries: Vec<_> = self.map.iter().collect();
-            Some(checkpoint::encode(self.checkpoint_seq + 1, self.journal_next_seq, &entries))
+            Some(checkpoint::encode(
+                self.checkpoint_seq + 1,
+                self.journal_next_seq,
+                &entries,
+            ))
         } else if pages > 0 {
             let mut buf = AlignedBuf::zeroed(pages as usize * PAGE_SIZE);
             for (i, chunk) in records.chunks(RECORDS_PER_PAGE).enumerate() {
                 let seq = self.journal_next_seq + i as u64;
-                journal::encode_page(&mut buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE], seq, self.journal_next_seq, chunk);
+                journal::encode_page(
+                    &mut buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE],
+                    seq,
+                    self.journal_next_seq,
+                    chunk,
+                );
             }
             Some(buf)
         } else {
@@ -765,7 +912,9 @@ impl Store {
         let c = self.commit.as_mut().expect("commit running");
         c.stage = stage;
         c.outstanding = 1;
-        let entry = opcode::Fsync::new(BACKING_FILE).flags(types::FsyncFlags::DATASYNC).build();
+        let entry = opcode::Fsync::new(BACKING_FILE)
+            .flags(types::FsyncFlags::DATASYNC)
+            .build();
         io.submit_store(entry, StoreIo::Commit { expected: 0 });
     }
 
@@ -774,15 +923,25 @@ impl Store {
         c.stage = stage;
         c.outstanding = 1;
         let buf = c.buf.as_ref().expect("checkpoint buffer");
-        let entry = opcode::Write::new(BACKING_FILE, buf.as_ptr(), buf.len() as u32).offset(start_page * PAGE_SIZE as u64).build();
-        io.submit_store(entry, StoreIo::Commit { expected: buf.len() as u32 });
+        let entry = opcode::Write::new(BACKING_FILE, buf.as_ptr(), buf.len() as u32)
+            .offset(start_page * PAGE_SIZE as u64)
+            .build();
+        io.submit_store(
+            entry,
+            StoreIo::Commit {
+                expected: buf.len() as u32,
+            },
+        );
     }
 
     fn commit_write_journal(&mut self, io: &mut impl IoSubmit) {
         let ring = self.region.journal_pages;
         let first = self.journal_next_seq;
         let c = self.commit.as_mut().expect("commit running");
-        assert!(first + c.journal_pages <= self.retain_from + ring, "journal would overwrite pages still needed");
+        assert!(
+            first + c.journal_pages <= self.retain_from + ring,
+            "journal would overwrite pages still needed"
+        );
         c.stage = Stage::WriteJournal;
         let buf = c.buf.as_ref().expect("journal pages");
         let mut done = 0u64;
@@ -794,7 +953,9 @@ impl Store {
             let len = (n as usize * PAGE_SIZE) as u32;
             // SAFETY: the buffer is kept in the commit until its writes complete.
             let ptr = unsafe { buf.as_ptr().add(done as usize * PAGE_SIZE) };
-            let entry = opcode::Write::new(BACKING_FILE, ptr, len).offset(self.region.journal_byte_offset(seq)).build();
+            let entry = opcode::Write::new(BACKING_FILE, ptr, len)
+                .offset(self.region.journal_byte_offset(seq))
+                .build();
             io.submit_store(entry, StoreIo::Commit { expected: len });
             ops += 1;
             done += n;
@@ -804,7 +965,11 @@ impl Store {
 
     fn commit_io_done(&mut self, io: &mut impl IoSubmit, expected: u32, result: i32) {
         let c = self.commit.as_mut().expect("commit running");
-        let ok = if expected == 0 { result == 0 } else { result == expected as i32 };
+        let ok = if expected == 0 {
+            result == 0
+        } else {
+            result == expected as i32
+        };
         if !ok {
             eprintln!(
                 "torus: core {}: commit step {:?} on {} failed: {}; region poisoned, refusing further writes",
@@ -834,13 +999,17 @@ impl Store {
         }
         let (stage, checkpoint, has_buf) = (c.stage, c.checkpoint, c.buf.is_some());
         match stage {
-            Stage::SyncData if checkpoint => self.commit_write_checkpoint(io, Stage::WriteCheckpointA, self.region.checkpoint_a),
+            Stage::SyncData if checkpoint => {
+                self.commit_write_checkpoint(io, Stage::WriteCheckpointA, self.region.checkpoint_a)
+            }
             Stage::SyncData if has_buf => self.commit_write_journal(io),
             Stage::SyncData => self.finish_commit(io),
             Stage::WriteJournal => self.commit_sync(io, Stage::SyncJournal),
             Stage::SyncJournal => self.finish_commit(io),
             Stage::WriteCheckpointA => self.commit_sync(io, Stage::SyncCheckpointA),
-            Stage::SyncCheckpointA => self.commit_write_checkpoint(io, Stage::WriteCheckpointB, self.region.checkpoint_b),
+            Stage::SyncCheckpointA => {
+                self.commit_write_checkpoint(io, Stage::WriteCheckpointB, self.region.checkpoint_b)
+            }
             Stage::WriteCheckpointB => self.commit_sync(io, Stage::SyncCheckpointB),
             Stage::SyncCheckpointB => self.finish_commit(io),
         }
@@ -871,7 +1040,10 @@ impl Store {
         for tid in waiters {
             self.issue_writes(io, tid);
         }
-        if !self.flush_waiters.is_empty() || self.force_checkpoint || self.pending_records.len() >= PENDING_RECORDS_COMMIT {
+        if !self.flush_waiters.is_empty()
+            || self.force_checkpoint
+            || self.pending_records.len() >= PENDING_RECORDS_COMMIT
+        {
             self.kick_commit(io);
         }
     }

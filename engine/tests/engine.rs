@@ -5,7 +5,11 @@ use std::sync::Arc;
 use torus_engine::*;
 
 fn config(dir: &std::path::Path) -> EngineConfig {
-    EngineConfig { path: dir.join("blocks"), create_size: 64 << 20, cores: 2 }
+    EngineConfig {
+        path: dir.join("blocks"),
+        create_size: 64 << 20,
+        cores: 2,
+    }
 }
 
 fn write(e: &Engine, volume: u32, offset: u64, data: &[u8]) {
@@ -17,7 +21,16 @@ fn write(e: &Engine, volume: u32, offset: u64, data: &[u8]) {
     while done < data.len() {
         let off = offset + done as u64;
         let n = ((CHUNK_SIZE - off % CHUNK_SIZE) as usize).min(data.len() - done);
-        let piece = Piece { volume, offset: off, len: n as u32, kind: PieceKind::Write { data: buf.clone(), data_offset: done, fua: false } };
+        let piece = Piece {
+            volume,
+            offset: off,
+            len: n as u32,
+            kind: PieceKind::Write {
+                data: buf.clone(),
+                data_offset: done,
+                fua: false,
+            },
+        };
         assert!(matches!(e.run_piece(piece), Ok(Output::Done)));
         done += n;
     }
@@ -28,7 +41,12 @@ fn read(e: &Engine, volume: u32, offset: u64, len: usize) -> Result<Vec<u8>, Blo
     while out.len() < len {
         let off = offset + out.len() as u64;
         let n = ((CHUNK_SIZE - off % CHUNK_SIZE) as usize).min(len - out.len());
-        match e.run_piece(Piece { volume, offset: off, len: n as u32, kind: PieceKind::Read })? {
+        match e.run_piece(Piece {
+            volume,
+            offset: off,
+            len: n as u32,
+            kind: PieceKind::Read,
+        })? {
             Output::Read { data, head } => out.extend_from_slice(&data[head..head + n]),
             _ => panic!("read answered without data"),
         }
@@ -37,7 +55,9 @@ fn read(e: &Engine, volume: u32, offset: u64, len: usize) -> Result<Vec<u8>, Blo
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 fn tempdir(name: &str) -> std::path::PathBuf {
@@ -63,7 +83,12 @@ fn writes_survive_stop_and_reopen_and_partial_blocks_merge() {
     expect[1536..2048].copy_from_slice(&pattern(3, 512));
     assert_eq!(read(&e, 1, 0, 1 << 20).unwrap(), expect);
     // zeroes: whole blocks unmapped, partial ones rewritten
-    let z = Piece { volume: 1, offset: 4096 * 3 + 100, len: 4096 * 2, kind: PieceKind::Zero { fua: false } };
+    let z = Piece {
+        volume: 1,
+        offset: 4096 * 3 + 100,
+        len: 4096 * 2,
+        kind: PieceKind::Zero { fua: false },
+    };
     assert!(e.run_piece(z).is_ok());
     expect[4096 * 3 + 100..4096 * 5 + 100].fill(0);
     assert_eq!(read(&e, 1, 0, 1 << 20).unwrap(), expect);
@@ -95,7 +120,16 @@ fn overwrites_free_space_and_disk_full_answers_enospc() {
     while offset < 2 * capacity {
         let mut buf = AlignedBuf::zeroed(CHUNK_SIZE as usize);
         buf.fill(7);
-        let p = Piece { volume: 1, offset, len: CHUNK_SIZE as u32, kind: PieceKind::Write { data: Arc::new(buf), data_offset: 0, fua: false } };
+        let p = Piece {
+            volume: 1,
+            offset,
+            len: CHUNK_SIZE as u32,
+            kind: PieceKind::Write {
+                data: Arc::new(buf),
+                data_offset: 0,
+                fua: false,
+            },
+        };
         match e.run_piece(p) {
             Ok(_) => offset += CHUNK_SIZE,
             Err(BlockError::NoSpace) => {
@@ -128,7 +162,11 @@ fn flipped_bit_in_a_data_slot_answers_eio_not_data() {
     let core = probe.shared().core_for(1, 0);
     probe.stop().unwrap();
     let region = sb.geometry.region(core);
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(dir.join("blocks")).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join("blocks"))
+        .unwrap();
     let at = region.slots * 4096 + 100;
     let mut b = [0u8; 1];
     f.read_exact_at(&mut b, at).unwrap();

@@ -1,0 +1,7 @@
+//! The NBD server: `protocol` (wire constants and headers), `handshake` (option haggling on a
+//! control thread), `transmission` (requests and replies on the cores), `server` (listeners).
+
+pub mod handshake;
+pub mod protocol;
+pub mod server;
+pub mod transmission;

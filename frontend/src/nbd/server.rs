@@ -1,0 +1,160 @@
+//! Listening sockets (TCP and Unix) and the hand-off of negotiated connections to cores.
+//!
+//! Each accepted socket gets a short-lived handshake thread (at most `HANDSHAKES_MAX` at once;
+//! more are refused by closing), which negotiates on a blocking socket with a deadline and then
+//! sends the socket to a core, chosen round-robin. From then on only that core touches it.
+
+use super::handshake::{negotiate, Outcome};
+use super::transmission::NewConnection;
+use crate::exports::Exports;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use torus_engine::{Message, Shared};
+
+/// Handshakes in progress at once; a flood of idle sockets cannot exhaust threads.
+pub const HANDSHAKES_MAX: usize = 64;
+
+pub struct NbdServer {
+    pub exports: Arc<Exports>,
+    shared: Arc<Shared>,
+    next_core: AtomicUsize,
+    handshakes: AtomicUsize,
+    stopping: AtomicBool,
+}
+
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    pub fn describe(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            Listener::Unix(_, p) => p.display().to_string(),
+        }
+    }
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Listener::Tcp(l) => l.local_addr().ok(),
+            Listener::Unix(..) => None,
+        }
+    }
+}
+
+impl NbdServer {
+    pub fn new(exports: Arc<Exports>, shared: Arc<Shared>) -> Arc<NbdServer> {
+        Arc::new(NbdServer {
+            exports,
+            shared,
+            next_core: AtomicUsize::new(0),
+            handshakes: AtomicUsize::new(0),
+            stopping: AtomicBool::new(false),
+        })
+    }
+
+    pub fn stop_accepting(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+
+    fn hand_off(&self, fd: OwnedFd, outcome: Outcome, peer: String) {
+        match outcome {
+            Outcome::Transmission(negotiated) => {
+                if self.stopping.load(Ordering::SeqCst) {
+                    return;
+                }
+                let cores = self.shared.mailboxes.len();
+                let core = self.next_core.fetch_add(1, Ordering::Relaxed) % cores;
+                self.shared.mailboxes[core].send(Message::Service(Box::new(NewConnection {
+                    fd,
+                    negotiated,
+                    peer,
+                })));
+            }
+            Outcome::Closed(reason) => {
+                if !reason.contains("early eof") && !reason.contains("aborted") {
+                    eprintln!("torus: nbd {peer}: {reason}");
+                }
+            }
+        }
+    }
+
+    /// Accepts connections until `stop_accepting`; runs on its own thread.
+    pub fn serve(self: &Arc<Self>, listener: Listener) -> JoinHandle<()> {
+        let server = self.clone();
+        std::thread::Builder::new()
+            .name("torus-nbd-accept".into())
+            .spawn(move || loop {
+                let accepted: std::io::Result<(
+                    OwnedFd,
+                    String,
+                    Box<dyn FnOnce(&Arc<NbdServer>, OwnedFd, String) + Send>,
+                )> = match &listener {
+                    Listener::Tcp(l) => l.accept().map(|(s, a)| {
+                        let _ = s.set_nodelay(true);
+                        let f: Box<dyn FnOnce(&Arc<NbdServer>, OwnedFd, String) + Send> =
+                            Box::new(|srv, fd, peer| {
+                                let mut s = std::net::TcpStream::from(fd);
+                                let outcome = negotiate(&mut s, &srv.exports);
+                                let _ = s.set_read_timeout(None);
+                                let _ = s.set_write_timeout(None);
+                                srv.hand_off(OwnedFd::from(s), outcome, peer)
+                            });
+                        (OwnedFd::from(s), a.to_string(), f)
+                    }),
+                    Listener::Unix(l, p) => l.accept().map(|(s, _)| {
+                        let f: Box<dyn FnOnce(&Arc<NbdServer>, OwnedFd, String) + Send> =
+                            Box::new(|srv, fd, peer| {
+                                let mut s = std::os::unix::net::UnixStream::from(fd);
+                                let outcome = negotiate(&mut s, &srv.exports);
+                                let _ = s.set_read_timeout(None);
+                                let _ = s.set_write_timeout(None);
+                                srv.hand_off(OwnedFd::from(s), outcome, peer)
+                            });
+                        (OwnedFd::from(s), p.display().to_string(), f)
+                    }),
+                };
+                if server.stopping.load(Ordering::SeqCst) {
+                    return;
+                }
+                let (fd, peer, run) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        eprintln!("torus: nbd accept on {}: {e}", listener.describe());
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                        continue;
+                    }
+                };
+                if server.handshakes.fetch_add(1, Ordering::SeqCst) >= HANDSHAKES_MAX {
+                    server.handshakes.fetch_sub(1, Ordering::SeqCst);
+                    eprintln!("torus: nbd {peer}: too many handshakes in progress; closing");
+                    continue;
+                }
+                let srv = server.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("torus-nbd-handshake".into())
+                    .spawn(move || {
+                        run(&srv, fd, peer);
+                        srv.handshakes.fetch_sub(1, Ordering::SeqCst);
+                    });
+                if spawned.is_err() {
+                    server.handshakes.fetch_sub(1, Ordering::SeqCst);
+                }
+            })
+            .expect("spawn accept thread")
+    }
+}
+
+/// Wakes a blocked `accept` so the accept thread sees `stop_accepting`.
+pub fn poke(listener_addr: &str) {
+    if let Ok(addr) = listener_addr.parse::<SocketAddr>() {
+        let _ = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(200));
+    } else {
+        let _ = std::os::unix::net::UnixStream::connect(listener_addr);
+    }
+}

@@ -1,0 +1,282 @@
+//! Cluster metadata behind one trait. This build has the embedded single-node store: one JSON
+//! file in the data dir, replaced atomically (write a temporary file, fsync it, rename it over
+//! the old one, fsync the directory), so a crash leaves either the old or the new version.
+//! The etcd implementation (issue: cluster) keeps the same keys under one prefix.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub const METADATA_FORMAT_VERSION: u32 = 1;
+/// Volume names: what fits in an NBD export name and a URL path without escaping. `@` is kept
+/// for snapshots (`VOLUME@SNAPSHOT`).
+pub const VOLUME_NAME_MAX: usize = 128;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VolumeRecord {
+    pub name: String,
+    pub id: u32,
+    pub size_bytes: u64,
+    pub created_unix: u64,
+    pub replicas: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct State {
+    format_version: u32,
+    next_volume_id: u32,
+    volumes: BTreeMap<String, VolumeRecord>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetadataError {
+    #[error("volume {0:?} already exists")]
+    Exists(String),
+    #[error("no volume named {0:?}")]
+    NotFound(String),
+    #[error(
+        "invalid volume name {0:?}: use 1 to 128 of A-Z a-z 0-9 . _ - (not starting with . or -)"
+    )]
+    InvalidName(String),
+    #[error("invalid size: {0}")]
+    InvalidSize(String),
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: metadata file is damaged: {why}")]
+    Corrupt { path: PathBuf, why: String },
+}
+
+pub trait Metadata: Send + Sync {
+    fn volumes(&self) -> Vec<VolumeRecord>;
+    fn volume(&self, name: &str) -> Option<VolumeRecord>;
+    fn create_volume(
+        &self,
+        name: &str,
+        size_bytes: u64,
+        replicas: u32,
+    ) -> Result<VolumeRecord, MetadataError>;
+    fn delete_volume(&self, name: &str) -> Result<VolumeRecord, MetadataError>;
+    fn resize_volume(&self, name: &str, size_bytes: u64) -> Result<VolumeRecord, MetadataError>;
+}
+
+pub fn validate_name(name: &str) -> Result<(), MetadataError> {
+    let ok = !name.is_empty()
+        && name.len() <= VOLUME_NAME_MAX
+        && !name.starts_with('.')
+        && !name.starts_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(MetadataError::InvalidName(
+            name.chars().take(VOLUME_NAME_MAX + 1).collect(),
+        ))
+    }
+}
+
+/// Volume sizes are whole 4 KiB blocks, at least one.
+pub fn validate_size(size_bytes: u64) -> Result<(), MetadataError> {
+    if size_bytes == 0 || size_bytes % 4096 != 0 {
+        return Err(MetadataError::InvalidSize(format!(
+            "{size_bytes} bytes is not a positive multiple of 4096"
+        )));
+    }
+    if size_bytes > 1 << 60 {
+        return Err(MetadataError::InvalidSize(format!(
+            "{size_bytes} bytes is more than 1 EiB"
+        )));
+    }
+    Ok(())
+}
+
+pub struct EmbeddedMetadata {
+    path: PathBuf,
+    state: parking_lot::Mutex<State>,
+}
+
+impl EmbeddedMetadata {
+    /// Opens `dir/metadata.json`, creating an empty store when it does not exist. Returns the
+    /// store and whether it was just created.
+    pub fn open(dir: &Path) -> Result<(EmbeddedMetadata, bool), MetadataError> {
+        let path = dir.join("metadata.json");
+        let (state, created) = match fs::read(&path) {
+            Ok(bytes) => {
+                let state: State =
+                    serde_json::from_slice(&bytes).map_err(|e| MetadataError::Corrupt {
+                        path: path.clone(),
+                        why: e.to_string(),
+                    })?;
+                if state.format_version != METADATA_FORMAT_VERSION {
+                    return Err(MetadataError::Corrupt {
+                        path,
+                        why: format!("format version {} is not supported", state.format_version),
+                    });
+                }
+                (state, false)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (
+                State {
+                    format_version: METADATA_FORMAT_VERSION,
+                    next_volume_id: 1,
+                    volumes: BTreeMap::new(),
+                },
+                true,
+            ),
+            Err(source) => {
+                return Err(MetadataError::Io {
+                    op: "read",
+                    path,
+                    source,
+                })
+            }
+        };
+        let m = EmbeddedMetadata {
+            path,
+            state: parking_lot::Mutex::new(state),
+        };
+        if created {
+            m.persist(&m.state.lock())?;
+        }
+        Ok((m, created))
+    }
+
+    fn persist(&self, state: &State) -> Result<(), MetadataError> {
+        fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> MetadataError {
+            let path = path.to_owned();
+            move |source| MetadataError::Io { op, path, source }
+        }
+        let tmp = self.path.with_extension("json.tmp");
+        let bytes = serde_json::to_vec_pretty(state).expect("metadata serializes");
+        let mut f = File::create(&tmp).map_err(io("create", &tmp))?;
+        f.write_all(&bytes).map_err(io("write", &tmp))?;
+        f.sync_all().map_err(io("fsync", &tmp))?;
+        fs::rename(&tmp, &self.path).map_err(io("rename", &self.path))?;
+        if let Some(dir) = self.path.parent() {
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io("fsync", dir))?;
+        }
+        Ok(())
+    }
+
+    fn update<T>(
+        &self,
+        change: impl FnOnce(&mut State) -> Result<T, MetadataError>,
+    ) -> Result<T, MetadataError> {
+        let mut guard = self.state.lock();
+        let mut next = guard.clone();
+        let out = change(&mut next)?;
+        self.persist(&next)?;
+        *guard = next;
+        Ok(out)
+    }
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Metadata for EmbeddedMetadata {
+    fn volumes(&self) -> Vec<VolumeRecord> {
+        self.state.lock().volumes.values().cloned().collect()
+    }
+
+    fn volume(&self, name: &str) -> Option<VolumeRecord> {
+        self.state.lock().volumes.get(name).cloned()
+    }
+
+    fn create_volume(
+        &self,
+        name: &str,
+        size_bytes: u64,
+        replicas: u32,
+    ) -> Result<VolumeRecord, MetadataError> {
+        validate_name(name)?;
+        validate_size(size_bytes)?;
+        self.update(|s| {
+            if s.volumes.contains_key(name) {
+                return Err(MetadataError::Exists(name.to_owned()));
+            }
+            let record = VolumeRecord {
+                name: name.to_owned(),
+                id: s.next_volume_id,
+                size_bytes,
+                created_unix: now_unix(),
+                replicas,
+            };
+            // Ids are never reused: blocks of a deleted volume can never show up in a new one.
+            s.next_volume_id += 1;
+            s.volumes.insert(name.to_owned(), record.clone());
+            Ok(record)
+        })
+    }
+
+    fn delete_volume(&self, name: &str) -> Result<VolumeRecord, MetadataError> {
+        self.update(|s| {
+            s.volumes
+                .remove(name)
+                .ok_or_else(|| MetadataError::NotFound(name.to_owned()))
+        })
+    }
+
+    fn resize_volume(&self, name: &str, size_bytes: u64) -> Result<VolumeRecord, MetadataError> {
+        validate_size(size_bytes)?;
+        self.update(|s| {
+            let v = s
+                .volumes
+                .get_mut(name)
+                .ok_or_else(|| MetadataError::NotFound(name.to_owned()))?;
+            v.size_bytes = size_bytes;
+            Ok(v.clone())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volumes_persist_and_ids_are_never_reused() {
+        let dir = std::env::temp_dir().join(format!("torus-meta-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let (m, created) = EmbeddedMetadata::open(&dir).unwrap();
+        assert!(created);
+        let a = m.create_volume("a", 4096, 1).unwrap();
+        assert!(matches!(
+            m.create_volume("a", 4096, 1),
+            Err(MetadataError::Exists(_))
+        ));
+        assert!(matches!(
+            m.create_volume("bad/name", 4096, 1),
+            Err(MetadataError::InvalidName(_))
+        ));
+        assert!(matches!(
+            m.create_volume("b", 100, 1),
+            Err(MetadataError::InvalidSize(_))
+        ));
+        m.delete_volume("a").unwrap();
+        let b = m.create_volume("b", 8192, 1).unwrap();
+        assert!(b.id > a.id);
+        drop(m);
+        let (m, created) = EmbeddedMetadata::open(&dir).unwrap();
+        assert!(!created);
+        assert_eq!(m.volumes(), vec![b]);
+        let c = m.create_volume("c", 4096, 1).unwrap();
+        assert!(c.id > a.id + 1);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,514 @@
+//! The admin HTTP API of a node (`torusctl` speaks it) and `/metrics` in Prometheus text
+//! format. It runs on its own thread; it reaches the cores only through their mailboxes.
+//!
+//! ```text
+//! GET    /v1/volumes                    list, with size, used bytes and clients
+//! POST   /v1/volumes                    {"name": "db", "size_bytes": 2147483648}
+//! DELETE /v1/volumes/NAME               refused (409) while clients are connected
+//! POST   /v1/volumes/NAME/resize        {"size_bytes": ..., "force": false}
+//! GET    /v1/status                     node health, capacity, cores
+//! GET    /metrics                       Prometheus text
+//! ```
+
+use crate::size::human;
+use serde::{Deserialize, Serialize};
+use std::fmt::Write as _;
+use std::io::Read;
+use std::sync::Arc;
+use std::time::Instant;
+use torus_engine::{CoreStats, Engine};
+use torus_frontend::exports::{Exports, Volume};
+use torus_frontend::nbd::transmission::FrontendStats;
+use torus_net::metadata::{Metadata, MetadataError};
+
+/// Largest request body accepted by the admin API.
+const BODY_MAX: u64 = 64 * 1024;
+
+pub struct Node {
+    pub engine: Arc<Engine>,
+    pub metadata: Arc<dyn Metadata>,
+    pub exports: Arc<Exports>,
+    pub frontend: Arc<FrontendStats>,
+    pub started: Instant,
+    pub nbd_urls: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct VolumeView {
+    pub name: String,
+    pub id: u32,
+    pub size_bytes: u64,
+    pub used_bytes: u64,
+    pub clients: usize,
+    pub replicas: u32,
+    pub created_unix: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+pub struct CreateVolume {
+    pub name: String,
+    pub size_bytes: u64,
+    #[serde(default)]
+    pub replicas: Option<u32>,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+pub struct ResizeVolume {
+    pub size_bytes: u64,
+    #[serde(default)]
+    pub force: bool,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+pub struct StatusView {
+    pub healthy: bool,
+    pub mode: String,
+    pub cores: usize,
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub volumes: usize,
+    pub connections: u64,
+    pub uptime_seconds: u64,
+    pub problems: Vec<String>,
+    pub nbd: Vec<String>,
+}
+
+struct Answer {
+    code: u16,
+    body: String,
+    content_type: &'static str,
+}
+
+fn json(code: u16, value: &impl Serialize) -> Answer {
+    Answer {
+        code,
+        body: serde_json::to_string_pretty(value).expect("serializable"),
+        content_type: "application/json",
+    }
+}
+
+fn error(code: u16, message: impl std::fmt::Display) -> Answer {
+    json(code, &serde_json::json!({ "error": message.to_string() }))
+}
+
+fn metadata_error(e: MetadataError) -> Answer {
+    match e {
+        MetadataError::Exists(_) => error(409, e),
+        MetadataError::NotFound(_) => error(404, e),
+        MetadataError::InvalidName(_) | MetadataError::InvalidSize(_) => error(400, e),
+        _ => error(500, e),
+    }
+}
+
+impl Node {
+    fn used_by_volume(stats: &[CoreStats]) -> std::collections::HashMap<u32, u64> {
+        let mut used = std::collections::HashMap::new();
+        for s in stats {
+            for &(v, blocks) in &s.volumes {
+                *used.entry(v).or_insert(0) += blocks * torus_engine::BLOCK_SIZE as u64;
+            }
+        }
+        used
+    }
+
+    pub fn volume_views(&self) -> Vec<VolumeView> {
+        let stats = self.engine.stats();
+        let used = Self::used_by_volume(&stats);
+        self.metadata
+            .volumes()
+            .into_iter()
+            .map(|v| VolumeView {
+                clients: self
+                    .exports
+                    .get(&v.name)
+                    .map(|e| e.connections())
+                    .unwrap_or(0),
+                used_bytes: used.get(&v.id).copied().unwrap_or(0),
+                name: v.name,
+                id: v.id,
+                size_bytes: v.size_bytes,
+                replicas: v.replicas,
+                created_unix: v.created_unix,
+            })
+            .collect()
+    }
+
+    fn create_volume(
+        &self,
+        name: &str,
+        size_bytes: u64,
+        replicas: Option<u32>,
+    ) -> Result<VolumeView, Answer> {
+        let replicas = replicas.unwrap_or(1);
+        if replicas != 1 {
+            return Err(error(400, format!("--replicas {replicas}: this node runs alone (no --etcd), so a volume has exactly 1 replica")));
+        }
+        let v = self
+            .metadata
+            .create_volume(name, size_bytes, replicas)
+            .map_err(metadata_error)?;
+        self.exports
+            .insert(Volume::new(&v.name, v.id, v.size_bytes, false));
+        Ok(VolumeView {
+            name: v.name,
+            id: v.id,
+            size_bytes: v.size_bytes,
+            used_bytes: 0,
+            clients: 0,
+            replicas,
+            created_unix: v.created_unix,
+        })
+    }
+
+    fn delete_volume(&self, name: &str) -> Answer {
+        if self.metadata.volume(name).is_none() {
+            return metadata_error(MetadataError::NotFound(name.to_owned()));
+        }
+        let removed = match self.exports.remove_unless_attached(name) {
+            Ok(v) => v,
+            Err(clients) => {
+                return error(
+                    409,
+                    format!(
+                        "volume {name:?} has {clients} client(s) connected; disconnect them first"
+                    ),
+                );
+            }
+        };
+        let record = match self.metadata.delete_volume(name) {
+            Ok(r) => r,
+            Err(e) => {
+                if let Some(v) = removed {
+                    self.exports
+                        .insert(Volume::new(&v.name, v.id, v.size(), v.read_only));
+                }
+                return metadata_error(e);
+            }
+        };
+        // The name is gone from the metadata first: if this node stops before the blocks are
+        // dropped, the next start drops them as orphans.
+        match self.engine.drop_volume(record.id) {
+            Ok(()) => json(200, &serde_json::json!({ "deleted": name })),
+            Err(e) => error(500, format!("volume {name:?} deleted, but freeing its blocks failed: {e} (they are freed at the next start)")),
+        }
+    }
+
+    fn resize_volume(&self, name: &str, r: ResizeVolume) -> Answer {
+        let Some(v) = self.metadata.volume(name) else {
+            return metadata_error(MetadataError::NotFound(name.to_owned()));
+        };
+        if r.size_bytes < v.size_bytes && !r.force {
+            return error(409, format!("shrinking {name:?} from {} to {} drops the data past the new end; repeat with --force", human(v.size_bytes), human(r.size_bytes)));
+        }
+        match self.metadata.resize_volume(name, r.size_bytes) {
+            Ok(v) => {
+                if let Some(e) = self.exports.get(name) {
+                    e.set_size(v.size_bytes);
+                }
+                json(
+                    200,
+                    &serde_json::json!({ "name": name, "size_bytes": v.size_bytes, "note": "new NBD connections see the new size" }),
+                )
+            }
+            Err(e) => metadata_error(e),
+        }
+    }
+
+    pub fn status(&self) -> StatusView {
+        let stats = self.engine.stats();
+        let mut problems = Vec::new();
+        if stats.len() < self.engine.cores() {
+            problems.push(format!(
+                "{} of {} cores did not answer",
+                self.engine.cores() - stats.len(),
+                self.engine.cores()
+            ));
+        }
+        for s in &stats {
+            if s.poisoned {
+                problems.push(format!(
+                    "core {}: an I/O error poisoned its region; writes are refused",
+                    s.core
+                ));
+            }
+            if s.checksum_errors > 0 {
+                problems.push(format!(
+                    "core {}: {} checksum mismatches found on read",
+                    s.core, s.checksum_errors
+                ));
+            }
+        }
+        let used = stats
+            .iter()
+            .map(|s| (s.slots_total - s.slots_free) * torus_engine::BLOCK_SIZE as u64)
+            .sum();
+        StatusView {
+            healthy: problems.is_empty(),
+            mode: "single node (embedded metadata)".into(),
+            cores: self.engine.cores(),
+            capacity_bytes: self.engine.capacity_bytes(),
+            used_bytes: used,
+            volumes: self.metadata.volumes().len(),
+            connections: self
+                .frontend
+                .per_core
+                .iter()
+                .map(|c| c.connections.load(std::sync::atomic::Ordering::Relaxed))
+                .sum(),
+            uptime_seconds: self.started.elapsed().as_secs(),
+            problems,
+            nbd: self.nbd_urls.clone(),
+        }
+    }
+
+    pub fn metrics(&self) -> String {
+        use std::sync::atomic::Ordering::Relaxed;
+        let stats = self.engine.stats();
+        let mut out = String::new();
+        let mut counter =
+            |name: &str,
+             help: &str,
+             kind: &str,
+             values: &mut dyn Iterator<Item = (String, u64)>| {
+                let _ = writeln!(
+                    out,
+                    "# HELP torus_{name} {help}\n# TYPE torus_{name} {kind}"
+                );
+                for (labels, v) in values {
+                    let _ = writeln!(out, "torus_{name}{{{labels}}} {v}");
+                }
+            };
+        macro_rules! per_core {
+            ($name:expr, $help:expr, $kind:expr, $field:ident) => {
+                counter(
+                    $name,
+                    $help,
+                    $kind,
+                    &mut stats
+                        .iter()
+                        .map(|s| (format!("core=\"{}\"", s.core), s.$field)),
+                )
+            };
+        }
+        per_core!(
+            "reads_total",
+            "Read pieces completed by the core that owns them.",
+            "counter",
+            reads
+        );
+        per_core!("writes_total", "Write pieces completed.", "counter", writes);
+        per_core!(
+            "zeroes_total",
+            "Trim and write-zeroes pieces completed.",
+            "counter",
+            zeroes
+        );
+        per_core!("flushes_total", "Flushes answered.", "counter", flushes);
+        per_core!(
+            "read_bytes_total",
+            "Bytes read by clients.",
+            "counter",
+            bytes_read
+        );
+        per_core!(
+            "written_bytes_total",
+            "Bytes written by clients.",
+            "counter",
+            bytes_written
+        );
+        per_core!(
+            "commits_total",
+            "Journal commits (group commit: one for many flushes).",
+            "counter",
+            commits
+        );
+        per_core!(
+            "checkpoints_total",
+            "Checkpoints written.",
+            "counter",
+            checkpoints
+        );
+        per_core!(
+            "checksum_errors_total",
+            "Blocks whose crc32c did not match on read (answered EIO).",
+            "counter",
+            checksum_errors
+        );
+        per_core!(
+            "io_errors_total",
+            "Failed disk operations.",
+            "counter",
+            io_errors
+        );
+        per_core!(
+            "queue_depth",
+            "Pieces in flight on the core.",
+            "gauge",
+            pieces_in_flight
+        );
+        per_core!(
+            "slots_total",
+            "Data slots (4 KiB) of the core's region.",
+            "gauge",
+            slots_total
+        );
+        per_core!("slots_free", "Free data slots.", "gauge", slots_free);
+        let f = &self.frontend.per_core;
+        counter(
+            "nbd_connections",
+            "Open NBD connections owned by the core.",
+            "gauge",
+            &mut f
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (format!("core=\"{i}\""), c.connections.load(Relaxed))),
+        );
+        counter(
+            "nbd_requests_in_flight",
+            "NBD requests received and not yet answered.",
+            "gauge",
+            &mut f
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (format!("core=\"{i}\""), c.requests_in_flight.load(Relaxed))),
+        );
+        counter(
+            "nbd_requests_total",
+            "NBD requests received.",
+            "counter",
+            &mut f
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (format!("core=\"{i}\""), c.requests.load(Relaxed))),
+        );
+        counter(
+            "nbd_bad_requests_total",
+            "NBD requests refused as malformed.",
+            "counter",
+            &mut f
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (format!("core=\"{i}\""), c.bad_requests.load(Relaxed))),
+        );
+        let used = Self::used_by_volume(&stats);
+        let volumes = self.metadata.volumes();
+        counter(
+            "volume_size_bytes",
+            "Provisioned size of each volume.",
+            "gauge",
+            &mut volumes
+                .iter()
+                .map(|v| (format!("volume=\"{}\"", v.name), v.size_bytes)),
+        );
+        counter(
+            "volume_used_bytes",
+            "Bytes of each volume that hold data.",
+            "gauge",
+            &mut volumes.iter().map(|v| {
+                (
+                    format!("volume=\"{}\"", v.name),
+                    used.get(&v.id).copied().unwrap_or(0),
+                )
+            }),
+        );
+        const BOUNDS_US: [u64; 12] = [
+            50, 100, 250, 500, 1000, 2500, 5000, 10_000, 25_000, 50_000, 100_000, 1_000_000,
+        ];
+        let _ = writeln!(out, "# HELP torus_latency_us Time from a piece reaching its core to its answer, in microseconds.\n# TYPE torus_latency_us histogram");
+        for s in &stats {
+            for (op, h) in [("read", &s.latency_read_us), ("write", &s.latency_write_us)] {
+                for b in BOUNDS_US {
+                    let n = h
+                        .iter_recorded()
+                        .filter(|v| v.value_iterated_to() <= b)
+                        .map(|v| v.count_at_value())
+                        .sum::<u64>();
+                    let _ = writeln!(
+                        out,
+                        "torus_latency_us_bucket{{core=\"{}\",op=\"{op}\",le=\"{b}\"}} {n}",
+                        s.core
+                    );
+                }
+                let _ = writeln!(
+                    out,
+                    "torus_latency_us_bucket{{core=\"{}\",op=\"{op}\",le=\"+Inf\"}} {}",
+                    s.core,
+                    h.len()
+                );
+                let sum: f64 = h.mean() * h.len() as f64;
+                let _ = writeln!(
+                    out,
+                    "torus_latency_us_sum{{core=\"{}\",op=\"{op}\"}} {}",
+                    s.core, sum as u64
+                );
+                let _ = writeln!(
+                    out,
+                    "torus_latency_us_count{{core=\"{}\",op=\"{op}\"}} {}",
+                    s.core,
+                    h.len()
+                );
+            }
+        }
+        out
+    }
+
+    fn handle(&self, method: &tiny_http::Method, url: &str, body: &[u8]) -> Answer {
+        use tiny_http::Method::*;
+        let path = url.split('?').next().unwrap_or("");
+        let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+        match (method, parts.as_slice()) {
+            (Get, ["metrics"]) => Answer {
+                code: 200,
+                body: self.metrics(),
+                content_type: "text/plain; version=0.0.4",
+            },
+            (Get, ["v1", "status"]) => {
+                let s = self.status();
+                json(200, &s)
+            }
+            (Get, ["v1", "volumes"]) => json(200, &self.volume_views()),
+            (Post, ["v1", "volumes"]) => match serde_json::from_slice::<CreateVolume>(body) {
+                Ok(c) => match self.create_volume(&c.name, c.size_bytes, c.replicas) {
+                    Ok(v) => json(201, &v),
+                    Err(a) => a,
+                },
+                Err(e) => error(400, format!("bad request body: {e}")),
+            },
+            (Delete, ["v1", "volumes", name]) => self.delete_volume(name),
+            (Post, ["v1", "volumes", name, "resize"]) => {
+                match serde_json::from_slice::<ResizeVolume>(body) {
+                    Ok(r) => self.resize_volume(name, r),
+                    Err(e) => error(400, format!("bad request body: {e}")),
+                }
+            }
+            _ => error(404, format!("no such endpoint: {method} {path}")),
+        }
+    }
+}
+
+/// Serves the admin API until `server.unblock()` is called.
+pub fn serve(node: Arc<Node>, server: Arc<tiny_http::Server>) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("torus-admin".into())
+        .spawn(move || {
+            for mut request in server.incoming_requests() {
+                let mut body = Vec::new();
+                let read = request
+                    .as_reader()
+                    .take(BODY_MAX + 1)
+                    .read_to_end(&mut body);
+                let answer = if read.is_err() || body.len() as u64 > BODY_MAX {
+                    error(413, "request body too large or unreadable")
+                } else {
+                    node.handle(request.method(), request.url(), &body)
+                };
+                let header = tiny_http::Header::from_bytes("Content-Type", answer.content_type)
+                    .expect("static header");
+                let response = tiny_http::Response::from_string(answer.body)
+                    .with_status_code(answer.code)
+                    .with_header(header);
+                let _ = request.respond(response);
+            }
+        })
+        .expect("spawn admin thread")
+}

@@ -1,0 +1,283 @@
+//! torusd: one torus storage node. Started with no arguments in an empty directory it creates
+//! `./torus-data` with a backing store, the embedded metadata store and a 1 GiB volume named
+//! `default`, and serves it over NBD on 127.0.0.1:10809.
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+use torus_engine::{Engine, EngineConfig};
+use torus_frontend::exports::{Exports, Volume};
+use torus_frontend::nbd::server::{poke, Listener, NbdServer};
+use torus_frontend::nbd::transmission::{FrontendStats, NbdService};
+use torus_net::metadata::{EmbeddedMetadata, Metadata};
+use torus_tools::admin::{self, Node};
+use torus_tools::size::{human, parse_size};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "torusd",
+    version,
+    about = "torus storage node: serves replicated block volumes over NBD",
+    long_about = "torus storage node. Without --etcd it runs alone with an embedded metadata store.\n\n\
+On first start in an empty --data-dir it creates the backing store (--size), the metadata, and a \
+volume named `default` (--default-volume-size), then serves it over NBD. Connect with, for example:\n\n  \
+nbdinfo nbd://127.0.0.1:10809/default\n  \
+fio --ioengine=nbd --uri=nbd://127.0.0.1:10809/default --rw=randwrite --bs=4k --name=t\n\n\
+SIGINT or SIGTERM finishes the requests in flight, makes every acknowledged write durable, and exits 0."
+)]
+struct Args {
+    /// Directory for the backing store file, the metadata and the lock.
+    #[arg(long, default_value = "./torus-data", value_name = "DIR")]
+    data_dir: PathBuf,
+    /// Size of the backing store file created on first start: 512, 4K, 1G, 1GiB, or 10% (of the
+    /// free space of the data dir's filesystem). Ignored once the store exists.
+    #[arg(long, default_value = "4G", value_name = "BYTES")]
+    size: String,
+    /// Use this block device as the backing store instead of a file in the data dir. A device
+    /// that is not all zeros at its start and holds no torus store is refused, never overwritten.
+    #[arg(long, value_name = "PATH")]
+    device: Option<PathBuf>,
+    /// Reactor threads (one per core, each owning a shard of the store). Fixed when the store
+    /// is created; default: every CPU.
+    #[arg(long, value_name = "N")]
+    cores: Option<u32>,
+    /// TCP address of the NBD server.
+    #[arg(long, default_value = "127.0.0.1:10809", value_name = "ADDR")]
+    nbd_listen: String,
+    /// Also serve NBD on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    nbd_socket: Option<PathBuf>,
+    /// Address of the admin HTTP API (torusctl) and of /metrics (Prometheus).
+    #[arg(long, default_value = "127.0.0.1:4321", value_name = "ADDR")]
+    admin_listen: String,
+    /// Size of the `default` volume created in a fresh data dir.
+    #[arg(long, default_value = "1G", value_name = "BYTES")]
+    default_volume_size: String,
+    /// Node-to-node address (cluster mode).
+    #[arg(long, value_name = "ADDR")]
+    peer_listen: Option<String>,
+    /// etcd endpoints for cluster mode, comma separated.
+    #[arg(long, value_name = "URL[,URL...]")]
+    etcd: Option<String>,
+    /// This node's name in the cluster.
+    #[arg(long, value_name = "NAME")]
+    node_name: Option<String>,
+}
+
+fn free_space(dir: &std::path::Path) -> Option<u64> {
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: statvfs fills the struct; the path is a valid C string.
+    unsafe {
+        let mut s: libc::statvfs = std::mem::zeroed();
+        (libc::statvfs(c.as_ptr(), &mut s) == 0).then(|| s.f_bavail as u64 * s.f_frsize as u64)
+    }
+}
+
+fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File> {
+    let path = dir.join("lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("open {}", path.display()))?;
+    // SAFETY: flock on a valid fd.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!("{} is in use by another torusd", dir.display());
+    }
+    Ok(f)
+}
+
+fn main() {
+    let args = Args::parse();
+    if let Err(e) = run(args) {
+        eprintln!("torusd: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    if args.etcd.is_some() || args.peer_listen.is_some() || args.node_name.is_some() {
+        bail!("cluster mode (--etcd, --peer-listen, --node-name) is not in this build yet; run without them for a single node");
+    }
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("create data dir {}", args.data_dir.display()))?;
+    let _lock = lock_data_dir(&args.data_dir)?;
+    let size = parse_size(&args.size, free_space(&args.data_dir))
+        .map_err(|e| anyhow::anyhow!("--size {e}"))?;
+    let default_size = parse_size(&args.default_volume_size, None)
+        .map_err(|e| anyhow::anyhow!("--default-volume-size {e}"))?;
+    let cores = args.cores.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1)
+    });
+    if cores == 0 || cores > 256 {
+        bail!("--cores {cores}: use 1 to 256");
+    }
+    let path = args
+        .device
+        .clone()
+        .unwrap_or_else(|| args.data_dir.join("blocks"));
+    let fresh_store = !path.exists()
+        || std::fs::metadata(&path)
+            .map(|m| m.len() == 0 && m.is_file())
+            .unwrap_or(false);
+    if fresh_store && args.device.is_none() {
+        if let Some(free) = free_space(&args.data_dir) {
+            if size > free {
+                bail!(
+                    "--size {}: only {} free in {}",
+                    human(size),
+                    human(free),
+                    args.data_dir.display()
+                );
+            }
+        }
+    }
+    let (metadata, metadata_created) = EmbeddedMetadata::open(&args.data_dir)?;
+    let metadata: Arc<dyn Metadata> = Arc::new(metadata);
+
+    let started = Instant::now();
+    let frontend = Arc::new(FrontendStats::new(cores as usize));
+    let mut frontend_for_cores = Some(frontend.clone());
+    let engine = Engine::open(
+        &EngineConfig {
+            path: path.clone(),
+            create_size: size,
+            cores,
+        },
+        |core| {
+            Box::new(NbdService::new(
+                core,
+                frontend_for_cores.clone().expect("stats"),
+            ))
+        },
+    )
+    .with_context(|| format!("open backing store {}", path.display()))?;
+    frontend_for_cores.take();
+    if engine.cores() != cores as usize && args.cores.is_some() {
+        eprintln!("torusd: the store at {} was created for {} cores; running {} (ignoring --cores {cores})", path.display(), engine.cores(), engine.cores());
+    }
+    let frontend = if engine.cores() == cores as usize {
+        frontend
+    } else {
+        bail!(
+            "the store at {} has {} regions; start with --cores {}",
+            path.display(),
+            engine.cores(),
+            engine.cores()
+        )
+    };
+    let engine = Arc::new(engine);
+    eprintln!(
+        "torusd: store {} ready in {:.1?}: {} cores, {} of capacity",
+        path.display(),
+        started.elapsed(),
+        engine.cores(),
+        human(engine.capacity_bytes())
+    );
+
+    let exports = Arc::new(Exports::default());
+    if metadata_created && metadata.volumes().is_empty() {
+        metadata
+            .create_volume("default", default_size, 1)
+            .context("create the default volume")?;
+    }
+    let known: std::collections::HashSet<u32> = metadata.volumes().iter().map(|v| v.id).collect();
+    let mut orphans: Vec<u32> = engine
+        .stats()
+        .iter()
+        .flat_map(|s| s.volumes.iter().map(|v| v.0))
+        .filter(|id| !known.contains(id))
+        .collect();
+    orphans.sort_unstable();
+    orphans.dedup();
+    for id in orphans {
+        eprintln!("torusd: freeing the blocks of deleted volume id {id}");
+        engine
+            .drop_volume(id)
+            .map_err(|e| anyhow::anyhow!("free blocks of deleted volume {id}: {e}"))?;
+    }
+    for v in metadata.volumes() {
+        exports.insert(Volume::new(&v.name, v.id, v.size_bytes, false));
+    }
+
+    let server = NbdServer::new(exports.clone(), engine.shared().clone());
+    let tcp = std::net::TcpListener::bind(&args.nbd_listen)
+        .with_context(|| format!("listen for NBD on {}", args.nbd_listen))?;
+    let nbd_addr = tcp.local_addr()?.to_string();
+    let mut nbd_urls = vec![format!("nbd://{nbd_addr}/")];
+    let mut accept_threads = vec![server.serve(Listener::Tcp(tcp))];
+    let mut poke_addrs = vec![nbd_addr.clone()];
+    if let Some(sock) = &args.nbd_socket {
+        let _ = std::fs::remove_file(sock);
+        let l = std::os::unix::net::UnixListener::bind(sock)
+            .with_context(|| format!("listen for NBD on {}", sock.display()))?;
+        nbd_urls.push(format!("nbd+unix:///?socket={}", sock.display()));
+        poke_addrs.push(sock.display().to_string());
+        accept_threads.push(server.serve(Listener::Unix(l, sock.clone())));
+    }
+    let admin_server =
+        Arc::new(tiny_http::Server::http(&args.admin_listen).map_err(|e| {
+            anyhow::anyhow!("listen for the admin API on {}: {e}", args.admin_listen)
+        })?);
+    let node = Arc::new(Node {
+        engine: engine.clone(),
+        metadata: metadata.clone(),
+        exports: exports.clone(),
+        frontend,
+        started,
+        nbd_urls,
+    });
+    let admin_thread = admin::serve(node, admin_server.clone());
+
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .context("install signal handlers")?;
+    let volumes = metadata.volumes();
+    let shown = volumes
+        .iter()
+        .find(|v| v.name == "default")
+        .or(volumes.first());
+    match shown {
+        Some(v) => println!(
+            "torusd: serving volume '{}' ({}) at nbd://{nbd_addr}/{} ; try: nbdinfo nbd://{nbd_addr}/{} ; admin API on http://{}",
+            v.name,
+            human(v.size_bytes),
+            v.name,
+            v.name,
+            args.admin_listen
+        ),
+        None => println!("torusd: serving NBD on {nbd_addr} (no volumes yet: torusctl volume create NAME SIZE) ; admin API on http://{}", args.admin_listen),
+    }
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+
+    let signal = signals.forever().next();
+    eprintln!(
+        "torusd: signal {} received: finishing requests in flight, flushing",
+        signal.unwrap_or(0)
+    );
+    server.stop_accepting();
+    for a in &poke_addrs {
+        poke(a);
+    }
+    let stopped = engine.stop();
+    admin_server.unblock();
+    let _ = admin_thread.join();
+    for t in accept_threads {
+        let _ = t.join();
+    }
+    if let Some(sock) = &args.nbd_socket {
+        let _ = std::fs::remove_file(sock);
+    }
+    stopped.map_err(|e| anyhow::anyhow!("final flush failed: {e}"))?;
+    eprintln!("torusd: stopped cleanly");
+    Ok(())
+}
