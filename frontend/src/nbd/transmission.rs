@@ -707,6 +707,14 @@ impl NbdService {
             unsafe { libc::shutdown(c.fd.as_raw_fd(), libc::SHUT_RD) };
             return;
         }
+        if let Some(p) = c.payload.take() {
+            // A write whose payload never fully arrived: it was never acknowledged, drop it.
+            let req = c.requests.remove(p.request);
+            c.bytes_in_flight -= req.bytes;
+            self.stats.per_core[self.core]
+                .requests_in_flight
+                .fetch_sub(1, Ordering::Relaxed);
+        }
         if c.requests.is_empty() && c.send.is_none() {
             let c = self.connections.remove(key);
             self.counters().connections.fetch_sub(1, Ordering::Relaxed);

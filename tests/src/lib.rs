@@ -1,0 +1,356 @@
+//! Helpers for the process-level tests: find the built binaries, start and stop `torusd` on
+//! free ports in a temporary directory, run the real clients, and speak raw NBD.
+//!
+//! A test that needs an external tool fails with a message naming the package when the tool
+//! is missing: nothing is skipped silently.
+
+pub mod nbd;
+
+use std::io::Read;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Directory of the binaries built with this test (target/<profile>).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir")
+        .to_path_buf()
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is not built: run `cargo build --release --workspace` first (the test command does)",
+        p.display()
+    );
+    p
+}
+
+/// Fails the test when a tool is missing, naming the Debian package that has it.
+pub fn require_tool(tool: &str, package: &str) -> PathBuf {
+    for dir in std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .chain(["/usr/sbin", "/sbin"])
+    {
+        let p = Path::new(dir).join(tool);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("{tool} is not installed (Debian package {package}); the test command installs it: bash .ci/run");
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        let base = std::env::var("TORUS_TEST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| std::env::temp_dir());
+        let d = base.join(format!(
+            "torus-test-{name}-{}-{}",
+            std::process::id(),
+            Instant::now().elapsed().as_nanos()
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        TempDir(d)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::env::var("TORUS_KEEP_TEST_DIRS").is_err() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// A running torusd.
+pub struct Torusd {
+    pub child: Option<Child>,
+    pub dir: PathBuf,
+    pub nbd_port: u16,
+    pub admin_port: u16,
+    pub extra: Vec<String>,
+    pub stdout: String,
+    pub log: PathBuf,
+}
+
+impl Torusd {
+    /// Starts torusd in `dir` (its data dir is `dir/torus-data`) with a 2 GiB store.
+    pub fn start(dir: &Path, extra: &[&str]) -> Torusd {
+        let mut t = Torusd {
+            child: None,
+            dir: dir.to_owned(),
+            nbd_port: free_port(),
+            admin_port: free_port(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            stdout: String::new(),
+            log: dir.join("torusd.log"),
+        };
+        t.spawn();
+        t
+    }
+
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let mut args = vec![
+            "--nbd-listen".to_string(),
+            format!("127.0.0.1:{}", self.nbd_port),
+            "--admin-listen".to_string(),
+            format!("127.0.0.1:{}", self.admin_port),
+        ];
+        if !self.extra.iter().any(|a| a == "--size") {
+            args.extend(["--size".to_string(), "2G".to_string()]);
+        }
+        args.extend(self.extra.iter().cloned());
+        let mut child = Command::new(bin("torusd"))
+            .args(&args)
+            .current_dir(&self.dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start torusd");
+        // The one line on stdout says the node is ready.
+        let mut stdout = child.stdout.take().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while !line.ends_with(b"\n") {
+            assert!(
+                Instant::now() < deadline,
+                "torusd did not become ready; log:\n{}",
+                self.log_text()
+            );
+            match stdout.read(&mut byte) {
+                Ok(1) => line.push(byte[0]),
+                _ => panic!(
+                    "torusd exited before it was ready: {:?}; log:\n{}",
+                    child.try_wait(),
+                    self.log_text()
+                ),
+            }
+        }
+        self.stdout = String::from_utf8_lossy(&line).into_owned();
+        // Keep draining stdout so torusd never blocks on it.
+        std::thread::spawn(move || {
+            let mut sink = Vec::new();
+            let _ = stdout.read_to_end(&mut sink);
+        });
+        self.child = Some(child);
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn uri(&self, volume: &str) -> String {
+        format!("nbd://127.0.0.1:{}/{volume}", self.nbd_port)
+    }
+
+    pub fn admin(&self) -> String {
+        format!("http://127.0.0.1:{}", self.admin_port)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    /// SIGTERM, and the exit status must be 0.
+    pub fn stop(&mut self) {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = wait_timeout(&mut child, Duration::from_secs(60)).unwrap_or_else(|| {
+            let _ = child.kill();
+            panic!(
+                "torusd did not stop within 60 s of SIGTERM; log:\n{}",
+                self.log_text()
+            )
+        });
+        assert!(
+            status.success(),
+            "torusd exited with {status} on SIGTERM; log:\n{}",
+            self.log_text()
+        );
+    }
+
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("running");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    pub fn torusctl(&self, args: &[&str]) -> Output {
+        Command::new(bin("torusctl"))
+            .arg("--server")
+            .arg(self.admin())
+            .args(args)
+            .output()
+            .expect("run torusctl")
+    }
+}
+
+impl Drop for Torusd {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn wait_timeout(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            return Some(s);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs a command with a time limit; returns its output, failing the test on timeout.
+pub fn run(cmd: &mut Command, limit: Duration) -> Output {
+    let desc = format!("{cmd:?}");
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{desc}: {e}"));
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let o = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let e = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let status = match wait_timeout(&mut child, limit) {
+        Some(s) => s,
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{desc} did not finish within {limit:?}");
+        }
+    };
+    Output {
+        status,
+        stdout: o.join().unwrap(),
+        stderr: e.join().unwrap(),
+    }
+}
+
+/// Runs a command that must succeed; returns stdout.
+pub fn run_ok(cmd: &mut Command, limit: Duration) -> String {
+    let desc = format!("{cmd:?}");
+    let out = run(cmd, limit);
+    assert!(
+        out.status.success(),
+        "{desc} failed with {}:\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn connect(port: u16) -> TcpStream {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => return s,
+            Err(e) if Instant::now() > deadline => panic!("connect to 127.0.0.1:{port}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// CPU time (user + system) of a process, in clock ticks.
+pub fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("proc stat");
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// Resident set size of a process, in bytes.
+pub fn rss_bytes(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
+}
+
+/// A small deterministic generator (splitmix64), so failures replay from their seed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let v = self.next().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+pub fn seed() -> u64 {
+    std::env::var("TORUS_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        })
+}

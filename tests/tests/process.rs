@@ -1,0 +1,162 @@
+//! How torusd behaves as a process: defaults in an empty directory, --help, clear one-line
+//! errors, no CPU when idle, a clean exit on SIGTERM with requests in flight.
+
+use std::process::Command;
+use std::time::Duration;
+use torus_tests::*;
+
+#[test]
+fn help_explains_every_flag() {
+    let out = run_ok(
+        Command::new(bin("torusd")).arg("--help"),
+        Duration::from_secs(10),
+    );
+    for flag in [
+        "--data-dir",
+        "--size",
+        "--device",
+        "--cores",
+        "--nbd-listen",
+        "--nbd-socket",
+        "--admin-listen",
+        "--peer-listen",
+        "--etcd",
+        "--node-name",
+        "--default-volume-size",
+    ] {
+        assert!(out.contains(flag), "--help does not mention {flag}:\n{out}");
+    }
+    let out = run_ok(
+        Command::new(bin("torusctl")).arg("--help"),
+        Duration::from_secs(10),
+    );
+    assert!(out.contains("volume") && out.contains("status"), "{out}");
+}
+
+#[test]
+fn user_errors_are_one_clear_line() {
+    let dir = TempDir::new("errors");
+    let out = run(
+        Command::new(bin("torusd"))
+            .args(["--size", "12Q"])
+            .current_dir(dir.path()),
+        Duration::from_secs(10),
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("--size"), "{err}");
+    let out = run(
+        Command::new(bin("torusd"))
+            .args(["--size", "1M"])
+            .current_dir(dir.path()),
+        Duration::from_secs(10),
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("too small"), "{err}");
+    // no torusd: torusctl says where it looked
+    let out = run(
+        Command::new(bin("torusctl")).args([
+            "--server",
+            &format!("http://127.0.0.1:{}", free_port()),
+            "volume",
+            "list",
+        ]),
+        Duration::from_secs(10),
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot reach torusd") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+}
+
+#[test]
+fn a_second_torusd_on_the_same_data_dir_is_refused() {
+    let dir = TempDir::new("lock");
+    let mut node = Torusd::start(dir.path(), &[]);
+    let out = run(
+        Command::new(bin("torusd"))
+            .args([
+                "--nbd-listen",
+                &format!("127.0.0.1:{}", free_port()),
+                "--admin-listen",
+                &format!("127.0.0.1:{}", free_port()),
+            ])
+            .current_dir(dir.path()),
+        Duration::from_secs(10),
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("in use by another torusd"));
+    node.stop();
+}
+
+#[test]
+fn defaults_create_the_data_dir_and_a_1g_default_volume() {
+    let dir = TempDir::new("defaults");
+    let mut node = Torusd::start(dir.path(), &[]);
+    assert!(dir.path().join("torus-data/blocks").exists());
+    assert!(dir.path().join("torus-data/metadata.json").exists());
+    assert!(node.stdout.contains("'default' (1 GiB)"), "{}", node.stdout);
+    node.stop();
+}
+
+#[test]
+fn idle_torusd_uses_no_measurable_cpu() {
+    let dir = TempDir::new("idle");
+    let mut node = Torusd::start(dir.path(), &[]);
+    // one client did some work and left; then the node must go quiet
+    let mut c = torus_tests::nbd::Client::connect(node.nbd_port, "default").unwrap();
+    assert_eq!(c.write(0, &[7u8; 4096], 0).unwrap(), 0);
+    c.disconnect();
+    std::thread::sleep(Duration::from_millis(500));
+    let before = cpu_ticks(node.pid());
+    std::thread::sleep(Duration::from_secs(5));
+    let used = cpu_ticks(node.pid()) - before;
+    // 1 tick = 10 ms: at most 1 tick in 5 s is under 0.2 % of a core.
+    assert!(used <= 1, "idle torusd used {used} ticks of CPU in 5 s");
+    node.stop();
+}
+
+#[test]
+fn sigterm_finishes_requests_in_flight_and_exits_0() {
+    let dir = TempDir::new("sigterm");
+    let mut node = Torusd::start(dir.path(), &[]);
+    let mut c = torus_tests::nbd::Client::connect(node.nbd_port, "default").unwrap();
+    // 64 writes in flight, then SIGTERM before reading any reply
+    let block = vec![0x5au8; 65536];
+    for i in 0..64u64 {
+        c.send(torus_tests::nbd::CMD_WRITE, 0, i, i * 65536, 65536, &block)
+            .unwrap();
+    }
+    c.send(torus_tests::nbd::CMD_FLUSH, 0, 1000, 0, 0, &[])
+        .unwrap();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(node.pid(), libc::SIGTERM) };
+    // Every request the server had received is answered (successfully) before it closes the
+    // connection; requests still in the socket may be dropped unanswered (never acknowledged).
+    let mut answered = Vec::new();
+    while let Ok((err, cookie)) = c.reply() {
+        assert_eq!(err, 0, "request {cookie} failed during shutdown");
+        answered.push(cookie);
+    }
+    assert!(
+        !answered.is_empty(),
+        "nothing was answered before the close"
+    );
+    let mut child = node.child.take().unwrap();
+    let status = wait_timeout(&mut child, Duration::from_secs(30)).expect("torusd exits");
+    assert!(status.success(), "{status}");
+    node.spawn();
+    let mut c = torus_tests::nbd::Client::connect(node.nbd_port, "default").unwrap();
+    for cookie in answered.into_iter().filter(|&c| c < 64) {
+        assert_eq!(
+            c.read(cookie * 65536, 65536).unwrap().unwrap(),
+            block,
+            "acknowledged write {cookie} lost"
+        );
+    }
+    node.stop();
+}
