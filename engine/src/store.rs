@@ -145,6 +145,9 @@ pub(crate) struct Store {
     checkpoint_journal_start: u64,
     retain_from: u64,
     poisoned: bool,
+    /// Test-only fault (TORUS_TESTING_ACK_FLUSH_EARLY=1): answer FLUSH before committing, so
+    /// the durability test's canary can prove that it detects lost writes.
+    ack_flush_early: bool,
     pub timer_armed: bool,
     pub out: Vec<(ReplyTo, Completion)>,
     pub counters: StoreCounters,
@@ -341,6 +344,7 @@ impl Store {
             checkpoint_journal_start: next_seq,
             retain_from: next_seq,
             poisoned: false,
+            ack_flush_early: std::env::var_os("TORUS_TESTING_ACK_FLUSH_EARLY").is_some(),
             timer_armed: false,
             out: Vec::new(),
             counters: StoreCounters::default(),
@@ -397,6 +401,11 @@ impl Store {
                 self.counters.flushes += 1;
                 if self.poisoned {
                     self.reply(arrived.reply, Err(BlockError::Io));
+                    return;
+                }
+                if self.ack_flush_early {
+                    eprintln!("torus: core {}: TORUS_TESTING_ACK_FLUSH_EARLY is set: this FLUSH is acknowledged before it is durable", self.core);
+                    self.reply(arrived.reply, Ok(Output::Done));
                     return;
                 }
                 self.flush_waiters.push(arrived.reply);

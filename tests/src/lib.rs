@@ -90,6 +90,7 @@ pub struct Torusd {
     pub nbd_port: u16,
     pub admin_port: u16,
     pub extra: Vec<String>,
+    pub env: Vec<(String, String)>,
     pub stdout: String,
     pub log: PathBuf,
 }
@@ -97,7 +98,15 @@ pub struct Torusd {
 impl Torusd {
     /// Starts torusd in `dir` (its data dir is `dir/torus-data`) with a 2 GiB store.
     pub fn start(dir: &Path, extra: &[&str]) -> Torusd {
+        Torusd::start_with_env(dir, extra, &[])
+    }
+
+    pub fn start_with_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Torusd {
         let mut t = Torusd {
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             child: None,
             dir: dir.to_owned(),
             nbd_port: free_port(),
@@ -129,6 +138,7 @@ impl Torusd {
         args.extend(self.extra.iter().cloned());
         let mut child = Command::new(bin("torusd"))
             .args(&args)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .current_dir(&self.dir)
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
