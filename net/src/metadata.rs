@@ -85,7 +85,7 @@ pub fn validate_name(name: &str) -> Result<(), MetadataError> {
 
 /// Volume sizes are whole 4 KiB blocks, at least one.
 pub fn validate_size(size_bytes: u64) -> Result<(), MetadataError> {
-    if size_bytes == 0 || size_bytes % 4096 != 0 {
+    if size_bytes == 0 || !size_bytes.is_multiple_of(4096) {
         return Err(MetadataError::InvalidSize(format!(
             "{size_bytes} bytes is not a positive multiple of 4096"
         )));

@@ -84,45 +84,42 @@ impl NbdServer {
         }
     }
 
+    fn negotiate_and_hand_off(&self, accepted: Accepted) {
+        match accepted {
+            Accepted::Tcp(mut s, peer) => {
+                let outcome = negotiate(&mut s, &self.exports);
+                let _ = s.set_read_timeout(None);
+                let _ = s.set_write_timeout(None);
+                self.hand_off(OwnedFd::from(s), outcome, peer);
+            }
+            Accepted::Unix(mut s, peer) => {
+                let outcome = negotiate(&mut s, &self.exports);
+                let _ = s.set_read_timeout(None);
+                let _ = s.set_write_timeout(None);
+                self.hand_off(OwnedFd::from(s), outcome, peer);
+            }
+        }
+    }
+
     /// Accepts connections until `stop_accepting`; runs on its own thread.
     pub fn serve(self: &Arc<Self>, listener: Listener) -> JoinHandle<()> {
         let server = self.clone();
         std::thread::Builder::new()
             .name("torus-nbd-accept".into())
             .spawn(move || loop {
-                let accepted: std::io::Result<(
-                    OwnedFd,
-                    String,
-                    Box<dyn FnOnce(&Arc<NbdServer>, OwnedFd, String) + Send>,
-                )> = match &listener {
+                let accepted = match &listener {
                     Listener::Tcp(l) => l.accept().map(|(s, a)| {
                         let _ = s.set_nodelay(true);
-                        let f: Box<dyn FnOnce(&Arc<NbdServer>, OwnedFd, String) + Send> =
-                            Box::new(|srv, fd, peer| {
-                                let mut s = std::net::TcpStream::from(fd);
-                                let outcome = negotiate(&mut s, &srv.exports);
-                                let _ = s.set_read_timeout(None);
-                                let _ = s.set_write_timeout(None);
-                                srv.hand_off(OwnedFd::from(s), outcome, peer)
-                            });
-                        (OwnedFd::from(s), a.to_string(), f)
+                        Accepted::Tcp(s, a.to_string())
                     }),
-                    Listener::Unix(l, p) => l.accept().map(|(s, _)| {
-                        let f: Box<dyn FnOnce(&Arc<NbdServer>, OwnedFd, String) + Send> =
-                            Box::new(|srv, fd, peer| {
-                                let mut s = std::os::unix::net::UnixStream::from(fd);
-                                let outcome = negotiate(&mut s, &srv.exports);
-                                let _ = s.set_read_timeout(None);
-                                let _ = s.set_write_timeout(None);
-                                srv.hand_off(OwnedFd::from(s), outcome, peer)
-                            });
-                        (OwnedFd::from(s), p.display().to_string(), f)
-                    }),
+                    Listener::Unix(l, p) => l
+                        .accept()
+                        .map(|(s, _)| Accepted::Unix(s, p.display().to_string())),
                 };
                 if server.stopping.load(Ordering::SeqCst) {
                     return;
                 }
-                let (fd, peer, run) = match accepted {
+                let accepted = match accepted {
                     Ok(a) => a,
                     Err(e) => {
                         eprintln!("torus: nbd accept on {}: {e}", listener.describe());
@@ -132,14 +129,16 @@ impl NbdServer {
                 };
                 if server.handshakes.fetch_add(1, Ordering::SeqCst) >= HANDSHAKES_MAX {
                     server.handshakes.fetch_sub(1, Ordering::SeqCst);
-                    eprintln!("torus: nbd {peer}: too many handshakes in progress; closing");
+                    eprintln!(
+                        "torus: nbd: too many handshakes in progress; closing a new connection"
+                    );
                     continue;
                 }
                 let srv = server.clone();
                 let spawned = std::thread::Builder::new()
                     .name("torus-nbd-handshake".into())
                     .spawn(move || {
-                        run(&srv, fd, peer);
+                        srv.negotiate_and_hand_off(accepted);
                         srv.handshakes.fetch_sub(1, Ordering::SeqCst);
                     });
                 if spawned.is_err() {
@@ -148,6 +147,11 @@ impl NbdServer {
             })
             .expect("spawn accept thread")
     }
+}
+
+enum Accepted {
+    Tcp(std::net::TcpStream, String),
+    Unix(std::os::unix::net::UnixStream, String),
 }
 
 /// Wakes a blocked `accept` so the accept thread sees `stop_accepting`.
