@@ -21,7 +21,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 #[derive(Parser)]
-#[command(name = "torus-bench", about = "Benchmark torus against the raw disk and peer NBD servers with fio")]
+#[command(
+    name = "torus-bench",
+    about = "Benchmark torus against the raw disk and peer NBD servers with fio"
+)]
 struct Args {
     #[command(subcommand)]
     command: Cmd,
@@ -71,13 +74,55 @@ struct Workload {
 }
 
 const WORKLOADS: [Workload; 7] = [
-    Workload { name: "randwrite-4k-qd32", rw: "randwrite", bs: "4k", iodepth: 32, mix_read: None },
-    Workload { name: "randread-4k-qd32", rw: "randread", bs: "4k", iodepth: 32, mix_read: None },
-    Workload { name: "randwrite-4k-qd1", rw: "randwrite", bs: "4k", iodepth: 1, mix_read: None },
-    Workload { name: "randread-4k-qd1", rw: "randread", bs: "4k", iodepth: 1, mix_read: None },
-    Workload { name: "randrw70-4k-qd32", rw: "randrw", bs: "4k", iodepth: 32, mix_read: Some(70) },
-    Workload { name: "seqwrite-1m-qd8", rw: "write", bs: "1m", iodepth: 8, mix_read: None },
-    Workload { name: "seqread-1m-qd8", rw: "read", bs: "1m", iodepth: 8, mix_read: None },
+    Workload {
+        name: "randwrite-4k-qd32",
+        rw: "randwrite",
+        bs: "4k",
+        iodepth: 32,
+        mix_read: None,
+    },
+    Workload {
+        name: "randread-4k-qd32",
+        rw: "randread",
+        bs: "4k",
+        iodepth: 32,
+        mix_read: None,
+    },
+    Workload {
+        name: "randwrite-4k-qd1",
+        rw: "randwrite",
+        bs: "4k",
+        iodepth: 1,
+        mix_read: None,
+    },
+    Workload {
+        name: "randread-4k-qd1",
+        rw: "randread",
+        bs: "4k",
+        iodepth: 1,
+        mix_read: None,
+    },
+    Workload {
+        name: "randrw70-4k-qd32",
+        rw: "randrw",
+        bs: "4k",
+        iodepth: 32,
+        mix_read: Some(70),
+    },
+    Workload {
+        name: "seqwrite-1m-qd8",
+        rw: "write",
+        bs: "1m",
+        iodepth: 8,
+        mix_read: None,
+    },
+    Workload {
+        name: "seqread-1m-qd8",
+        rw: "read",
+        bs: "1m",
+        iodepth: 8,
+        mix_read: None,
+    },
 ];
 
 #[derive(Serialize, Clone, Debug, Default)]
@@ -116,22 +161,43 @@ impl Drop for Target {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn which(tool: &str) -> Option<PathBuf> {
-    std::env::var("PATH").ok()?.split(':').map(|d| Path::new(d).join(tool)).find(|p| p.exists())
+    std::env::var("PATH")
+        .ok()?
+        .split(':')
+        .map(|d| Path::new(d).join(tool))
+        .find(|p| p.exists())
 }
 
 fn version(cmd: &str, arg: &str) -> String {
-    Command::new(cmd).arg(arg).output().map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string()).unwrap_or_else(|_| "not installed".into())
+    Command::new(cmd)
+        .arg(arg)
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string()
+        })
+        .unwrap_or_else(|_| "not installed".into())
 }
 
 fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
     let after = &stat[stat.rfind(')').map(|i| i + 2).unwrap_or(0)..];
     let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0) + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     // SAFETY: sysconf has no preconditions.
     ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
@@ -139,7 +205,12 @@ fn cpu_seconds(pid: u32) -> f64 {
 fn peak_rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
         .unwrap_or(0)
 }
 
@@ -158,7 +229,10 @@ fn torus_bin(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let p = exe.parent().context("exe dir")?.join(name);
     if !p.exists() {
-        bail!("{} not found: build it first with `cargo build --release --workspace`", p.display());
+        bail!(
+            "{} not found: build it first with `cargo build --release --workspace`",
+            p.display()
+        );
     }
     Ok(p)
 }
@@ -169,7 +243,15 @@ fn start_targets(names: &[&str], work: &Path, size: u64) -> Result<Vec<Target>> 
         let t = match name {
             "disk" => {
                 let f = work.join("disk.img");
-                Target { name: name.into(), fio: vec!["--ioengine=io_uring".into(), "--direct=1".into(), format!("--filename={}", f.display())], server: None }
+                Target {
+                    name: name.into(),
+                    fio: vec![
+                        "--ioengine=io_uring".into(),
+                        "--direct=1".into(),
+                        format!("--filename={}", f.display()),
+                    ],
+                    server: None,
+                }
             }
             "torus" => {
                 let dir = work.join("torus");
@@ -179,7 +261,12 @@ fn start_targets(names: &[&str], work: &Path, size: u64) -> Result<Vec<Target>> 
                     .args(["--data-dir", &dir.join("data").display().to_string()])
                     .args(["--size", &format!("{}", size * 2 + (1 << 30))])
                     .args(["--default-volume-size", &format!("{size}")])
-                    .args(["--nbd-listen", &format!("127.0.0.1:{port}"), "--admin-listen", &format!("127.0.0.1:{}", free_port())])
+                    .args([
+                        "--nbd-listen",
+                        &format!("127.0.0.1:{port}"),
+                        "--admin-listen",
+                        &format!("127.0.0.1:{}", free_port()),
+                    ])
                     .stdout(Stdio::piped())
                     .stderr(Stdio::from(std::fs::File::create(dir.join("torusd.log"))?))
                     .spawn()
@@ -187,35 +274,75 @@ fn start_targets(names: &[&str], work: &Path, size: u64) -> Result<Vec<Target>> 
                 let mut line = String::new();
                 BufReader::new(child.stdout.take().unwrap()).read_line(&mut line)?;
                 wait_port(port, "torusd")?;
-                Target { name: name.into(), fio: vec!["--ioengine=nbd".into(), format!("--uri=nbd://127.0.0.1:{port}/default")], server: Some(child) }
+                Target {
+                    name: name.into(),
+                    fio: vec![
+                        "--ioengine=nbd".into(),
+                        format!("--uri=nbd://127.0.0.1:{port}/default"),
+                    ],
+                    server: Some(child),
+                }
             }
             "qemu-nbd" => {
                 let f = work.join("qemu-nbd.img");
                 std::fs::File::create(&f)?.set_len(size)?;
                 let port = free_port();
                 let child = Command::new("qemu-nbd")
-                    .args(["--cache=none", "--aio=io_uring", "-f", "raw", "--persistent", "--shared=8", "-b", "127.0.0.1", "-p", &port.to_string()])
+                    .args([
+                        "--cache=none",
+                        "--aio=io_uring",
+                        "-f",
+                        "raw",
+                        "--persistent",
+                        "--shared=8",
+                        "-b",
+                        "127.0.0.1",
+                        "-p",
+                        &port.to_string(),
+                    ])
                     .arg(&f)
                     .stdout(Stdio::null())
                     .stderr(Stdio::inherit())
                     .spawn()
                     .context("start qemu-nbd (Debian package qemu-utils)")?;
                 wait_port(port, "qemu-nbd")?;
-                Target { name: name.into(), fio: vec!["--ioengine=nbd".into(), format!("--uri=nbd://127.0.0.1:{port}/")], server: Some(child) }
+                Target {
+                    name: name.into(),
+                    fio: vec![
+                        "--ioengine=nbd".into(),
+                        format!("--uri=nbd://127.0.0.1:{port}/"),
+                    ],
+                    server: Some(child),
+                }
             }
             "nbdkit" => {
                 let f = work.join("nbdkit.img");
                 std::fs::File::create(&f)?.set_len(size)?;
                 let port = free_port();
                 let child = Command::new("nbdkit")
-                    .args(["--foreground", "--exit-with-parent", "-i", "127.0.0.1", "-p", &port.to_string(), "file"])
+                    .args([
+                        "--foreground",
+                        "--exit-with-parent",
+                        "-i",
+                        "127.0.0.1",
+                        "-p",
+                        &port.to_string(),
+                        "file",
+                    ])
                     .arg(format!("file={}", f.display()))
                     .stdout(Stdio::null())
                     .stderr(Stdio::inherit())
                     .spawn()
                     .context("start nbdkit (Debian package nbdkit)")?;
                 wait_port(port, "nbdkit")?;
-                Target { name: name.into(), fio: vec!["--ioengine=nbd".into(), format!("--uri=nbd://127.0.0.1:{port}/")], server: Some(child) }
+                Target {
+                    name: name.into(),
+                    fio: vec![
+                        "--ioengine=nbd".into(),
+                        format!("--uri=nbd://127.0.0.1:{port}/"),
+                    ],
+                    server: Some(child),
+                }
             }
             other => bail!("unknown target {other:?} (disk, torus, qemu-nbd, nbdkit)"),
         };
@@ -225,12 +352,23 @@ fn start_targets(names: &[&str], work: &Path, size: u64) -> Result<Vec<Target>> 
 }
 
 fn run_fio(target: &Target, extra: &[String]) -> Result<serde_json::Value> {
-    let out = Command::new("fio").args(&target.fio).args(extra).arg("--output-format=json").output().context("run fio (Debian package fio)")?;
+    let out = Command::new("fio")
+        .args(&target.fio)
+        .args(extra)
+        .arg("--output-format=json")
+        .output()
+        .context("run fio (Debian package fio)")?;
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
-        bail!("fio on {} failed: {}{}", target.name, String::from_utf8_lossy(&out.stderr), text);
+        bail!(
+            "fio on {} failed: {}{}",
+            target.name,
+            String::from_utf8_lossy(&out.stderr),
+            text
+        );
     }
-    let json: serde_json::Value = serde_json::from_str(&text[text.find('{').context("fio printed no json")?..])?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text[text.find('{').context("fio printed no json")?..])?;
     let job = json["jobs"][0].clone();
     if job["error"] != 0 {
         bail!("fio on {} reported error {}", target.name, job["error"]);
@@ -248,7 +386,10 @@ fn sample(job: &serde_json::Value, cpu_s: f64) -> Sample {
         s.ios += d["total_ios"].as_f64().unwrap_or(0.0);
         if d["total_ios"].as_f64().unwrap_or(0.0) > 0.0 {
             let p = &d["clat_ns"]["percentile"];
-            lat.push((p["50.000000"].as_f64().unwrap_or(0.0) / 1000.0, p["99.000000"].as_f64().unwrap_or(0.0) / 1000.0));
+            lat.push((
+                p["50.000000"].as_f64().unwrap_or(0.0) / 1000.0,
+                p["99.000000"].as_f64().unwrap_or(0.0) / 1000.0,
+            ));
         }
     }
     s.lat_p50_us = lat.iter().map(|l| l.0).fold(0.0, f64::max);
@@ -281,22 +422,46 @@ struct Cell {
 }
 
 fn compare(a: CompareArgs) -> Result<()> {
-    let (repeats, runtime, size_mib) = if a.quick { (1, 3, 256) } else { (a.repeats.max(1), a.runtime.max(1), a.size_mib) };
-    let targets: Vec<&str> = a.targets.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    let (repeats, runtime, size_mib) = if a.quick {
+        (1, 3, 256)
+    } else {
+        (a.repeats.max(1), a.runtime.max(1), a.size_mib)
+    };
+    let targets: Vec<&str> = a
+        .targets
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
     let workloads: Vec<Workload> = match &a.workloads {
         Some(w) => {
             let names: Vec<&str> = w.split(',').map(str::trim).collect();
             for n in &names {
                 if !WORKLOADS.iter().any(|x| x.name == *n) {
-                    bail!("unknown workload {n:?}; known: {}", WORKLOADS.iter().map(|w| w.name).collect::<Vec<_>>().join(", "));
+                    bail!(
+                        "unknown workload {n:?}; known: {}",
+                        WORKLOADS
+                            .iter()
+                            .map(|w| w.name)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
                 }
             }
-            WORKLOADS.iter().copied().filter(|x| names.contains(&x.name)).collect()
+            WORKLOADS
+                .iter()
+                .copied()
+                .filter(|x| names.contains(&x.name))
+                .collect()
         }
         None => WORKLOADS.to_vec(),
     };
     let mut missing = Vec::new();
-    for (tool, pkg, needed) in [("fio", "fio", true), ("qemu-nbd", "qemu-utils", targets.contains(&"qemu-nbd")), ("nbdkit", "nbdkit", targets.contains(&"nbdkit"))] {
+    for (tool, pkg, needed) in [
+        ("fio", "fio", true),
+        ("qemu-nbd", "qemu-utils", targets.contains(&"qemu-nbd")),
+        ("nbdkit", "nbdkit", targets.contains(&"nbdkit")),
+    ] {
         if needed && which(tool).is_none() {
             missing.push(format!("{tool} (Debian package {pkg})"));
         }
@@ -308,7 +473,8 @@ fn compare(a: CompareArgs) -> Result<()> {
         bail!("missing: {}", missing.join(", "));
     }
     let cells = repeats * workloads.len() * targets.len();
-    let eta = Duration::from_secs((cells as u64) * (runtime + 1) + targets.len() as u64 * size_mib / 200);
+    let eta =
+        Duration::from_secs((cells as u64) * (runtime + 1) + targets.len() as u64 * size_mib / 200);
     println!("plan: {} workloads x {} targets x {repeats} repeats of {runtime} s over {size_mib} MiB; about {} min", workloads.len(), targets.len(), eta.as_secs().div_ceil(60));
     for w in &workloads {
         println!("  workload {}", w.name);
@@ -317,7 +483,9 @@ fn compare(a: CompareArgs) -> Result<()> {
         println!("dry run: nothing started");
         return Ok(());
     }
-    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
     let results = a.out.join(format!("bench-results-{stamp}"));
     let work = results.join("work");
     std::fs::create_dir_all(&work)?;
@@ -336,7 +504,16 @@ fn compare(a: CompareArgs) -> Result<()> {
     // Precondition: write every target's region once, sequentially.
     for t in &targets {
         println!("preparing {}: writing {size_mib} MiB", t.name);
-        run_fio(t, &["--name=fill".into(), "--rw=write".into(), "--bs=1m".into(), "--iodepth=8".into(), format!("--size={size}")])?;
+        run_fio(
+            t,
+            &[
+                "--name=fill".into(),
+                "--rw=write".into(),
+                "--bs=1m".into(),
+                "--iodepth=8".into(),
+                format!("--size={size}"),
+            ],
+        )?;
     }
     let mut samples: BTreeMap<(String, String), Vec<Sample>> = BTreeMap::new();
     let started = Instant::now();
@@ -364,9 +541,14 @@ fn compare(a: CompareArgs) -> Result<()> {
                 let cpu = pid.map(cpu_seconds).unwrap_or(0.0) - cpu_before;
                 let s = sample(&job, cpu);
                 done += 1;
-                let left = started.elapsed().mul_f64((cells - done) as f64 / done as f64);
+                let left = started
+                    .elapsed()
+                    .mul_f64((cells - done) as f64 / done as f64);
                 println!("[{done}/{cells}, ~{}s left] repeat {} {:<18} {:<9} {:>9.0} IOPS {:>8.1} MiB/s p50 {:>7.1} us p99 {:>8.1} us", left.as_secs(), r + 1, w.name, t.name, s.iops, s.mib_s, s.lat_p50_us, s.lat_p99_us);
-                samples.entry((w.name.to_string(), t.name.clone())).or_default().push(s);
+                samples
+                    .entry((w.name.to_string(), t.name.clone()))
+                    .or_default()
+                    .push(s);
             }
         }
     }
@@ -379,7 +561,9 @@ fn compare(a: CompareArgs) -> Result<()> {
     let mut out_cells = Vec::new();
     for w in &workloads {
         for t in &targets {
-            let s = samples.remove(&(w.name.to_string(), t.name.clone())).unwrap_or_default();
+            let s = samples
+                .remove(&(w.name.to_string(), t.name.clone()))
+                .unwrap_or_default();
             let mut iops: Vec<f64> = s.iter().map(|x| x.iops).collect();
             let ios: f64 = s.iter().map(|x| x.ios).sum();
             let cpu: f64 = s.iter().map(|x| x.server_cpu_s).sum();
@@ -392,7 +576,10 @@ fn compare(a: CompareArgs) -> Result<()> {
                 mib_s_median: median(&mut s.iter().map(|x| x.mib_s).collect::<Vec<_>>()),
                 lat_p50_us_median: median(&mut s.iter().map(|x| x.lat_p50_us).collect::<Vec<_>>()),
                 lat_p99_us_median: median(&mut s.iter().map(|x| x.lat_p99_us).collect::<Vec<_>>()),
-                server_cpu_s_per_100k_ios: t.server.as_ref().map(|_| cpu / ios.max(1.0) * 100_000.0),
+                server_cpu_s_per_100k_ios: t
+                    .server
+                    .as_ref()
+                    .map(|_| cpu / ios.max(1.0) * 100_000.0),
                 samples: s,
             });
             iops.clear();
@@ -403,7 +590,10 @@ fn compare(a: CompareArgs) -> Result<()> {
     md.push_str(&format!("{repeats} repeat(s) of {runtime} s per cell over {size_mib} MiB, targets interleaved. Medians (min–max).\n\n"));
     md.push_str("| workload | target | IOPS | MiB/s | p50 µs | p99 µs | server CPU s / 100k I/O | torus ÷ target |\n|---|---|---|---|---|---|---|---|\n");
     for w in &workloads {
-        let torus = out_cells.iter().find(|c| c.workload == w.name && c.target == "torus").map(|c| c.iops_median);
+        let torus = out_cells
+            .iter()
+            .find(|c| c.workload == w.name && c.target == "torus")
+            .map(|c| c.iops_median);
         for c in out_cells.iter().filter(|c| c.workload == w.name) {
             let ratio = match (torus, c.target.as_str()) {
                 (Some(_), "torus") | (None, _) => "".to_string(),
@@ -419,15 +609,25 @@ fn compare(a: CompareArgs) -> Result<()> {
                 c.mib_s_median,
                 c.lat_p50_us_median,
                 c.lat_p99_us_median,
-                c.server_cpu_s_per_100k_ios.map(|v| format!("{v:.2}")).unwrap_or_else(|| "–".into()),
+                c.server_cpu_s_per_100k_ios
+                    .map(|v| format!("{v:.2}"))
+                    .unwrap_or_else(|| "–".into()),
                 ratio
             ));
         }
     }
-    md.push_str(&format!("\nPeak RSS (KiB): {}\n", serde_json::Value::Object(rss.clone())));
+    md.push_str(&format!(
+        "\nPeak RSS (KiB): {}\n",
+        serde_json::Value::Object(rss.clone())
+    ));
     md.push_str(&format!("\nMachine: {machine}\n"));
     std::fs::write(results.join("results.md"), &md)?;
-    std::fs::write(results.join("results.json"), serde_json::to_string_pretty(&serde_json::json!({ "machine": machine, "peak_rss_kib": rss, "cells": out_cells }))?)?;
+    std::fs::write(
+        results.join("results.json"),
+        serde_json::to_string_pretty(
+            &serde_json::json!({ "machine": machine, "peak_rss_kib": rss, "cells": out_cells }),
+        )?,
+    )?;
     let _ = std::fs::remove_dir_all(&work);
     println!("\n{md}\nresults in {}", results.display());
     Ok(())

@@ -10,7 +10,7 @@ use crate::request::{Completion, Piece, ReplyTo};
 use crossbeam_channel::{Receiver, Sender};
 use std::any::Any;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 pub enum Message {
     Piece(Piece, ReplyTo),
@@ -28,6 +28,9 @@ pub struct Mailbox {
     sender: Sender<Message>,
     sleeping: AtomicBool,
     eventfd: OwnedFd,
+    /// The owning core's io_uring fd, so other cores can wake it with IORING_OP_MSG_RING
+    /// from their own ring instead of a write(2) to the eventfd. -1 until the ring exists.
+    ring_fd: AtomicI32,
 }
 
 impl Mailbox {
@@ -45,6 +48,7 @@ impl Mailbox {
                 sender,
                 sleeping: AtomicBool::new(false),
                 eventfd,
+                ring_fd: AtomicI32::new(-1),
             },
             receiver,
         ))
@@ -58,7 +62,26 @@ impl Mailbox {
         }
     }
 
-    fn wake(&self) {
+    /// Queues a message without waking the core. Returns the core's ring fd when it must be
+    /// woken (it said it would sleep): the caller, a core, wakes it through its own ring.
+    pub(crate) fn send_from_core(&self, message: Message) -> Option<i32> {
+        let _ = self.sender.send(message);
+        if self.sleeping.swap(false, Ordering::SeqCst) {
+            let fd = self.ring_fd.load(Ordering::Acquire);
+            if fd < 0 {
+                self.wake();
+                return None;
+            }
+            return Some(fd);
+        }
+        None
+    }
+
+    pub(crate) fn set_ring_fd(&self, fd: i32) {
+        self.ring_fd.store(fd, Ordering::Release);
+    }
+
+    pub(crate) fn wake(&self) {
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a valid u64 to our eventfd. EAGAIN (counter full) means a
         // wake-up is already pending, which is all we need.

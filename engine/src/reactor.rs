@@ -67,7 +67,17 @@ impl Shared {
     }
 }
 
+/// user_data of the CQE another core posts into this ring with MSG_RING to wake it.
+const WAKE_USER_DATA: u64 = u64::MAX;
+
+/// How long a core keeps polling its ring and mailbox after its last piece of work before it
+/// sleeps. Waking a sleeping core costs a context switch on both sides; under load a short
+/// poll avoids most of them, and an idle core still sleeps after this long.
+const POLL_BEFORE_SLEEP_DEFAULT: Duration = Duration::from_micros(0);
+
 enum Op {
+    /// A MSG_RING wake-up sent to another core (its CQE only comes back on failure).
+    WakeCore(usize),
     Wake(#[allow(dead_code)] Box<u64>), // kept alive until the read completes
     Timer(#[allow(dead_code)] Box<types::Timespec>), // kept alive until the timeout fires
     Store(StoreIo),
@@ -96,6 +106,17 @@ impl Io {
                 }
             }
         }
+    }
+}
+
+impl Io {
+    /// Wakes another core by posting a CQE into its ring, from this ring (no extra syscall:
+    /// it goes out with this core's next submit).
+    fn wake_core(&mut self, core: usize, ring_fd: i32) {
+        let entry = opcode::MsgRingData::new(types::Fd(ring_fd), 0, WAKE_USER_DATA, None)
+            .build()
+            .flags(squeue::Flags::SKIP_SUCCESS);
+        self.push(entry, Op::WakeCore(core));
     }
 }
 
@@ -148,7 +169,14 @@ impl CoreContext {
                 },
             );
         } else {
-            self.shared.mailboxes[core].send(Message::Piece(piece, reply));
+            self.send_to_core(core, Message::Piece(piece, reply));
+        }
+    }
+
+    /// Sends a message to another core, waking it through this core's ring if it sleeps.
+    pub fn send_to_core(&mut self, core: usize, message: Message) {
+        if let Some(fd) = self.shared.mailboxes[core].send_from_core(message) {
+            self.io.wake_core(core, fd);
         }
     }
 }
@@ -183,6 +211,7 @@ impl Reactor {
         ring.submitter()
             .register_files(&[backing_fd])
             .map_err(ring_err)?;
+        shared.mailboxes[index].set_ring_fd(std::os::fd::AsRawFd::as_raw_fd(&ring));
         let mut reactor = Reactor {
             ctx: CoreContext {
                 index,
@@ -217,6 +246,12 @@ impl Reactor {
     }
 
     pub(crate) fn run(mut self) {
+        let spin_limit = std::env::var("TORUS_POLL_US")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_micros)
+            .unwrap_or(POLL_BEFORE_SLEEP_DEFAULT);
+        let mut last_work = Instant::now();
         loop {
             let mut work = self.reap();
             work |= self.take_messages();
@@ -241,8 +276,12 @@ impl Reactor {
                     return;
                 }
             }
+            if work {
+                last_work = Instant::now();
+            }
+            let spin = !work && last_work.elapsed() < spin_limit;
             let mailbox = &self.ctx.shared.mailboxes[self.ctx.index];
-            let sleep = !work && mailbox.prepare_sleep(&self.receiver);
+            let sleep = !work && !spin && mailbox.prepare_sleep(&self.receiver);
             let result = self.ctx.io.ring.submit_and_wait(if sleep { 1 } else { 0 });
             if sleep {
                 self.ctx.shared.mailboxes[self.ctx.index].awake();
@@ -267,9 +306,13 @@ impl Reactor {
             }
             any = true;
             for cqe in batch {
+                if cqe.user_data() == WAKE_USER_DATA {
+                    continue; // another core woke us: the mailbox is read next
+                }
                 let key = cqe.user_data() as usize;
                 let op = self.ctx.io.ops.remove(key);
                 match op {
+                    Op::WakeCore(core) => self.ctx.shared.mailboxes[core].wake(),
                     Op::Wake(_) => self.arm_wake(),
                     Op::Timer(_) => {
                         self.ctx.store.timer_armed = false;
@@ -334,7 +377,7 @@ impl Reactor {
                         self.service.on_completion(&mut self.ctx, completion)
                     }
                     ReplyTo::Core { core, .. } => {
-                        self.ctx.shared.mailboxes[core].send(Message::Done(completion))
+                        self.ctx.send_to_core(core, Message::Done(completion))
                     }
                     ReplyTo::Channel { sender, .. } => {
                         let _ = sender.send(completion);
