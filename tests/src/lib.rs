@@ -135,6 +135,10 @@ impl Torusd {
         if !self.extra.iter().any(|a| a == "--size") {
             args.extend(["--size".to_string(), "2G".to_string()]);
         }
+        // Two reactors even on a small machine, so cross-core mailboxes are always exercised.
+        if !self.extra.iter().any(|a| a == "--cores") {
+            args.extend(["--cores".to_string(), "2".to_string()]);
+        }
         args.extend(self.extra.iter().cloned());
         let mut child = Command::new(bin("torusd"))
             .args(&args)

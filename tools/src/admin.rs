@@ -353,7 +353,7 @@ impl Node {
             slots_total
         );
         per_core!("slots_free", "Free data slots.", "gauge", slots_free);
-        let f = &self.frontend.per_core;
+        let f = &self.frontend.per_core[..self.engine.cores().min(self.frontend.per_core.len())];
         counter(
             "nbd_connections",
             "Open NBD connections owned by the core.",
