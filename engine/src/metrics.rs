@@ -16,6 +16,8 @@ pub struct CoreStats {
     pub checkpoints: u64,
     pub checksum_errors: u64,
     pub io_errors: u64,
+    /// Data write operations sent to the disk (fewer than pieces: consecutive slots merge).
+    pub disk_write_ops: u64,
     pub pieces_in_flight: u64,
     pub slots_total: u64,
     pub slots_free: u64,

@@ -276,6 +276,7 @@ impl Reactor {
                     return;
                 }
             }
+            self.ctx.store.flush_writes(&mut self.ctx.io);
             if work {
                 last_work = Instant::now();
             }
@@ -403,6 +404,7 @@ impl Reactor {
             checkpoints: c.checkpoints,
             checksum_errors: c.checksum_errors,
             io_errors: c.io_errors,
+            disk_write_ops: c.write_ops,
             pieces_in_flight: s.tasks_in_flight() as u64,
             slots_total: s.slots_total(),
             slots_free: s.slots_free(),

@@ -63,6 +63,10 @@ pub(crate) enum StoreIo {
         task: usize,
         expected: u32,
     },
+    /// A vectored write of several tasks' data to consecutive slots.
+    BatchWrite {
+        batch: usize,
+    },
     Commit {
         expected: u32,
     },
@@ -72,6 +76,27 @@ pub(crate) enum StoreIo {
 pub(crate) trait IoSubmit {
     fn submit_store(&mut self, entry: squeue::Entry, io: StoreIo);
 }
+
+/// A data write waiting for the end of the loop iteration, when writes to consecutive slots
+/// (from any tasks) are merged into one vectored write: slots are handed out in order, so a
+/// burst of small random writes becomes a few large sequential ones.
+struct PendingWrite {
+    task: usize,
+    slot: u32,
+    len: u32,
+    ptr: *const u8,
+}
+
+/// Writes merged into one `writev`: the iovecs must live until it completes.
+struct WriteBatch {
+    members: Vec<(usize, u32)>,
+    iovecs: Vec<libc::iovec>,
+    total: u32,
+}
+
+/// Most writes merged into one operation, and most bytes (a larger write only adds latency).
+const WRITE_BATCH_MEMBERS_MAX: usize = 64;
+const WRITE_BATCH_BYTES_MAX: u32 = 1 << 20;
 
 struct Task {
     arrived: Arrived,
@@ -122,6 +147,7 @@ pub struct StoreCounters {
     pub checkpoints: u64,
     pub checksum_errors: u64,
     pub io_errors: u64,
+    pub write_ops: u64,
 }
 
 pub(crate) struct Store {
@@ -132,6 +158,8 @@ pub(crate) struct Store {
     alloc: SlotAllocator,
     locks: HashMap<(u32, u64), VecDeque<usize>>,
     tasks: Slab<Task>,
+    pending_writes: Vec<PendingWrite>,
+    batches: Slab<WriteBatch>,
     pending_records: Vec<Record>,
     pending_frees: Vec<u32>,
     readers: HashMap<u32, u32>,
@@ -331,6 +359,8 @@ impl Store {
             alloc,
             locks: HashMap::new(),
             tasks: Slab::new(),
+            pending_writes: Vec::new(),
+            batches: Slab::new(),
             pending_records: Vec::new(),
             pending_frees: Vec::new(),
             readers: HashMap::new(),
@@ -748,16 +778,12 @@ impl Store {
             let len = (run * BLOCK_SIZE) as u32;
             // SAFETY: as above; the pointer stays valid until completion.
             let ptr = unsafe { source.add(i * BLOCK_SIZE) };
-            let entry = opcode::Write::new(BACKING_FILE, ptr, len)
-                .offset(self.region.slot_byte_offset(slots[i]))
-                .build();
-            io.submit_store(
-                entry,
-                StoreIo::DataWrite {
-                    task: tid,
-                    expected: len,
-                },
-            );
+            self.pending_writes.push(PendingWrite {
+                task: tid,
+                slot: slots[i],
+                len,
+                ptr,
+            });
             ops += 1;
             i += run;
         }
@@ -1057,12 +1083,89 @@ impl Store {
         }
     }
 
+    /// Submits the data writes queued in this loop iteration, merging writes to consecutive
+    /// slots into one vectored write. Called by the reactor before every submit.
+    pub(crate) fn flush_writes(&mut self, io: &mut impl IoSubmit) {
+        if self.pending_writes.is_empty() {
+            return;
+        }
+        let mut writes = std::mem::take(&mut self.pending_writes);
+        writes.sort_unstable_by_key(|w| w.slot);
+        let mut i = 0;
+        while i < writes.len() {
+            let mut n = 1;
+            let mut bytes = writes[i].len;
+            let mut next_slot = writes[i].slot + writes[i].len / BLOCK_SIZE as u32;
+            while i + n < writes.len()
+                && n < WRITE_BATCH_MEMBERS_MAX
+                && writes[i + n].slot == next_slot
+                && bytes + writes[i + n].len <= WRITE_BATCH_BYTES_MAX
+            {
+                bytes += writes[i + n].len;
+                next_slot += writes[i + n].len / BLOCK_SIZE as u32;
+                n += 1;
+            }
+            let offset = self.region.slot_byte_offset(writes[i].slot);
+            if n == 1 {
+                let w = &writes[i];
+                let entry = opcode::Write::new(BACKING_FILE, w.ptr, w.len)
+                    .offset(offset)
+                    .build();
+                io.submit_store(
+                    entry,
+                    StoreIo::DataWrite {
+                        task: w.task,
+                        expected: w.len,
+                    },
+                );
+            } else {
+                let group = &writes[i..i + n];
+                let batch = WriteBatch {
+                    members: group.iter().map(|w| (w.task, w.len)).collect(),
+                    iovecs: group
+                        .iter()
+                        .map(|w| libc::iovec {
+                            iov_base: w.ptr as *mut libc::c_void,
+                            iov_len: w.len as usize,
+                        })
+                        .collect(),
+                    total: bytes,
+                };
+                let key = self.batches.insert(batch);
+                let b = &self.batches[key];
+                // SAFETY: the iovecs live in `batches` and every buffer they point at lives in
+                // its task, until this write completes.
+                let entry =
+                    opcode::Writev::new(BACKING_FILE, b.iovecs.as_ptr(), b.iovecs.len() as u32)
+                        .offset(offset)
+                        .build();
+                io.submit_store(entry, StoreIo::BatchWrite { batch: key });
+            }
+            i += n;
+            self.counters.write_ops += 1;
+        }
+    }
+
     /// Routes a completion of a store-owned operation.
     pub(crate) fn on_io(&mut self, io: &mut impl IoSubmit, what: StoreIo, result: i32) {
         match what {
             StoreIo::DataRead { task, first, count } => self.read_done(task, first, count, result),
             StoreIo::EdgeRead { task, index } => self.edge_read_done(io, task, index, result),
             StoreIo::DataWrite { task, expected } => self.write_done(io, task, expected, result),
+            StoreIo::BatchWrite { batch } => {
+                let b = self.batches.remove(batch);
+                let ok = result == b.total as i32;
+                for (task, len) in b.members {
+                    let member_result = if ok {
+                        len as i32
+                    } else if result < 0 {
+                        result
+                    } else {
+                        -libc::EIO
+                    };
+                    self.write_done(io, task, len, member_result);
+                }
+            }
             StoreIo::Commit { expected } => self.commit_io_done(io, expected, result),
         }
     }

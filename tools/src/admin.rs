@@ -341,6 +341,12 @@ impl Node {
             io_errors
         );
         per_core!(
+            "disk_write_ops_total",
+            "Data writes sent to the disk; consecutive slots of many pieces merge into one.",
+            "counter",
+            disk_write_ops
+        );
+        per_core!(
             "queue_depth",
             "Pieces in flight on the core.",
             "gauge",
