@@ -112,6 +112,11 @@ pub struct DecodedPage {
     pub records: Vec<Record>,
 }
 
+/// True when the page carries the journal magic (it was written at some time).
+pub fn page_written(page: &[u8]) -> bool {
+    page.len() >= 4 && get_u32(page, 0) == JOURNAL_MAGIC
+}
+
 /// Decodes a page; None when it is not a valid journal page (torn, damaged, or never written).
 pub fn decode_page(page: &[u8]) -> Option<DecodedPage> {
     if page.len() != PAGE_SIZE

@@ -2,13 +2,16 @@
 //!
 //! ```text
 //! page 0, 1      superblock, two identical copies (a damaged one is told apart by its crc)
-//! region 0       core 0: checkpoint copy A | checkpoint copy B | journal ring | data slots
+//! region 0       core 0: checkpoint A | checkpoint B | journal ring A | journal ring B | data slots
 //! region 1       core 1: ...
 //! ```
 //!
 //! Everything is addressed in 4 KiB pages. The number of regions is fixed when the store is
 //! formatted: it is the number of cores that own a shard of the block space. All integers are
 //! little-endian. The superblock carries a magic, a format version and a crc32c.
+//!
+//! The journal is written twice (rings A and B, same sequence numbers): a page damaged in one
+//! ring is read from the other, so a bit flip in the journal is never taken for a torn tail.
 
 use crate::error::EngineError;
 use std::path::Path;
@@ -25,7 +28,7 @@ pub const SUPERBLOCK_COPIES: u64 = 2;
 pub const PG_COUNT_DEFAULT: u32 = 256;
 /// Bytes one checkpoint entry takes (volume u32, block u64, slot u32, crc u32).
 pub const CHECKPOINT_ENTRY_SIZE: u64 = 20;
-/// The journal ring is 1/64 of a region, between these bounds (pages).
+/// Each journal ring is 1/128 of a region, between these bounds (pages).
 pub const JOURNAL_PAGES_MIN: u64 = 256;
 pub const JOURNAL_PAGES_MAX: u64 = 16384;
 /// The smallest region that still holds a useful number of slots.
@@ -58,6 +61,7 @@ pub struct Region {
     pub checkpoint_b: u64,
     pub checkpoint_pages: u64,
     pub journal: u64,
+    pub journal_b: u64,
     pub journal_pages: u64,
     pub slots: u64,
     pub slot_count: u64,
@@ -68,8 +72,13 @@ impl Region {
         debug_assert!((slot as u64) < self.slot_count);
         (self.slots + slot as u64) * PAGE_SIZE as u64
     }
+    /// Where the page with this sequence number lives in ring A.
     pub fn journal_byte_offset(&self, page_seq: u64) -> u64 {
         (self.journal + page_seq % self.journal_pages) * PAGE_SIZE as u64
+    }
+    /// Where the page with this sequence number lives in ring B.
+    pub fn journal_b_byte_offset(&self, page_seq: u64) -> u64 {
+        (self.journal_b + page_seq % self.journal_pages) * PAGE_SIZE as u64
     }
 }
 
@@ -91,9 +100,9 @@ impl Geometry {
             .checked_sub(SUPERBLOCK_COPIES)
             .ok_or_else(too_small)?
             / cores as u64;
-        let journal_pages = (region_pages / 64).clamp(JOURNAL_PAGES_MIN, JOURNAL_PAGES_MAX);
+        let journal_pages = (region_pages / 128).clamp(JOURNAL_PAGES_MIN, JOURNAL_PAGES_MAX);
         let room = region_pages
-            .checked_sub(journal_pages)
+            .checked_sub(2 * journal_pages)
             .ok_or_else(too_small)?;
         // slots + 2 * checkpoint_pages(slots) <= room; start from an estimate and step down.
         let mut slots = room * PAGE_SIZE as u64 / (PAGE_SIZE as u64 + 2 * CHECKPOINT_ENTRY_SIZE);
@@ -125,8 +134,9 @@ impl Geometry {
             checkpoint_b: start + self.checkpoint_pages,
             checkpoint_pages: self.checkpoint_pages,
             journal: start + 2 * self.checkpoint_pages,
+            journal_b: start + 2 * self.checkpoint_pages + self.journal_pages,
             journal_pages: self.journal_pages,
-            slots: start + 2 * self.checkpoint_pages + self.journal_pages,
+            slots: start + 2 * self.checkpoint_pages + 2 * self.journal_pages,
             slot_count: self.slots_per_region,
         }
     }
@@ -139,7 +149,7 @@ impl Geometry {
 
 pub fn min_bytes(cores: u32) -> u64 {
     let per_region =
-        JOURNAL_PAGES_MIN + REGION_SLOTS_MIN + 2 * checkpoint_pages_for(REGION_SLOTS_MIN);
+        2 * JOURNAL_PAGES_MIN + REGION_SLOTS_MIN + 2 * checkpoint_pages_for(REGION_SLOTS_MIN);
     (SUPERBLOCK_COPIES + per_region * cores as u64) * PAGE_SIZE as u64
 }
 
@@ -220,7 +230,9 @@ impl Superblock {
             && geometry.slots_per_region > 0
             && geometry.slots_per_region < u32::MAX as u64
             && geometry.checkpoint_pages == checkpoint_pages_for(geometry.slots_per_region)
-            && 2 * geometry.checkpoint_pages + geometry.journal_pages + geometry.slots_per_region
+            && 2 * geometry.checkpoint_pages
+                + 2 * geometry.journal_pages
+                + geometry.slots_per_region
                 <= geometry.region_pages
             && SUPERBLOCK_COPIES + geometry.region_pages.saturating_mul(geometry.cores as u64)
                 <= geometry.total_pages;

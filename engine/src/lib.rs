@@ -370,6 +370,22 @@ impl Engine {
     /// the reactors. Returns the first checkpoint error.
     pub fn stop(&self) -> Result<(), BlockError> {
         let threads = std::mem::take(&mut *self.threads.lock());
+        // Phase 1: every core closes its connections once their requests are answered. Only
+        // when all are drained can no piece reach a core after its final checkpoint.
+        let (drained_tx, drained_rx) = crossbeam_channel::unbounded();
+        for m in &self.shared.mailboxes {
+            m.send(Message::Drain(ReplyTo::Channel {
+                sender: drained_tx.clone(),
+                token: 0,
+            }));
+        }
+        drop(drained_tx);
+        for _ in 0..threads.len() {
+            if drained_rx.recv().is_err() {
+                break;
+            }
+        }
+        // Phase 2: checkpoint and stop.
         let (tx, rx) = crossbeam_channel::unbounded();
         for m in &self.shared.mailboxes {
             m.send(Message::Shutdown(ReplyTo::Channel {

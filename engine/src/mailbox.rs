@@ -22,6 +22,10 @@ pub enum Message {
     /// Finish in-flight work, close connections, checkpoint, then stop. The checkpoint's
     /// result is sent to the reply.
     Shutdown(ReplyTo),
+    /// Stop the service: no new requests, close connections once their requests are answered.
+    /// The reply goes out when the service on this core has nothing open. All cores are
+    /// drained before any is shut down, so no piece can reach a core after its checkpoint.
+    Drain(ReplyTo),
 }
 
 pub struct Mailbox {

@@ -186,6 +186,8 @@ pub(crate) struct Reactor {
     receiver: Receiver<Message>,
     service: Box<dyn CoreService>,
     shutdown: Option<ReplyTo>,
+    draining: Option<ReplyTo>,
+    service_stopped: bool,
     checkpoint_started: bool,
 }
 
@@ -225,6 +227,8 @@ impl Reactor {
             receiver,
             service,
             shutdown: None,
+            draining: None,
+            service_stopped: false,
             checkpoint_started: false,
         };
         reactor.arm_wake();
@@ -262,6 +266,17 @@ impl Reactor {
             {
                 self.arm_timer();
             }
+            if self.draining.is_some() && !self.service.busy() {
+                let reply = self.draining.take().expect("drain requested");
+                self.ctx.store.out.push((
+                    reply.clone(),
+                    Completion {
+                        token: reply.token(),
+                        output: Ok(crate::request::Output::Done),
+                    },
+                ));
+                self.route();
+            }
             if self.shutdown.is_some()
                 && !self.service.busy()
                 && self.ctx.store.tasks_in_flight() == 0
@@ -273,7 +288,12 @@ impl Reactor {
                     self.route();
                     work = true;
                 } else if self.ctx.store.idle() {
-                    return;
+                    if !self.ctx.store.has_pending_records() {
+                        return;
+                    }
+                    // Something changed after the checkpoint began: commit it before leaving.
+                    self.ctx.store.kick_commit(&mut self.ctx.io);
+                    work = true;
                 }
             }
             self.ctx.store.flush_writes(&mut self.ctx.io);
@@ -356,10 +376,20 @@ impl Reactor {
                 Message::Stats(sender) => {
                     let _ = sender.send(self.stats());
                 }
+                Message::Drain(reply) => {
+                    if !self.service_stopped {
+                        self.service_stopped = true;
+                        self.service.on_shutdown(&mut self.ctx);
+                    }
+                    self.draining = Some(reply);
+                }
                 Message::Shutdown(reply) => {
                     if self.shutdown.is_none() {
                         self.shutdown = Some(reply);
-                        self.service.on_shutdown(&mut self.ctx);
+                        if !self.service_stopped {
+                            self.service_stopped = true;
+                            self.service.on_shutdown(&mut self.ctx);
+                        }
                     }
                 }
             }

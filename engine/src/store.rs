@@ -219,12 +219,9 @@ pub(crate) fn format_region(file: &File, region: &Region, path: &Path) -> Result
     pwrite_aligned(file, region.checkpoint_a * PAGE_SIZE as u64, &cp, path)?;
     pwrite_aligned(file, region.checkpoint_b * PAGE_SIZE as u64, &cp, path)?;
     // A zeroed first journal page, in case the file held an older store.
-    pwrite_aligned(
-        file,
-        region.journal_byte_offset(0),
-        &AlignedBuf::zeroed(PAGE_SIZE),
-        path,
-    )
+    let zero = AlignedBuf::zeroed(PAGE_SIZE);
+    pwrite_aligned(file, region.journal_byte_offset(0), &zero, path)?;
+    pwrite_aligned(file, region.journal_b_byte_offset(0), &zero, path)
 }
 
 impl Store {
@@ -279,11 +276,29 @@ impl Store {
             }
             map.insert(volume, block, e);
         }
+        let mut repaired_from_b = 0u64;
         let (pages, end) = journal::scan(header.journal_start, region.journal_pages, |seq| {
-            pread_aligned(file, region.journal_byte_offset(seq), PAGE_SIZE, path)
-                .map(|b| b.to_vec())
-                .unwrap_or_else(|_| vec![0; PAGE_SIZE])
+            let read = |offset| {
+                pread_aligned(file, offset, PAGE_SIZE, path)
+                    .map(|b| b.to_vec())
+                    .unwrap_or_else(|_| vec![0; PAGE_SIZE])
+            };
+            let a = read(region.journal_byte_offset(seq));
+            if journal::decode_page(&a).is_some_and(|p| p.seq == seq) {
+                return a;
+            }
+            let b = read(region.journal_b_byte_offset(seq));
+            if journal::decode_page(&b).is_some_and(|p| p.seq == seq) {
+                if journal::page_written(&a) {
+                    repaired_from_b += 1;
+                }
+                return b;
+            }
+            a
         });
+        if repaired_from_b > 0 {
+            eprintln!("torus: core {core}: {repaired_from_b} journal page(s) damaged in ring A were read from ring B");
+        }
         if let ScanEnd::Damaged { bad_seq, later_seq } = end {
             return Err(damaged(format!(
                 "journal page {bad_seq} is damaged although page {later_seq} of a later commit is intact: acknowledged writes cannot be vouched for"
@@ -988,11 +1003,17 @@ impl Store {
             let len = (n as usize * PAGE_SIZE) as u32;
             // SAFETY: the buffer is kept in the commit until its writes complete.
             let ptr = unsafe { buf.as_ptr().add(done as usize * PAGE_SIZE) };
-            let entry = opcode::Write::new(BACKING_FILE, ptr, len)
-                .offset(self.region.journal_byte_offset(seq))
-                .build();
-            io.submit_store(entry, StoreIo::Commit { expected: len });
-            ops += 1;
+            // The same pages go to ring A and ring B; the sync after them covers both.
+            for offset in [
+                self.region.journal_byte_offset(seq),
+                self.region.journal_b_byte_offset(seq),
+            ] {
+                let entry = opcode::Write::new(BACKING_FILE, ptr, len)
+                    .offset(offset)
+                    .build();
+                io.submit_store(entry, StoreIo::Commit { expected: len });
+                ops += 1;
+            }
             done += n;
         }
         c.outstanding = ops;

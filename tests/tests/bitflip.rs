@@ -88,7 +88,8 @@ fn flipped_bits_read_as_eio_never_as_wrong_data() {
         if !damaged_slots.insert((core, slot)) {
             continue;
         }
-        let slots_start = 2 + core as u64 * region_pages + 2 * checkpoint_pages + journal_pages;
+        // After the two checkpoint copies and the two journal rings.
+        let slots_start = 2 + core as u64 * region_pages + 2 * checkpoint_pages + 2 * journal_pages;
         flip((slots_start + slot) * 4096 + rng.below(4096), &mut rng);
     }
     // One superblock copy and one checkpoint copy (core 0, copy A header) damaged too.
@@ -133,4 +134,141 @@ fn flipped_bits_read_as_eio_never_as_wrong_data() {
         log.contains("checkpoint copy A"),
         "the damaged checkpoint copy is reported:\n{log}"
     );
+}
+
+struct Layout {
+    cores: usize,
+    region_pages: u64,
+    checkpoint_pages: u64,
+    journal_pages: u64,
+}
+
+fn layout(f: &std::fs::File) -> Layout {
+    let mut sb = vec![0u8; 4096];
+    f.read_exact_at(&mut sb, 0).unwrap();
+    Layout {
+        cores: le(&sb, 32, 4) as usize,
+        region_pages: le(&sb, 48, 8),
+        checkpoint_pages: le(&sb, 64, 8),
+        journal_pages: le(&sb, 72, 8),
+    }
+}
+
+impl Layout {
+    fn ring(&self, core: usize, copy: u64) -> u64 {
+        2 + core as u64 * self.region_pages + 2 * self.checkpoint_pages + copy * self.journal_pages
+    }
+}
+
+/// Journal pages (seq, commit_first_seq, position) that carry the journal magic in ring A.
+fn journal_pages(f: &std::fs::File, l: &Layout, core: usize) -> Vec<(u64, u64, u64)> {
+    let mut out = Vec::new();
+    let mut page = vec![0u8; 4096];
+    for i in 0..l.journal_pages {
+        f.read_exact_at(&mut page, (l.ring(core, 0) + i) * 4096)
+            .unwrap();
+        if &page[0..4] == b"TJNL" {
+            out.push((le(&page, 8, 8), le(&page, 16, 8), i));
+        }
+    }
+    out
+}
+
+fn write_blocks(port: u16, range: std::ops::Range<u64>, flush_every: u64) {
+    let mut c = Client::connect(port, "default").unwrap();
+    for block in range {
+        assert_eq!(c.write(block * 4096, &content(block), 0).unwrap(), 0);
+        if block % flush_every == flush_every - 1 {
+            assert_eq!(c.flush().unwrap(), 0);
+        }
+    }
+    assert_eq!(c.flush().unwrap(), 0);
+    c.disconnect();
+}
+
+#[test]
+fn journal_damage_in_one_ring_is_read_from_the_other_and_in_both_refuses_to_start() {
+    let dir = TempDir::new("journal-flip");
+    let mut node = Torusd::start(dir.path(), &[]);
+    write_blocks(node.nbd_port, 0..2048, 64);
+    node.kill9(); // no clean stop: what was written lives in the journal
+    let path = dir.path().join("torus-data/blocks");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let l = layout(&f);
+    // Damage every written page of ring A on every core.
+    let mut flipped = 0;
+    for core in 0..l.cores {
+        for (_, _, pos) in journal_pages(&f, &l, core) {
+            let at = (l.ring(core, 0) + pos) * 4096 + 100;
+            let mut b = [0u8; 1];
+            f.read_exact_at(&mut b, at).unwrap();
+            f.write_all_at(&[b[0] ^ 0x20], at).unwrap();
+            flipped += 1;
+        }
+    }
+    f.sync_all().unwrap();
+    assert!(flipped > 0, "the test wrote no journal pages");
+    node.spawn();
+    let mut c = Client::connect(node.nbd_port, "default").unwrap();
+    for block in 0..2048 {
+        assert!(
+            c.read(block * 4096, 4096).unwrap().unwrap() == content(block),
+            "block {block} wrong after ring A damage"
+        );
+    }
+    c.disconnect();
+    assert!(
+        node.log_text().contains("read from ring B"),
+        "the repair is reported:\n{}",
+        node.log_text()
+    );
+
+    // Now damage the same page in both rings, with a later commit intact after it.
+    write_blocks(node.nbd_port, 2048..4096, 64);
+    node.kill9();
+    let mut victim = None;
+    for core in 0..l.cores {
+        let mut pages = journal_pages(&f, &l, core);
+        pages.sort();
+        let last_commit = pages.last().map(|p| p.1).unwrap_or(0);
+        if let Some(p) = pages.iter().rev().find(|p| p.1 < last_commit) {
+            victim = Some((core, p.2));
+            break;
+        }
+    }
+    let (core, pos) = victim.expect("a journal page followed by a later commit");
+    for copy in 0..2 {
+        let at = (l.ring(core, copy) + pos) * 4096 + 200;
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[b[0] ^ 0x01], at).unwrap();
+    }
+    f.sync_all().unwrap();
+    let out = run(
+        std::process::Command::new(bin("torusd"))
+            .args([
+                "--cores",
+                "2",
+                "--nbd-listen",
+                &format!("127.0.0.1:{}", free_port()),
+                "--admin-listen",
+                &format!("127.0.0.1:{}", free_port()),
+            ])
+            .current_dir(dir.path()),
+        std::time::Duration::from_secs(60),
+    );
+    assert!(
+        !out.status.success(),
+        "torusd started on a journal it cannot vouch for"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("damaged") && err.contains("journal page"),
+        "{err}"
+    );
+    eprintln!("journal: {flipped} pages damaged in ring A read from ring B; a page damaged in both refused: {}", err.trim());
 }
