@@ -7,6 +7,7 @@
 
 pub mod block_map;
 pub mod buffer;
+pub mod buffer_pool;
 pub mod checkpoint;
 pub mod error;
 pub mod journal;

@@ -214,6 +214,8 @@ impl Reactor {
             .register_files(&[backing_fd])
             .map_err(ring_err)?;
         shared.mailboxes[index].set_ring_fd(std::os::fd::AsRawFd::as_raw_fd(&ring));
+        let mut store = store;
+        store.read_pool = register_read_pool(&ring, index);
         let mut reactor = Reactor {
             ctx: CoreContext {
                 index,
@@ -449,6 +451,26 @@ impl Reactor {
             poisoned: s.poisoned(),
         }
     }
+}
+
+/// Registers a pool of read buffers with the ring: the full size, then a small one (a
+/// non-root process has 8 MiB of memlock), else none (reads use plain buffers).
+fn register_read_pool(ring: &IoUring, core: usize) -> Option<Arc<crate::buffer_pool::BufferPool>> {
+    use crate::buffer_pool::{BufferPool, POOL_BYTES_FALLBACK, POOL_BYTES_PER_CORE};
+    for bytes in [POOL_BYTES_PER_CORE, POOL_BYTES_FALLBACK] {
+        let pool = Arc::new(BufferPool::new(bytes));
+        // SAFETY: the pool's memory stays allocated while any ring uses it: the store keeps an
+        // Arc, every buffer handed out keeps one, and the ring is dropped with the reactor.
+        match unsafe { ring.submitter().register_buffers(&[pool.iovec()]) } {
+            Ok(()) => return Some(pool),
+            Err(e) => {
+                if bytes == POOL_BYTES_FALLBACK {
+                    eprintln!("torus: core {core}: registered buffers unavailable ({e}); reads use plain O_DIRECT buffers");
+                }
+            }
+        }
+    }
+    None
 }
 
 /// Pins the calling thread to one CPU (best effort: a container may forbid it).

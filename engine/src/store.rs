@@ -160,6 +160,8 @@ pub(crate) struct Store {
     tasks: Slab<Task>,
     pending_writes: Vec<PendingWrite>,
     batches: Slab<WriteBatch>,
+    /// Registered read buffers, when the ring accepted them.
+    pub(crate) read_pool: Option<std::sync::Arc<crate::buffer_pool::BufferPool>>,
     pending_records: Vec<Record>,
     pending_frees: Vec<u32>,
     readers: HashMap<u32, u32>,
@@ -376,6 +378,7 @@ impl Store {
             tasks: Slab::new(),
             pending_writes: Vec::new(),
             batches: Slab::new(),
+            read_pool: None,
             pending_records: Vec::new(),
             pending_frees: Vec::new(),
             readers: HashMap::new(),
@@ -490,10 +493,27 @@ impl Store {
     fn start_read(&mut self, io: &mut impl IoSubmit, tid: usize) {
         let t = &mut self.tasks[tid];
         let volume = t.arrived.piece.volume;
-        let mut buf = AlignedBuf::zeroed(t.block_count as usize * BLOCK_SIZE);
         let expected: Vec<Option<Entry>> = (0..t.block_count)
             .map(|i| self.map.get(volume, t.first_block + i as u64))
             .collect();
+        let len = t.block_count as usize * BLOCK_SIZE;
+        let mut buf = match self
+            .read_pool
+            .as_ref()
+            .and_then(|p| AlignedBuf::from_pool(p, len))
+        {
+            Some(mut b) => {
+                // A pool buffer holds an earlier read: zero what no disk read will overwrite.
+                for (i, e) in expected.iter().enumerate() {
+                    if e.is_none() {
+                        b[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE].fill(0);
+                    }
+                }
+                b
+            }
+            None => AlignedBuf::zeroed(len),
+        };
+        let fixed = buf.is_registered();
         let mut i = 0u32;
         let mut ops = 0;
         while i < t.block_count {
@@ -512,9 +532,17 @@ impl Store {
             }
             // SAFETY: the buffer lives in the task until every operation on it has completed.
             let ptr = unsafe { buf.as_mut_ptr().add(i as usize * BLOCK_SIZE) };
-            let entry = opcode::Read::new(BACKING_FILE, ptr, count * BLOCK_SIZE as u32)
-                .offset(self.region.slot_byte_offset(e.slot))
-                .build();
+            let offset = self.region.slot_byte_offset(e.slot);
+            let entry = if fixed {
+                // Registered buffer index 0 is the whole pool.
+                opcode::ReadFixed::new(BACKING_FILE, ptr, count * BLOCK_SIZE as u32, 0)
+                    .offset(offset)
+                    .build()
+            } else {
+                opcode::Read::new(BACKING_FILE, ptr, count * BLOCK_SIZE as u32)
+                    .offset(offset)
+                    .build()
+            };
             io.submit_store(
                 entry,
                 StoreIo::DataRead {

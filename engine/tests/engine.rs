@@ -180,3 +180,29 @@ fn flipped_bit_in_a_data_slot_answers_eio_not_data() {
     e.stop().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn reused_read_buffers_never_leak_earlier_data() {
+    // Read buffers come from a registered pool and are reused: a read of unwritten blocks
+    // must still answer zeroes, not what the buffer held for an earlier read.
+    let dir = tempdir("pool");
+    let e = Engine::open(&config(&dir), |_| Box::new(NoService)).unwrap();
+    let secret = pattern(77, 128 * 1024);
+    write(&e, 1, 0, &secret);
+    for round in 0..300 {
+        assert_eq!(read(&e, 1, 0, 128 * 1024).unwrap(), secret, "round {round}");
+        // same chunk size, other volume and other chunks: nothing written there
+        assert!(
+            read(&e, 2, 0, 128 * 1024).unwrap().iter().all(|&b| b == 0),
+            "round {round}: stale bytes leaked"
+        );
+        let mixed = read(&e, 1, 64 * 1024, 128 * 1024).unwrap();
+        assert_eq!(&mixed[..64 * 1024], &secret[64 * 1024..], "round {round}");
+        assert!(
+            mixed[64 * 1024..].iter().all(|&b| b == 0),
+            "round {round}: stale bytes leaked"
+        );
+    }
+    e.stop().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

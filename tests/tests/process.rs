@@ -168,3 +168,56 @@ fn sigterm_finishes_requests_in_flight_and_exits_0() {
     }
     node.stop();
 }
+
+#[test]
+fn runs_without_root_within_the_memlock_limit() {
+    // A non-root process has 8 MiB of locked memory here: the registered read buffers must
+    // shrink or fall back, and the node must serve as usual.
+    require_tool("setpriv", "util-linux");
+    let dir = TempDir::new("nonroot");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let nbd = free_port();
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let torusd = bin("torusd");
+    let script = format!(
+        "ulimit -l 8192 2>/dev/null; exec {} --size 1G --cores 2 --nbd-listen 127.0.0.1:{nbd} --admin-listen 127.0.0.1:{}",
+        torusd.display(),
+        free_port()
+    );
+    let mut cmd = if root {
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+            &script,
+        ]);
+        c
+    } else {
+        let mut c = Command::new("sh");
+        c.args(["-c", &script]);
+        c
+    };
+    let mut child = cmd
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let _ = connect(nbd);
+    let mut c = torus_tests::nbd::Client::connect(nbd, "default").unwrap();
+    let data = vec![0x6bu8; 131072];
+    assert_eq!(c.write(0, &data, 0).unwrap(), 0);
+    for _ in 0..100 {
+        assert_eq!(c.read(0, 131072).unwrap().unwrap(), data);
+    }
+    c.disconnect();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = wait_timeout(&mut child, Duration::from_secs(30)).expect("exits");
+    assert!(status.success(), "{status}");
+}
