@@ -180,7 +180,11 @@ fn runs_without_root_within_the_memlock_limit() {
     let nbd = free_port();
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    let torusd = bin("torusd");
+    // A copy of the binary in the test's own directory: the checkout may sit below a
+    // directory the unprivileged user cannot enter (mktemp -d makes 0700 ones).
+    let torusd = dir.path().join("torusd");
+    std::fs::copy(bin("torusd"), &torusd).unwrap();
+    std::fs::set_permissions(&torusd, std::fs::Permissions::from_mode(0o755)).unwrap();
     let script = format!(
         "ulimit -l 8192 2>/dev/null; exec {} --size 1G --cores 2 --nbd-listen 127.0.0.1:{nbd} --admin-listen 127.0.0.1:{}",
         torusd.display(),
@@ -202,13 +206,23 @@ fn runs_without_root_within_the_memlock_limit() {
         c.args(["-c", &script]);
         c
     };
+    let log = dir.path().join("torusd.log");
     let mut child = cmd
         .current_dir(dir.path())
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let _ = connect(nbd);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", nbd)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "non-root torusd did not start: {:?}\n{}",
+            child.try_wait(),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let mut c = torus_tests::nbd::Client::connect(nbd, "default").unwrap();
     let data = vec![0x6bu8; 131072];
     assert_eq!(c.write(0, &data, 0).unwrap(), 0);
