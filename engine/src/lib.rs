@@ -307,22 +307,34 @@ impl Engine {
         out
     }
 
-    /// Removes every block of a volume on every core; returns once that is durable.
-    pub fn drop_volume(&self, volume: u32) -> Result<(), BlockError> {
+    /// Sends one message to every core and waits for every answer; the first error wins.
+    /// A core that is gone (shutting down) counts as `ShuttingDown`.
+    fn broadcast(&self, message: impl Fn(ReplyTo) -> Message) -> Result<(), BlockError> {
         let (tx, rx) = crossbeam_channel::unbounded();
         for m in &self.shared.mailboxes {
-            m.send(Message::DropVolume(
-                volume,
-                ReplyTo::Channel {
-                    sender: tx.clone(),
-                    token: 0,
-                },
-            ));
+            m.send(message(ReplyTo::Channel {
+                sender: tx.clone(),
+                token: 0,
+            }));
         }
+        drop(tx);
+        let mut result = Ok(());
         for _ in 0..self.cores() {
-            rx.recv().map_err(|_| BlockError::ShuttingDown)?.output?;
+            match rx.recv() {
+                Ok(c) => {
+                    if let Err(e) = c.output {
+                        result = result.and(Err(e));
+                    }
+                }
+                Err(_) => return result.and(Err(BlockError::ShuttingDown)),
+            }
         }
-        Ok(())
+        result
+    }
+
+    /// Removes every block of a volume on every core; returns once that is durable.
+    pub fn drop_volume(&self, volume: u32) -> Result<(), BlockError> {
+        self.broadcast(|reply| Message::DropVolume(volume, reply))
     }
 
     /// Runs one piece from outside the cores and waits for its answer (tools and tests).
@@ -344,72 +356,35 @@ impl Engine {
 
     /// Flushes every core and waits.
     pub fn flush(&self) -> Result<(), BlockError> {
-        let (tx, rx) = crossbeam_channel::unbounded();
-        for (core, m) in self.shared.mailboxes.iter().enumerate() {
-            let piece = Piece {
-                volume: 0,
-                offset: 0,
-                len: 0,
-                kind: PieceKind::Flush,
-            };
-            let _ = core;
-            m.send(Message::Piece(
-                piece,
-                ReplyTo::Channel {
-                    sender: tx.clone(),
-                    token: 0,
+        self.broadcast(|reply| {
+            Message::Piece(
+                Piece {
+                    volume: 0,
+                    offset: 0,
+                    len: 0,
+                    kind: PieceKind::Flush,
                 },
-            ));
-        }
-        for _ in 0..self.cores() {
-            rx.recv().map_err(|_| BlockError::ShuttingDown)?.output?;
-        }
-        Ok(())
+                reply,
+            )
+        })
     }
 
     /// Finishes in-flight work, closes connections, writes a checkpoint on every core and stops
     /// the reactors. Returns the first checkpoint error.
     pub fn stop(&self) -> Result<(), BlockError> {
         let threads = std::mem::take(&mut *self.threads.lock());
+        if threads.is_empty() {
+            return Ok(());
+        }
         // Phase 1: every core closes its connections once their requests are answered. Only
         // when all are drained can no piece reach a core after its final checkpoint.
-        let (drained_tx, drained_rx) = crossbeam_channel::unbounded();
-        for m in &self.shared.mailboxes {
-            m.send(Message::Drain(ReplyTo::Channel {
-                sender: drained_tx.clone(),
-                token: 0,
-            }));
-        }
-        drop(drained_tx);
-        for _ in 0..threads.len() {
-            if drained_rx.recv().is_err() {
-                break;
-            }
-        }
+        let drained = self.broadcast(Message::Drain);
         // Phase 2: checkpoint and stop.
-        let (tx, rx) = crossbeam_channel::unbounded();
-        for m in &self.shared.mailboxes {
-            m.send(Message::Shutdown(ReplyTo::Channel {
-                sender: tx.clone(),
-                token: 0,
-            }));
-        }
-        drop(tx);
-        let mut result = Ok(());
-        for _ in 0..threads.len() {
-            match rx.recv() {
-                Ok(c) => {
-                    if let Err(e) = c.output {
-                        result = Err(e);
-                    }
-                }
-                Err(_) => break,
-            }
-        }
+        let result = self.broadcast(Message::Shutdown);
         for t in threads {
             let _ = t.join();
         }
-        result
+        drained.and(result)
     }
 }
 

@@ -613,11 +613,7 @@ impl NbdService {
         }
         if c.dead {
             while let Some(reply) = c.replies.pop_front() {
-                let req = c.requests.remove(reply.request);
-                c.bytes_in_flight -= req.bytes;
-                self.stats.per_core[self.core]
-                    .requests_in_flight
-                    .fetch_sub(1, Ordering::Relaxed);
+                retire(c, reply.request, &self.stats.per_core[self.core]);
             }
             return;
         }
@@ -655,13 +651,7 @@ impl NbdService {
         let mut batch = c.send.take().expect("send in flight");
         if result == -libc::EINTR || result == -libc::EAGAIN {
             c.send = Some(batch);
-            let entry = opcode::SendMsg::new(
-                types::Fd(c.fd.as_raw_fd()),
-                &c.send.as_ref().unwrap().msghdr,
-            )
-            .flags(libc::MSG_NOSIGNAL as u32)
-            .build();
-            ctx.submit_io(entry, (key as u64) << 4 | TAG_SEND);
+            submit_send(ctx, key, c);
             return;
         }
         if result < 0 {
@@ -677,22 +667,12 @@ impl NbdService {
             if batch.sent < batch.total {
                 build_iovecs(&mut batch);
                 c.send = Some(batch);
-                let entry = opcode::SendMsg::new(
-                    types::Fd(c.fd.as_raw_fd()),
-                    &c.send.as_ref().unwrap().msghdr,
-                )
-                .flags(libc::MSG_NOSIGNAL as u32)
-                .build();
-                ctx.submit_io(entry, (key as u64) << 4 | TAG_SEND);
+                submit_send(ctx, key, c);
                 return;
             }
         }
         for reply in batch.replies {
-            let req = c.requests.remove(reply.request);
-            c.bytes_in_flight -= req.bytes;
-            self.stats.per_core[self.core]
-                .requests_in_flight
-                .fetch_sub(1, Ordering::Relaxed);
+            retire(c, reply.request, &self.stats.per_core[self.core]);
         }
         self.process(ctx, key);
     }
@@ -709,11 +689,7 @@ impl NbdService {
         }
         if let Some(p) = c.payload.take() {
             // A write whose payload never fully arrived: it was never acknowledged, drop it.
-            let req = c.requests.remove(p.request);
-            c.bytes_in_flight -= req.bytes;
-            self.stats.per_core[self.core]
-                .requests_in_flight
-                .fetch_sub(1, Ordering::Relaxed);
+            retire(c, p.request, &self.stats.per_core[self.core]);
         }
         if c.requests.is_empty() && c.send.is_none() {
             let c = self.connections.remove(key);
@@ -721,6 +697,23 @@ impl NbdService {
             drop(c);
         }
     }
+}
+
+/// Forgets a request whose reply was sent (or can never be): its bytes and its slot count no
+/// more against the connection's limits.
+fn retire(c: &mut Connection, request: usize, counters: &FrontendCounters) {
+    let req = c.requests.remove(request);
+    c.bytes_in_flight -= req.bytes;
+    counters.requests_in_flight.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Submits the connection's send batch (again, after a partial send or EAGAIN).
+fn submit_send(ctx: &mut CoreContext, key: usize, c: &Connection) {
+    let batch = c.send.as_ref().expect("send batch");
+    let entry = opcode::SendMsg::new(types::Fd(c.fd.as_raw_fd()), &batch.msghdr)
+        .flags(libc::MSG_NOSIGNAL as u32)
+        .build();
+    ctx.submit_io(entry, (key as u64) << 4 | TAG_SEND);
 }
 
 /// iovecs for the unsent part of a batch.
