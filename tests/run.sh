@@ -1,7 +1,8 @@
 #!/bin/bash
 # The test command of torus (the README's second command; .ci/run runs exactly this).
 # On a fresh Debian machine it installs the real clients the tests drive, then runs the lints
-# and every test: unit tests, engine tests, and the process-level tests in tests/.
+# and every test: unit tests, engine tests, the process-level tests in tests/, and the kernel's
+# NBD client against torusd in a qemu guest (tests/vm/run.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,3 +29,6 @@ cargo build --workspace --release -q
 echo "== tests"
 # Process-level tests start several torusd at once; two test threads fit this 2-core machine.
 cargo test --workspace --release -- --test-threads=2
+
+echo "== the kernel's NBD client against torusd, in a qemu guest"
+bash tests/vm/run.sh
