@@ -133,6 +133,7 @@ struct Sample {
     lat_p99_us: f64,
     server_cpu_s: f64,
     ios: f64,
+    bytes_written: f64,
 }
 
 struct Target {
@@ -384,6 +385,9 @@ fn sample(job: &serde_json::Value, cpu_s: f64) -> Sample {
         s.iops += d["iops"].as_f64().unwrap_or(0.0);
         s.mib_s += d["bw_bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64;
         s.ios += d["total_ios"].as_f64().unwrap_or(0.0);
+        if dir == "write" {
+            s.bytes_written += d["io_bytes"].as_f64().unwrap_or(0.0);
+        }
         if d["total_ios"].as_f64().unwrap_or(0.0) > 0.0 {
             let p = &d["clat_ns"]["percentile"];
             lat.push((
@@ -620,12 +624,30 @@ fn compare(a: CompareArgs) -> Result<()> {
         "\nPeak RSS (KiB): {}\n",
         serde_json::Value::Object(rss.clone())
     ));
+    // Everything written to torus: the fill plus every measured write.
+    let torus_written: f64 = size as f64
+        + out_cells
+            .iter()
+            .filter(|c| c.target == "torus")
+            .flat_map(|c| c.samples.iter())
+            .map(|x| x.bytes_written)
+            .sum::<f64>();
+    let torus_rss_per_gib = rss
+        .get("torus")
+        .and_then(|v| v.as_u64())
+        .map(|kib| kib as f64 / 1024.0 / (torus_written / (1u64 << 30) as f64));
+    if let Some(r) = torus_rss_per_gib {
+        md.push_str(&format!(
+            "\ntorus peak RSS per GiB written: {r:.1} MiB ({:.1} GiB written in all)\n",
+            torus_written / (1u64 << 30) as f64
+        ));
+    }
     md.push_str(&format!("\nMachine: {machine}\n"));
     std::fs::write(results.join("results.md"), &md)?;
     std::fs::write(
         results.join("results.json"),
         serde_json::to_string_pretty(
-            &serde_json::json!({ "machine": machine, "peak_rss_kib": rss, "cells": out_cells }),
+            &serde_json::json!({ "machine": machine, "peak_rss_kib": rss, "torus_rss_mib_per_gib_written": torus_rss_per_gib, "cells": out_cells }),
         )?,
     )?;
     let _ = std::fs::remove_dir_all(&work);

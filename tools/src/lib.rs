@@ -1,4 +1,6 @@
 //! Shared code of the torus binaries: size parsing and the admin HTTP API.
 
+#![forbid(unsafe_code)]
+
 pub mod admin;
 pub mod size;

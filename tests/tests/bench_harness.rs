@@ -1,0 +1,74 @@
+//! The benchmark harness cannot rot silently: `torus-bench compare --quick --dry-run` checks
+//! its tools and prints its plan, and a tiny real run of one workload produces the results
+//! files with a row for torus.
+
+use std::process::Command;
+use std::time::Duration;
+use torus_tests::*;
+
+#[test]
+fn bench_dry_run_prints_the_plan() {
+    require_tool("fio", "fio");
+    let out = run_ok(
+        Command::new(bin("torus-bench")).args(["compare", "--quick", "--dry-run"]),
+        Duration::from_secs(60),
+    );
+    assert!(
+        out.contains("plan:") && out.contains("randwrite-4k-qd32") && out.contains("dry run"),
+        "{out}"
+    );
+}
+
+#[test]
+fn bench_tiny_run_writes_results() {
+    require_tool("fio", "fio");
+    let dir = TempDir::new("bench");
+    let out = run_ok(
+        Command::new(bin("torus-bench")).args([
+            "compare",
+            "--repeats",
+            "1",
+            "--runtime",
+            "1",
+            "--size-mib",
+            "32",
+            "--targets",
+            "disk,torus",
+            "--workloads",
+            "randwrite-4k-qd32",
+            "--out",
+            &dir.path().display().to_string(),
+        ]),
+        Duration::from_secs(300),
+    );
+    assert!(out.contains("| randwrite-4k-qd32 | torus |"), "{out}");
+    let results = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("bench-results-")
+        })
+        .expect("results folder");
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(results.path().join("results.json")).unwrap(),
+    )
+    .unwrap();
+    let cells = json["cells"].as_array().unwrap();
+    assert_eq!(cells.len(), 2);
+    assert!(
+        cells
+            .iter()
+            .all(|c| c["iops_median"].as_f64().unwrap() > 0.0),
+        "{json}"
+    );
+    assert!(
+        json["torus_rss_mib_per_gib_written"]
+            .as_f64()
+            .is_some_and(|v| v > 0.0),
+        "{json}"
+    );
+    let md = std::fs::read_to_string(results.path().join("results.md")).unwrap();
+    assert!(md.contains("RSS per GiB written"), "{md}");
+}
