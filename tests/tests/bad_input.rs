@@ -450,3 +450,77 @@ fn transmission_bad_input() {
     eprintln!("transmission bad inputs tried: {tried}");
     node.stop();
 }
+
+#[test]
+fn random_bytes_after_the_handshake_never_take_the_server_down() {
+    // Garbage in the transmission phase: many connections, each a random mix of valid and
+    // invalid requests and raw noise. The server may close any of them, but it must stay up
+    // and serve a good client afterwards, and its memory must stay bounded.
+    let seed = seed();
+    eprintln!("transmission garbage seed: {seed} (replay with TORUS_TEST_SEED={seed})");
+    let dir = TempDir::new("garbage");
+    let mut node = Torusd::start(dir.path(), &[]);
+    let port = node.nbd_port;
+    let rss_before = rss_bytes(node.pid());
+    let mut rng = Rng(seed);
+    let mut sent_bytes = 0usize;
+    for conn in 0..200 {
+        let mut c = transmission(port);
+        c.s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut stream = Vec::new();
+        for _ in 0..1 + rng.below(20) {
+            match rng.below(4) {
+                0 => {
+                    // noise
+                    let mut b = vec![0u8; rng.below(300) as usize];
+                    rng.fill(&mut b);
+                    stream.extend(b);
+                }
+                _ => {
+                    // a request with random fields and the right magic
+                    let cmd = rng.below(10) as u16;
+                    let len = if rng.below(2) == 0 {
+                        rng.below(70000) as u32
+                    } else {
+                        rng.next_u64() as u32
+                    };
+                    let offset = if rng.below(2) == 0 {
+                        rng.below(1 << 31)
+                    } else {
+                        rng.next_u64()
+                    };
+                    stream.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+                    stream.extend_from_slice(&(rng.below(64) as u16).to_be_bytes());
+                    stream.extend_from_slice(&cmd.to_be_bytes());
+                    stream.extend_from_slice(&rng.next_u64().to_be_bytes());
+                    stream.extend_from_slice(&offset.to_be_bytes());
+                    stream.extend_from_slice(&len.to_be_bytes());
+                    if cmd == CMD_WRITE {
+                        let mut b = vec![0u8; (len as usize).min(70000)];
+                        rng.fill(&mut b);
+                        stream.extend(b);
+                    }
+                }
+            }
+        }
+        sent_bytes += stream.len();
+        let _ = c.s.write_all(&stream);
+        if conn % 10 == 0 {
+            good_client_served(port);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    good_client_served(port);
+    let growth = rss_bytes(node.pid()).saturating_sub(rss_before);
+    eprintln!(
+        "garbage: 200 connections, {} KiB of random requests and noise; RSS grew {} MiB",
+        sent_bytes >> 10,
+        growth >> 20
+    );
+    assert!(
+        growth < 200 << 20,
+        "server memory grew by {} MiB",
+        growth >> 20
+    );
+    node.stop();
+}
