@@ -71,4 +71,12 @@ fn bench_tiny_run_writes_results() {
     );
     let md = std::fs::read_to_string(results.path().join("results.md")).unwrap();
     assert!(md.contains("RSS per GiB written"), "{md}");
+    for chart in ["iops.png", "latency-p50.png", "latency-p99.png"] {
+        let png = std::fs::read(results.path().join(chart))
+            .unwrap_or_else(|e| panic!("{chart}: {e} (fonts-dejavu-core installed?)"));
+        assert!(
+            png.starts_with(b"\x89PNG") && png.len() > 5000,
+            "{chart} is not a real chart"
+        );
+    }
 }
