@@ -405,13 +405,11 @@ fn sample(job: &serde_json::Value, cpu_s: f64) -> Sample {
     s
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    if v.is_empty() {
-        0.0
-    } else {
-        v[v.len() / 2]
-    }
+/// Median of one field over the repeats of a cell (the upper one of an even count).
+fn median_of(samples: &[Sample], field: fn(&Sample) -> f64) -> f64 {
+    let mut v: Vec<f64> = samples.iter().map(field).collect();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 #[derive(Serialize)]
@@ -571,25 +569,24 @@ fn compare(a: CompareArgs) -> Result<()> {
             let s = samples
                 .remove(&(w.name.to_string(), t.name.clone()))
                 .unwrap_or_default();
-            let mut iops: Vec<f64> = s.iter().map(|x| x.iops).collect();
             let ios: f64 = s.iter().map(|x| x.ios).sum();
             let cpu: f64 = s.iter().map(|x| x.server_cpu_s).sum();
+            let of = |f: fn(&Sample) -> f64| median_of(&s, f);
             out_cells.push(Cell {
                 workload: w.name.into(),
                 target: t.name.clone(),
-                iops_median: median(&mut iops.clone()),
-                iops_min: iops.iter().cloned().fold(f64::INFINITY, f64::min),
-                iops_max: iops.iter().cloned().fold(0.0, f64::max),
-                mib_s_median: median(&mut s.iter().map(|x| x.mib_s).collect::<Vec<_>>()),
-                lat_p50_us_median: median(&mut s.iter().map(|x| x.lat_p50_us).collect::<Vec<_>>()),
-                lat_p99_us_median: median(&mut s.iter().map(|x| x.lat_p99_us).collect::<Vec<_>>()),
+                iops_median: of(|x| x.iops),
+                iops_min: s.iter().map(|x| x.iops).fold(f64::INFINITY, f64::min),
+                iops_max: s.iter().map(|x| x.iops).fold(0.0, f64::max),
+                mib_s_median: of(|x| x.mib_s),
+                lat_p50_us_median: of(|x| x.lat_p50_us),
+                lat_p99_us_median: of(|x| x.lat_p99_us),
                 server_cpu_s_per_100k_ios: t
                     .server
                     .as_ref()
                     .map(|_| cpu / ios.max(1.0) * 100_000.0),
                 samples: s,
             });
-            iops.clear();
         }
     }
     drop(targets);

@@ -187,6 +187,8 @@ pub(crate) struct Reactor {
     service: Box<dyn CoreService>,
     shutdown: Option<ReplyTo>,
     draining: Option<ReplyTo>,
+    cqes: Vec<cqueue::Entry>,
+    routing: Vec<(ReplyTo, Completion)>,
     service_stopped: bool,
     checkpoint_started: bool,
 }
@@ -230,6 +232,8 @@ impl Reactor {
             service,
             shutdown: None,
             draining: None,
+            cqes: Vec::with_capacity(256),
+            routing: Vec::with_capacity(256),
             service_stopped: false,
             checkpoint_started: false,
         };
@@ -323,12 +327,15 @@ impl Reactor {
     fn reap(&mut self) -> bool {
         let mut any = false;
         loop {
-            let batch: Vec<cqueue::Entry> = self.ctx.io.ring.completion().take(256).collect();
+            // Reused buffers: reaping and routing allocate nothing per completion.
+            let mut batch = std::mem::take(&mut self.cqes);
+            batch.extend(self.ctx.io.ring.completion().take(256));
             if batch.is_empty() {
+                self.cqes = batch;
                 return any;
             }
             any = true;
-            for cqe in batch {
+            for cqe in batch.drain(..) {
                 if cqe.user_data() == WAKE_USER_DATA {
                     continue; // another core woke us: the mailbox is read next
                 }
@@ -349,6 +356,7 @@ impl Reactor {
                 }
                 self.route();
             }
+            self.cqes = batch;
         }
     }
 
@@ -403,8 +411,9 @@ impl Reactor {
     /// Delivers what the store answered: to this core's service, another core, or a channel.
     fn route(&mut self) {
         while !self.ctx.store.out.is_empty() {
-            let out = std::mem::take(&mut self.ctx.store.out);
-            for (reply, completion) in out {
+            let mut out = std::mem::take(&mut self.routing);
+            std::mem::swap(&mut out, &mut self.ctx.store.out);
+            for (reply, completion) in out.drain(..) {
                 match reply {
                     ReplyTo::Core { core, .. } if core == self.ctx.index => {
                         self.service.on_completion(&mut self.ctx, completion)
@@ -416,6 +425,10 @@ impl Reactor {
                         let _ = sender.send(completion);
                     }
                 }
+            }
+            // Keep the larger buffer for the next round; `out` is empty now.
+            if out.capacity() > self.routing.capacity() {
+                self.routing = out;
             }
         }
     }

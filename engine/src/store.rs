@@ -306,7 +306,6 @@ impl Store {
                 "journal page {bad_seq} is damaged although page {later_seq} of a later commit is intact: acknowledged writes cannot be vouched for"
             )));
         }
-        let replayed_pages = pages.len() as u64;
         let mut last_seq = header.journal_start;
         for page in pages {
             last_seq = page.seq + 1;
@@ -351,17 +350,11 @@ impl Store {
         // can ever be taken for a page of the new run.
         let next_seq = last_seq.max(header.journal_start) + region.journal_pages;
         let seq = header.seq + 1;
-        if replayed_pages > 0 || !matches!(end, ScanEnd::Clean) || next_seq != header.journal_start
-        {
-            let entries: Vec<_> = map.iter().collect();
-            let cp = checkpoint::encode(seq, next_seq, &entries);
-            pwrite_aligned(file, region.checkpoint_a * PAGE_SIZE as u64, &cp, path)?;
-            file.sync_data().map_err(|source| EngineError::Io {
-                op: "fdatasync",
-                path: path.to_owned(),
-                source,
-            })?;
-            pwrite_aligned(file, region.checkpoint_b * PAGE_SIZE as u64, &cp, path)?;
+        // Every open writes this checkpoint: it is what moves the journal start a lap ahead.
+        let entries: Vec<_> = map.iter().collect();
+        let cp = checkpoint::encode(seq, next_seq, &entries);
+        for copy in [region.checkpoint_a, region.checkpoint_b] {
+            pwrite_aligned(file, copy * PAGE_SIZE as u64, &cp, path)?;
             file.sync_data().map_err(|source| EngineError::Io {
                 op: "fdatasync",
                 path: path.to_owned(),

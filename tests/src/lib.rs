@@ -46,6 +46,37 @@ pub fn require_tool(tool: &str, package: &str) -> PathBuf {
     panic!("{tool} is not installed (Debian package {package}); the test command installs it: bash .ci/run");
 }
 
+/// A loop device over a file, detached when dropped.
+pub struct LoopDevice(pub String);
+
+impl LoopDevice {
+    pub fn attach(file: &Path, direct_io: bool) -> LoopDevice {
+        require_tool("losetup", "mount");
+        let mut cmd = Command::new("losetup");
+        cmd.args(["--find", "--show"]);
+        if direct_io {
+            cmd.arg("--direct-io=on");
+        }
+        let dev = run_ok(cmd.arg(file), Duration::from_secs(60));
+        LoopDevice(dev.trim().to_owned())
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
+
+/// XORs one byte of a file with `mask` (a bit flip when mask has one bit set).
+pub fn flip_bits(f: &std::fs::File, at: u64, mask: u8) {
+    use std::os::unix::fs::FileExt;
+    assert_ne!(mask, 0);
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ mask], at).unwrap();
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -1,5 +1,7 @@
 //! A small blocking NBD client that speaks raw bytes, for tests that must send what real
 //! clients never send (bad magic, wrong lengths) and for the durability test's own workload.
+//! The wire constants are written out again here on purpose, from the NBD spec, not imported
+//! from the server: a client that shares the server's constants cannot catch a wrong one.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;

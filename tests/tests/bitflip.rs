@@ -44,12 +44,13 @@ fn flipped_bits_read_as_eio_never_as_wrong_data() {
     }
     assert_eq!(c.flush().unwrap(), 0);
     c.disconnect();
-    let metrics = std::process::Command::new("curl")
-        .arg("-s")
-        .arg(format!("{}/metrics", node.admin()))
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
+    require_tool("curl", "curl");
+    let metrics = run_ok(
+        std::process::Command::new("curl")
+            .arg("-sf")
+            .arg(format!("{}/metrics", node.admin())),
+        std::time::Duration::from_secs(30),
+    );
     node.stop();
 
     let path = dir.path().join("torus-data/blocks");
@@ -58,43 +59,30 @@ fn flipped_bits_read_as_eio_never_as_wrong_data() {
         .write(true)
         .open(&path)
         .unwrap();
-    let mut sb = vec![0u8; 4096];
-    f.read_exact_at(&mut sb, 0).unwrap();
-    let cores = le(&sb, 32, 4) as usize;
-    let region_pages = le(&sb, 48, 8);
-    let checkpoint_pages = le(&sb, 64, 8);
-    let journal_pages = le(&sb, 72, 8);
-    let flip = |at: u64, rng: &mut Rng| {
-        let mut b = [0u8; 1];
-        f.read_exact_at(&mut b, at).unwrap();
-        b[0] ^= 1 << rng.below(8);
-        f.write_all_at(&b, at).unwrap();
-    };
+    let l = layout(&f);
     // Allocated slots: a fresh store allocates each region's slots from 0 upwards.
-    let allocated: Vec<u64> = if metrics.is_empty() {
-        vec![BLOCKS / cores as u64 / 2; cores]
-    } else {
-        (0..cores)
-            .map(|core| {
-                metric(&metrics, "torus_slots_total", core)
-                    - metric(&metrics, "torus_slots_free", core)
-            })
-            .collect()
-    };
+    let allocated: Vec<u64> = (0..l.cores)
+        .map(|core| {
+            metric(&metrics, "torus_slots_total", core) - metric(&metrics, "torus_slots_free", core)
+        })
+        .collect();
     let mut damaged_slots = std::collections::BTreeSet::new();
     while damaged_slots.len() < FLIPS {
-        let core = rng.below(cores as u64) as usize;
+        let core = rng.below(l.cores as u64) as usize;
         let slot = rng.below(allocated[core]);
         if !damaged_slots.insert((core, slot)) {
             continue;
         }
-        // After the two checkpoint copies and the two journal rings.
-        let slots_start = 2 + core as u64 * region_pages + 2 * checkpoint_pages + 2 * journal_pages;
-        flip((slots_start + slot) * 4096 + rng.below(4096), &mut rng);
+        // Data slots start right after journal ring B.
+        flip_bits(
+            &f,
+            (l.ring(core, 2) + slot) * 4096 + rng.below(4096),
+            1 << rng.below(8),
+        );
     }
     // One superblock copy and one checkpoint copy (core 0, copy A header) damaged too.
-    flip(rng.below(92), &mut rng);
-    flip(2 * 4096 + 16 + rng.below(8), &mut rng);
+    flip_bits(&f, rng.below(92), 1 << rng.below(8));
+    flip_bits(&f, 2 * 4096 + 16 + rng.below(8), 1 << rng.below(8));
     f.sync_all().unwrap();
     drop(f);
 
@@ -203,10 +191,7 @@ fn journal_damage_in_one_ring_is_read_from_the_other_and_in_both_refuses_to_star
     let mut flipped = 0;
     for core in 0..l.cores {
         for (_, _, pos) in journal_pages(&f, &l, core) {
-            let at = (l.ring(core, 0) + pos) * 4096 + 100;
-            let mut b = [0u8; 1];
-            f.read_exact_at(&mut b, at).unwrap();
-            f.write_all_at(&[b[0] ^ 0x20], at).unwrap();
+            flip_bits(&f, (l.ring(core, 0) + pos) * 4096 + 100, 0x20);
             flipped += 1;
         }
     }
@@ -242,10 +227,7 @@ fn journal_damage_in_one_ring_is_read_from_the_other_and_in_both_refuses_to_star
     }
     let (core, pos) = victim.expect("a journal page followed by a later commit");
     for copy in 0..2 {
-        let at = (l.ring(core, copy) + pos) * 4096 + 200;
-        let mut b = [0u8; 1];
-        f.read_exact_at(&mut b, at).unwrap();
-        f.write_all_at(&[b[0] ^ 0x01], at).unwrap();
+        flip_bits(&f, (l.ring(core, copy) + pos) * 4096 + 200, 0x01);
     }
     f.sync_all().unwrap();
     let out = run(

@@ -6,15 +6,7 @@ use torus_tests::*;
 
 const T: Duration = Duration::from_secs(120);
 
-struct Loop(String);
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
-    }
-}
-
-fn loop_device(file: &std::path::Path, size: u64, junk: bool) -> Loop {
+fn loop_device(file: &std::path::Path, size: u64, junk: bool) -> LoopDevice {
     let f = std::fs::File::create(file).unwrap();
     f.set_len(size).unwrap();
     if junk {
@@ -23,11 +15,7 @@ fn loop_device(file: &std::path::Path, size: u64, junk: bool) -> Loop {
             .unwrap();
     }
     drop(f);
-    let dev = run_ok(
-        Command::new("losetup").args(["--find", "--show"]).arg(file),
-        T,
-    );
-    Loop(dev.trim().to_owned())
+    LoopDevice::attach(file, false)
 }
 
 #[test]

@@ -50,26 +50,6 @@ impl Drop for Fuse {
     }
 }
 
-struct Loop(String);
-
-impl Loop {
-    fn attach(file: &Path) -> Loop {
-        let dev = run_ok(
-            Command::new("losetup")
-                .args(["--find", "--show", "--direct-io=on"])
-                .arg(file),
-            T,
-        );
-        Loop(dev.trim().to_owned())
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
-    }
-}
-
 fn sha256(path: &Path) -> String {
     run_ok(Command::new("sha256sum").arg(path), T)
         .split_whitespace()
@@ -96,7 +76,7 @@ fn ext4_on_nbdfuse_and_loop_survives_restart() {
     std::fs::create_dir_all(&mnt).unwrap();
     {
         let fuse = Fuse::start(dir.path(), &node.uri("default"));
-        let dev = Loop::attach(&fuse.mountpoint.join("nbd"));
+        let dev = LoopDevice::attach(&fuse.mountpoint.join("nbd"), true);
         run_ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&dev.0), T);
         run_ok(Command::new("mount").arg(&dev.0).arg(&mnt), T);
         run_ok(Command::new("cp").arg(&data).arg(mnt.join("data.bin")), T);
@@ -106,7 +86,7 @@ fn ext4_on_nbdfuse_and_loop_survives_restart() {
     node.restart();
     {
         let fuse = Fuse::start(dir.path(), &node.uri("default"));
-        let dev = Loop::attach(&fuse.mountpoint.join("nbd"));
+        let dev = LoopDevice::attach(&fuse.mountpoint.join("nbd"), true);
         run_ok(Command::new("fsck.ext4").arg("-fn").arg(&dev.0), T);
         run_ok(
             Command::new("mount")

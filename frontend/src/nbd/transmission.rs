@@ -183,6 +183,19 @@ fn pieces(offset: u64, length: u64) -> impl Iterator<Item = (u64, u32)> {
     })
 }
 
+/// Length of piece `i` of [offset, offset+length), as `pieces` cuts it, in O(1).
+fn piece_len(offset: u64, length: u64, i: usize) -> usize {
+    let first_end = (offset / CHUNK_SIZE + 1) * CHUNK_SIZE;
+    let start = if i == 0 {
+        offset
+    } else {
+        first_end + (i as u64 - 1) * CHUNK_SIZE
+    };
+    let end = ((start / CHUNK_SIZE + 1) * CHUNK_SIZE).min(offset + length);
+    debug_assert!(start < end, "piece {i} of {length} bytes at {offset}");
+    (end - start) as usize
+}
+
 impl NbdService {
     pub fn new(core: usize, stats: Arc<FrontendStats>) -> NbdService {
         NbdService {
@@ -826,10 +839,7 @@ impl CoreService for NbdService {
         };
         match completion.output {
             Ok(Output::Read { data, head }) => {
-                let len = pieces(req.offset, req.length as u64)
-                    .nth(piece)
-                    .map(|(_, n)| n as usize)
-                    .expect("piece index");
+                let len = piece_len(req.offset, req.length as u64, piece);
                 req.reads[piece] = Some((data, head, len));
             }
             Ok(Output::Status { mapped }) => req.status[piece] = mapped,
@@ -880,6 +890,24 @@ mod tests {
                 (2 * CHUNK_SIZE, 10)
             ]
         );
+    }
+
+    #[test]
+    fn piece_len_matches_pieces() {
+        for &(offset, length) in &[
+            (0, 1),
+            (CHUNK_SIZE - 10, 20 + CHUNK_SIZE),
+            (12345, 32 << 20),
+            (CHUNK_SIZE, 3 * CHUNK_SIZE),
+        ] {
+            for (i, (_, n)) in pieces(offset, length).enumerate() {
+                assert_eq!(
+                    piece_len(offset, length, i),
+                    n as usize,
+                    "piece {i} of ({offset}, {length})"
+                );
+            }
+        }
     }
 
     #[test]

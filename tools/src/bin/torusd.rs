@@ -154,24 +154,17 @@ fn run(args: Args) -> Result<()> {
     let started = Instant::now();
     // Sized for the most regions a store can have; an existing store keeps its own count.
     let frontend = Arc::new(FrontendStats::new(MAX_CORES as usize));
-    let mut frontend_for_cores = Some(frontend.clone());
     let engine = Engine::open(
         &EngineConfig {
             path: path.clone(),
             create_size: size,
             cores,
         },
-        |core| {
-            Box::new(NbdService::new(
-                core,
-                frontend_for_cores.clone().expect("stats"),
-            ))
-        },
+        |core| Box::new(NbdService::new(core, frontend.clone())),
     )
     .with_context(|| format!("open backing store {}", path.display()))?;
-    frontend_for_cores.take();
     if engine.cores() != cores as usize && args.cores.is_some() {
-        eprintln!("torusd: the store at {} was created for {} cores; running {} (ignoring --cores {cores})", path.display(), engine.cores(), engine.cores());
+        eprintln!("torusd: the store at {} was created for {} cores; running that many (ignoring --cores {cores})", path.display(), engine.cores());
     }
     let engine = Arc::new(engine);
     eprintln!(
