@@ -25,7 +25,7 @@ pub use layout::{Geometry, Superblock, BLOCK_SIZE, CHUNK_SIZE};
 pub use mailbox::Message;
 pub use metrics::CoreStats;
 pub use reactor::{CoreContext, CoreService, NoService, Shared};
-pub use request::{Completion, Output, Piece, PieceKind, ReplyTo};
+pub use request::{Completion, CompletionSink, Output, Piece, PieceKind, ReplyTo, Router, Sink};
 
 use layout::{SuperblockDecode, PAGE_SIZE, SUPERBLOCK_COPIES};
 use std::fs::{File, OpenOptions};
@@ -202,6 +202,7 @@ impl Engine {
         let shared = Arc::new(Shared {
             mailboxes,
             geometry,
+            router: std::sync::OnceLock::new(),
         });
         let cpus = std::thread::available_parallelism()
             .map(|n| n.get())

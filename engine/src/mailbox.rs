@@ -19,6 +19,12 @@ pub enum Message {
     Service(Box<dyn Any + Send>),
     DropVolume(u32, ReplyTo),
     Stats(Sender<crate::metrics::CoreStats>),
+    /// Every mapped block of this core in the placement groups flagged in `pgs` (indexed by
+    /// PG), as (volume, block, crc32c), sorted; the answer goes to `reply` on the core's thread.
+    ListBlocks {
+        pgs: Vec<bool>,
+        reply: Box<dyn FnOnce(Vec<(u32, u64, u32)>) + Send>,
+    },
     /// Finish in-flight work, close connections, checkpoint, then stop. The checkpoint's
     /// result is sent to the reply.
     Shutdown(ReplyTo),

@@ -11,7 +11,7 @@ use crate::error::EngineError;
 use crate::layout::{placement_group, Geometry, CHUNK_SIZE};
 use crate::mailbox::{Mailbox, Message};
 use crate::metrics::CoreStats;
-use crate::request::{Arrived, Completion, Piece, PieceKind, ReplyTo};
+use crate::request::{Arrived, Completion, Piece, PieceKind, ReplyTo, Router};
 use crate::store::{IoSubmit, Store, StoreIo};
 use crossbeam_channel::Receiver;
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
@@ -53,10 +53,11 @@ impl CoreService for NoService {
     }
 }
 
-/// Shared, read-only after start: the mailboxes and the geometry.
+/// Shared, read-only after start: the mailboxes, the geometry, and the router of a cluster.
 pub struct Shared {
     pub mailboxes: Vec<Mailbox>,
     pub geometry: Geometry,
+    pub router: std::sync::OnceLock<Arc<dyn Router>>,
 }
 
 impl Shared {
@@ -149,8 +150,23 @@ impl CoreContext {
         self.io.push(entry, Op::Service(tag));
     }
 
-    /// Sends a piece to the core that owns it (this one or another).
+    /// True when pieces go through a cluster router rather than straight to this node's cores.
+    pub fn routed(&self) -> bool {
+        self.shared.router.get().is_some()
+    }
+
+    /// Flush through the cluster router (one completion); see `routed`.
+    pub fn route_flush(&mut self, volume: u32, reply: ReplyTo) {
+        let router = self.shared.router.get().expect("route_flush needs a router").clone();
+        router.flush(volume, reply);
+    }
+
+    /// Sends a piece to the core that owns it (this one or another), or to the cluster router.
     pub fn send_piece(&mut self, piece: Piece, reply: ReplyTo) {
+        if let Some(router) = self.shared.router.get() {
+            let router = router.clone();
+            return router.route(piece, reply);
+        }
         let owner = match piece.kind {
             PieceKind::Flush => panic!("flush goes to every core: use send_piece_to"),
             _ => self.shared.core_for(piece.volume, piece.offset),
@@ -386,6 +402,10 @@ impl Reactor {
                 Message::Stats(sender) => {
                     let _ = sender.send(self.stats());
                 }
+                Message::ListBlocks { pgs, reply } => {
+                    let pg_count = self.ctx.shared.geometry.pg_count;
+                    reply(self.ctx.store.list_blocks(&pgs, pg_count));
+                }
                 Message::Drain(reply) => {
                     if !self.service_stopped {
                         self.service_stopped = true;
@@ -424,6 +444,7 @@ impl Reactor {
                     ReplyTo::Channel { sender, .. } => {
                         let _ = sender.send(completion);
                     }
+                    ReplyTo::Sink { sink, .. } => sink.0.complete(completion),
                 }
             }
             // Keep the larger buffer for the next round; `out` is empty now.

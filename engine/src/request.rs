@@ -50,14 +50,44 @@ pub enum ReplyTo {
         sender: Sender<Completion>,
         token: u64,
     },
+    /// A callback run on the answering core's thread (the cluster layer's replies): it must
+    /// not block.
+    Sink {
+        sink: Sink,
+        token: u64,
+    },
+}
+
+/// Receives completions on whatever thread produced them.
+pub trait CompletionSink: Send + Sync {
+    fn complete(&self, completion: Completion);
+}
+
+#[derive(Clone)]
+pub struct Sink(pub Arc<dyn CompletionSink>);
+
+impl std::fmt::Debug for Sink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Sink")
+    }
 }
 
 impl ReplyTo {
     pub fn token(&self) -> u64 {
         match self {
-            ReplyTo::Core { token, .. } | ReplyTo::Channel { token, .. } => *token,
+            ReplyTo::Core { token, .. }
+            | ReplyTo::Channel { token, .. }
+            | ReplyTo::Sink { token, .. } => *token,
         }
     }
+}
+
+/// Sends pieces of a clustered volume to the node that owns them (set once, after the engine
+/// started). Without one, every piece goes to a core of this node.
+pub trait Router: Send + Sync {
+    fn route(&self, piece: Piece, reply: ReplyTo);
+    /// Makes every write acknowledged so far durable wherever it went; one completion.
+    fn flush(&self, volume: u32, reply: ReplyTo);
 }
 
 #[derive(Debug)]

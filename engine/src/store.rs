@@ -405,6 +405,25 @@ impl Store {
     pub fn map(&self) -> &BlockMap {
         &self.map
     }
+
+    /// Mapped blocks in the flagged placement groups as (volume, block, crc32c), sorted.
+    pub fn list_blocks(&self, pgs: &[bool], pg_count: u32) -> Vec<(u32, u64, u32)> {
+        let mut out: Vec<(u32, u64, u32)> = self
+            .map
+            .iter()
+            .filter(|(volume, block, _)| {
+                let pg = crate::layout::placement_group(
+                    *volume,
+                    block * BLOCK_SIZE as u64 / crate::layout::CHUNK_SIZE,
+                    pg_count,
+                );
+                pgs.get(pg as usize).copied().unwrap_or(false)
+            })
+            .map(|(volume, block, e)| (volume, block, e.crc))
+            .collect();
+        out.sort_unstable();
+        out
+    }
     pub fn tasks_in_flight(&self) -> usize {
         self.tasks.len()
     }

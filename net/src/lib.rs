@@ -1,6 +1,12 @@
-//! torus-net: what nodes share. Now the metadata trait and the embedded single-node store;
-//! the node-to-node protocol, placement and replication arrive with the cluster issue.
+//! torus-net: what nodes share. The metadata trait with its embedded and etcd stores, the
+//! cluster map and placement, the node-to-node wire protocol, and the cluster's data path
+//! (routing, replication, catch-up).
 
 #![forbid(unsafe_code)]
 
+pub mod cluster;
+pub mod etcd;
+pub mod map;
 pub mod metadata;
+pub mod peer;
+pub mod wire;

@@ -1,7 +1,7 @@
 //! Cluster metadata behind one trait. This build has the embedded single-node store: one JSON
 //! file in the data dir, replaced atomically (write a temporary file, fsync it, rename it over
 //! the old one, fsync the directory), so a crash leaves either the old or the new version.
-//! The etcd implementation (issue: cluster) keeps the same keys under one prefix.
+//! The etcd implementation (`etcd.rs`) keeps the same records under one key prefix.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -49,6 +49,8 @@ pub enum MetadataError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cluster metadata unavailable: {0}")]
+    Unavailable(String),
     #[error("{path}: metadata file is damaged: {why}")]
     Corrupt { path: PathBuf, why: String },
 }

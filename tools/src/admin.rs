@@ -6,7 +6,9 @@
 //! POST   /v1/volumes                    {"name": "db", "size_bytes": 2147483648}
 //! DELETE /v1/volumes/NAME               refused (409) while clients are connected
 //! POST   /v1/volumes/NAME/resize        {"size_bytes": ..., "force": false}
-//! GET    /v1/status                     node health, capacity, cores
+//! GET    /v1/status                     node health, capacity, cores (and the cluster's PGs)
+//! GET    /v1/peers                      cluster nodes: address, capacity, used, state, heartbeat
+//! POST   /v1/peers/NAME/remove          drain a node out of the cluster
 //! GET    /metrics                       Prometheus text
 //! ```
 
@@ -19,6 +21,7 @@ use std::time::Instant;
 use torus_engine::{CoreStats, Engine};
 use torus_frontend::exports::{Exports, Volume};
 use torus_frontend::nbd::transmission::FrontendStats;
+use torus_net::cluster::{Cluster, ClusterStatus};
 use torus_net::metadata::{Metadata, MetadataError};
 
 /// Largest request body accepted by the admin API.
@@ -31,6 +34,7 @@ pub struct Node {
     pub frontend: Arc<FrontendStats>,
     pub started: Instant,
     pub nbd_urls: Vec<String>,
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -71,6 +75,8 @@ pub struct StatusView {
     pub uptime_seconds: u64,
     pub problems: Vec<String>,
     pub nbd: Vec<String>,
+    #[serde(default)]
+    pub cluster: Option<ClusterStatus>,
 }
 
 struct Answer {
@@ -139,16 +145,35 @@ impl Node {
         size_bytes: u64,
         replicas: Option<u32>,
     ) -> Result<VolumeView, Answer> {
-        let replicas = replicas.unwrap_or(1);
-        if replicas != 1 {
-            return Err(error(400, format!("--replicas {replicas}: this node runs alone (no --etcd), so a volume has exactly 1 replica")));
-        }
+        let replicas = match &self.cluster {
+            None => {
+                let replicas = replicas.unwrap_or(1);
+                if replicas != 1 {
+                    return Err(error(400, format!("--replicas {replicas}: this node runs alone (no --etcd), so a volume has exactly 1 replica")));
+                }
+                replicas
+            }
+            Some(c) => {
+                let nodes = c.node_count() as u32;
+                let max = c.cfg.replicas_max;
+                let replicas = replicas.unwrap_or(nodes.min(max));
+                if replicas == 0 || replicas > max {
+                    return Err(error(400, format!("--replicas {replicas}: use 1 to {max} (the cluster's --replicas-max)")));
+                }
+                if replicas > nodes {
+                    return Err(error(400, format!("--replicas {replicas}: the cluster has {nodes} node(s); add nodes or ask for fewer replicas")));
+                }
+                replicas
+            }
+        };
         let v = self
             .metadata
             .create_volume(name, size_bytes, replicas)
             .map_err(metadata_error)?;
-        self.exports
-            .insert(Volume::new(&v.name, v.id, v.size_bytes, false));
+        if self.exports.get(&v.name).is_none() {
+            self.exports
+                .insert(Volume::new(&v.name, v.id, v.size_bytes, false));
+        }
         Ok(VolumeView {
             name: v.name,
             id: v.id,
@@ -242,9 +267,30 @@ impl Node {
             .iter()
             .map(|s| (s.slots_total - s.slots_free) * torus_engine::BLOCK_SIZE as u64)
             .sum();
+        let cluster = self.cluster.as_ref().map(|c| c.status());
+        let mode = match &cluster {
+            None => "single node (embedded metadata)".to_string(),
+            Some(c) => {
+                let p = c.pgs;
+                if p.down > 0 {
+                    problems.push(format!("{} PGs have no replica up: their I/O fails", p.down));
+                }
+                if p.degraded > 0 {
+                    problems.push(format!("{} PGs degraded (fewer clean replicas than wanted)", p.degraded));
+                }
+                if p.recovering > 0 {
+                    problems.push(format!("{} PGs recovering (a replica is catching up)", p.recovering));
+                }
+                format!(
+                    "cluster node {} ({} of {} nodes up, map epoch {})",
+                    c.node, c.nodes_up, c.nodes, c.epoch
+                )
+            }
+        };
         StatusView {
             healthy: problems.is_empty(),
-            mode: "single node (embedded metadata)".into(),
+            mode,
+            cluster,
             cores: self.engine.cores(),
             capacity_bytes: self.engine.capacity_bytes(),
             used_bytes: used,
@@ -473,6 +519,17 @@ impl Node {
                 json(200, &s)
             }
             (Get, ["v1", "volumes"]) => json(200, &self.volume_views()),
+            (Get, ["v1", "peers"]) => match &self.cluster {
+                Some(c) => json(200, &c.peers()),
+                None => error(400, "this node runs alone (no --etcd): it has no peers"),
+            },
+            (Post, ["v1", "peers", name, "remove"]) => match &self.cluster {
+                Some(c) => match c.remove_peer(name) {
+                    Ok(()) => json(200, &serde_json::json!({ "removing": name })),
+                    Err(e) => error(409, e),
+                },
+                None => error(400, "this node runs alone (no --etcd): it has no peers"),
+            },
             (Post, ["v1", "volumes"]) => match serde_json::from_slice::<CreateVolume>(body) {
                 Ok(c) => match self.create_volume(&c.name, c.size_bytes, c.replicas) {
                     Ok(v) => json(201, &v),

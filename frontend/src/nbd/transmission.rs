@@ -449,6 +449,18 @@ impl NbdService {
                     return self.refuse(ctx, key, &h, EINVAL, "unknown command flags");
                 }
                 let r = self.new_request(key, &h, 0);
+                if ctx.routed() {
+                    self.connections[key].requests[r].pieces_left = 1;
+                    let volume = self.connections[key].volume;
+                    ctx.route_flush(
+                        volume,
+                        ReplyTo::Core {
+                            core: self.core,
+                            token: token(key, r, 0),
+                        },
+                    );
+                    return;
+                }
                 let cores = ctx.cores();
                 self.connections[key].requests[r].pieces_left = cores as u32;
                 for core in 0..cores {

@@ -2,6 +2,7 @@
 
 use anyhow::{anyhow, bail, Result};
 use clap::{Parser, Subcommand};
+use torus_net::cluster::PeerView;
 use torus_tools::admin::{StatusView, VolumeView};
 use torus_tools::size::{human, parse_size};
 
@@ -29,8 +30,23 @@ enum Command {
     /// Create, list, delete and resize volumes.
     #[command(subcommand)]
     Volume(VolumeCommand),
-    /// Node health; exits 0 only when healthy.
+    /// Node and cluster health; exits 0 only when healthy and every PG is clean.
     Status,
+    /// Cluster nodes: address, id, capacity, used, state, last heartbeat.
+    Peers {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cluster membership changes.
+    #[command(subcommand)]
+    Peer(PeerCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum PeerCommand {
+    /// Drain a node: its data moves to the others, then it leaves the cluster.
+    Remove { name: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -40,7 +56,8 @@ enum VolumeCommand {
         name: String,
         /// 512, 4K, 1G, 1GiB... (a multiple of 4 KiB)
         size: String,
-        /// Copies of every block (1 on a single node).
+        /// Copies of every block: 1 on a single node; on a cluster, default 3 (or the number
+        /// of nodes when fewer).
         #[arg(long)]
         replicas: Option<u32>,
     },
@@ -171,10 +188,57 @@ fn run(args: Args) -> Result<i32> {
             for n in &s.nbd {
                 println!("nbd:         {n}");
             }
+            if let Some(c) = &s.cluster {
+                println!(
+                    "pgs:         {} total: {} clean, {} degraded, {} recovering, {} down",
+                    c.pg_count, c.pgs.clean, c.pgs.degraded, c.pgs.recovering, c.pgs.down
+                );
+                println!("leader:      {}", c.leader.as_deref().unwrap_or("none"));
+                for (node, r) in &c.recovering {
+                    println!(
+                        "recovering:  {node}: {}/{} PGs caught up, {} blocks compared, {} copied",
+                        r.pgs_done,
+                        r.pgs_done + r.pgs_stale,
+                        r.blocks_compared,
+                        human(r.bytes_copied)
+                    );
+                }
+            }
             for p in &s.problems {
                 println!("problem:     {p}");
             }
             return Ok(if s.healthy { 0 } else { 2 });
+        }
+        Command::Peers { json } => {
+            let value = call("GET", &format!("{base}/v1/peers"), None)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                let list: Vec<PeerView> = serde_json::from_value(value)?;
+                println!(
+                    "{:<12} {:<22} {:<18} {:>10} {:>10} {:<9} {:>10} {:>5}",
+                    "NAME", "ADDRESS", "ID", "CAPACITY", "USED", "STATE", "HEARTBEAT", "PGS"
+                );
+                for p in list {
+                    println!(
+                        "{:<12} {:<22} {:<18x} {:>10} {:>10} {:<9} {:>10} {:>5}",
+                        p.name,
+                        p.peer_addr,
+                        p.incarnation,
+                        human(p.capacity_bytes),
+                        p.used_bytes.map(human).unwrap_or_else(|| "-".into()),
+                        p.state,
+                        p.last_heartbeat_ms_ago
+                            .map(|ms| format!("{:.1}s ago", ms as f64 / 1000.0))
+                            .unwrap_or_else(|| "-".into()),
+                        p.pgs_held
+                    );
+                }
+            }
+        }
+        Command::Peer(PeerCommand::Remove { name }) => {
+            call("POST", &format!("{base}/v1/peers/{name}/remove"), None)?;
+            println!("draining {name}: its placement groups move to the other nodes; it leaves the cluster when they are clean (watch torusctl status)");
         }
     }
     Ok(0)

@@ -7,12 +7,14 @@ use clap::Parser;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use torus_engine::{Engine, EngineConfig};
 use torus_frontend::exports::{Exports, Volume};
 use torus_frontend::nbd::server::{poke, Listener, NbdServer};
 use torus_frontend::nbd::transmission::{FrontendStats, NbdService};
-use torus_net::metadata::{EmbeddedMetadata, Metadata};
+use torus_net::cluster::{Cluster, ClusterConfig, Local};
+use torus_net::etcd::{Etcd, EtcdMetadata};
+use torus_net::metadata::{EmbeddedMetadata, Metadata, VolumeRecord};
 use torus_tools::admin::{self, Node};
 use torus_tools::size::{human, parse_size};
 
@@ -56,15 +58,109 @@ struct Args {
     /// Size of the `default` volume created in a fresh data dir.
     #[arg(long, default_value = "1G", value_name = "BYTES")]
     default_volume_size: String,
-    /// Node-to-node address (cluster mode).
-    #[arg(long, value_name = "ADDR")]
-    peer_listen: Option<String>,
-    /// etcd endpoints for cluster mode, comma separated.
+    /// Node-to-node address (cluster mode); other nodes connect here, so use an address they
+    /// can reach.
+    #[arg(long, default_value = "127.0.0.1:4400", value_name = "ADDR")]
+    peer_listen: String,
+    /// Join the cluster whose metadata lives in this etcd (comma separated endpoints),
+    /// creating it on first use. Without it the node runs alone.
     #[arg(long, value_name = "URL[,URL...]")]
     etcd: Option<String>,
-    /// This node's name in the cluster.
+    /// This node's name in the cluster (default: the host name). A name stays with the
+    /// data dir that first used it.
     #[arg(long, value_name = "NAME")]
     node_name: Option<String>,
+    /// Cluster mode: a node that misses heartbeats this long is declared down and I/O goes
+    /// on without it.
+    #[arg(long, default_value = "6s", value_name = "DURATION")]
+    lease_ttl: String,
+    /// Cluster mode: most replicas a volume can have (also: how many nodes hold each
+    /// placement group). Fixed when the cluster is created.
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    replicas_max: u32,
+    /// Cluster mode: rate limit for copying data to a node that is catching up.
+    #[arg(long, default_value = "256M", value_name = "BYTES_PER_SEC")]
+    recovery_rate: String,
+}
+
+fn parse_duration(s: &str) -> Result<Duration> {
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map(|i| s.split_at(i))
+        .unwrap_or((s, "s"));
+    let n: f64 = num
+        .parse()
+        .map_err(|_| anyhow::anyhow!("{s:?} is not a duration (try 6s or 500ms)"))?;
+    let secs = match unit {
+        "s" | "" => n,
+        "ms" => n / 1000.0,
+        "m" => n * 60.0,
+        _ => bail!("{s:?}: unknown unit {unit:?} (use ms, s or m)"),
+    };
+    if !(secs > 0.0 && secs < 3600.0) {
+        bail!("{s:?}: use a duration between 0 and 1 hour");
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "torus".into())
+}
+
+/// What the cluster layer asks of this node.
+struct NodeLocal {
+    engine: Arc<Engine>,
+    exports: Arc<Exports>,
+}
+
+impl Local for NodeLocal {
+    fn used_bytes(&self) -> u64 {
+        self.engine
+            .stats()
+            .iter()
+            .map(|s| (s.slots_total - s.slots_free) * torus_engine::BLOCK_SIZE as u64)
+            .sum()
+    }
+
+    fn volumes_changed(&self, volumes: &[VolumeRecord], next_id: u32) {
+        let names: std::collections::HashSet<&str> =
+            volumes.iter().map(|v| v.name.as_str()).collect();
+        for v in volumes {
+            match self.exports.get(&v.name) {
+                Some(e) if e.id == v.id => e.set_size(v.size_bytes),
+                _ => self
+                    .exports
+                    .insert(Volume::new(&v.name, v.id, v.size_bytes, false)),
+            }
+        }
+        for name in self.exports.names() {
+            if !names.contains(name.as_str()) {
+                let _ = self.exports.remove_unless_attached(&name);
+            }
+        }
+        // Blocks of volumes deleted anywhere in the cluster are freed here too. Ids are never
+        // reused, so an id below `next_id` that is not listed is gone for good.
+        let known: std::collections::HashSet<u32> = volumes.iter().map(|v| v.id).collect();
+        let mut orphans: Vec<u32> = self
+            .engine
+            .stats()
+            .iter()
+            .flat_map(|s| s.volumes.iter().map(|v| v.0))
+            .filter(|id| !known.contains(id) && *id < next_id)
+            .collect();
+        orphans.sort_unstable();
+        orphans.dedup();
+        for id in orphans {
+            eprintln!("torusd: freeing the blocks of deleted volume id {id}");
+            if let Err(e) = self.engine.drop_volume(id) {
+                eprintln!("torusd: freeing volume id {id} failed: {e}");
+            }
+        }
+    }
 }
 
 /// Most reactor threads (and store regions) a node runs.
@@ -114,9 +210,13 @@ fn main() {
 }
 
 fn run(args: Args) -> Result<()> {
-    if args.etcd.is_some() || args.peer_listen.is_some() || args.node_name.is_some() {
-        bail!("cluster mode (--etcd, --peer-listen, --node-name) is not in this build yet; run without them for a single node");
+    let lease_ttl = parse_duration(&args.lease_ttl).map_err(|e| anyhow::anyhow!("--lease-ttl {e}"))?;
+    let recovery_rate = parse_size(&args.recovery_rate, None)
+        .map_err(|e| anyhow::anyhow!("--recovery-rate {e}"))?;
+    if args.replicas_max == 0 || args.replicas_max > 8 {
+        bail!("--replicas-max {}: use 1 to 8", args.replicas_max);
     }
+    let clustered = args.etcd.is_some();
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("create data dir {}", args.data_dir.display()))?;
     let _lock = lock_data_dir(&args.data_dir)?;
@@ -148,8 +248,47 @@ fn run(args: Args) -> Result<()> {
             }
         }
     }
-    let (metadata, metadata_created) = EmbeddedMetadata::open(&args.data_dir)?;
-    let metadata: Arc<dyn Metadata> = Arc::new(metadata);
+    // Cluster mode: the control plane's runtime and the connection to etcd come first, so a
+    // wrong --etcd fails before anything is created.
+    let runtime = if clustered {
+        Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("torus-control")
+                .enable_all()
+                .build()
+                .context("start the control plane")?,
+        )
+    } else {
+        None
+    };
+    let peer_listener = if clustered {
+        Some(
+            std::net::TcpListener::bind(&args.peer_listen)
+                .with_context(|| format!("listen for peers on {}", args.peer_listen))?,
+        )
+    } else {
+        None
+    };
+    let (metadata, metadata_created): (Arc<dyn Metadata>, bool) = match (&args.etcd, &runtime) {
+        (Some(urls), Some(rt)) => {
+            let endpoints: Vec<String> = urls.split(',').map(|s| s.trim().to_owned()).collect();
+            let etcd = rt
+                .block_on(Etcd::connect(&endpoints))
+                .with_context(|| format!("connect to etcd at {urls}"))?;
+            (
+                Arc::new(EtcdMetadata {
+                    etcd,
+                    rt: rt.handle().clone(),
+                }),
+                false,
+            )
+        }
+        _ => {
+            let (m, created) = EmbeddedMetadata::open(&args.data_dir)?;
+            (Arc::new(m), created)
+        }
+    };
 
     let started = Instant::now();
     // Sized for the most regions a store can have; an existing store keeps its own count.
@@ -182,12 +321,16 @@ fn run(args: Args) -> Result<()> {
             .context("create the default volume")?;
     }
     let known: std::collections::HashSet<u32> = metadata.volumes().iter().map(|v| v.id).collect();
-    let mut orphans: Vec<u32> = engine
+    let mut orphans: Vec<u32> = if clustered {
+        Vec::new() // the cluster's volume poller frees them (it knows the next id)
+    } else {
+        engine
         .stats()
         .iter()
         .flat_map(|s| s.volumes.iter().map(|v| v.0))
         .filter(|id| !known.contains(id))
-        .collect();
+        .collect()
+    };
     orphans.sort_unstable();
     orphans.dedup();
     for id in orphans {
@@ -200,10 +343,45 @@ fn run(args: Args) -> Result<()> {
         exports.insert(Volume::new(&v.name, v.id, v.size_bytes, false));
     }
 
-    let server = NbdServer::new(exports.clone(), engine.shared().clone());
     let tcp = std::net::TcpListener::bind(&args.nbd_listen)
         .with_context(|| format!("listen for NBD on {}", args.nbd_listen))?;
     let nbd_addr = tcp.local_addr()?.to_string();
+    let cluster = match (&args.etcd, &runtime, peer_listener) {
+        (Some(urls), Some(rt), Some(listener)) => {
+            let peer_addr = listener.local_addr()?.to_string();
+            let cfg = ClusterConfig {
+                etcd: urls.split(',').map(|s| s.trim().to_owned()).collect(),
+                node_name: args.node_name.clone().unwrap_or_else(hostname),
+                peer_addr,
+                admin_addr: args.admin_listen.clone(),
+                nbd_addr: nbd_addr.clone(),
+                lease_ttl,
+                replicas_max: args.replicas_max,
+                recovery_rate,
+            };
+            let local = Arc::new(NodeLocal {
+                engine: engine.clone(),
+                exports: exports.clone(),
+            });
+            let c = Cluster::start(
+                cfg,
+                rt,
+                engine.shared().clone(),
+                local,
+                engine.superblock().node_id,
+                engine.capacity_bytes(),
+                listener,
+            )
+            .with_context(|| format!("join the cluster at {urls}"))?;
+            eprintln!(
+                "torusd: node {} joined the cluster at {urls}; peers connect to {}",
+                c.me, c.cfg.peer_addr
+            );
+            Some(c)
+        }
+        _ => None,
+    };
+    let server = NbdServer::new(exports.clone(), engine.shared().clone());
     let mut nbd_urls = vec![format!("nbd://{nbd_addr}/")];
     let mut accept_threads = vec![server.serve(Listener::Tcp(tcp))];
     let mut poke_addrs = vec![nbd_addr.clone()];
@@ -226,6 +404,7 @@ fn run(args: Args) -> Result<()> {
         frontend,
         started,
         nbd_urls,
+        cluster: cluster.clone(),
     });
     let admin_thread = admin::serve(node, admin_server.clone());
 
@@ -263,6 +442,9 @@ fn run(args: Args) -> Result<()> {
         poke(a);
     }
     let stopped = engine.stop();
+    if let Some(c) = &cluster {
+        c.stop();
+    }
     admin_server.unblock();
     let _ = admin_thread.join();
     for t in accept_threads {

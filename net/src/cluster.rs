@@ -1,0 +1,1673 @@
+//! The cluster's data path and control loops on one node.
+//!
+//! Data path. Frontends on this node hand every piece to `Cluster` (it is the engine's
+//! `Router`). A piece of a volume belongs to a placement group; the map names the PG's primary
+//! (its first clean replica that is up). Reads go to the primary; writes go to the primary,
+//! which writes locally and forwards to every other replica that is up — the same core index
+//! on each, one batched frame per peer — and answers when all have it. A piece whose primary
+//! is another node travels there as a `C*` request. Whatever fails with "ask again" (the
+//! primary moved, a peer died, too few replicas up) is retried against a fresh map until the
+//! request's deadline, then answered with EIO; a PG with no replica up answers EIO, never
+//! zeros.
+//!
+//! Control loops (tokio, off the cores): the node's lease and heartbeat, the map and volume
+//! pollers, the leader (who reconciles the map with the live nodes), and catch-up: a node
+//! holding stale slots copies from each PG's primary only the blocks whose checksums differ.
+
+use crate::etcd::{Etcd, EtcdError};
+use crate::map::{min_size, ClusterMap, NodeInfo, PgHealth, SlotState};
+use crate::metadata::VolumeRecord;
+use crate::peer::{self, Handler, Link, Outgoing, Responder};
+use crate::wire::{self, status, Data, Entry, Op};
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use torus_engine::layout::placement_group;
+use torus_engine::{
+    AlignedBuf, BlockError, Completion, CompletionSink, Message, Output, Piece, PieceKind,
+    ReplyTo, Router, Shared, Sink, BLOCK_SIZE, CHUNK_SIZE,
+};
+
+/// How long a client request keeps retrying (primary moving, a node being declared dead)
+/// before it answers EIO. Longer than the default lease so a node loss is ridden out.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
+/// Same for a request coordinated on behalf of another node (that node retries it again).
+const PEER_REQUEST_DEADLINE: Duration = Duration::from_secs(4);
+const RETRY_DELAY: Duration = Duration::from_millis(100);
+const MAP_POLL: Duration = Duration::from_millis(200);
+const VOLUME_POLL: Duration = Duration::from_secs(1);
+const LEADER_TICK: Duration = Duration::from_millis(500);
+/// PGs caught up per round (one block listing each way per round).
+const RECOVERY_PGS_PER_ROUND: usize = 16;
+/// Reads of a catch-up round in flight at once.
+const RECOVERY_READS_IN_FLIGHT: usize = 32;
+
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    pub etcd: Vec<String>,
+    pub node_name: String,
+    pub peer_addr: String,
+    pub admin_addr: String,
+    pub nbd_addr: String,
+    pub lease_ttl: Duration,
+    pub replicas_max: u32,
+    /// Catch-up copy rate limit, bytes per second.
+    pub recovery_rate: u64,
+}
+
+/// What a node publishes about itself besides its `NodeInfo` (changes often, so it does not
+/// live in the map).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct NodeStats {
+    pub used_bytes: u64,
+    pub heartbeat_unix_ms: u64,
+    pub recovery: Recovery,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Recovery {
+    pub pgs_stale: u64,
+    pub pgs_done: u64,
+    pub blocks_copied: u64,
+    pub bytes_copied: u64,
+    pub blocks_compared: u64,
+}
+
+type Done = Box<dyn FnOnce(Result<Output, u16>) + Send>;
+
+struct Request {
+    piece: Piece,
+    done: Done,
+    deadline: Instant,
+    from_peer: bool,
+}
+
+/// Node-level hooks the cluster needs from torusd.
+pub trait Local: Send + Sync + 'static {
+    /// Used bytes on this node's store.
+    fn used_bytes(&self) -> u64;
+    /// The volume list changed (create, delete, resize anywhere in the cluster).
+    fn volumes_changed(&self, volumes: &[VolumeRecord], next_id: u32);
+}
+
+pub struct Cluster {
+    pub cfg: ClusterConfig,
+    pub me: String,
+    pub incarnation: u64,
+    pub etcd: Etcd,
+    rt: tokio::runtime::Handle,
+    shared: Arc<Shared>,
+    local: Arc<dyn Local>,
+    info: NodeInfo,
+    map: RwLock<Arc<ClusterMap>>,
+    volumes: RwLock<HashMap<u32, VolumeRecord>>,
+    links: Mutex<HashMap<(String, u32), Arc<Link>>>,
+    lease: AtomicU64,
+    lease_ok: Mutex<Instant>,
+    /// Highest writer epoch seen per volume; older writers are fenced.
+    writers: Mutex<HashMap<u32, u64>>,
+    /// Blocks written by replica writes while this node is not clean for their PG: catch-up
+    /// must not overwrite them with what it copies.
+    dirty: Mutex<HashMap<u32, HashSet<(u32, u64)>>>,
+    /// Coordinated writes in flight, by the map epoch they started under.
+    inflight: Mutex<BTreeMap<u64, u64>>,
+    recovery: Mutex<Recovery>,
+    recovering: Mutex<HashSet<u32>>,
+    stopping: AtomicBool,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+struct FnSink(Mutex<Option<Box<dyn FnOnce(Completion) + Send>>>);
+
+impl CompletionSink for FnSink {
+    fn complete(&self, c: Completion) {
+        if let Some(f) = self.0.lock().take() {
+            f(c)
+        }
+    }
+}
+
+fn sink(f: impl FnOnce(Completion) + Send + 'static) -> ReplyTo {
+    ReplyTo::Sink {
+        sink: Sink(Arc::new(FnSink(Mutex::new(Some(Box::new(f)))))),
+        token: 0,
+    }
+}
+
+fn status_of(e: BlockError) -> u16 {
+    match e {
+        BlockError::Io => status::EIO,
+        BlockError::NoSpace => status::ENOSPC,
+        BlockError::Invalid => status::EINVAL,
+        BlockError::NoVolume => status::NOVOLUME,
+        BlockError::ShuttingDown => status::SHUTDOWN,
+    }
+}
+
+fn error_of(s: u16) -> BlockError {
+    match s {
+        status::ENOSPC => BlockError::NoSpace,
+        status::EINVAL => BlockError::Invalid,
+        status::NOVOLUME => BlockError::NoVolume,
+        status::SHUTDOWN => BlockError::ShuttingDown,
+        _ => BlockError::Io,
+    }
+}
+
+/// Delivers an answer to whoever asked, from any thread.
+fn deliver(shared: &Shared, reply: ReplyTo, output: Result<Output, BlockError>) {
+    let c = Completion {
+        token: reply.token(),
+        output,
+    };
+    match reply {
+        ReplyTo::Core { core, .. } => shared.mailboxes[core].send(Message::Done(c)),
+        ReplyTo::Channel { sender, .. } => {
+            let _ = sender.send(c);
+        }
+        ReplyTo::Sink { sink, .. } => sink.0.complete(c),
+    }
+}
+
+fn clone_piece(p: &Piece) -> Piece {
+    Piece {
+        volume: p.volume,
+        offset: p.offset,
+        len: p.len,
+        kind: match &p.kind {
+            PieceKind::Read => PieceKind::Read,
+            PieceKind::Status => PieceKind::Status,
+            PieceKind::Flush => PieceKind::Flush,
+            PieceKind::Zero { fua } => PieceKind::Zero { fua: *fua },
+            PieceKind::Write {
+                data,
+                data_offset,
+                fua,
+            } => PieceKind::Write {
+                data: data.clone(),
+                data_offset: *data_offset,
+                fua: *fua,
+            },
+        },
+    }
+}
+
+fn is_partial(p: &Piece) -> bool {
+    p.offset % BLOCK_SIZE as u64 != 0 || p.len as usize % BLOCK_SIZE != 0
+}
+
+/// Whole blocks a piece covers entirely.
+fn full_blocks(p: &Piece) -> std::ops::Range<u64> {
+    let first = p.offset.div_ceil(BLOCK_SIZE as u64);
+    let end = (p.offset + p.len as u64) / BLOCK_SIZE as u64;
+    first..end.max(first)
+}
+
+/// Orders outcomes of one replicated write: any hard error wins over "ask again".
+fn worse(a: u16, b: u16) -> u16 {
+    let rank = |s: u16| match s {
+        status::OK => 0,
+        status::RETRY => 1,
+        _ => 2,
+    };
+    if rank(b) > rank(a) {
+        b
+    } else {
+        a
+    }
+}
+
+impl Cluster {
+    /// Joins (or creates) the cluster: registers this node on a lease, installs the router,
+    /// listens for peers and starts the control loops.
+    pub fn start(
+        cfg: ClusterConfig,
+        rt: &tokio::runtime::Runtime,
+        shared: Arc<Shared>,
+        local: Arc<dyn Local>,
+        node_id: [u8; 16],
+        capacity_bytes: u64,
+        peer_listener: std::net::TcpListener,
+    ) -> Result<Arc<Cluster>, EtcdError> {
+        let handle = rt.handle().clone();
+        let etcd = rt.block_on(Etcd::connect(&cfg.etcd))?;
+        let incarnation = now_ms() ^ (u64::from_le_bytes(node_id[..8].try_into().expect("8")) << 20);
+        let info = NodeInfo {
+            name: cfg.node_name.clone(),
+            peer_addr: cfg.peer_addr.clone(),
+            admin_addr: cfg.admin_addr.clone(),
+            nbd_addr: cfg.nbd_addr.clone(),
+            cores: shared.mailboxes.len() as u32,
+            capacity_bytes,
+            incarnation,
+        };
+        let node_key = format!("nodes/{}", cfg.node_name);
+        let id_hex: String = node_id.iter().map(|b| format!("{b:02x}")).collect();
+        let lease = rt.block_on(async {
+            // A name held by a different store is another node: refuse. The same store
+            // (restarted within the lease) takes its name back.
+            if let Some((bytes, _)) = etcd.get(&format!("ids/{}", cfg.node_name)).await? {
+                if bytes != id_hex.as_bytes() {
+                    return Err(EtcdError::Corrupt {
+                        key: node_key.clone(),
+                        why: format!(
+                            "node name {:?} belongs to another node's store; pick another --node-name",
+                            cfg.node_name
+                        ),
+                    });
+                }
+            } else {
+                etcd.put(&format!("ids/{}", cfg.node_name), id_hex.clone().into_bytes(), None)
+                    .await?;
+            }
+            let lease = etcd.lease_grant(cfg.lease_ttl).await?;
+            etcd.put(&node_key, serde_json::to_vec(&info).expect("json"), Some(lease))
+                .await?;
+            Ok(lease)
+        })?;
+        let (map, _) = rt.block_on(etcd.map())?;
+        let map = map.unwrap_or_else(|| ClusterMap::new(cfg.replicas_max));
+        if map.pg_count != shared.geometry.pg_count {
+            return Err(EtcdError::Corrupt {
+                key: "map".into(),
+                why: format!(
+                    "the cluster has {} placement groups, this store {}",
+                    map.pg_count, shared.geometry.pg_count
+                ),
+            });
+        }
+        let cluster = Arc::new(Cluster {
+            me: cfg.node_name.clone(),
+            cfg,
+            incarnation,
+            etcd,
+            rt: handle,
+            shared: shared.clone(),
+            local,
+            info,
+            map: RwLock::new(Arc::new(map)),
+            volumes: RwLock::new(HashMap::new()),
+            links: Mutex::new(HashMap::new()),
+            lease: AtomicU64::new(lease as u64),
+            lease_ok: Mutex::new(Instant::now()),
+            writers: Mutex::new(HashMap::new()),
+            dirty: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(BTreeMap::new()),
+            recovery: Mutex::new(Recovery::default()),
+            recovering: Mutex::new(HashSet::new()),
+            stopping: AtomicBool::new(false),
+        });
+        rt.block_on(cluster.refresh_volumes())?;
+        let _ = shared
+            .router
+            .set(Arc::new(ClusterRouter(cluster.clone())) as Arc<dyn Router>);
+        peer_listener
+            .set_nonblocking(true)
+            .map_err(|e| EtcdError::Corrupt {
+                key: "peer listener".into(),
+                why: e.to_string(),
+            })?;
+        let listener = {
+            let _guard = rt.enter();
+            tokio::net::TcpListener::from_std(peer_listener).map_err(|e| EtcdError::Corrupt {
+                key: "peer listener".into(),
+                why: e.to_string(),
+            })?
+        };
+        let handler: Arc<dyn Handler> = Arc::new(ClusterHandler(cluster.clone()));
+        rt.spawn(async move {
+            loop {
+                if let Ok((stream, _)) = listener.accept().await {
+                    tokio::spawn(peer::serve_connection(stream, handler.clone()));
+                }
+            }
+        });
+        let c = cluster.clone();
+        rt.spawn(async move { c.heartbeat_loop().await });
+        let c = cluster.clone();
+        rt.spawn(async move { c.map_loop().await });
+        let c = cluster.clone();
+        rt.spawn(async move { c.leader_loop().await });
+        let c = cluster.clone();
+        rt.spawn(async move { c.volume_loop().await });
+        let c = cluster.clone();
+        rt.spawn(async move { c.recovery_loop().await });
+        Ok(cluster)
+    }
+
+    /// Leaves the cluster on shutdown: revokes the lease so the others notice at once.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
+        let lease = self.lease.load(Ordering::Acquire) as i64;
+        let _ = self.rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(2), self.etcd.lease_revoke(lease)).await
+        });
+    }
+
+    pub fn map(&self) -> Arc<ClusterMap> {
+        self.map.read().clone()
+    }
+
+    pub fn recovery(&self) -> Recovery {
+        self.recovery.lock().clone()
+    }
+
+    pub fn health(&self) -> PgHealth {
+        self.map().health()
+    }
+
+    fn lease_fresh(&self) -> bool {
+        self.lease_ok.lock().elapsed() < self.cfg.lease_ttl
+    }
+
+    fn volume(&self, id: u32) -> Option<VolumeRecord> {
+        self.volumes.read().get(&id).cloned()
+    }
+
+    fn pg_of(&self, volume: u32, offset: u64) -> u32 {
+        placement_group(volume, offset / CHUNK_SIZE, self.shared.geometry.pg_count)
+    }
+
+    fn link(&self, map: &ClusterMap, node: &str, pg: u32) -> Option<Arc<Link>> {
+        let n = map.nodes.get(node)?;
+        let core = pg % n.info.cores.max(1);
+        let mut links = self.links.lock();
+        let key = (node.to_owned(), core);
+        if let Some(l) = links.get(&key) {
+            if !l.dead() {
+                return Some(l.clone());
+            }
+        }
+        let l = Arc::new(Link::open(&self.rt, n.info.peer_addr.clone(), self.me.clone(), core));
+        links.insert(key, l.clone());
+        Some(l)
+    }
+
+    fn send_local(&self, piece: Piece, reply: ReplyTo) {
+        let core = self.shared.core_for(piece.volume, piece.offset);
+        self.shared.mailboxes[core].send(Message::Piece(piece, reply));
+    }
+
+    fn retry_later(self: &Arc<Self>, req: Request) {
+        if Instant::now() >= req.deadline || self.stopping.load(Ordering::Acquire) {
+            return (req.done)(Err(status::RETRY));
+        }
+        let me = self.clone();
+        self.rt.spawn(async move {
+            tokio::time::sleep(RETRY_DELAY).await;
+            me.submit(req);
+        });
+    }
+
+    fn submit(self: &Arc<Self>, req: Request) {
+        let Some(vol) = self.volume(req.piece.volume) else {
+            if req.from_peer || Instant::now() >= req.deadline {
+                return (req.done)(Err(status::NOVOLUME));
+            }
+            // Created on another node a moment ago: look again before giving up.
+            let me = self.clone();
+            self.rt.spawn(async move {
+                let _ = me.refresh_volumes().await;
+                if me.volume(req.piece.volume).is_none() {
+                    return (req.done)(Err(status::NOVOLUME));
+                }
+                me.submit(req);
+            });
+            return;
+        };
+        if !self.lease_fresh() {
+            return self.retry_later(req);
+        }
+        let map = self.map();
+        let pg = self.pg_of(req.piece.volume, req.piece.offset);
+        let t = map.targets(pg, vol.replicas);
+        let Some(primary) = t.primary.clone() else {
+            return self.retry_later(req);
+        };
+        if primary != self.me {
+            if req.from_peer {
+                return (req.done)(Err(status::RETRY));
+            }
+            return self.forward(req, &map, &primary, pg);
+        }
+        match req.piece.kind {
+            PieceKind::Read | PieceKind::Status => {
+                let done = req.done;
+                self.send_local(
+                    req.piece,
+                    sink(move |c| done(c.output.map_err(status_of))),
+                );
+            }
+            PieceKind::Write { .. } | PieceKind::Zero { .. } => {
+                if t.clean_up < min_size(vol.replicas) {
+                    return self.retry_later(req);
+                }
+                let stale_target = map.pgs[pg as usize]
+                    .iter()
+                    .take(vol.replicas as usize)
+                    .any(|s| s.state == SlotState::Stale);
+                self.coordinate(req, map.epoch, t.write, pg, stale_target);
+            }
+            PieceKind::Flush => (req.done)(Err(status::EINVAL)),
+        }
+    }
+
+    fn writer_epoch(&self, volume: u32) -> u64 {
+        self.writers.lock().get(&volume).copied().unwrap_or(0)
+    }
+
+    /// Sends a piece to its primary on another node.
+    fn forward(self: &Arc<Self>, req: Request, map: &ClusterMap, primary: &str, pg: u32) {
+        let Some(link) = self.link(map, primary, pg) else {
+            return self.retry_later(req);
+        };
+        let p = &req.piece;
+        let (op, flags, data) = match &p.kind {
+            PieceKind::Read => (Op::CRead, 0, None),
+            PieceKind::Status => (Op::CStatus, 0, None),
+            PieceKind::Zero { fua } => (Op::CZero, if *fua { wire::FLAG_FUA } else { 0 }, None),
+            PieceKind::Write {
+                data,
+                data_offset,
+                fua,
+            } => (
+                Op::CWrite,
+                if *fua { wire::FLAG_FUA } else { 0 },
+                Some(Data {
+                    buf: data.clone(),
+                    start: *data_offset,
+                    len: p.len as usize,
+                }),
+            ),
+            PieceKind::Flush => return (req.done)(Err(status::EINVAL)),
+        };
+        let entry = Entry {
+            op: op as u8,
+            flags,
+            volume: p.volume,
+            offset: p.offset,
+            len: p.len,
+            epoch: map.epoch,
+            writer: self.writer_epoch(p.volume),
+            ..Entry::default()
+        };
+        let me = self.clone();
+        link.send(Outgoing {
+            entry,
+            data,
+            done: Box::new(move |r| match r.status {
+                status::OK => {
+                    let output = match (&req.piece.kind, r.data) {
+                        (PieceKind::Read, Some(d)) if d.len == req.piece.len as usize => {
+                            let mut buf = AlignedBuf::zeroed(d.len.div_ceil(BLOCK_SIZE) * BLOCK_SIZE);
+                            buf[..d.len].copy_from_slice(&d.buf[d.start..d.start + d.len]);
+                            Output::Read { data: buf, head: 0 }
+                        }
+                        (PieceKind::Read, _) => return (req.done)(Err(status::EIO)),
+                        (PieceKind::Status, Some(d)) => Output::Status {
+                            mapped: d.buf[d.start..d.start + d.len].iter().map(|&b| b != 0).collect(),
+                        },
+                        (PieceKind::Status, None) => return (req.done)(Err(status::EIO)),
+                        _ => Output::Done,
+                    };
+                    (req.done)(Ok(output))
+                }
+                status::RETRY => me.retry_later(req),
+                s => (req.done)(Err(s)),
+            }),
+        });
+    }
+
+    /// The primary's write: local and every replica in `targets`; answers when all have it.
+    fn coordinate(
+        self: &Arc<Self>,
+        req: Request,
+        epoch: u64,
+        targets: Vec<String>,
+        pg: u32,
+        stale_target: bool,
+    ) {
+        *self.inflight.lock().entry(epoch).or_insert(0) += 1;
+        struct Coord {
+            req: Option<Request>,
+            remaining: usize,
+            worst: u16,
+        }
+        let remote: Vec<String> = targets.iter().filter(|n| **n != self.me).cloned().collect();
+        let local_piece = clone_piece(&req.piece);
+        // A replica catching up needs whole blocks (it cannot merge a partial write into a
+        // block it has not copied yet): send what the primary holds after its own write.
+        let read_back = stale_target && is_partial(&req.piece) && !remote.is_empty();
+        let state = Arc::new(Mutex::new(Coord {
+            req: Some(req),
+            // The local write and one per remote replica.
+            remaining: remote.len() + 1,
+            worst: status::OK,
+        }));
+        let call: Arc<dyn Fn(u16) + Send + Sync> = {
+            let me = self.clone();
+            let state = state.clone();
+            Arc::new(move |s: u16| {
+                let mut st = state.lock();
+                st.worst = worse(st.worst, s);
+                st.remaining -= 1;
+                if st.remaining > 0 {
+                    return;
+                }
+                let worst = st.worst;
+                let req = st.req.take().expect("finished once");
+                drop(st);
+                {
+                    let mut inflight = me.inflight.lock();
+                    if let Some(n) = inflight.get_mut(&epoch) {
+                        *n -= 1;
+                        if *n == 0 {
+                            inflight.remove(&epoch);
+                        }
+                    }
+                }
+                match worst {
+                    status::OK => (req.done)(Ok(Output::Done)),
+                    status::RETRY => me.retry_later(req),
+                    s => (req.done)(Err(s)),
+                }
+            })
+        };
+        let send_remote = {
+            let me = self.clone();
+            let call = call.clone();
+            move |piece: &Piece, remote: &[String]| {
+                let map = me.map();
+                for node in remote {
+                    let Some(link) = me.link(&map, node, pg) else {
+                        call(status::RETRY);
+                        continue;
+                    };
+                    let (op, flags, data) = match &piece.kind {
+                        PieceKind::Write {
+                            data,
+                            data_offset,
+                            fua,
+                        } => (
+                            Op::Write,
+                            if *fua { wire::FLAG_FUA } else { 0 },
+                            Some(Data {
+                                buf: data.clone(),
+                                start: *data_offset,
+                                len: piece.len as usize,
+                            }),
+                        ),
+                        PieceKind::Zero { fua } => {
+                            (Op::Zero, if *fua { wire::FLAG_FUA } else { 0 }, None)
+                        }
+                        _ => unreachable!("only writes are coordinated"),
+                    };
+                    let call = call.clone();
+                    link.send(Outgoing {
+                        entry: Entry {
+                            op: op as u8,
+                            flags,
+                            volume: piece.volume,
+                            offset: piece.offset,
+                            len: piece.len,
+                            epoch,
+                            writer: me.writer_epoch(piece.volume),
+                            ..Entry::default()
+                        },
+                        data,
+                        done: Box::new(move |r| call(r.status)),
+                    });
+                }
+            }
+        };
+        if read_back {
+            let me = self.clone();
+            let call2 = call.clone();
+            let fua = matches!(
+                local_piece.kind,
+                PieceKind::Write { fua: true, .. } | PieceKind::Zero { fua: true }
+            );
+            let volume = local_piece.volume;
+            let first = local_piece.offset / BLOCK_SIZE as u64 * BLOCK_SIZE as u64;
+            let end = (local_piece.offset + local_piece.len as u64).div_ceil(BLOCK_SIZE as u64)
+                * BLOCK_SIZE as u64;
+            self.send_local(
+                local_piece,
+                sink(move |c| {
+                    let s = c.output.map_or_else(status_of, |_| status::OK);
+                    if s != status::OK {
+                        for _ in 0..remote.len() {
+                            call2(s);
+                        }
+                        return call2(s);
+                    }
+                    me.send_local(
+                        Piece {
+                            volume,
+                            offset: first,
+                            len: (end - first) as u32,
+                            kind: PieceKind::Read,
+                        },
+                        sink(move |c| match c.output {
+                            Ok(Output::Read { data, head }) => {
+                                let full = Piece {
+                                    volume,
+                                    offset: first,
+                                    len: (end - first) as u32,
+                                    kind: PieceKind::Write {
+                                        data: Arc::new(data),
+                                        data_offset: head,
+                                        fua,
+                                    },
+                                };
+                                send_remote(&full, &remote);
+                                call2(status::OK);
+                            }
+                            other => {
+                                let s = other.err().map_or(status::EIO, status_of);
+                                for _ in 0..remote.len() {
+                                    call2(s);
+                                }
+                                call2(s);
+                            }
+                        }),
+                    );
+                }),
+            );
+            return;
+        }
+        let call_local = call.clone();
+        self.send_local(
+            clone_piece(&local_piece),
+            sink(move |c| call_local(c.output.map_or_else(status_of, |_| status::OK))),
+        );
+        send_remote(&local_piece, &remote);
+    }
+
+    /// Flushes every node that is up, so every acknowledged write is durable on all of them.
+    fn flush_all(self: &Arc<Self>, reply: ReplyTo) {
+        let me = self.clone();
+        self.rt.spawn(async move {
+            let deadline = Instant::now() + REQUEST_DEADLINE;
+            loop {
+                let map = me.map();
+                let nodes: Vec<String> = map
+                    .nodes
+                    .iter()
+                    .filter(|(_, n)| n.up)
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                let mut waits = Vec::new();
+                for node in nodes {
+                    let (tx, rx) = tokio::sync::oneshot::channel::<u16>();
+                    if node == me.me {
+                        me.flush_local(Box::new(move |s| {
+                            let _ = tx.send(s);
+                        }));
+                    } else if let Some(link) = me.link(&map, &node, 0) {
+                        link.send(Outgoing {
+                            entry: Entry {
+                                op: Op::Flush as u8,
+                                epoch: map.epoch,
+                                ..Entry::default()
+                            },
+                            data: None,
+                            done: Box::new(move |r| {
+                                let _ = tx.send(r.status);
+                            }),
+                        });
+                    }
+                    waits.push(rx);
+                }
+                let mut worst = status::OK;
+                for w in waits {
+                    worst = worse(worst, w.await.unwrap_or(status::RETRY));
+                }
+                match worst {
+                    status::OK => return deliver(&me.shared, reply, Ok(Output::Done)),
+                    status::RETRY if Instant::now() < deadline => {
+                        tokio::time::sleep(RETRY_DELAY * 3).await;
+                    }
+                    s => return deliver(&me.shared, reply, Err(error_of(s))),
+                }
+            }
+        });
+    }
+
+    /// Flushes every core of this node; `done` gets the worst status.
+    fn flush_local(&self, done: Box<dyn FnOnce(u16) + Send>) {
+        let cores = self.shared.mailboxes.len();
+        let state = Arc::new(Mutex::new((cores, status::OK, Some(done))));
+        for core in 0..cores {
+            let state = state.clone();
+            self.shared.mailboxes[core].send(Message::Piece(
+                Piece {
+                    volume: 0,
+                    offset: 0,
+                    len: 0,
+                    kind: PieceKind::Flush,
+                },
+                sink(move |c| {
+                    let mut st = state.lock();
+                    st.0 -= 1;
+                    if let Err(e) = c.output {
+                        st.1 = worse(st.1, status_of(e));
+                    }
+                    if st.0 == 0 {
+                        let s = st.1;
+                        if let Some(done) = st.2.take() {
+                            drop(st);
+                            done(s);
+                        }
+                    }
+                }),
+            ));
+        }
+    }
+
+    /// A replica write from a primary whose map had `epoch`.
+    fn apply_replica(&self, piece: Piece, epoch: u64, reply: ReplyTo) {
+        let pg = self.pg_of(piece.volume, piece.offset);
+        let clean = {
+            let map = self.map.read();
+            // A newer map than ours may already say we are stale: count as not clean.
+            map.epoch >= epoch
+                && map.pgs.get(pg as usize).is_some_and(|slots| {
+                    slots
+                        .iter()
+                        .any(|s| s.node == self.me && s.state == SlotState::Clean)
+                })
+                && !self.recovering.lock().contains(&pg)
+        };
+        if clean {
+            return self.send_local(piece, reply);
+        }
+        // Not clean here: remember what newer data arrived, so catch-up leaves it alone. The
+        // piece is queued under the same lock catch-up uses, so the core sees them in order.
+        let mut dirty = self.dirty.lock();
+        let set = dirty.entry(pg).or_default();
+        for b in full_blocks(&piece) {
+            set.insert((piece.volume, b));
+        }
+        self.send_local(piece, reply);
+    }
+
+    fn validate(&self, e: &Entry, data: &Option<Data>) -> Result<VolumeRecord, u16> {
+        let vol = self.volume(e.volume).ok_or(status::NOVOLUME)?;
+        let end = e.offset.checked_add(e.len as u64).ok_or(status::EINVAL)?;
+        let in_chunk = e.len > 0
+            && e.len as u64 <= CHUNK_SIZE
+            && e.offset / CHUNK_SIZE == (end - 1) / CHUNK_SIZE;
+        if !in_chunk || end > vol.size_bytes {
+            return Err(status::EINVAL);
+        }
+        let wants_data = e.op == Op::Write as u8 || e.op == Op::CWrite as u8;
+        let has = data.as_ref().map_or(0, |d| d.len);
+        if wants_data != (has > 0) || (wants_data && has != e.len as usize) {
+            return Err(status::EINVAL);
+        }
+        Ok(vol)
+    }
+
+    fn fenced(&self, volume: u32, writer: u64) -> bool {
+        let mut w = self.writers.lock();
+        let seen = w.entry(volume).or_insert(0);
+        if writer < *seen {
+            return true;
+        }
+        *seen = writer;
+        false
+    }
+
+    async fn refresh_volumes(&self) -> Result<(), EtcdError> {
+        let (list, next) = self.etcd.volumes().await?;
+        let changed = {
+            let mut v = self.volumes.write();
+            let new: HashMap<u32, VolumeRecord> = list.iter().map(|r| (r.id, r.clone())).collect();
+            let changed = *v != new;
+            *v = new;
+            changed
+        };
+        if changed {
+            let local = self.local.clone();
+            let _ = tokio::task::spawn_blocking(move || local.volumes_changed(&list, next)).await;
+        }
+        Ok(())
+    }
+
+    async fn volume_loop(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(VOLUME_POLL).await;
+            let _ = self.refresh_volumes().await;
+        }
+    }
+
+    async fn heartbeat_loop(self: Arc<Self>) {
+        let every = self.cfg.lease_ttl / 3;
+        loop {
+            tokio::time::sleep(every).await;
+            if self.stopping.load(Ordering::Acquire) {
+                return;
+            }
+            let lease = self.lease.load(Ordering::Acquire) as i64;
+            match self.etcd.keep_alive_once(lease).await {
+                Ok(true) => *self.lease_ok.lock() = Instant::now(),
+                Ok(false) => {
+                    // The lease expired (we were cut off): the others think we are gone.
+                    eprintln!("torusd: lease expired; registering again (stale until caught up)");
+                    if let Ok(l) = self.etcd.lease_grant(self.cfg.lease_ttl).await {
+                        let key = format!("nodes/{}", self.me);
+                        let info = serde_json::to_vec(&self.info).expect("json");
+                        if self.etcd.put(&key, info, Some(l)).await.is_ok() {
+                            self.lease.store(l as u64, Ordering::Release);
+                            *self.lease_ok.lock() = Instant::now();
+                        }
+                    }
+                }
+                Err(_) => {}
+            }
+            let local = self.local.clone();
+            let used = tokio::task::spawn_blocking(move || local.used_bytes())
+                .await
+                .unwrap_or(0);
+            let stats = NodeStats {
+                used_bytes: used,
+                heartbeat_unix_ms: now_ms(),
+                recovery: self.recovery(),
+            };
+            let lease = self.lease.load(Ordering::Acquire) as i64;
+            let _ = self
+                .etcd
+                .put(
+                    &format!("stats/{}", self.me),
+                    serde_json::to_vec(&stats).expect("json"),
+                    Some(lease),
+                )
+                .await;
+        }
+    }
+
+    fn install_map(&self, map: ClusterMap) {
+        let mut cur = self.map.write();
+        if map.epoch > cur.epoch {
+            *cur = Arc::new(map);
+        }
+        drop(cur);
+        // Forget dirty blocks of PGs that are clean here and not being caught up.
+        let map = self.map();
+        let recovering = self.recovering.lock().clone();
+        self.dirty.lock().retain(|pg, _| {
+            recovering.contains(pg)
+                || map.pgs.get(*pg as usize).is_some_and(|slots| {
+                    slots
+                        .iter()
+                        .any(|s| s.node == self.me && s.state == SlotState::Stale)
+                })
+        });
+    }
+
+    async fn map_loop(self: Arc<Self>) {
+        loop {
+            if let Ok((Some(map), _)) = self.etcd.map().await {
+                self.install_map(map);
+            }
+            tokio::time::sleep(MAP_POLL).await;
+        }
+    }
+
+    async fn leader_loop(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(LEADER_TICK).await;
+            if self.stopping.load(Ordering::Acquire) {
+                return;
+            }
+            let lease = self.lease.load(Ordering::Acquire) as i64;
+            let Ok((holder, _)) = self
+                .etcd
+                .acquire("leader", self.me.clone().into_bytes(), lease)
+                .await
+            else {
+                continue;
+            };
+            if holder != self.me.as_bytes() {
+                continue;
+            }
+            let Ok(nodes) = self.etcd.list("nodes/").await else {
+                continue;
+            };
+            let live: BTreeMap<String, NodeInfo> = nodes
+                .into_iter()
+                .filter_map(|(k, v, _)| Some((k, serde_json::from_slice(&v).ok()?)))
+                .collect();
+            if let Ok(Some(map)) = self
+                .etcd
+                .update_map(self.cfg.replicas_max, |m| m.reconcile(&live))
+                .await
+            {
+                eprintln!(
+                    "torusd: map epoch {}: {} nodes up, PGs {:?}",
+                    map.epoch,
+                    map.nodes.values().filter(|n| n.up).count(),
+                    map.health()
+                );
+                self.install_map(map);
+            }
+        }
+    }
+
+    async fn recovery_loop(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if self.stopping.load(Ordering::Acquire) {
+                return;
+            }
+            let map = self.map();
+            let Some(me) = map.nodes.get(&self.me) else { continue };
+            if !me.up || me.info.incarnation != self.incarnation || !self.lease_fresh() {
+                continue;
+            }
+            let stale = map.stale_slots(&self.me);
+            self.recovery.lock().pgs_stale = stale.len() as u64;
+            if stale.is_empty() {
+                continue;
+            }
+            // One source (the PG's primary) per round.
+            let mut by_source: BTreeMap<String, Vec<(u32, usize)>> = BTreeMap::new();
+            for (pg, slot) in stale {
+                if let Some(p) = map.targets(pg, map.replicas_max).primary {
+                    if p != self.me {
+                        by_source.entry(p).or_default().push((pg, slot));
+                    }
+                }
+            }
+            let Some((source, pgs)) = by_source.into_iter().next() else { continue };
+            let pgs: Vec<(u32, usize)> = pgs.into_iter().take(RECOVERY_PGS_PER_ROUND).collect();
+            match self.clone().catch_up(&map, &source, &pgs).await {
+                Ok(()) => {
+                    let list: Vec<u32> = pgs.iter().map(|p| p.0).collect();
+                    let inc = self.incarnation;
+                    let me = self.me.clone();
+                    if let Ok(Some(m)) = self
+                        .etcd
+                        .update_map(self.cfg.replicas_max, |m| m.mark_clean(&me, inc, &list))
+                        .await
+                    {
+                        self.recovery.lock().pgs_done += list.len() as u64;
+                        self.install_map(m);
+                    }
+                }
+                Err(why) => eprintln!("torusd: catch-up from {source}: {why}; retrying"),
+            }
+            let mut rec = self.recovering.lock();
+            for (pg, _) in &pgs {
+                rec.remove(pg);
+            }
+        }
+    }
+
+    /// Copies into this node what it lacks of `pgs` from `source`, comparing checksums.
+    async fn catch_up(
+        self: Arc<Self>,
+        map: &ClusterMap,
+        source: &str,
+        pgs: &[(u32, usize)],
+    ) -> Result<(), String> {
+        let pg_count = map.pg_count as usize;
+        let mut bitmap = vec![false; pg_count];
+        {
+            let mut rec = self.recovering.lock();
+            let mut dirty = self.dirty.lock();
+            for (pg, _) in pgs {
+                bitmap[*pg as usize] = true;
+                rec.insert(*pg);
+                dirty.entry(*pg).or_default();
+            }
+        }
+        // Which volumes each PG's slot here must hold: replicas > max(my slot, source slot).
+        let slot_limit: HashMap<u32, usize> = pgs
+            .iter()
+            .map(|(pg, mine)| (*pg, (*mine).max(map.slot_of(*pg, source).unwrap_or(0))))
+            .collect();
+        let volumes: HashMap<u32, u32> = self
+            .volumes
+            .read()
+            .values()
+            .map(|v| (v.id, v.replicas))
+            .collect();
+        let wanted = |volume: u32, block: u64| -> bool {
+            let pg = placement_group(volume, block * BLOCK_SIZE as u64 / CHUNK_SIZE, map.pg_count);
+            volumes
+                .get(&volume)
+                .is_some_and(|&r| r as usize > slot_limit.get(&pg).copied().unwrap_or(usize::MAX))
+        };
+        let remote = self.list_remote(map, source, &bitmap).await?;
+        let local = self.list_local(&bitmap).await;
+        let local_map: HashMap<(u32, u64), u32> =
+            local.iter().map(|&(v, b, c)| ((v, b), c)).collect();
+        let remote_set: HashSet<(u32, u64)> = remote.iter().map(|&(v, b, _)| (v, b)).collect();
+        let mut fetch: Vec<(u32, u64)> = Vec::new();
+        for &(v, b, crc) in &remote {
+            if wanted(v, b) && local_map.get(&(v, b)) != Some(&crc) {
+                fetch.push((v, b));
+            }
+        }
+        let unmap: Vec<(u32, u64)> = local
+            .iter()
+            .filter(|&&(v, b, _)| wanted(v, b) && !remote_set.contains(&(v, b)))
+            .map(|&(v, b, _)| (v, b))
+            .collect();
+        self.recovery.lock().blocks_compared += remote.len() as u64;
+        // Runs of consecutive blocks within one chunk: one read each.
+        let mut runs: Vec<(u32, u64, u32)> = Vec::new();
+        let chunk_blocks = CHUNK_SIZE / BLOCK_SIZE as u64;
+        for (v, b) in fetch {
+            if let Some(last) = runs.last_mut() {
+                if last.0 == v
+                    && last.1 + last.2 as u64 == b
+                    && last.1 / chunk_blocks == b / chunk_blocks
+                {
+                    last.2 += 1;
+                    continue;
+                }
+            }
+            runs.push((v, b, 1));
+        }
+        let started = Instant::now();
+        let sem = Arc::new(tokio::sync::Semaphore::new(RECOVERY_READS_IN_FLIGHT));
+        let failed = Arc::new(AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for (v, b, n) in runs {
+            if failed.load(Ordering::Acquire) {
+                break;
+            }
+            let permit = sem.clone().acquire_owned().await.map_err(|e| e.to_string())?;
+            // Throttle: stay under the configured rate.
+            let copied = self.recovery.lock().bytes_copied as f64;
+            let allowed = self.cfg.recovery_rate as f64 * started.elapsed().as_secs_f64();
+            if copied > allowed + (8 << 20) as f64 {
+                tokio::time::sleep(Duration::from_secs_f64(
+                    (copied - allowed) / self.cfg.recovery_rate as f64,
+                ))
+                .await;
+            }
+            let me = self.clone();
+            let failed = failed.clone();
+            let source = source.to_owned();
+            let map = map.clone();
+            tasks.push(tokio::spawn(async move {
+                let _permit = permit;
+                if let Err(e) = me.copy_run(&map, &source, v, b, n).await {
+                    if !failed.swap(true, Ordering::AcqRel) {
+                        eprintln!("torusd: catch-up read of volume {v} block {b}: {e}");
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        if failed.load(Ordering::Acquire) {
+            return Err("a read from the source failed".into());
+        }
+        for (v, b) in unmap {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            {
+                let dirty = self.dirty.lock();
+                let pg = self.pg_of(v, b * BLOCK_SIZE as u64);
+                if dirty.get(&pg).is_some_and(|d| d.contains(&(v, b))) {
+                    continue;
+                }
+                self.send_local(
+                    Piece {
+                        volume: v,
+                        offset: b * BLOCK_SIZE as u64,
+                        len: BLOCK_SIZE as u32,
+                        kind: PieceKind::Zero { fua: false },
+                    },
+                    sink(move |c| {
+                        let _ = tx.send(c.output.is_ok());
+                    }),
+                );
+            }
+            if !rx.await.unwrap_or(false) {
+                return Err(format!("unmapping volume {v} block {b} failed"));
+            }
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.flush_local(Box::new(move |s| {
+            let _ = tx.send(s);
+        }));
+        if rx.await.unwrap_or(status::EIO) != status::OK {
+            return Err("local flush failed".into());
+        }
+        Ok(())
+    }
+
+    async fn copy_run(
+        &self,
+        map: &ClusterMap,
+        source: &str,
+        volume: u32,
+        block: u64,
+        n: u32,
+    ) -> Result<(), String> {
+        let pg = self.pg_of(volume, block * BLOCK_SIZE as u64);
+        let link = self.link(map, source, pg).ok_or("source left the map")?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        link.send(Outgoing {
+            entry: Entry {
+                op: Op::Read as u8,
+                volume,
+                offset: block * BLOCK_SIZE as u64,
+                len: n * BLOCK_SIZE as u32,
+                epoch: map.epoch,
+                ..Entry::default()
+            },
+            data: None,
+            done: Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        });
+        let r = rx.await.map_err(|_| "link dropped")?;
+        if r.status != status::OK {
+            return Err(format!("status {}", r.status));
+        }
+        let d = r.data.ok_or("no data")?;
+        if d.len != (n as usize) * BLOCK_SIZE {
+            return Err("short read".into());
+        }
+        let mut waits = Vec::new();
+        {
+            let dirty = self.dirty.lock();
+            let set = dirty.get(&pg);
+            let mut i = 0u32;
+            while i < n {
+                if set.is_some_and(|s| s.contains(&(volume, block + i as u64))) {
+                    i += 1;
+                    continue;
+                }
+                let mut j = i + 1;
+                while j < n && !set.is_some_and(|s| s.contains(&(volume, block + j as u64))) {
+                    j += 1;
+                }
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                self.send_local(
+                    Piece {
+                        volume,
+                        offset: (block + i as u64) * BLOCK_SIZE as u64,
+                        len: (j - i) * BLOCK_SIZE as u32,
+                        kind: PieceKind::Write {
+                            data: d.buf.clone(),
+                            data_offset: d.start + i as usize * BLOCK_SIZE,
+                            fua: false,
+                        },
+                    },
+                    sink(move |c| {
+                        let _ = tx.send(c.output.is_ok());
+                    }),
+                );
+                waits.push(rx);
+                i = j;
+            }
+        }
+        for w in waits {
+            if !w.await.unwrap_or(false) {
+                return Err("local write failed".into());
+            }
+        }
+        let mut rec = self.recovery.lock();
+        rec.blocks_copied += n as u64;
+        rec.bytes_copied += d.len as u64;
+        Ok(())
+    }
+
+    async fn list_remote(
+        &self,
+        map: &ClusterMap,
+        source: &str,
+        bitmap: &[bool],
+    ) -> Result<Vec<(u32, u64, u32)>, String> {
+        let link = self.link(map, source, 0).ok_or("source left the map")?;
+        let mut buf = AlignedBuf::zeroed(bitmap.len().div_ceil(4096) * 4096);
+        for (i, &b) in bitmap.iter().enumerate() {
+            buf[i] = b as u8;
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        link.send(Outgoing {
+            entry: Entry {
+                op: Op::List as u8,
+                epoch: map.epoch,
+                len: bitmap.len() as u32,
+                ..Entry::default()
+            },
+            data: Some(Data {
+                buf: Arc::new(buf),
+                start: 0,
+                len: bitmap.len(),
+            }),
+            done: Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        });
+        let r = rx.await.map_err(|_| "link dropped")?;
+        if r.status != status::OK {
+            return Err(format!("listing failed with status {}", r.status));
+        }
+        let Some(d) = r.data else { return Ok(Vec::new()) };
+        Ok(decode_list(&d.buf[d.start..d.start + d.len]))
+    }
+
+    async fn list_local(&self, bitmap: &[bool]) -> Vec<(u32, u64, u32)> {
+        let mut waits = Vec::new();
+        for m in &self.shared.mailboxes {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            m.send(Message::ListBlocks {
+                pgs: bitmap.to_vec(),
+                reply: Box::new(move |v| {
+                    let _ = tx.send(v);
+                }),
+            });
+            waits.push(rx);
+        }
+        let mut all = Vec::new();
+        for w in waits {
+            all.extend(w.await.unwrap_or_default());
+        }
+        all.sort_unstable();
+        all
+    }
+
+    /// Answers a block listing once every write that started under an older map has finished
+    /// here, so the listing holds every write the asking node did not receive itself.
+    async fn serve_list(self: Arc<Self>, e: Entry, data: Option<Data>, respond: Responder) {
+        let Some(d) = data else {
+            return respond.reply(status::EINVAL, None);
+        };
+        let pg_count = self.shared.geometry.pg_count as usize;
+        if d.len != pg_count {
+            return respond.reply(status::EINVAL, None);
+        }
+        let bitmap: Vec<bool> = d.buf[d.start..d.start + d.len].iter().map(|&b| b != 0).collect();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let ready = self.map().epoch >= e.epoch
+                && self
+                    .inflight
+                    .lock()
+                    .keys()
+                    .next()
+                    .is_none_or(|&oldest| oldest >= e.epoch);
+            if ready {
+                break;
+            }
+            if Instant::now() > deadline {
+                return respond.reply(status::RETRY, None);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let list = self.list_local(&bitmap).await;
+        let bytes = list.len() * 16;
+        if bytes > wire::BODY_MAX - (64 << 10) {
+            return respond.reply(status::EINVAL, None);
+        }
+        let mut buf = AlignedBuf::zeroed(bytes.div_ceil(4096).max(1) * 4096);
+        for (i, (v, b, c)) in list.iter().enumerate() {
+            buf[i * 16..i * 16 + 4].copy_from_slice(&v.to_le_bytes());
+            buf[i * 16 + 4..i * 16 + 12].copy_from_slice(&b.to_le_bytes());
+            buf[i * 16 + 12..i * 16 + 16].copy_from_slice(&c.to_le_bytes());
+        }
+        respond.reply(
+            status::OK,
+            (bytes > 0).then(|| Data {
+                buf: Arc::new(buf),
+                start: 0,
+                len: bytes,
+            }),
+        );
+    }
+}
+
+fn decode_list(b: &[u8]) -> Vec<(u32, u64, u32)> {
+    b.chunks_exact(16)
+        .map(|c| {
+            (
+                u32::from_le_bytes(c[0..4].try_into().expect("4")),
+                u64::from_le_bytes(c[4..12].try_into().expect("8")),
+                u32::from_le_bytes(c[12..16].try_into().expect("4")),
+            )
+        })
+        .collect()
+}
+
+/// The engine's router: frontends' pieces enter the cluster here.
+struct ClusterRouter(Arc<Cluster>);
+
+impl Router for ClusterRouter {
+    fn route(&self, piece: Piece, reply: ReplyTo) {
+        let shared = self.0.shared.clone();
+        self.0.submit(Request {
+            piece,
+            done: Box::new(move |r| deliver(&shared, reply, r.map_err(error_of))),
+            deadline: Instant::now() + REQUEST_DEADLINE,
+            from_peer: false,
+        });
+    }
+
+    fn flush(&self, _volume: u32, reply: ReplyTo) {
+        self.0.flush_all(reply);
+    }
+}
+
+/// Requests from other nodes.
+struct ClusterHandler(Arc<Cluster>);
+
+impl Handler for ClusterHandler {
+    fn cores(&self) -> u32 {
+        self.0.shared.mailboxes.len() as u32
+    }
+
+    fn handle(&self, _from: &str, _core: u32, e: Entry, data: Option<Data>, respond: Responder) {
+        let c = &self.0;
+        let Some(op) = Op::from_u8(e.op) else {
+            return respond.reply(status::EINVAL, None);
+        };
+        let fua = e.flags & wire::FLAG_FUA != 0;
+        let piece_of = |kind: PieceKind| Piece {
+            volume: e.volume,
+            offset: e.offset,
+            len: e.len,
+            kind,
+        };
+        match op {
+            Op::Write | Op::Zero => {
+                if let Err(s) = c.validate(&e, &data) {
+                    return respond.reply(s, None);
+                }
+                if e.epoch < c.map().epoch {
+                    return respond.reply(status::RETRY, None);
+                }
+                if c.fenced(e.volume, e.writer) {
+                    return respond.reply(status::FENCED, None);
+                }
+                let kind = match data {
+                    Some(d) => PieceKind::Write {
+                        data: d.buf,
+                        data_offset: d.start,
+                        fua,
+                    },
+                    None => PieceKind::Zero { fua },
+                };
+                c.apply_replica(
+                    piece_of(kind),
+                    e.epoch,
+                    sink(move |done| {
+                        respond.reply(done.output.map_or_else(status_of, |_| status::OK), None)
+                    }),
+                );
+            }
+            Op::Read | Op::Status => {
+                if let Err(s) = c.validate(&e, &data) {
+                    return respond.reply(s, None);
+                }
+                let kind = if op == Op::Read {
+                    PieceKind::Read
+                } else {
+                    PieceKind::Status
+                };
+                let len = e.len as usize;
+                c.send_local(
+                    piece_of(kind),
+                    sink(move |done| match done.output {
+                        Ok(Output::Read { data, head }) => respond.reply(
+                            status::OK,
+                            Some(Data {
+                                buf: Arc::new(data),
+                                start: head,
+                                len,
+                            }),
+                        ),
+                        Ok(Output::Status { mapped }) => {
+                            let mut buf = AlignedBuf::zeroed(mapped.len().div_ceil(4096).max(1) * 4096);
+                            for (i, m) in mapped.iter().enumerate() {
+                                buf[i] = *m as u8;
+                            }
+                            respond.reply(
+                                status::OK,
+                                Some(Data {
+                                    buf: Arc::new(buf),
+                                    start: 0,
+                                    len: mapped.len(),
+                                }),
+                            )
+                        }
+                        Ok(Output::Done) => respond.reply(status::EIO, None),
+                        Err(err) => respond.reply(status_of(err), None),
+                    }),
+                );
+            }
+            Op::Flush => c.flush_local(Box::new(move |s| respond.reply(s, None))),
+            Op::List => {
+                let me = c.clone();
+                c.rt.spawn(me.serve_list(e, data, respond));
+            }
+            Op::CWrite | Op::CZero | Op::CRead | Op::CStatus => {
+                if let Err(s) = c.validate(&e, &data) {
+                    return respond.reply(s, None);
+                }
+                if matches!(op, Op::CWrite | Op::CZero) && c.fenced(e.volume, e.writer) {
+                    return respond.reply(status::FENCED, None);
+                }
+                let kind = match op {
+                    Op::CRead => PieceKind::Read,
+                    Op::CStatus => PieceKind::Status,
+                    Op::CZero => PieceKind::Zero { fua },
+                    _ => {
+                        let d = data.expect("validated");
+                        PieceKind::Write {
+                            data: d.buf,
+                            data_offset: d.start,
+                            fua,
+                        }
+                    }
+                };
+                let len = e.len as usize;
+                c.submit(Request {
+                    piece: piece_of(kind),
+                    done: Box::new(move |r| match r {
+                        Ok(Output::Read { data, head }) => respond.reply(
+                            status::OK,
+                            Some(Data {
+                                buf: Arc::new(data),
+                                start: head,
+                                len,
+                            }),
+                        ),
+                        Ok(Output::Status { mapped }) => {
+                            let mut buf = AlignedBuf::zeroed(mapped.len().div_ceil(4096).max(1) * 4096);
+                            for (i, m) in mapped.iter().enumerate() {
+                                buf[i] = *m as u8;
+                            }
+                            respond.reply(
+                                status::OK,
+                                Some(Data {
+                                    buf: Arc::new(buf),
+                                    start: 0,
+                                    len: mapped.len(),
+                                }),
+                            )
+                        }
+                        Ok(Output::Done) => respond.reply(status::OK, None),
+                        Err(s) => respond.reply(s, None),
+                    }),
+                    deadline: Instant::now() + PEER_REQUEST_DEADLINE,
+                    from_peer: true,
+                });
+            }
+            Op::Hello | Op::Reply => respond.reply(status::EINVAL, None),
+        }
+    }
+}
+
+/// One row of `torusctl peers`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerView {
+    pub name: String,
+    pub peer_addr: String,
+    pub admin_addr: String,
+    pub nbd_addr: String,
+    pub incarnation: u64,
+    pub capacity_bytes: u64,
+    pub used_bytes: Option<u64>,
+    /// up, down or removing.
+    pub state: String,
+    pub last_heartbeat_ms_ago: Option<u64>,
+    pub pgs_held: u32,
+    pub recovery: Option<Recovery>,
+}
+
+/// The cluster half of `torusctl status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub node: String,
+    pub epoch: u64,
+    pub leader: Option<String>,
+    pub nodes_up: usize,
+    pub nodes: usize,
+    pub pgs: PgHealth,
+    pub pg_count: u32,
+    pub replicas_max: u32,
+    /// Catch-up progress of nodes that are copying.
+    pub recovering: Vec<(String, Recovery)>,
+}
+
+impl Cluster {
+    pub fn block_on<T>(&self, f: impl std::future::Future<Output = T>) -> T {
+        self.rt.block_on(f)
+    }
+
+    /// Fresh from etcd (a stale map here must not hide a problem).
+    fn fresh_map(&self) -> Arc<ClusterMap> {
+        if let Ok((Some(m), _)) = self.block_on(self.etcd.map()) {
+            self.install_map(m);
+        }
+        self.map()
+    }
+
+    fn all_stats(&self) -> HashMap<String, NodeStats> {
+        self.block_on(self.etcd.list("stats/"))
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(k, v, _)| Some((k, serde_json::from_slice(&v).ok()?)))
+            .collect()
+    }
+
+    pub fn peers(&self) -> Vec<PeerView> {
+        let map = self.fresh_map();
+        let stats = self.all_stats();
+        let now = now_ms();
+        map.nodes
+            .iter()
+            .map(|(name, n)| {
+                let s = stats.get(name);
+                PeerView {
+                    name: name.clone(),
+                    peer_addr: n.info.peer_addr.clone(),
+                    admin_addr: n.info.admin_addr.clone(),
+                    nbd_addr: n.info.nbd_addr.clone(),
+                    incarnation: n.info.incarnation,
+                    capacity_bytes: n.info.capacity_bytes,
+                    used_bytes: s.map(|s| s.used_bytes),
+                    state: if n.removing {
+                        "removing"
+                    } else if n.up {
+                        "up"
+                    } else {
+                        "down"
+                    }
+                    .into(),
+                    last_heartbeat_ms_ago: s.map(|s| now.saturating_sub(s.heartbeat_unix_ms)),
+                    pgs_held: map
+                        .pgs
+                        .iter()
+                        .filter(|slots| slots.iter().any(|s| &s.node == name))
+                        .count() as u32,
+                    recovery: s
+                        .map(|s| s.recovery.clone())
+                        .filter(|r| r.pgs_stale > 0),
+                }
+            })
+            .collect()
+    }
+
+    pub fn status(&self) -> ClusterStatus {
+        let map = self.fresh_map();
+        let stats = self.all_stats();
+        let leader = self
+            .block_on(self.etcd.get("leader"))
+            .ok()
+            .flatten()
+            .map(|(v, _)| String::from_utf8_lossy(&v).into_owned());
+        ClusterStatus {
+            node: self.me.clone(),
+            epoch: map.epoch,
+            leader,
+            nodes_up: map.nodes.values().filter(|n| n.up).count(),
+            nodes: map.nodes.len(),
+            pgs: map.health(),
+            pg_count: map.pg_count,
+            replicas_max: map.replicas_max,
+            recovering: stats
+                .into_iter()
+                .filter(|(_, s)| s.recovery.pgs_stale > 0)
+                .map(|(k, s)| (k, s.recovery))
+                .collect(),
+        }
+    }
+
+    /// Nodes a new volume can be replicated on.
+    pub fn node_count(&self) -> usize {
+        self.fresh_map().nodes.values().filter(|n| !n.removing).count()
+    }
+
+    /// Starts draining a node: its PGs move to the others, then it leaves the map.
+    pub fn remove_peer(&self, name: &str) -> Result<(), String> {
+        let replicas_max = self.cfg.replicas_max;
+        let mut why = None;
+        let r = self.block_on(self.etcd.update_map(replicas_max, |m| {
+            let remaining = m.nodes.values().filter(|n| !n.removing).count();
+            match m.nodes.get_mut(name) {
+                None => {
+                    why = Some(format!("no node named {name:?} in the cluster"));
+                    false
+                }
+                Some(n) if n.removing => false,
+                Some(n) => {
+                    if remaining <= m.replicas_max as usize {
+                        why = Some(format!(
+                            "removing {name:?} would leave {} nodes for {} replicas; add a node first",
+                            remaining - 1,
+                            m.replicas_max
+                        ));
+                        return false;
+                    }
+                    n.removing = true;
+                    m.epoch += 1;
+                    true
+                }
+            }
+        }));
+        if let Some(w) = why {
+            return Err(w);
+        }
+        r.map(|_| ()).map_err(|e| e.to_string())
+    }
+}

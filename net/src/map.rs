@@ -1,0 +1,499 @@
+//! The cluster map: which nodes exist, which are up, and for every placement group (PG) the
+//! ordered slots that hold its replicas. It lives in one metadata key, is changed only by
+//! compare-and-swap, and every change bumps `epoch`.
+//!
+//! Placement is weighted rendezvous hashing (weight = capacity): for each PG every node gets a
+//! score from hash(pg, node); the top `replicas_max` nodes are the PG's target. Adding or
+//! removing one node of N changes the target of about 1/N of the PGs and nothing else.
+//!
+//! A slot holds one node and a state. `Clean` means the node holds every acknowledged write of
+//! the PG's volumes that map to this slot; `Stale` means it is catching up (a node that
+//! restarted, was down, or just joined): it takes new writes but is not read from. While a
+//! slot moves to a new node, `prev` keeps the old clean holder, which goes on taking writes
+//! and serving reads until the new one is clean.
+//!
+//! A volume with `r` replicas uses slots `0..r` of each PG.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+pub const PG_COUNT: u32 = 256;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub name: String,
+    /// Node-to-node protocol address.
+    pub peer_addr: String,
+    pub admin_addr: String,
+    pub nbd_addr: String,
+    pub cores: u32,
+    pub capacity_bytes: u64,
+    /// Changes on every start of the process: a restarted node must catch up first.
+    pub incarnation: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MapNode {
+    pub info: NodeInfo,
+    pub up: bool,
+    /// Being drained by `torusctl peer remove`: gets no new PGs, leaves when it holds none.
+    pub removing: bool,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum SlotState {
+    Clean,
+    Stale,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Slot {
+    pub node: String,
+    pub state: SlotState,
+    /// The clean holder this slot is moving away from, if it is moving.
+    pub prev: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClusterMap {
+    pub epoch: u64,
+    pub pg_count: u32,
+    pub replicas_max: u32,
+    pub nodes: BTreeMap<String, MapNode>,
+    pub pgs: Vec<Vec<Slot>>,
+}
+
+/// Where a piece of one PG goes under one map.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Targets {
+    /// The node that coordinates and serves reads: the first clean holder that is up.
+    pub primary: Option<String>,
+    /// Every up node that must have a write before it is acknowledged (primary included).
+    pub write: Vec<String>,
+    /// Slots with at least one clean holder up.
+    pub clean_up: usize,
+}
+
+/// Writes need this many clean replicas up: 2 of 3, 1 of 2, 1 of 1 (as Ceph's min_size).
+pub fn min_size(replicas: u32) -> usize {
+    (replicas as usize - replicas as usize / 2).max(1)
+}
+
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn name_hash(name: &str) -> u64 {
+    // FNV-1a, then mixed: stable across builds and platforms (it decides where data lives).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    mix(h)
+}
+
+/// Weighted rendezvous score of `node` for `pg`: weight / -ln(u), u uniform in (0, 1).
+pub fn score(pg: u32, node: &str, weight: u64) -> f64 {
+    let h = mix(name_hash(node) ^ (pg as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    (weight.max(1) as f64) / -u.ln()
+}
+
+impl ClusterMap {
+    pub fn new(replicas_max: u32) -> ClusterMap {
+        ClusterMap {
+            epoch: 1,
+            pg_count: PG_COUNT,
+            replicas_max,
+            nodes: BTreeMap::new(),
+            pgs: vec![Vec::new(); PG_COUNT as usize],
+        }
+    }
+
+    fn up(&self, node: &str) -> bool {
+        self.nodes.get(node).is_some_and(|n| n.up)
+    }
+
+    /// The nodes a PG should live on, best first.
+    pub fn target_nodes(&self, pg: u32) -> Vec<String> {
+        let mut scored: Vec<(f64, &String)> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| !n.removing)
+            .map(|(name, n)| (score(pg, name, n.info.capacity_bytes >> 30), name))
+            .collect();
+        scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(b.1)));
+        scored
+            .into_iter()
+            .take(self.replicas_max as usize)
+            .map(|(_, n)| n.clone())
+            .collect()
+    }
+
+    pub fn targets(&self, pg: u32, replicas: u32) -> Targets {
+        let mut t = Targets {
+            primary: None,
+            write: Vec::new(),
+            clean_up: 0,
+        };
+        let Some(slots) = self.pgs.get(pg as usize) else {
+            return t;
+        };
+        for slot in slots.iter().take(replicas as usize) {
+            let mut clean = None;
+            if let Some(prev) = &slot.prev {
+                if self.up(prev) {
+                    clean = Some(prev.clone());
+                    if !t.write.contains(prev) {
+                        t.write.push(prev.clone());
+                    }
+                }
+            }
+            if self.up(&slot.node) {
+                if slot.state == SlotState::Clean && clean.is_none() {
+                    clean = Some(slot.node.clone());
+                }
+                if !t.write.contains(&slot.node) {
+                    t.write.push(slot.node.clone());
+                }
+            }
+            if let Some(c) = clean {
+                t.clean_up += 1;
+                if t.primary.is_none() {
+                    t.primary = Some(c);
+                }
+            }
+        }
+        t
+    }
+
+    /// The slot index a node holds in a PG (as holder or as the previous holder).
+    pub fn slot_of(&self, pg: u32, node: &str) -> Option<usize> {
+        self.pgs.get(pg as usize)?.iter().position(|s| s.node == node || s.prev.as_deref() == Some(node))
+    }
+
+    /// PGs in which `node` holds a stale slot, with the slot index.
+    pub fn stale_slots(&self, node: &str) -> Vec<(u32, usize)> {
+        let mut out = Vec::new();
+        for (pg, slots) in self.pgs.iter().enumerate() {
+            for (i, s) in slots.iter().enumerate() {
+                if s.node == node && s.state == SlotState::Stale {
+                    out.push((pg as u32, i));
+                }
+            }
+        }
+        out
+    }
+
+    fn mark_stale(&mut self, node: &str) {
+        for slots in &mut self.pgs {
+            for s in slots.iter_mut() {
+                if s.node == node {
+                    s.state = SlotState::Stale;
+                }
+                if s.prev.as_deref() == Some(node) {
+                    s.prev = None;
+                }
+            }
+        }
+    }
+
+    /// The leader's step: takes the live nodes (those holding a lease) and brings the map in
+    /// line. Returns true when something changed (the caller bumps the epoch and writes it).
+    pub fn reconcile(&mut self, live: &BTreeMap<String, NodeInfo>) -> bool {
+        let before = self.clone();
+        for (name, info) in live {
+            match self.nodes.get_mut(name) {
+                None => {
+                    self.nodes.insert(
+                        name.clone(),
+                        MapNode {
+                            info: info.clone(),
+                            up: true,
+                            removing: false,
+                        },
+                    );
+                }
+                Some(n) => {
+                    let restarted = n.info.incarnation != info.incarnation;
+                    n.info = info.clone();
+                    n.up = true;
+                    if restarted {
+                        self.mark_stale(name);
+                    }
+                }
+            }
+        }
+        let gone: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|(name, n)| n.up && !live.contains_key(*name))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in gone {
+            self.nodes.get_mut(&name).expect("listed").up = false;
+            self.mark_stale(&name);
+        }
+        for pg in 0..self.pg_count {
+            let targets = self.target_nodes(pg);
+            let slots = &mut self.pgs[pg as usize];
+            // A finished move: the new holder is clean, the old one lets go.
+            for s in slots.iter_mut() {
+                if s.state == SlotState::Clean {
+                    s.prev = None;
+                }
+            }
+            let mut missing: Vec<String> = targets
+                .iter()
+                .filter(|t| !slots.iter().any(|s| &s.node == *t))
+                .cloned()
+                .collect();
+            missing.reverse();
+            // Replace holders that are no longer targets (not while a move is under way).
+            for s in slots.iter_mut() {
+                if targets.contains(&s.node) || s.prev.is_some() {
+                    continue;
+                }
+                let Some(next) = missing.pop() else { break };
+                let old_clean = s.state == SlotState::Clean
+                    && before.nodes.get(&s.node).is_some_and(|n| n.up)
+                    && self.nodes.get(&s.node).is_some_and(|n| n.up);
+                *s = Slot {
+                    node: next,
+                    state: SlotState::Stale,
+                    prev: old_clean.then(|| s.node.clone()),
+                };
+            }
+            // Grow to the target size (a node joined a cluster smaller than replicas_max).
+            while slots.len() < targets.len() {
+                let Some(next) = missing.pop() else { break };
+                // The first holder of a PG has nothing anywhere to catch up from.
+                let state = if slots.is_empty() {
+                    SlotState::Clean
+                } else {
+                    SlotState::Stale
+                };
+                slots.push(Slot {
+                    node: next,
+                    state,
+                    prev: None,
+                });
+            }
+            // Shrink (fewer nodes than replicas_max): only the last slot, and only when its
+            // holder is no longer a target, so slot indices (and what they hold) never shift.
+            while slots.len() > targets.len()
+                && slots
+                    .last()
+                    .is_some_and(|s| !targets.contains(&s.node) && s.prev.is_none())
+            {
+                slots.pop();
+            }
+        }
+        // Nodes being removed leave once they hold nothing.
+        let holding: std::collections::BTreeSet<String> = self
+            .pgs
+            .iter()
+            .flatten()
+            .flat_map(|s| std::iter::once(s.node.clone()).chain(s.prev.clone()))
+            .collect();
+        self.nodes
+            .retain(|name, n| !(n.removing && !holding.contains(name)));
+        let changed = *self != before;
+        if changed {
+            self.epoch = before.epoch + 1;
+        }
+        changed
+    }
+
+    /// Marks the slots of `node` clean in the given PGs (its catch-up finished). Only for the
+    /// incarnation that did the catching up: a node that restarted since must start over.
+    pub fn mark_clean(&mut self, node: &str, incarnation: u64, pgs: &[u32]) -> bool {
+        if self.nodes.get(node).map(|n| n.info.incarnation) != Some(incarnation) {
+            return false;
+        }
+        let mut changed = false;
+        for &pg in pgs {
+            if let Some(slots) = self.pgs.get_mut(pg as usize) {
+                for s in slots.iter_mut() {
+                    if s.node == node && s.state == SlotState::Stale {
+                        s.state = SlotState::Clean;
+                        changed = true;
+                    }
+                }
+            }
+        }
+        if changed {
+            self.epoch += 1;
+        }
+        changed
+    }
+
+    /// PG counts for the operator: (active+clean, degraded, recovering).
+    pub fn health(&self) -> PgHealth {
+        let mut h = PgHealth::default();
+        for (pg, slots) in self.pgs.iter().enumerate() {
+            let t = self.targets(pg as u32, self.replicas_max);
+            let want = (self.replicas_max as usize).min(self.nodes.len()).max(1);
+            let recovering = slots
+                .iter()
+                .any(|s| s.state == SlotState::Stale && self.up(&s.node));
+            if t.primary.is_none() {
+                h.down += 1;
+            } else if recovering {
+                h.recovering += 1;
+            } else if t.clean_up < want || slots.iter().any(|s| s.prev.is_some()) {
+                h.degraded += 1;
+            } else {
+                h.clean += 1;
+            }
+        }
+        h
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PgHealth {
+    pub clean: u32,
+    pub degraded: u32,
+    pub recovering: u32,
+    /// No clean replica up: I/O to these answers EIO.
+    pub down: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, inc: u64) -> NodeInfo {
+        NodeInfo {
+            name: name.into(),
+            peer_addr: String::new(),
+            admin_addr: String::new(),
+            nbd_addr: String::new(),
+            cores: 2,
+            capacity_bytes: 4 << 30,
+            incarnation: inc,
+        }
+    }
+
+    fn live(names: &[(&str, u64)]) -> BTreeMap<String, NodeInfo> {
+        names.iter().map(|(n, i)| (n.to_string(), node(n, *i))).collect()
+    }
+
+    fn all_clean(m: &mut ClusterMap) {
+        let names: Vec<(String, u64)> = m
+            .nodes
+            .iter()
+            .map(|(k, v)| (k.clone(), v.info.incarnation))
+            .collect();
+        for (n, inc) in names {
+            let pgs: Vec<u32> = (0..m.pg_count).collect();
+            m.mark_clean(&n, inc, &pgs);
+        }
+        m.reconcile(&live_of(m));
+    }
+
+    fn live_of(m: &ClusterMap) -> BTreeMap<String, NodeInfo> {
+        m.nodes
+            .iter()
+            .filter(|(_, n)| n.up)
+            .map(|(k, v)| (k.clone(), v.info.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn first_node_is_clean_and_joiners_catch_up() {
+        let mut m = ClusterMap::new(3);
+        assert!(m.reconcile(&live(&[("a", 1)])));
+        assert_eq!(m.health().clean, PG_COUNT);
+        m.reconcile(&live(&[("a", 1), ("b", 1), ("c", 1)]));
+        let h = m.health();
+        assert_eq!(h.recovering, PG_COUNT, "{h:?}");
+        let t = m.targets(7, 3);
+        assert_eq!(t.primary.as_deref(), Some("a"));
+        assert_eq!(t.write.len(), 3);
+        assert_eq!(t.clean_up, 1);
+        all_clean(&mut m);
+        assert_eq!(m.health().clean, PG_COUNT);
+    }
+
+    #[test]
+    fn a_lost_node_goes_stale_and_comes_back_through_catch_up() {
+        let mut m = ClusterMap::new(3);
+        m.reconcile(&live(&[("a", 1), ("b", 1), ("c", 1)]));
+        all_clean(&mut m);
+        let e = m.epoch;
+        assert!(m.reconcile(&live(&[("a", 1), ("c", 1)])));
+        assert!(m.epoch > e);
+        for pg in 0..PG_COUNT {
+            let t = m.targets(pg, 3);
+            assert_eq!(t.clean_up, 2);
+            assert!(!t.write.contains(&"b".to_string()));
+            assert!(t.primary.is_some());
+        }
+        assert_eq!(m.health().degraded, PG_COUNT);
+        // b restarts: it takes writes again but is not read from until it caught up.
+        m.reconcile(&live(&[("a", 1), ("b", 2), ("c", 1)]));
+        for pg in 0..PG_COUNT {
+            let t = m.targets(pg, 3);
+            assert_eq!(t.write.len(), 3);
+            assert_ne!(t.primary.as_deref(), Some("b"));
+        }
+        assert!(!m.mark_clean("b", 1, &[0]), "an old incarnation cannot mark clean");
+        all_clean(&mut m);
+        assert_eq!(m.health().clean, PG_COUNT);
+        // Every node lost: reads have nowhere to go.
+        m.reconcile(&live(&[]));
+        assert_eq!(m.health().down, PG_COUNT);
+        assert_eq!(m.targets(3, 3).primary, None);
+    }
+
+    #[test]
+    fn a_restart_within_the_lease_still_forces_catch_up() {
+        let mut m = ClusterMap::new(3);
+        m.reconcile(&live(&[("a", 1), ("b", 1), ("c", 1)]));
+        all_clean(&mut m);
+        m.reconcile(&live(&[("a", 1), ("b", 9), ("c", 1)]));
+        assert_eq!(m.stale_slots("b").len(), PG_COUNT as usize);
+    }
+
+    #[test]
+    fn a_fourth_node_moves_about_a_quarter_and_keeps_the_old_holder_until_clean() {
+        let mut m = ClusterMap::new(3);
+        m.reconcile(&live(&[("a", 1), ("b", 1), ("c", 1)]));
+        all_clean(&mut m);
+        m.reconcile(&live(&[("a", 1), ("b", 1), ("c", 1), ("d", 1)]));
+        let moved = m.stale_slots("d").len();
+        // 3 of 4 nodes hold each PG: d enters 3/4 of the PGs, one slot each, i.e. a quarter
+        // of all replicas move.
+        let share = moved as f64 / (PG_COUNT as f64 * 3.0);
+        assert!((0.18..0.32).contains(&share), "moved {moved} ({share})");
+        for (pg, _) in m.stale_slots("d") {
+            let t = m.targets(pg, 3);
+            assert_eq!(t.clean_up, 3, "the old holder still counts while d catches up");
+            assert_eq!(t.write.len(), 4);
+        }
+        all_clean(&mut m);
+        assert_eq!(m.health().clean, PG_COUNT);
+        for slots in &m.pgs {
+            assert_eq!(slots.len(), 3);
+            assert!(slots.iter().all(|s| s.prev.is_none()));
+        }
+    }
+
+    #[test]
+    fn scores_are_stable() {
+        // Placement decides where data lives: it must not change between builds.
+        assert_eq!(score(0, "a", 4).to_bits(), score(0, "a", 4).to_bits());
+        let mut m = ClusterMap::new(3);
+        m.reconcile(&live(&[("a", 1), ("b", 1), ("c", 1), ("d", 1)]));
+        let first: Vec<Vec<String>> = (0..8).map(|pg| m.target_nodes(pg)).collect();
+        let mut again = ClusterMap::new(3);
+        again.reconcile(&live(&[("d", 1), ("c", 1), ("b", 1), ("a", 1)]));
+        let second: Vec<Vec<String>> = (0..8).map(|pg| again.target_nodes(pg)).collect();
+        assert_eq!(first, second);
+    }
+}
