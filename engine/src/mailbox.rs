@@ -12,6 +12,9 @@ use std::any::Any;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
+/// Mapped blocks as (volume, block, crc32c).
+pub type BlockList = Vec<(u32, u64, u32)>;
+
 pub enum Message {
     Piece(Piece, ReplyTo),
     Done(Completion),
@@ -23,7 +26,7 @@ pub enum Message {
     /// PG), as (volume, block, crc32c), sorted; the answer goes to `reply` on the core's thread.
     ListBlocks {
         pgs: Vec<bool>,
-        reply: Box<dyn FnOnce(Vec<(u32, u64, u32)>) + Send>,
+        reply: Box<dyn FnOnce(BlockList) + Send>,
     },
     /// Finish in-flight work, close connections, checkpoint, then stop. The checkpoint's
     /// result is sent to the reply.

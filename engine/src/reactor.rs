@@ -157,7 +157,12 @@ impl CoreContext {
 
     /// Flush through the cluster router (one completion); see `routed`.
     pub fn route_flush(&mut self, volume: u32, reply: ReplyTo) {
-        let router = self.shared.router.get().expect("route_flush needs a router").clone();
+        let router = self
+            .shared
+            .router
+            .get()
+            .expect("route_flush needs a router")
+            .clone();
         router.flush(volume, reply);
     }
 

@@ -27,8 +27,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use torus_engine::layout::placement_group;
 use torus_engine::{
-    AlignedBuf, BlockError, Completion, CompletionSink, Message, Output, Piece, PieceKind,
-    ReplyTo, Router, Shared, Sink, BLOCK_SIZE, CHUNK_SIZE,
+    AlignedBuf, BlockError, Completion, CompletionSink, Message, Output, Piece, PieceKind, ReplyTo,
+    Router, Shared, Sink, BLOCK_SIZE, CHUNK_SIZE,
 };
 
 /// How long a client request keeps retrying (primary moving, a node being declared dead)
@@ -41,7 +41,7 @@ const MAP_POLL: Duration = Duration::from_millis(200);
 const VOLUME_POLL: Duration = Duration::from_secs(1);
 const LEADER_TICK: Duration = Duration::from_millis(500);
 /// PGs caught up per round (one block listing each way per round).
-const RECOVERY_PGS_PER_ROUND: usize = 16;
+const RECOVERY_PGS_PER_ROUND: usize = 64;
 /// Reads of a catch-up round in flight at once.
 const RECOVERY_READS_IN_FLIGHT: usize = 32;
 
@@ -126,7 +126,9 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-struct FnSink(Mutex<Option<Box<dyn FnOnce(Completion) + Send>>>);
+type OnCompletion = Box<dyn FnOnce(Completion) + Send>;
+
+struct FnSink(Mutex<Option<OnCompletion>>);
 
 impl CompletionSink for FnSink {
     fn complete(&self, c: Completion) {
@@ -202,7 +204,7 @@ fn clone_piece(p: &Piece) -> Piece {
 }
 
 fn is_partial(p: &Piece) -> bool {
-    p.offset % BLOCK_SIZE as u64 != 0 || p.len as usize % BLOCK_SIZE != 0
+    !p.offset.is_multiple_of(BLOCK_SIZE as u64) || !(p.len as usize).is_multiple_of(BLOCK_SIZE)
 }
 
 /// Whole blocks a piece covers entirely.
@@ -240,7 +242,8 @@ impl Cluster {
     ) -> Result<Arc<Cluster>, EtcdError> {
         let handle = rt.handle().clone();
         let etcd = rt.block_on(Etcd::connect(&cfg.etcd))?;
-        let incarnation = now_ms() ^ (u64::from_le_bytes(node_id[..8].try_into().expect("8")) << 20);
+        let incarnation =
+            now_ms() ^ (u64::from_le_bytes(node_id[..8].try_into().expect("8")) << 20);
         let info = NodeInfo {
             name: cfg.node_name.clone(),
             peer_addr: cfg.peer_addr.clone(),
@@ -387,7 +390,12 @@ impl Cluster {
                 return Some(l.clone());
             }
         }
-        let l = Arc::new(Link::open(&self.rt, n.info.peer_addr.clone(), self.me.clone(), core));
+        let l = Arc::new(Link::open(
+            &self.rt,
+            n.info.peer_addr.clone(),
+            self.me.clone(),
+            core,
+        ));
         links.insert(key, l.clone());
         Some(l)
     }
@@ -442,10 +450,7 @@ impl Cluster {
         match req.piece.kind {
             PieceKind::Read | PieceKind::Status => {
                 let done = req.done;
-                self.send_local(
-                    req.piece,
-                    sink(move |c| done(c.output.map_err(status_of))),
-                );
+                self.send_local(req.piece, sink(move |c| done(c.output.map_err(status_of))));
             }
             PieceKind::Write { .. } | PieceKind::Zero { .. } => {
                 if t.clean_up < min_size(vol.replicas) {
@@ -508,13 +513,17 @@ impl Cluster {
                 status::OK => {
                     let output = match (&req.piece.kind, r.data) {
                         (PieceKind::Read, Some(d)) if d.len == req.piece.len as usize => {
-                            let mut buf = AlignedBuf::zeroed(d.len.div_ceil(BLOCK_SIZE) * BLOCK_SIZE);
+                            let mut buf =
+                                AlignedBuf::zeroed(d.len.div_ceil(BLOCK_SIZE) * BLOCK_SIZE);
                             buf[..d.len].copy_from_slice(&d.buf[d.start..d.start + d.len]);
                             Output::Read { data: buf, head: 0 }
                         }
                         (PieceKind::Read, _) => return (req.done)(Err(status::EIO)),
                         (PieceKind::Status, Some(d)) => Output::Status {
-                            mapped: d.buf[d.start..d.start + d.len].iter().map(|&b| b != 0).collect(),
+                            mapped: d.buf[d.start..d.start + d.len]
+                                .iter()
+                                .map(|&b| b != 0)
+                                .collect(),
                         },
                         (PieceKind::Status, None) => return (req.done)(Err(status::EIO)),
                         _ => Output::Done,
@@ -801,8 +810,15 @@ impl Cluster {
         self.send_local(piece, reply);
     }
 
-    fn validate(&self, e: &Entry, data: &Option<Data>) -> Result<VolumeRecord, u16> {
-        let vol = self.volume(e.volume).ok_or(status::NOVOLUME)?;
+    fn validate(self: &Arc<Self>, e: &Entry, data: &Option<Data>) -> Result<VolumeRecord, u16> {
+        let Some(vol) = self.volume(e.volume) else {
+            // Perhaps created a moment ago: look again; the sender asks again meanwhile.
+            let me = self.clone();
+            self.rt.spawn(async move {
+                let _ = me.refresh_volumes().await;
+            });
+            return Err(status::RETRY);
+        };
         let end = e.offset.checked_add(e.len as u64).ok_or(status::EINVAL)?;
         let in_chunk = e.len > 0
             && e.len as u64 <= CHUNK_SIZE
@@ -965,13 +981,19 @@ impl Cluster {
     }
 
     async fn recovery_loop(self: Arc<Self>) {
+        let mut busy = false;
         loop {
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            if !busy {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            busy = false;
             if self.stopping.load(Ordering::Acquire) {
                 return;
             }
             let map = self.map();
-            let Some(me) = map.nodes.get(&self.me) else { continue };
+            let Some(me) = map.nodes.get(&self.me) else {
+                continue;
+            };
             if !me.up || me.info.incarnation != self.incarnation || !self.lease_fresh() {
                 continue;
             }
@@ -989,7 +1011,9 @@ impl Cluster {
                     }
                 }
             }
-            let Some((source, pgs)) = by_source.into_iter().next() else { continue };
+            let Some((source, pgs)) = by_source.into_iter().next() else {
+                continue;
+            };
             let pgs: Vec<(u32, usize)> = pgs.into_iter().take(RECOVERY_PGS_PER_ROUND).collect();
             match self.clone().catch_up(&map, &source, &pgs).await {
                 Ok(()) => {
@@ -1001,8 +1025,13 @@ impl Cluster {
                         .update_map(self.cfg.replicas_max, |m| m.mark_clean(&me, inc, &list))
                         .await
                     {
-                        self.recovery.lock().pgs_done += list.len() as u64;
+                        {
+                            let mut r = self.recovery.lock();
+                            r.pgs_done += list.len() as u64;
+                            r.pgs_stale = r.pgs_stale.saturating_sub(list.len() as u64);
+                        }
                         self.install_map(m);
+                        busy = true;
                     }
                 }
                 Err(why) => eprintln!("torusd: catch-up from {source}: {why}; retrying"),
@@ -1089,7 +1118,11 @@ impl Cluster {
             if failed.load(Ordering::Acquire) {
                 break;
             }
-            let permit = sem.clone().acquire_owned().await.map_err(|e| e.to_string())?;
+            let permit = sem
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|e| e.to_string())?;
             // Throttle: stay under the configured rate.
             let copied = self.recovery.lock().bytes_copied as f64;
             let allowed = self.cfg.recovery_rate as f64 * started.elapsed().as_secs_f64();
@@ -1262,7 +1295,9 @@ impl Cluster {
         if r.status != status::OK {
             return Err(format!("listing failed with status {}", r.status));
         }
-        let Some(d) = r.data else { return Ok(Vec::new()) };
+        let Some(d) = r.data else {
+            return Ok(Vec::new());
+        };
         Ok(decode_list(&d.buf[d.start..d.start + d.len]))
     }
 
@@ -1296,7 +1331,10 @@ impl Cluster {
         if d.len != pg_count {
             return respond.reply(status::EINVAL, None);
         }
-        let bitmap: Vec<bool> = d.buf[d.start..d.start + d.len].iter().map(|&b| b != 0).collect();
+        let bitmap: Vec<bool> = d.buf[d.start..d.start + d.len]
+            .iter()
+            .map(|&b| b != 0)
+            .collect();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let ready = self.map().epoch >= e.epoch
@@ -1436,7 +1474,8 @@ impl Handler for ClusterHandler {
                             }),
                         ),
                         Ok(Output::Status { mapped }) => {
-                            let mut buf = AlignedBuf::zeroed(mapped.len().div_ceil(4096).max(1) * 4096);
+                            let mut buf =
+                                AlignedBuf::zeroed(mapped.len().div_ceil(4096).max(1) * 4096);
                             for (i, m) in mapped.iter().enumerate() {
                                 buf[i] = *m as u8;
                             }
@@ -1492,7 +1531,8 @@ impl Handler for ClusterHandler {
                             }),
                         ),
                         Ok(Output::Status { mapped }) => {
-                            let mut buf = AlignedBuf::zeroed(mapped.len().div_ceil(4096).max(1) * 4096);
+                            let mut buf =
+                                AlignedBuf::zeroed(mapped.len().div_ceil(4096).max(1) * 4096);
                             for (i, m) in mapped.iter().enumerate() {
                                 buf[i] = *m as u8;
                             }
@@ -1600,9 +1640,7 @@ impl Cluster {
                         .iter()
                         .filter(|slots| slots.iter().any(|s| &s.node == name))
                         .count() as u32,
-                    recovery: s
-                        .map(|s| s.recovery.clone())
-                        .filter(|r| r.pgs_stale > 0),
+                    recovery: s.map(|s| s.recovery.clone()).filter(|r| r.pgs_stale > 0),
                 }
             })
             .collect()
@@ -1635,7 +1673,11 @@ impl Cluster {
 
     /// Nodes a new volume can be replicated on.
     pub fn node_count(&self) -> usize {
-        self.fresh_map().nodes.values().filter(|n| !n.removing).count()
+        self.fresh_map()
+            .nodes
+            .values()
+            .filter(|n| !n.removing)
+            .count()
     }
 
     /// Starts draining a node: its PGs move to the others, then it leaves the map.

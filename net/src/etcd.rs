@@ -31,11 +31,17 @@ pub struct Etcd {
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdError {
     #[error("etcd: {0}")]
-    Client(#[from] etcd_client::Error),
+    Client(Box<etcd_client::Error>),
     #[error("etcd key {key}: {why}")]
     Corrupt { key: String, why: String },
     #[error("etcd did not answer within {0:?}")]
     Timeout(Duration),
+}
+
+impl From<etcd_client::Error> for EtcdError {
+    fn from(e: etcd_client::Error) -> EtcdError {
+        EtcdError::Client(Box::new(e))
+    }
 }
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
@@ -80,7 +86,9 @@ impl Etcd {
     pub async fn get(&self, k: &str) -> Result<Option<(Vec<u8>, i64)>, EtcdError> {
         let mut c = self.client.clone();
         let r = timed(c.get(self.key(k), None)).await?;
-        Ok(r.kvs().first().map(|kv| (kv.value().to_vec(), kv.mod_revision())))
+        Ok(r.kvs()
+            .first()
+            .map(|kv| (kv.value().to_vec(), kv.mod_revision())))
     }
 
     /// Every key under `k` (with the prefix and `k` stripped), value, create revision.
@@ -119,7 +127,11 @@ impl Etcd {
         let mut c = self.client.clone();
         let key = self.key(k);
         let txn = Txn::new()
-            .when([Compare::mod_revision(key.clone(), CompareOp::Equal, revision)])
+            .when([Compare::mod_revision(
+                key.clone(),
+                CompareOp::Equal,
+                revision,
+            )])
             .and_then([TxnOp::put(key, value, None)]);
         Ok(timed(c.txn(txn)).await?.succeeded())
     }
@@ -136,7 +148,11 @@ impl Etcd {
         let key = self.key(k);
         let txn = Txn::new()
             .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key.clone(), value, Some(PutOptions::new().with_lease(lease)))]);
+            .and_then([TxnOp::put(
+                key.clone(),
+                value,
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
         timed(c.txn(txn)).await?;
         let r = timed(c.get(key, None)).await?;
         match r.kvs().first() {
@@ -147,7 +163,9 @@ impl Etcd {
 
     pub async fn lease_grant(&self, ttl: Duration) -> Result<i64, EtcdError> {
         let mut c = self.client.clone();
-        Ok(timed(c.lease_grant(ttl.as_secs().max(1) as i64, None)).await?.id())
+        Ok(timed(c.lease_grant(ttl.as_secs().max(1) as i64, None))
+            .await?
+            .id())
     }
 
     /// Keeps a lease alive once. Returns false when etcd says it has expired.
@@ -233,7 +251,9 @@ impl EtcdMetadata {
     }
 
     fn try_volumes(&self) -> Result<Vec<VolumeRecord>, MetadataError> {
-        self.block(self.etcd.volumes()).map(|v| v.0).map_err(unavailable)
+        self.block(self.etcd.volumes())
+            .map(|v| v.0)
+            .map_err(unavailable)
     }
 
     async fn update_volume(
@@ -299,7 +319,11 @@ impl Metadata for EtcdMetadata {
                         Compare::mod_revision(etcd.key(NEXT_KEY), CompareOp::Equal, next_rev),
                     ])
                     .and_then([
-                        TxnOp::put(key.clone(), serde_json::to_vec(&record).expect("json"), None),
+                        TxnOp::put(
+                            key.clone(),
+                            serde_json::to_vec(&record).expect("json"),
+                            None,
+                        ),
                         TxnOp::put(
                             etcd.key(NEXT_KEY),
                             serde_json::to_vec(&(next + 1)).expect("json"),

@@ -172,7 +172,10 @@ impl ClusterMap {
 
     /// The slot index a node holds in a PG (as holder or as the previous holder).
     pub fn slot_of(&self, pg: u32, node: &str) -> Option<usize> {
-        self.pgs.get(pg as usize)?.iter().position(|s| s.node == node || s.prev.as_deref() == Some(node))
+        self.pgs
+            .get(pg as usize)?
+            .iter()
+            .position(|s| s.node == node || s.prev.as_deref() == Some(node))
     }
 
     /// PGs in which `node` holds a stale slot, with the slot index.
@@ -300,7 +303,7 @@ impl ClusterMap {
             .flat_map(|s| std::iter::once(s.node.clone()).chain(s.prev.clone()))
             .collect();
         self.nodes
-            .retain(|name, n| !(n.removing && !holding.contains(name)));
+            .retain(|name, n| !n.removing || holding.contains(name));
         let changed = *self != before;
         if changed {
             self.epoch = before.epoch + 1;
@@ -380,7 +383,10 @@ mod tests {
     }
 
     fn live(names: &[(&str, u64)]) -> BTreeMap<String, NodeInfo> {
-        names.iter().map(|(n, i)| (n.to_string(), node(n, *i))).collect()
+        names
+            .iter()
+            .map(|(n, i)| (n.to_string(), node(n, *i)))
+            .collect()
     }
 
     fn all_clean(m: &mut ClusterMap) {
@@ -442,7 +448,10 @@ mod tests {
             assert_eq!(t.write.len(), 3);
             assert_ne!(t.primary.as_deref(), Some("b"));
         }
-        assert!(!m.mark_clean("b", 1, &[0]), "an old incarnation cannot mark clean");
+        assert!(
+            !m.mark_clean("b", 1, &[0]),
+            "an old incarnation cannot mark clean"
+        );
         all_clean(&mut m);
         assert_eq!(m.health().clean, PG_COUNT);
         // Every node lost: reads have nowhere to go.
@@ -473,7 +482,10 @@ mod tests {
         assert!((0.18..0.32).contains(&share), "moved {moved} ({share})");
         for (pg, _) in m.stale_slots("d") {
             let t = m.targets(pg, 3);
-            assert_eq!(t.clean_up, 3, "the old holder still counts while d catches up");
+            assert_eq!(
+                t.clean_up, 3,
+                "the old holder still counts while d catches up"
+            );
             assert_eq!(t.write.len(), 4);
         }
         all_clean(&mut m);

@@ -244,7 +244,8 @@ pub async fn serve_connection(stream: TcpStream, handler: Arc<dyn Handler>) {
         eprintln!("torusd: peer connection from {peer}: bad hello; closed");
         return;
     }
-    let from = String::from_utf8_lossy(&hello.body[start..start + e.data_len as usize]).into_owned();
+    let from =
+        String::from_utf8_lossy(&hello.body[start..start + e.data_len as usize]).into_owned();
     let core = e.volume;
     let (tx, mut rx) = mpsc::unbounded_channel::<(Entry, Option<Data>)>();
     let writer = tokio::spawn(async move {

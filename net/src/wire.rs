@@ -306,7 +306,10 @@ mod tests {
 
     fn sample() -> Vec<u8> {
         let mut data = AlignedBuf::zeroed(8192);
-        data[..].iter_mut().enumerate().for_each(|(i, b)| *b = i as u8);
+        data[..]
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, b)| *b = i as u8);
         let data = std::sync::Arc::new(data);
         let e = |id| Entry {
             op: Op::Write as u8,

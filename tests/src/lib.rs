@@ -399,3 +399,97 @@ pub fn seed() -> u64 {
                 .as_nanos() as u64
         })
 }
+
+/// A real etcd on free loopback ports in a temporary directory, stopped when dropped.
+pub struct Etcd {
+    child: Child,
+    pub url: String,
+    _dir: TempDir,
+}
+
+impl Etcd {
+    pub fn start() -> Etcd {
+        let etcd = require_tool("etcd", "etcd-server");
+        let dir = TempDir::new("etcd");
+        let client = free_port();
+        let peer = free_port();
+        let url = format!("http://127.0.0.1:{client}");
+        let log = std::fs::File::create(dir.path().join("etcd.log")).unwrap();
+        let child = Command::new(etcd)
+            .args([
+                "--data-dir",
+                dir.path().join("data").to_str().unwrap(),
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+                "--listen-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+                "--initial-cluster",
+                &format!("default=http://127.0.0.1:{peer}"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start etcd");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", client)).is_err() {
+            assert!(Instant::now() < deadline, "etcd did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Etcd {
+            child,
+            url,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts a cluster node named `name` in `dir` against `etcd`, with a short lease so tests
+/// see failures within seconds.
+pub fn cluster_node(dir: &Path, etcd: &Etcd, name: &str, cores: u32) -> Torusd {
+    let peer = format!("127.0.0.1:{}", free_port());
+    let cores = cores.to_string();
+    Torusd::start(
+        dir,
+        &[
+            "--etcd",
+            &etcd.url,
+            "--node-name",
+            name,
+            "--peer-listen",
+            &peer,
+            "--lease-ttl",
+            "3s",
+            "--cores",
+            &cores,
+        ],
+    )
+}
+
+/// Polls `torusctl status` on `node` until it exits 0 (every PG clean); panics after `limit`.
+pub fn wait_clean(node: &Torusd, limit: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let out = node.torusctl(&["status"]);
+        if out.status.success() {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "cluster not clean within {limit:?}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}

@@ -158,7 +158,12 @@ impl Node {
                 let max = c.cfg.replicas_max;
                 let replicas = replicas.unwrap_or(nodes.min(max));
                 if replicas == 0 || replicas > max {
-                    return Err(error(400, format!("--replicas {replicas}: use 1 to {max} (the cluster's --replicas-max)")));
+                    return Err(error(
+                        400,
+                        format!(
+                            "--replicas {replicas}: use 1 to {max} (the cluster's --replicas-max)"
+                        ),
+                    ));
                 }
                 if replicas > nodes {
                     return Err(error(400, format!("--replicas {replicas}: the cluster has {nodes} node(s); add nodes or ask for fewer replicas")));
@@ -273,13 +278,22 @@ impl Node {
             Some(c) => {
                 let p = c.pgs;
                 if p.down > 0 {
-                    problems.push(format!("{} PGs have no replica up: their I/O fails", p.down));
+                    problems.push(format!(
+                        "{} PGs have no replica up: their I/O fails",
+                        p.down
+                    ));
                 }
                 if p.degraded > 0 {
-                    problems.push(format!("{} PGs degraded (fewer clean replicas than wanted)", p.degraded));
+                    problems.push(format!(
+                        "{} PGs degraded (fewer clean replicas than wanted)",
+                        p.degraded
+                    ));
                 }
                 if p.recovering > 0 {
-                    problems.push(format!("{} PGs recovering (a replica is catching up)", p.recovering));
+                    problems.push(format!(
+                        "{} PGs recovering (a replica is catching up)",
+                        p.recovering
+                    ));
                 }
                 format!(
                     "cluster node {} ({} of {} nodes up, map epoch {})",

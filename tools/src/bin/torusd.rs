@@ -210,7 +210,8 @@ fn main() {
 }
 
 fn run(args: Args) -> Result<()> {
-    let lease_ttl = parse_duration(&args.lease_ttl).map_err(|e| anyhow::anyhow!("--lease-ttl {e}"))?;
+    let lease_ttl =
+        parse_duration(&args.lease_ttl).map_err(|e| anyhow::anyhow!("--lease-ttl {e}"))?;
     let recovery_rate = parse_size(&args.recovery_rate, None)
         .map_err(|e| anyhow::anyhow!("--recovery-rate {e}"))?;
     if args.replicas_max == 0 || args.replicas_max > 8 {
@@ -325,11 +326,11 @@ fn run(args: Args) -> Result<()> {
         Vec::new() // the cluster's volume poller frees them (it knows the next id)
     } else {
         engine
-        .stats()
-        .iter()
-        .flat_map(|s| s.volumes.iter().map(|v| v.0))
-        .filter(|id| !known.contains(id))
-        .collect()
+            .stats()
+            .iter()
+            .flat_map(|s| s.volumes.iter().map(|v| v.0))
+            .filter(|id| !known.contains(id))
+            .collect()
     };
     orphans.sort_unstable();
     orphans.dedup();
