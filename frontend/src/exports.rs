@@ -15,6 +15,8 @@ pub struct Volume {
     size: AtomicU64,
     pub read_only: bool,
     connections: AtomicUsize,
+    /// Serializes the attach policy's first/last calls for this volume.
+    gate: parking_lot::Mutex<()>,
 }
 
 impl Volume {
@@ -25,6 +27,7 @@ impl Volume {
             size: AtomicU64::new(size),
             read_only,
             connections: AtomicUsize::new(0),
+            gate: parking_lot::Mutex::new(()),
         }
     }
     pub fn size(&self) -> u64 {
@@ -38,19 +41,40 @@ impl Volume {
     }
 }
 
+/// Policy for who may attach (a cluster allows one writing node per volume). `first` runs
+/// before a volume's first connection on this node is admitted (it may block briefly, on the
+/// handshake's thread) and may refuse it; `last` runs when its last connection here closes.
+pub trait AttachPolicy: Send + Sync {
+    fn first(&self, volume: &Volume) -> Result<(), String>;
+    fn last(&self, volume: &Volume);
+}
+
 /// A connection's claim on a volume; dropping it releases the claim.
-#[derive(Debug)]
-pub struct Attachment(pub Arc<Volume>);
+pub struct Attachment(pub Arc<Volume>, Option<Arc<dyn AttachPolicy>>);
+
+impl std::fmt::Debug for Attachment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Attachment").field(&self.0).finish()
+    }
+}
 
 impl Drop for Attachment {
     fn drop(&mut self) {
-        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+        if self.0.connections.fetch_sub(1, Ordering::AcqRel) == 1 {
+            if let Some(p) = &self.1 {
+                let _g = self.0.gate.lock();
+                if self.0.connections() == 0 {
+                    p.last(&self.0);
+                }
+            }
+        }
     }
 }
 
 #[derive(Default)]
 pub struct Exports {
     volumes: RwLock<BTreeMap<String, Arc<Volume>>>,
+    policy: std::sync::OnceLock<Arc<dyn AttachPolicy>>,
 }
 
 /// The empty export name means the volume `default`.
@@ -73,11 +97,34 @@ impl Exports {
         self.volumes.read().get(resolve_name(name)).cloned()
     }
 
+    pub fn set_policy(&self, policy: Arc<dyn AttachPolicy>) {
+        let _ = self.policy.set(policy);
+    }
+
     pub fn attach(&self, name: &str) -> Option<Attachment> {
-        let volumes = self.volumes.read();
-        let v = volumes.get(resolve_name(name))?;
-        v.connections.fetch_add(1, Ordering::AcqRel);
-        Some(Attachment(v.clone()))
+        self.attach_checked(name).ok()
+    }
+
+    /// Attaches, asking the policy on a volume's first connection here. Err(None): no such
+    /// volume; Err(Some(why)): refused.
+    pub fn attach_checked(&self, name: &str) -> Result<Attachment, Option<String>> {
+        let v = self
+            .volumes
+            .read()
+            .get(resolve_name(name))
+            .cloned()
+            .ok_or(None)?;
+        let policy = self.policy.get().cloned();
+        if let Some(p) = &policy {
+            let _g = v.gate.lock();
+            if v.connections() == 0 {
+                p.first(&v).map_err(Some)?;
+            }
+            v.connections.fetch_add(1, Ordering::AcqRel);
+        } else {
+            v.connections.fetch_add(1, Ordering::AcqRel);
+        }
+        Ok(Attachment(v, policy))
     }
 
     /// Removes a volume unless it has clients; returns the number of clients when refused.

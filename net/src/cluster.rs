@@ -83,6 +83,8 @@ struct Request {
     done: Done,
     deadline: Instant,
     from_peer: bool,
+    /// Writer epoch the write carries (the fencing token of the volume's writer lock).
+    writer: u64,
 }
 
 /// Node-level hooks the cluster needs from torusd.
@@ -109,6 +111,8 @@ pub struct Cluster {
     lease_ok: Mutex<Instant>,
     /// Highest writer epoch seen per volume; older writers are fenced.
     writers: Mutex<HashMap<u32, u64>>,
+    /// Writer locks this node holds: volume → epoch.
+    writing: Mutex<HashMap<u32, u64>>,
     /// Blocks written by replica writes while this node is not clean for their PG: catch-up
     /// must not overwrite them with what it copies.
     dirty: Mutex<HashMap<u32, HashSet<(u32, u64)>>>,
@@ -303,6 +307,7 @@ impl Cluster {
             lease: AtomicU64::new(lease as u64),
             lease_ok: Mutex::new(Instant::now()),
             writers: Mutex::new(HashMap::new()),
+            writing: Mutex::new(HashMap::new()),
             dirty: Mutex::new(HashMap::new()),
             inflight: Mutex::new(BTreeMap::new()),
             recovery: Mutex::new(Recovery::default()),
@@ -466,8 +471,55 @@ impl Cluster {
         }
     }
 
+    /// The epoch of the writer lock this node holds on `volume` (0: none).
     fn writer_epoch(&self, volume: u32) -> u64 {
-        self.writers.lock().get(&volume).copied().unwrap_or(0)
+        self.writing.lock().get(&volume).copied().unwrap_or(0)
+    }
+
+    fn writer_value(&self) -> Vec<u8> {
+        format!("{} {}", self.me, self.lease.load(Ordering::Acquire)).into_bytes()
+    }
+
+    /// Takes the writer lock of a volume (one writing node per volume), waiting up to a lease
+    /// for a holder that may have died. Its create revision is the fencing epoch that every
+    /// write from this node carries from now on.
+    pub fn acquire_writer(&self, volume: u32) -> Result<u64, String> {
+        let deadline = Instant::now() + self.cfg.lease_ttl + Duration::from_secs(1);
+        let key = format!("writers/{volume}");
+        loop {
+            let lease = self.lease.load(Ordering::Acquire) as i64;
+            let mine = self.writer_value();
+            match self.block_on(self.etcd.acquire(&key, mine.clone(), lease)) {
+                Ok((holder, epoch)) if holder == mine => {
+                    self.writing.lock().insert(volume, epoch as u64);
+                    return Ok(epoch as u64);
+                }
+                Ok((holder, _)) => {
+                    if Instant::now() >= deadline {
+                        let who = String::from_utf8_lossy(&holder);
+                        let node = who.split(' ').next().unwrap_or("?");
+                        return Err(format!(
+                            "volume is open for writing on node {node}; a volume has one writing node at a time"
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+                Err(e) => return Err(format!("cannot take the volume's writer lock: {e}")),
+            }
+        }
+    }
+
+    /// Gives up the writer lock (the last connection here closed).
+    pub fn release_writer(&self, volume: u32) {
+        self.writing.lock().remove(&volume);
+        let value = self.writer_value();
+        let _ = self.block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(3),
+                self.etcd.release(&format!("writers/{volume}"), value),
+            )
+            .await
+        });
     }
 
     /// Sends a piece to its primary on another node.
@@ -502,7 +554,7 @@ impl Cluster {
             offset: p.offset,
             len: p.len,
             epoch: map.epoch,
-            writer: self.writer_epoch(p.volume),
+            writer: req.writer,
             ..Entry::default()
         };
         let me = self.clone();
@@ -552,6 +604,7 @@ impl Cluster {
             worst: u16,
         }
         let remote: Vec<String> = targets.iter().filter(|n| **n != self.me).cloned().collect();
+        let writer = req.writer;
         let local_piece = clone_piece(&req.piece);
         // A replica catching up needs whole blocks (it cannot merge a partial write into a
         // block it has not copied yet): send what the primary holds after its own write.
@@ -629,7 +682,7 @@ impl Cluster {
                             offset: piece.offset,
                             len: piece.len,
                             epoch,
-                            writer: me.writer_epoch(piece.volume),
+                            writer,
                             ..Entry::default()
                         },
                         data,
@@ -1392,11 +1445,13 @@ struct ClusterRouter(Arc<Cluster>);
 impl Router for ClusterRouter {
     fn route(&self, piece: Piece, reply: ReplyTo) {
         let shared = self.0.shared.clone();
+        let volume = piece.volume;
         self.0.submit(Request {
             piece,
             done: Box::new(move |r| deliver(&shared, reply, r.map_err(error_of))),
             deadline: Instant::now() + REQUEST_DEADLINE,
             from_peer: false,
+            writer: self.0.writer_epoch(volume),
         });
     }
 
@@ -1550,6 +1605,7 @@ impl Handler for ClusterHandler {
                     }),
                     deadline: Instant::now() + PEER_REQUEST_DEADLINE,
                     from_peer: true,
+                    writer: e.writer,
                 });
             }
             Op::Hello | Op::Reply => respond.reply(status::EINVAL, None),

@@ -161,6 +161,17 @@ impl Etcd {
         }
     }
 
+    /// Deletes the key if it still holds `value` (releases what `acquire` took).
+    pub async fn release(&self, k: &str, value: Vec<u8>) -> Result<(), EtcdError> {
+        let mut c = self.client.clone();
+        let key = self.key(k);
+        let txn = Txn::new()
+            .when([Compare::value(key.clone(), CompareOp::Equal, value)])
+            .and_then([TxnOp::delete(key, None)]);
+        timed(c.txn(txn)).await?;
+        Ok(())
+    }
+
     pub async fn lease_grant(&self, ttl: Duration) -> Result<i64, EtcdError> {
         let mut c = self.client.clone();
         Ok(timed(c.lease_grant(ttl.as_secs().max(1) as i64, None))

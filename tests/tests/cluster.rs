@@ -252,3 +252,78 @@ fn bad_peer_frames_close_the_connection_and_harm_nothing() {
     );
     assert!(out.contains("67108864"), "{out}");
 }
+
+#[test]
+fn one_writing_node_per_volume_and_stale_writers_are_fenced() {
+    let etcd = Etcd::start();
+    let dirs: Vec<TempDir> = ["a", "b"].iter().map(|n| TempDir::new(n)).collect();
+    let a = cluster_node(dirs[0].path(), &etcd, "a", 1);
+    let b = cluster_node(dirs[1].path(), &etcd, "b", 1);
+    wait_clean(&a, Duration::from_secs(60));
+    ctl_ok(&a, &["volume", "create", "vol", "64M"]);
+    let vols = ctl_ok(&a, &["volume", "list", "--json"]);
+    assert!(vols.contains("\"replicas\": 2"), "{vols}");
+    let mut writer = torus_tests::nbd::Client::connect(a.nbd_port, "vol").unwrap();
+    for i in 0..64u64 {
+        assert_eq!(writer.write(i * 4096, &[7u8; 4096], 0).unwrap(), 0);
+    }
+    assert_eq!(writer.flush().unwrap(), 0);
+    // A second node cannot open the volume while a has it.
+    let out = Command::new(require_tool("nbdinfo", "libnbd-bin"))
+        .arg(b.uri("vol"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "second writer admitted");
+    let log = b.log_text();
+    assert!(log.contains("one writing node"), "{log}");
+    // A write carrying an older writer epoch than b has seen is refused by b.
+    let p = peers(&a);
+    let b_addr = p
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "b")
+        .unwrap()["peer_addr"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut s = TcpStream::connect(&b_addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut hello = vec![0u8; 48];
+    hello[0] = 1;
+    hello[28..32].copy_from_slice(&5u32.to_le_bytes());
+    hello.resize(4096, 0);
+    hello.extend_from_slice(b"rogue");
+    s.write_all(&frame(1, hello.len() as u32, 1, &hello, true))
+        .unwrap();
+    let mut w = vec![0u8; 48];
+    w[0] = 2; // WRITE
+    w[4..8].copy_from_slice(&1u32.to_le_bytes()); // volume id 1
+    w[8..16].copy_from_slice(&99u64.to_le_bytes()); // request id
+    w[24..28].copy_from_slice(&4096u32.to_le_bytes()); // len
+    w[28..32].copy_from_slice(&4096u32.to_le_bytes()); // data_len
+    w[32..40].copy_from_slice(&u64::MAX.to_le_bytes()); // a map epoch newer than any
+    w[40..48].copy_from_slice(&1u64.to_le_bytes()); // writer epoch 1: stale
+    w.resize(4096, 0);
+    w.extend_from_slice(&[9u8; 4096]);
+    s.write_all(&frame(1, w.len() as u32, 1, &w, true)).unwrap();
+    let mut h = [0u8; 32];
+    std::io::Read::read_exact(&mut s, &mut h).unwrap();
+    let len = u32::from_le_bytes(h[8..12].try_into().unwrap()) as usize;
+    let mut body = vec![0u8; len];
+    std::io::Read::read_exact(&mut s, &mut body).unwrap();
+    assert_eq!(body[0], 64, "a reply");
+    let status = u16::from_le_bytes([body[2], body[3]]);
+    assert_eq!(status, 5, "FENCED");
+    // The volume still reads what a wrote.
+    let data = writer.read(0, 4096).unwrap().unwrap();
+    assert_eq!(data, vec![7u8; 4096]);
+    writer.disconnect();
+    // With a gone, b may write.
+    std::thread::sleep(Duration::from_millis(500));
+    let out = run_ok(
+        Command::new(require_tool("nbdinfo", "libnbd-bin")).arg(b.uri("vol")),
+        T,
+    );
+    assert!(out.contains("67108864"), "{out}");
+}

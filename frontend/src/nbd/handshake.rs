@@ -154,14 +154,25 @@ impl<'a, S: HandshakeStream> Session<'a, S> {
             match option {
                 OPT_EXPORT_NAME => {
                     let name = String::from_utf8_lossy(&data).into_owned();
-                    let Some(attachment) = (name.len() <= EXPORT_NAME_MAX)
-                        .then(|| self.exports.attach(&name))
-                        .flatten()
-                    else {
-                        return Ok(Outcome::Closed(format!(
-                            "unknown export {:?}",
-                            truncate(&name)
-                        )));
+                    let attached = if name.len() <= EXPORT_NAME_MAX {
+                        self.exports.attach_checked(&name)
+                    } else {
+                        Err(None)
+                    };
+                    let attachment = match attached {
+                        Ok(a) => a,
+                        Err(None) => {
+                            return Ok(Outcome::Closed(format!(
+                                "unknown export {:?}",
+                                truncate(&name)
+                            )))
+                        }
+                        Err(Some(why)) => {
+                            return Ok(Outcome::Closed(format!(
+                                "export {:?} refused: {why}",
+                                truncate(&name)
+                            )))
+                        }
                     };
                     let flags = transmission_flags(attachment.0.read_only);
                     let mut b = Vec::with_capacity(134);
@@ -261,6 +272,22 @@ impl<'a, S: HandshakeStream> Session<'a, S> {
             )?;
             return Ok(None);
         };
+        // GO attaches before any INFO reply, so a refusal is the only answer.
+        let attachment = if option == OPT_GO {
+            match self.exports.attach_checked(&name) {
+                Ok(a) => Some(a),
+                Err(None) => {
+                    self.error_reply(option, REP_ERR_UNKNOWN, "volume was deleted")?;
+                    return Ok(None);
+                }
+                Err(Some(why)) => {
+                    self.error_reply(option, REP_ERR_POLICY, &why)?;
+                    return Ok(None);
+                }
+            }
+        } else {
+            None
+        };
         let flags = transmission_flags(volume.read_only);
         let mut export = Vec::with_capacity(12);
         export.extend_from_slice(&INFO_EXPORT.to_be_bytes());
@@ -287,10 +314,7 @@ impl<'a, S: HandshakeStream> Session<'a, S> {
             self.option_reply(option, REP_ACK, &[])?;
             return Ok(None);
         }
-        let Some(attachment) = self.exports.attach(&name) else {
-            self.error_reply(option, REP_ERR_UNKNOWN, "volume was deleted")?;
-            return Ok(None);
-        };
+        let attachment = attachment.expect("GO attached above");
         self.option_reply(option, REP_ACK, &[])?;
         Ok(Some(Negotiated {
             attachment,

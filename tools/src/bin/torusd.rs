@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use torus_engine::{Engine, EngineConfig};
-use torus_frontend::exports::{Exports, Volume};
+use torus_frontend::exports::{AttachPolicy, Exports, Volume};
 use torus_frontend::nbd::server::{poke, Listener, NbdServer};
 use torus_frontend::nbd::transmission::{FrontendStats, NbdService};
 use torus_net::cluster::{Cluster, ClusterConfig, Local};
@@ -109,6 +109,24 @@ fn hostname() -> String {
         .ok()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "torus".into())
+}
+
+/// One writing node per volume: a volume's first connection here takes its writer lock.
+struct WriterPolicy(Arc<Cluster>);
+
+impl AttachPolicy for WriterPolicy {
+    fn first(&self, volume: &Volume) -> std::result::Result<(), String> {
+        self.0.acquire_writer(volume.id).map(|_| ()).map_err(|why| {
+            eprintln!(
+                "torusd: refused a connection to volume {}: {why}",
+                volume.name
+            );
+            why
+        })
+    }
+    fn last(&self, volume: &Volume) {
+        self.0.release_writer(volume.id)
+    }
 }
 
 /// What the cluster layer asks of this node.
@@ -374,6 +392,7 @@ fn run(args: Args) -> Result<()> {
                 listener,
             )
             .with_context(|| format!("join the cluster at {urls}"))?;
+            exports.set_policy(Arc::new(WriterPolicy(c.clone())));
             eprintln!(
                 "torusd: node {} joined the cluster at {urls}; peers connect to {}",
                 c.me, c.cfg.peer_addr
