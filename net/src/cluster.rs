@@ -928,21 +928,21 @@ impl Cluster {
                 return;
             }
             let lease = self.lease.load(Ordering::Acquire) as i64;
-            match self.etcd.keep_alive_once(lease).await {
-                Ok(true) => *self.lease_ok.lock() = Instant::now(),
-                Ok(false) => {
-                    // The lease expired (we were cut off): the others think we are gone.
-                    eprintln!("torusd: lease expired; registering again (stale until caught up)");
-                    if let Ok(l) = self.etcd.lease_grant(self.cfg.lease_ttl).await {
-                        let key = format!("nodes/{}", self.me);
-                        let info = serde_json::to_vec(&self.info).expect("json");
-                        if self.etcd.put(&key, info, Some(l)).await.is_ok() {
-                            self.lease.store(l as u64, Ordering::Release);
-                            *self.lease_ok.lock() = Instant::now();
-                        }
+            let renewed = matches!(self.etcd.keep_alive_once(lease).await, Ok(true));
+            if renewed {
+                *self.lease_ok.lock() = Instant::now();
+            } else if let Ok(None) = self.etcd.get(&format!("nodes/{}", self.me)).await {
+                // etcd answers but our key is gone: the lease expired while we were cut off,
+                // and the others took us out. Register again; we come back stale and catch up.
+                eprintln!("torusd: our lease expired; registering again (stale until caught up)");
+                if let Ok(l) = self.etcd.lease_grant(self.cfg.lease_ttl).await {
+                    let key = format!("nodes/{}", self.me);
+                    let info = serde_json::to_vec(&self.info).expect("json");
+                    if self.etcd.put(&key, info, Some(l)).await.is_ok() {
+                        self.lease.store(l as u64, Ordering::Release);
+                        *self.lease_ok.lock() = Instant::now();
                     }
                 }
-                Err(_) => {}
             }
             let local = self.local.clone();
             let used = tokio::task::spawn_blocking(move || local.used_bytes())
@@ -1556,6 +1556,12 @@ impl Handler for ClusterHandler {
             Op::CWrite | Op::CZero | Op::CRead | Op::CStatus => {
                 if let Err(s) = c.validate(&e, &data) {
                     return respond.reply(s, None);
+                }
+                // Sent under an older map: the sender may have been cut off since (a request
+                // delivered late by TCP after a partition healed). It asks again with a fresh
+                // map if it is still alive.
+                if e.epoch < c.map().epoch {
+                    return respond.reply(status::RETRY, None);
                 }
                 if matches!(op, Op::CWrite | Op::CZero) && c.fenced(e.volume, e.writer) {
                     return respond.reply(status::FENCED, None);

@@ -99,7 +99,11 @@ async fn run_link(
         }
     };
     let _ = stream.set_nodelay(true);
+    // Closing a dead link resets it: nothing still queued in the kernel is delivered later.
+    let _ = stream.set_zero_linger();
     let (mut rd, mut wr) = stream.into_split();
+    let gone = Arc::new(tokio::sync::Notify::new());
+    let reader_gone = gone.clone();
     let reader_pending = pending.clone();
     let reader_dead = dead.clone();
     let reader = tokio::spawn(async move {
@@ -134,6 +138,7 @@ async fn run_link(
         }
         reader_dead.store(true, Ordering::Release);
         fail_all(&reader_pending);
+        reader_gone.notify_one();
     });
     let mut next_id: u64 = 1;
     let mut buf = Vec::new();
@@ -157,7 +162,11 @@ async fn run_link(
     let mut ok = wr.write_all(&buf).await.is_ok();
     let mut batch: Vec<(Entry, Option<Data>)> = Vec::new();
     while ok {
-        let Some(first) = rx.recv().await else { break };
+        let first = tokio::select! {
+            o = rx.recv() => o,
+            _ = gone.notified() => None,
+        };
+        let Some(first) = first else { break };
         let mut take = |o: Outgoing, batch: &mut Vec<(Entry, Option<Data>)>| -> usize {
             let mut e = o.entry;
             e.id = next_id;
@@ -182,6 +191,8 @@ async fn run_link(
     }
     dead.store(true, Ordering::Release);
     reader.abort();
+    let _ = reader.await;
+    drop(wr);
     fail_all(&pending);
     rx.close();
     while let Ok(o) = rx.try_recv() {

@@ -124,6 +124,8 @@ pub struct Torusd {
     pub env: Vec<(String, String)>,
     pub stdout: String,
     pub log: PathBuf,
+    /// Runs torusd through this command (e.g. `ip netns exec NS`).
+    pub wrapper: Vec<String>,
 }
 
 impl Torusd {
@@ -133,6 +135,15 @@ impl Torusd {
     }
 
     pub fn start_with_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Torusd {
+        Torusd::start_wrapped(dir, extra, env, &[])
+    }
+
+    pub fn start_wrapped(
+        dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        wrapper: &[&str],
+    ) -> Torusd {
         let mut t = Torusd {
             env: env
                 .iter()
@@ -145,6 +156,7 @@ impl Torusd {
             extra: extra.iter().map(|s| s.to_string()).collect(),
             stdout: String::new(),
             log: dir.join("torusd.log"),
+            wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
         };
         t.spawn();
         t
@@ -171,7 +183,15 @@ impl Torusd {
             args.extend(["--cores".to_string(), "2".to_string()]);
         }
         args.extend(self.extra.iter().cloned());
-        let mut child = Command::new(bin("torusd"))
+        let mut command = match self.wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin("torusd"));
+                c
+            }
+            None => Command::new(bin("torusd")),
+        };
+        let mut child = command
             .args(&args)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .current_dir(&self.dir)
@@ -409,18 +429,27 @@ pub struct Etcd {
 
 impl Etcd {
     pub fn start() -> Etcd {
+        Etcd::start_on(&[])
+    }
+
+    /// Also listens on these addresses (e.g. the host end of a veth pair).
+    pub fn start_on(extra_ips: &[&str]) -> Etcd {
         let etcd = require_tool("etcd", "etcd-server");
         let dir = TempDir::new("etcd");
         let client = free_port();
         let peer = free_port();
         let url = format!("http://127.0.0.1:{client}");
+        let mut listen = url.clone();
+        for ip in extra_ips {
+            listen.push_str(&format!(",http://{ip}:{client}"));
+        }
         let log = std::fs::File::create(dir.path().join("etcd.log")).unwrap();
         let child = Command::new(etcd)
             .args([
                 "--data-dir",
                 dir.path().join("data").to_str().unwrap(),
                 "--listen-client-urls",
-                &url,
+                &listen,
                 "--advertise-client-urls",
                 &url,
                 "--listen-peer-urls",
@@ -457,23 +486,116 @@ impl Drop for Etcd {
 /// Starts a cluster node named `name` in `dir` against `etcd`, with a short lease so tests
 /// see failures within seconds.
 pub fn cluster_node(dir: &Path, etcd: &Etcd, name: &str, cores: u32) -> Torusd {
-    let peer = format!("127.0.0.1:{}", free_port());
+    cluster_node_with(dir, &etcd.url, name, cores, "127.0.0.1", &[], &[])
+}
+
+/// A cluster node with its peer address on `peer_ip`, run through `wrapper`, with more args.
+pub fn cluster_node_with(
+    dir: &Path,
+    etcd_url: &str,
+    name: &str,
+    cores: u32,
+    peer_ip: &str,
+    wrapper: &[&str],
+    extra: &[&str],
+) -> Torusd {
+    let peer = format!("{peer_ip}:{}", free_port());
     let cores = cores.to_string();
-    Torusd::start(
-        dir,
-        &[
-            "--etcd",
-            &etcd.url,
-            "--node-name",
+    let mut args = vec![
+        "--etcd",
+        etcd_url,
+        "--node-name",
+        name,
+        "--peer-listen",
+        &peer,
+        "--lease-ttl",
+        "3s",
+        "--cores",
+        &cores,
+    ];
+    args.extend_from_slice(extra);
+    Torusd::start_wrapped(dir, &args, &[], wrapper)
+}
+
+/// A network namespace joined to the host by a veth pair: host end `10.N.0.1`, namespace end
+/// `10.N.0.2`. Deleted when dropped.
+pub struct NetNs {
+    pub name: String,
+    pub host_ip: String,
+    pub ns_ip: String,
+    host_if: String,
+}
+
+fn ip(args: &[&str]) {
+    let ipb = require_tool("ip", "iproute2");
+    let out = Command::new(ipb).args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl NetNs {
+    pub fn create(tag: &str) -> NetNs {
+        let id = std::process::id() % 10000;
+        let n = 100 + (std::process::id() % 100) as u8;
+        let name = format!("torus-{tag}-{id}");
+        let host_if = format!("th{tag}{id}");
+        let ns_if = format!("tn{tag}{id}");
+        let host_ip = format!("10.{n}.0.1");
+        let ns_ip = format!("10.{n}.0.2");
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        ip(&["netns", "add", &name]);
+        ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if,
+        ]);
+        ip(&["link", "set", &ns_if, "netns", &name]);
+        ip(&["addr", "add", &format!("{host_ip}/24"), "dev", &host_if]);
+        ip(&["link", "set", &host_if, "up"]);
+        ip(&[
+            "-n",
+            &name,
+            "addr",
+            "add",
+            &format!("{ns_ip}/24"),
+            "dev",
+            &ns_if,
+        ]);
+        ip(&["-n", &name, "link", "set", &ns_if, "up"]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        NetNs {
             name,
-            "--peer-listen",
-            &peer,
-            "--lease-ttl",
-            "3s",
-            "--cores",
-            &cores,
-        ],
-    )
+            host_ip,
+            ns_ip,
+            host_if,
+        }
+    }
+
+    /// Takes the link down (the namespace is cut off) or brings it back.
+    pub fn link(&self, up: bool) {
+        ip(&["link", "set", &self.host_if, if up { "up" } else { "down" }]);
+    }
+
+    pub fn wrapper(&self) -> Vec<String> {
+        vec![
+            require_tool("ip", "iproute2").display().to_string(),
+            "netns".into(),
+            "exec".into(),
+            self.name.clone(),
+        ]
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
 }
 
 /// Polls `torusctl status` on `node` until it exits 0 (every PG clean); panics after `limit`.

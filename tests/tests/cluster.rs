@@ -327,3 +327,97 @@ fn one_writing_node_per_volume_and_stale_writers_are_fenced() {
     );
     assert!(out.contains("67108864"), "{out}");
 }
+
+/// A client that connects now and writes when told: prints "connected", waits for a line on
+/// stdin, then writes and flushes one block and prints ACKED or ERROR.
+const LATE_WRITER: &str = r#"
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+print("connected", flush=True)
+sys.stdin.readline()
+try:
+    h.pwrite(b"\x5a" * 4096, 0)
+    h.flush()
+    print("ACKED", flush=True)
+except nbd.Error as e:
+    print("ERROR", e, flush=True)
+"#;
+
+#[test]
+fn a_node_cut_off_acknowledges_nothing_and_converges_when_back() {
+    use std::io::BufRead;
+    let ns = NetNs::create("c");
+    let etcd = Etcd::start_on(&[&ns.host_ip]);
+    let host_etcd = format!(
+        "http://{}:{}",
+        ns.host_ip,
+        etcd.url.rsplit(':').next().unwrap()
+    );
+    let dirs: Vec<TempDir> = ["a", "b", "c"].iter().map(|n| TempDir::new(n)).collect();
+    let a = cluster_node_with(dirs[0].path(), &etcd.url, "a", 1, &ns.host_ip, &[], &[]);
+    let mut b = cluster_node_with(dirs[1].path(), &etcd.url, "b", 1, &ns.host_ip, &[], &[]);
+    let sock = dirs[2].path().join("c.sock");
+    let wrapper = ns.wrapper();
+    let wrapper: Vec<&str> = wrapper.iter().map(|s| s.as_str()).collect();
+    let c = cluster_node_with(
+        dirs[2].path(),
+        &host_etcd,
+        "c",
+        1,
+        &ns.ns_ip,
+        &wrapper,
+        &["--nbd-socket", sock.to_str().unwrap()],
+    );
+    let c_uri = |v: &str| format!("nbd+unix:///{v}?socket={}", sock.display());
+    wait_clean(&a, Duration::from_secs(60));
+    ctl_ok(&a, &["volume", "create", "vol", "512M", "--replicas", "3"]);
+    fio(&a.uri("vol"), "0", "64M", &["--end_fsync=1"]);
+
+    // A client of c holds the volume, then c is cut off and the client writes.
+    // Debian's python3, which has the libnbd bindings (python3-libnbd).
+    let python = std::path::Path::new("/usr/bin/python3");
+    assert!(
+        python.exists(),
+        "/usr/bin/python3 is missing (Debian package python3-libnbd)"
+    );
+    let mut late = Command::new(python)
+        .args(["-c", LATE_WRITER, &c_uri("vol")])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(late.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "connected");
+    ns.link(false);
+    writeln!(late.stdin.as_mut().unwrap()).unwrap();
+    // Meanwhile the majority side goes on; a cannot write the volume while c's client holds
+    // it, so it writes another volume.
+    ctl_ok(
+        &a,
+        &["volume", "create", "other", "256M", "--replicas", "3"],
+    );
+    let t = Instant::now();
+    fio(&a.uri("other"), "0", "32M", &["--end_fsync=1"]);
+    eprintln!("majority side wrote 32 MiB {:?} after the cut", t.elapsed());
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert!(
+        line.starts_with("ERROR"),
+        "the cut-off node acknowledged a write: {line:?}"
+    );
+    let _ = late.wait();
+
+    ns.link(true);
+    let took = wait_clean(&a, Duration::from_secs(120));
+    eprintln!("c converged {took:?} after the link came back");
+    // c caught up: with a and b gone, both volumes verify through c alone.
+    let mut a = a;
+    a.kill9();
+    b.kill9();
+    fio(&c_uri("vol"), "0", "64M", &["--verify_only=1"]);
+    fio(&c_uri("other"), "0", "32M", &["--verify_only=1"]);
+    drop(c);
+}
