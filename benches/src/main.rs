@@ -2,7 +2,8 @@
 //! repeated, reported as medians with min–max and ratios.
 //!
 //! Targets: `disk` (fio's own io_uring engine, O_DIRECT, on a file: the limit), `torus`
-//! (single node, fio's nbd engine), `qemu-nbd` (--cache=none --aio=io_uring on a file),
+//! (single node, fio's nbd engine), `torus-3x` (three nodes on this machine with a replicas=3
+//! volume, fio through one of them; CPU counts all three; needs etcd), `qemu-nbd` (--cache=none --aio=io_uring on a file),
 //! `nbdkit` (file plugin; it answers writes from the page cache). Each target's region is
 //! written once before anything is measured, so reads hit written data.
 //!
@@ -56,9 +57,10 @@ struct CompareArgs {
     /// Print the plan and check the tools, run nothing.
     #[arg(long)]
     dry_run: bool,
-    /// Targets to run (comma separated): disk,torus,qemu-nbd,nbdkit
-    #[arg(long, default_value = "disk,torus,qemu-nbd,nbdkit")]
-    targets: String,
+    /// Targets to run (comma separated): disk,torus,torus-3x,qemu-nbd,nbdkit. Default: all,
+    /// with torus-3x (three nodes, replicas=3, etcd) only when etcd is installed.
+    #[arg(long)]
+    targets: Option<String>,
     /// Workloads to run (comma separated); see --dry-run for the names.
     #[arg(long)]
     workloads: Option<String>,
@@ -144,11 +146,24 @@ struct Target {
     /// fio arguments that select the target.
     fio: Vec<String>,
     server: Option<Child>,
+    /// More processes of the target (the other nodes of a cluster, etcd): their CPU counts.
+    others: Vec<Child>,
+}
+
+impl Target {
+    /// Processes whose CPU time is the target's cost.
+    fn pids(&self) -> Vec<u32> {
+        self.server
+            .iter()
+            .chain(self.others.iter())
+            .map(|c| c.id())
+            .collect()
+    }
 }
 
 impl Drop for Target {
     fn drop(&mut self) {
-        if let Some(c) = &mut self.server {
+        for c in self.others.iter_mut().chain(self.server.iter_mut()) {
             // SAFETY: signalling our own child.
             unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
             let deadline = Instant::now() + Duration::from_secs(30);
@@ -162,6 +177,118 @@ impl Drop for Target {
             let _ = c.wait();
         }
     }
+}
+
+/// Starts torusd (cluster mode when `etcd` is given); returns the child and its NBD port.
+fn start_torusd(dir: &Path, size: u64, etcd: Option<(&str, &str)>) -> Result<(Child, u16, u16)> {
+    std::fs::create_dir_all(dir)?;
+    let port = free_port();
+    let admin = free_port();
+    let mut c = Command::new(torus_bin("torusd")?);
+    c.args(["--data-dir", &dir.join("data").display().to_string()])
+        .args(["--size", &format!("{}", size * 2 + (1 << 30))])
+        .args(["--default-volume-size", &format!("{size}")])
+        .args([
+            "--nbd-listen",
+            &format!("127.0.0.1:{port}"),
+            "--admin-listen",
+            &format!("127.0.0.1:{admin}"),
+        ]);
+    if let Some((url, name)) = etcd {
+        c.args(["--etcd", url, "--node-name", name])
+            .args(["--peer-listen", &format!("127.0.0.1:{}", free_port())]);
+    }
+    let mut child = c
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(std::fs::File::create(dir.join("torusd.log"))?))
+        .spawn()
+        .context("start torusd")?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line)?;
+    wait_port(port, "torusd")?;
+    Ok((child, port, admin))
+}
+
+fn torusctl(admin: u16, args: &[&str]) -> Result<std::process::Output> {
+    Command::new(torus_bin("torusctl")?)
+        .args(["--server", &format!("http://127.0.0.1:{admin}")])
+        .args(args)
+        .output()
+        .context("run torusctl")
+}
+
+/// Three torusd nodes on this machine with a replicas=3 volume, and the etcd they share.
+fn start_cluster(work: &Path, size: u64) -> Result<Target> {
+    let dir = work.join("torus-3x");
+    std::fs::create_dir_all(&dir)?;
+    let client = free_port();
+    let peer = free_port();
+    let url = format!("http://127.0.0.1:{client}");
+    let etcd = Command::new("etcd")
+        .args(["--data-dir", &dir.join("etcd").display().to_string()])
+        .args([
+            "--listen-client-urls",
+            &url,
+            "--advertise-client-urls",
+            &url,
+        ])
+        .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+        .args([
+            "--initial-advertise-peer-urls",
+            &format!("http://127.0.0.1:{peer}"),
+        ])
+        .args([
+            "--initial-cluster",
+            &format!("default=http://127.0.0.1:{peer}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(std::fs::File::create(dir.join("etcd.log"))?))
+        .spawn()
+        .context("start etcd (Debian package etcd-server)")?;
+    let mut others = vec![etcd];
+    wait_port(client, "etcd")?;
+    let mut nodes = Vec::new();
+    for name in ["a", "b", "c"] {
+        nodes.push(start_torusd(&dir.join(name), size, Some((&url, name)))?);
+    }
+    let admin = nodes[0].2;
+    let port = nodes[0].1;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !torusctl(admin, &["status"])?.status.success() {
+        if Instant::now() > deadline {
+            bail!("the three-node cluster did not become clean within 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let out = torusctl(
+        admin,
+        &[
+            "volume",
+            "create",
+            "bench",
+            &size.to_string(),
+            "--replicas",
+            "3",
+        ],
+    )?;
+    if !out.status.success() {
+        bail!(
+            "create the bench volume: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut children: Vec<Child> = nodes.into_iter().map(|n| n.0).collect();
+    let server = children.remove(0);
+    others.extend(children);
+    Ok(Target {
+        name: "torus-3x".into(),
+        fio: vec![
+            "--ioengine=nbd".into(),
+            format!("--uri=nbd://127.0.0.1:{port}/bench"),
+        ],
+        server: Some(server),
+        others,
+    })
 }
 
 fn free_port() -> u16 {
@@ -255,29 +382,11 @@ fn start_targets(names: &[&str], work: &Path, size: u64) -> Result<Vec<Target>> 
                         format!("--filename={}", f.display()),
                     ],
                     server: None,
+                    others: Vec::new(),
                 }
             }
             "torus" => {
-                let dir = work.join("torus");
-                std::fs::create_dir_all(&dir)?;
-                let port = free_port();
-                let mut child = Command::new(torus_bin("torusd")?)
-                    .args(["--data-dir", &dir.join("data").display().to_string()])
-                    .args(["--size", &format!("{}", size * 2 + (1 << 30))])
-                    .args(["--default-volume-size", &format!("{size}")])
-                    .args([
-                        "--nbd-listen",
-                        &format!("127.0.0.1:{port}"),
-                        "--admin-listen",
-                        &format!("127.0.0.1:{}", free_port()),
-                    ])
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::from(std::fs::File::create(dir.join("torusd.log"))?))
-                    .spawn()
-                    .context("start torusd")?;
-                let mut line = String::new();
-                BufReader::new(child.stdout.take().unwrap()).read_line(&mut line)?;
-                wait_port(port, "torusd")?;
+                let (child, port, _) = start_torusd(&work.join("torus"), size, None)?;
                 Target {
                     name: name.into(),
                     fio: vec![
@@ -285,8 +394,10 @@ fn start_targets(names: &[&str], work: &Path, size: u64) -> Result<Vec<Target>> 
                         format!("--uri=nbd://127.0.0.1:{port}/default"),
                     ],
                     server: Some(child),
+                    others: Vec::new(),
                 }
             }
+            "torus-3x" => start_cluster(work, size)?,
             "qemu-nbd" => {
                 let f = work.join("qemu-nbd.img");
                 std::fs::File::create(&f)?.set_len(size)?;
@@ -317,6 +428,7 @@ fn start_targets(names: &[&str], work: &Path, size: u64) -> Result<Vec<Target>> 
                         format!("--uri=nbd://127.0.0.1:{port}/"),
                     ],
                     server: Some(child),
+                    others: Vec::new(),
                 }
             }
             "nbdkit" => {
@@ -346,9 +458,10 @@ fn start_targets(names: &[&str], work: &Path, size: u64) -> Result<Vec<Target>> 
                         format!("--uri=nbd://127.0.0.1:{port}/"),
                     ],
                     server: Some(child),
+                    others: Vec::new(),
                 }
             }
-            other => bail!("unknown target {other:?} (disk, torus, qemu-nbd, nbdkit)"),
+            other => bail!("unknown target {other:?} (disk, torus, torus-3x, qemu-nbd, nbdkit)"),
         };
         targets.push(t);
     }
@@ -432,8 +545,15 @@ fn compare(a: CompareArgs) -> Result<()> {
     } else {
         (a.repeats.max(1), a.runtime.max(1), a.size_mib)
     };
+    let default_targets = if which("etcd").is_some() {
+        "disk,torus,torus-3x,qemu-nbd,nbdkit"
+    } else {
+        "disk,torus,qemu-nbd,nbdkit"
+    };
     let targets: Vec<&str> = a
         .targets
+        .as_deref()
+        .unwrap_or(default_targets)
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
@@ -466,6 +586,7 @@ fn compare(a: CompareArgs) -> Result<()> {
         ("fio", "fio", true),
         ("qemu-nbd", "qemu-utils", targets.contains(&"qemu-nbd")),
         ("nbdkit", "nbdkit", targets.contains(&"nbdkit")),
+        ("etcd", "etcd-server", targets.contains(&"torus-3x")),
     ] {
         if needed && which(tool).is_none() {
             missing.push(format!("{tool} (Debian package {pkg})"));
@@ -540,10 +661,10 @@ fn compare(a: CompareArgs) -> Result<()> {
                 if let Some(m) = w.mix_read {
                     extra.push(format!("--rwmixread={m}"));
                 }
-                let pid = t.server.as_ref().map(|c| c.id());
-                let cpu_before = pid.map(cpu_seconds).unwrap_or(0.0);
+                let pids = t.pids();
+                let cpu_before: f64 = pids.iter().copied().map(cpu_seconds).sum();
                 let job = run_fio(t, &extra)?;
-                let cpu = pid.map(cpu_seconds).unwrap_or(0.0) - cpu_before;
+                let cpu = pids.iter().copied().map(cpu_seconds).sum::<f64>() - cpu_before;
                 let s = sample(&job, cpu);
                 done += 1;
                 let left = started

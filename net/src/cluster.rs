@@ -373,8 +373,10 @@ impl Cluster {
         self.map().health()
     }
 
+    /// True while this node's lease is surely alive in etcd: `lease_ok` is when the last
+    /// successful keep-alive was sent, and a margin covers clock rate differences.
     fn lease_fresh(&self) -> bool {
-        self.lease_ok.lock().elapsed() < self.cfg.lease_ttl
+        self.lease_ok.lock().elapsed() < self.cfg.lease_ttl.mul_f64(0.8)
     }
 
     fn volume(&self, id: u32) -> Option<VolumeRecord> {
@@ -446,7 +448,27 @@ impl Cluster {
         let Some(primary) = t.primary.clone() else {
             return self.retry_later(req);
         };
-        if primary != self.me {
+        // The map must know this process (not an earlier one that was clean before a crash).
+        let current = map
+            .nodes
+            .get(&self.me)
+            .is_some_and(|n| n.up && n.info.incarnation == self.incarnation);
+        let clean_here = current && map.clean_holder(pg, vol.replicas, &self.me);
+        let is_write = matches!(
+            req.piece.kind,
+            PieceKind::Write { .. } | PieceKind::Zero { .. }
+        );
+        // Reads: any clean holder has every acknowledged write (a write is acknowledged only
+        // when every replica that is up has it). Writes: the node holding the volume's writer
+        // lock coordinates them itself when it is a clean holder, so a write costs one round
+        // trip to the other replicas, not two; otherwise the PG's primary does.
+        let here = if is_write {
+            (primary == self.me && current)
+                || (clean_here && !req.from_peer && self.writer_epoch(vol.id) > 0)
+        } else {
+            clean_here
+        };
+        if !here {
             if req.from_peer {
                 return (req.done)(Err(status::RETRY));
             }
@@ -628,15 +650,7 @@ impl Cluster {
                 let worst = st.worst;
                 let req = st.req.take().expect("finished once");
                 drop(st);
-                {
-                    let mut inflight = me.inflight.lock();
-                    if let Some(n) = inflight.get_mut(&epoch) {
-                        *n -= 1;
-                        if *n == 0 {
-                            inflight.remove(&epoch);
-                        }
-                    }
-                }
+                me.inflight_done(epoch);
                 match worst {
                     status::OK => (req.done)(Ok(Output::Done)),
                     status::RETRY => me.retry_later(req),
@@ -755,6 +769,16 @@ impl Cluster {
         send_remote(&local_piece, &remote);
     }
 
+    fn inflight_done(&self, epoch: u64) {
+        let mut inflight = self.inflight.lock();
+        if let Some(n) = inflight.get_mut(&epoch) {
+            *n -= 1;
+            if *n == 0 {
+                inflight.remove(&epoch);
+            }
+        }
+    }
+
     /// Flushes every node that is up, so every acknowledged write is durable on all of them.
     fn flush_all(self: &Arc<Self>, reply: ReplyTo) {
         let me = self.clone();
@@ -836,8 +860,18 @@ impl Cluster {
         }
     }
 
-    /// A replica write from a primary whose map had `epoch`.
-    fn apply_replica(&self, piece: Piece, epoch: u64, reply: ReplyTo) {
+    /// A replica write from a coordinator whose map had `epoch`. It counts as in flight under
+    /// that epoch until done (see `serve_list`).
+    fn apply_replica(self: &Arc<Self>, piece: Piece, epoch: u64, reply: ReplyTo) {
+        *self.inflight.lock().entry(epoch).or_insert(0) += 1;
+        let me = self.clone();
+        let reply = sink(move |c| {
+            me.inflight_done(epoch);
+            match reply {
+                ReplyTo::Sink { sink, .. } => sink.0.complete(c),
+                other => deliver(&me.shared, other, c.output),
+            }
+        });
         let pg = self.pg_of(piece.volume, piece.offset);
         let clean = {
             let map = self.map.read();
@@ -928,9 +962,10 @@ impl Cluster {
                 return;
             }
             let lease = self.lease.load(Ordering::Acquire) as i64;
+            let sent = Instant::now();
             let renewed = matches!(self.etcd.keep_alive_once(lease).await, Ok(true));
             if renewed {
-                *self.lease_ok.lock() = Instant::now();
+                *self.lease_ok.lock() = sent;
             } else if let Ok(None) = self.etcd.get(&format!("nodes/{}", self.me)).await {
                 // etcd answers but our key is gone: the lease expired while we were cut off,
                 // and the others took us out. Register again; we come back stale and catch up.
@@ -1375,7 +1410,8 @@ impl Cluster {
     }
 
     /// Answers a block listing once every write that started under an older map has finished
-    /// here, so the listing holds every write the asking node did not receive itself.
+    /// here (coordinated here or applied as a replica; later ones are refused for their old
+    /// epoch), so the listing holds every write the asking node did not receive itself.
     async fn serve_list(self: Arc<Self>, e: Entry, data: Option<Data>, respond: Responder) {
         let Some(d) = data else {
             return respond.reply(status::EINVAL, None);

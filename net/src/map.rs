@@ -170,6 +170,18 @@ impl ClusterMap {
         t
     }
 
+    /// True when `node` is up and holds every acknowledged write of the PG's first `replicas`
+    /// slots it sits in: a clean holder, or the previous holder of a moving slot.
+    pub fn clean_holder(&self, pg: u32, replicas: u32, node: &str) -> bool {
+        self.up(node)
+            && self.pgs.get(pg as usize).is_some_and(|slots| {
+                slots.iter().take(replicas as usize).any(|s| {
+                    (s.node == node && s.state == SlotState::Clean)
+                        || s.prev.as_deref() == Some(node)
+                })
+            })
+    }
+
     /// The slot index a node holds in a PG (as holder or as the previous holder).
     pub fn slot_of(&self, pg: u32, node: &str) -> Option<usize> {
         self.pgs

@@ -25,6 +25,41 @@ const BATCH_BYTES: usize = 8 << 20;
 /// Requests one incoming connection may have in flight on this node.
 pub const SERVE_IN_FLIGHT: usize = 2048;
 
+/// Frames and entries this process sent and received over peer connections (both directions
+/// of every link): entries per frame is the batching factor.
+pub struct Counters {
+    pub frames_sent: std::sync::atomic::AtomicU64,
+    pub entries_sent: std::sync::atomic::AtomicU64,
+    pub bytes_sent: std::sync::atomic::AtomicU64,
+    pub frames_received: std::sync::atomic::AtomicU64,
+    pub entries_received: std::sync::atomic::AtomicU64,
+}
+
+pub static COUNTERS: Counters = Counters {
+    frames_sent: std::sync::atomic::AtomicU64::new(0),
+    entries_sent: std::sync::atomic::AtomicU64::new(0),
+    bytes_sent: std::sync::atomic::AtomicU64::new(0),
+    frames_received: std::sync::atomic::AtomicU64::new(0),
+    entries_received: std::sync::atomic::AtomicU64::new(0),
+};
+
+fn count_sent(entries: usize, bytes: usize) {
+    COUNTERS.frames_sent.fetch_add(1, Ordering::Relaxed);
+    COUNTERS
+        .entries_sent
+        .fetch_add(entries as u64, Ordering::Relaxed);
+    COUNTERS
+        .bytes_sent
+        .fetch_add(bytes as u64, Ordering::Relaxed);
+}
+
+fn count_received(entries: usize) {
+    COUNTERS.frames_received.fetch_add(1, Ordering::Relaxed);
+    COUNTERS
+        .entries_received
+        .fetch_add(entries as u64, Ordering::Relaxed);
+}
+
 pub struct Reply {
     pub status: u16,
     pub data: Option<Data>,
@@ -112,6 +147,7 @@ async fn run_link(
             tokio::select! {
                 frame = wire::read_frame(&mut rd) => {
                     let Ok(frame) = frame else { break };
+                    count_received(frame.entries.len());
                     for (e, start) in &frame.entries {
                         if e.op != Op::Reply as u8 {
                             continue;
@@ -184,6 +220,7 @@ async fn run_link(
             }
         }
         wire::encode_frame(&mut batch, &mut buf);
+        count_sent(batch.len(), buf.len());
         batch.clear();
         if dead.load(Ordering::Acquire) || wr.write_all(&buf).await.is_err() {
             ok = false;
@@ -275,6 +312,7 @@ pub async fn serve_connection(stream: TcpStream, handler: Arc<dyn Handler>) {
                 }
             }
             wire::encode_frame(&mut batch, &mut buf);
+            count_sent(batch.len(), buf.len());
             batch.clear();
             if wr.write_all(&buf).await.is_err() {
                 break;
@@ -292,6 +330,7 @@ pub async fn serve_connection(stream: TcpStream, handler: Arc<dyn Handler>) {
                 break;
             }
         };
+        count_received(frame.entries.len());
         for (e, start) in &frame.entries {
             let Ok(permit) = permits.clone().acquire_owned().await else {
                 break;

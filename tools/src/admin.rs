@@ -515,6 +515,56 @@ impl Node {
                 );
             }
         }
+        if let Some(c) = &self.cluster {
+            let p = &torus_net::peer::COUNTERS;
+            for (name, help, v) in [
+                (
+                    "torus_peer_frames_sent_total",
+                    "Frames sent to other nodes (each one send)",
+                    &p.frames_sent,
+                ),
+                (
+                    "torus_peer_entries_sent_total",
+                    "Requests and replies sent to other nodes",
+                    &p.entries_sent,
+                ),
+                (
+                    "torus_peer_bytes_sent_total",
+                    "Bytes sent to other nodes",
+                    &p.bytes_sent,
+                ),
+                (
+                    "torus_peer_frames_received_total",
+                    "Frames received from other nodes",
+                    &p.frames_received,
+                ),
+                (
+                    "torus_peer_entries_received_total",
+                    "Requests and replies received from other nodes",
+                    &p.entries_received,
+                ),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                    v.load(Relaxed)
+                );
+            }
+            let h = c.health();
+            let _ = writeln!(
+                out,
+                "# HELP torus_pgs Placement groups by state\n# TYPE torus_pgs gauge"
+            );
+            for (state, n) in [
+                ("clean", h.clean),
+                ("degraded", h.degraded),
+                ("recovering", h.recovering),
+                ("down", h.down),
+            ] {
+                let _ = writeln!(out, "torus_pgs{{state=\"{state}\"}} {n}");
+            }
+            let _ = writeln!(out, "# HELP torus_map_epoch Cluster map epoch this node has\n# TYPE torus_map_epoch gauge\ntorus_map_epoch {}", c.map().epoch);
+        }
         out
     }
 

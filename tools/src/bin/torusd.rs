@@ -272,7 +272,12 @@ fn run(args: Args) -> Result<()> {
     let runtime = if clustered {
         Some(
             tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
+                .worker_threads(
+                    std::env::var("TORUS_CONTROL_THREADS")
+                        .ok()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(1),
+                )
                 .thread_name("torus-control")
                 .enable_all()
                 .build()
