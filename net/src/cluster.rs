@@ -1685,6 +1685,9 @@ pub struct ClusterStatus {
     pub replicas_max: u32,
     /// Catch-up progress of nodes that are copying.
     pub recovering: Vec<(String, Recovery)>,
+    /// Nodes the map still counts as up whose heartbeat is overdue: (name, ms since).
+    #[serde(default)]
+    pub silent: Vec<(String, u64)>,
 }
 
 impl Cluster {
@@ -1752,7 +1755,21 @@ impl Cluster {
             .ok()
             .flatten()
             .map(|(v, _)| String::from_utf8_lossy(&v).into_owned());
+        let now = now_ms();
+        let overdue = (self.cfg.lease_ttl / 3 * 2).as_millis() as u64 + 500;
+        let silent = map
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.up)
+            .filter_map(|(name, _)| {
+                let since = stats
+                    .get(name)
+                    .map_or(u64::MAX, |s| now.saturating_sub(s.heartbeat_unix_ms));
+                (since > overdue && since != u64::MAX).then(|| (name.clone(), since))
+            })
+            .collect();
         ClusterStatus {
+            silent,
             node: self.me.clone(),
             epoch: map.epoch,
             leader,

@@ -289,6 +289,12 @@ impl Node {
                         p.degraded
                     ));
                 }
+                for (node, ms) in &c.silent {
+                    problems.push(format!(
+                        "node {node}: no heartbeat for {:.1} s (declared down when its lease expires)",
+                        *ms as f64 / 1000.0
+                    ));
+                }
                 if p.recovering > 0 {
                     problems.push(format!(
                         "{} PGs recovering (a replica is catching up)",
