@@ -156,6 +156,56 @@ fn a_fourth_node_joins_under_load_and_takes_a_quarter() {
     // The moved data verifies, read through the new node.
     fio(&d.uri("vol"), "0", "128M", &["--verify_only=1"]);
     fio(&d.uri("vol"), "256M", "128M", &["--verify_only=1"]);
+
+    // Draining a node moves its share to the others; it leaves the map when it holds nothing.
+    ctl_ok(&d, &["peer", "remove", "a"]);
+    let out = d.torusctl(&["peer", "remove", "b"]);
+    assert!(
+        !out.status.success(),
+        "removing a second node of four with 3 replicas must be refused"
+    );
+    let t = Instant::now();
+    loop {
+        let list = peers(&d);
+        let names: Vec<&str> = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap())
+            .collect();
+        if !names.contains(&"a") && d.torusctl(&["status"]).status.success() {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "a was not drained: {list}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    drop(a);
+    fio(&d.uri("vol"), "0", "128M", &["--verify_only=1"]);
+    fio(&d.uri("vol"), "256M", "128M", &["--verify_only=1"]);
+
+    // Deleting the volume frees its blocks on every node.
+    ctl_ok(&d, &["volume", "delete", "vol"]);
+    let t = Instant::now();
+    loop {
+        let list = peers(&d);
+        let used: Vec<u64> = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["used_bytes"].as_u64().unwrap_or(u64::MAX))
+            .collect();
+        if used.iter().all(|&u| u < 4 << 20) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "space not freed everywhere: {used:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 fn frame(version: u16, len: u32, count: u32, body: &[u8], fix_crc: bool) -> Vec<u8> {
