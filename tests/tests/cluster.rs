@@ -478,3 +478,86 @@ fn a_node_cut_off_acknowledges_nothing_and_converges_when_back() {
     fio(&c_uri("other"), "0", "32M", &["--verify_only=1"]);
     drop(c);
 }
+
+/// Sub-block writes while a replica is catching up (slowed to 2 MiB/s) must leave it exactly
+/// like the others: the test keeps a byte-for-byte model and reads it back from that replica
+/// alone.
+#[test]
+fn partial_writes_during_catch_up_leave_the_replica_exact() {
+    use torus_tests::nbd::Client;
+    const REGION: usize = 8 << 20;
+    let seed = seed();
+    eprintln!("seed {seed} (TORUS_TEST_SEED={seed} replays it)");
+    let mut rng = Rng(seed);
+    let etcd = Etcd::start();
+    let dirs: Vec<TempDir> = ["a", "b", "c"].iter().map(|n| TempDir::new(n)).collect();
+    let mut a = cluster_node(dirs[0].path(), &etcd, "a", 1);
+    let mut b = cluster_node_with(
+        dirs[1].path(),
+        &etcd.url,
+        "b",
+        1,
+        "127.0.0.1",
+        &[],
+        &["--recovery-rate", "2M"],
+    );
+    let mut c = cluster_node(dirs[2].path(), &etcd, "c", 1);
+    wait_clean(&a, Duration::from_secs(60));
+    ctl_ok(&a, &["volume", "create", "vol", "128M", "--replicas", "3"]);
+    let mut model = vec![0u8; REGION];
+    rng.fill(&mut model);
+    let mut client = Client::connect(a.nbd_port, "vol").unwrap();
+    for (i, block) in model.chunks(64 << 10).enumerate() {
+        assert_eq!(client.write((i * (64 << 10)) as u64, block, 0).unwrap(), 0);
+    }
+    assert_eq!(client.flush().unwrap(), 0);
+    let partial = |client: &mut Client, rng: &mut Rng, model: &mut Vec<u8>, n: usize| {
+        for i in 0..n {
+            let len = 1 + rng.below(9000) as usize;
+            let at = rng.below((REGION - len) as u64) as usize;
+            let mut data = vec![0u8; len];
+            rng.fill(&mut data);
+            assert_eq!(client.write(at as u64, &data, 0).unwrap(), 0);
+            model[at..at + len].copy_from_slice(&data);
+            if i % 100 == 99 {
+                assert_eq!(client.flush().unwrap(), 0);
+            }
+        }
+        assert_eq!(client.flush().unwrap(), 0);
+    };
+    b.kill9();
+    // b misses these: a partial mix in the model region, and 24 MiB elsewhere so that its
+    // catch-up takes a while at 2 MiB/s.
+    partial(&mut client, &mut rng, &mut model, 300);
+    drop(client);
+    fio(&a.uri("vol"), "32M", "24M", &["--end_fsync=1"]);
+    let mut client = Client::connect(a.nbd_port, "vol").unwrap();
+    b.spawn();
+    // While b catches up.
+    partial(&mut client, &mut rng, &mut model, 3000);
+    let out = a.torusctl(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!(
+        "after the partial writes: {}",
+        text.lines().find(|l| l.starts_with("pgs")).unwrap_or("")
+    );
+    client.disconnect();
+    wait_clean(&a, Duration::from_secs(180));
+    a.kill9();
+    c.kill9();
+    let mut reader = Client::connect(b.nbd_port, "vol").unwrap();
+    for (i, want) in model.chunks(1 << 20).enumerate() {
+        let got = reader
+            .read((i << 20) as u64, 1 << 20)
+            .unwrap()
+            .expect("read from b");
+        if got != want {
+            let first = got.iter().zip(want).position(|(x, y)| x != y).unwrap();
+            panic!(
+                "b differs from the model at byte {} (seed {seed})",
+                (i << 20) + first
+            );
+        }
+    }
+    fio(&b.uri("vol"), "32M", "24M", &["--verify_only=1"]);
+}
