@@ -120,6 +120,7 @@ pub struct Cluster {
     inflight: Mutex<BTreeMap<u64, u64>>,
     recovery: Mutex<Recovery>,
     recovering: Mutex<HashSet<u32>>,
+    repaired_reads: AtomicU64,
     stopping: AtomicBool,
 }
 
@@ -312,6 +313,7 @@ impl Cluster {
             inflight: Mutex::new(BTreeMap::new()),
             recovery: Mutex::new(Recovery::default()),
             recovering: Mutex::new(HashSet::new()),
+            repaired_reads: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
         });
         rt.block_on(cluster.refresh_volumes())?;
@@ -475,7 +477,31 @@ impl Cluster {
             return self.forward(req, &map, &primary, pg);
         }
         match req.piece.kind {
-            PieceKind::Read | PieceKind::Status => {
+            PieceKind::Read => {
+                // A local copy that fails its checksum (or its read) is answered from another
+                // clean replica; the log names it.
+                let done = req.done;
+                let (volume, offset, len) = (req.piece.volume, req.piece.offset, req.piece.len);
+                let me = self.clone();
+                let replicas = vol.replicas;
+                self.send_local(
+                    req.piece,
+                    sink(move |c| match c.output {
+                        Err(BlockError::Io) => {
+                            let map = me.map();
+                            let others: Vec<String> = map
+                                .nodes
+                                .keys()
+                                .filter(|n| **n != me.me && map.clean_holder(pg, replicas, n))
+                                .cloned()
+                                .collect();
+                            me.read_elsewhere(volume, offset, len, pg, others, done)
+                        }
+                        other => done(other.map_err(status_of)),
+                    }),
+                );
+            }
+            PieceKind::Status => {
                 let done = req.done;
                 self.send_local(req.piece, sink(move |c| done(c.output.map_err(status_of))));
             }
@@ -491,6 +517,54 @@ impl Cluster {
             }
             PieceKind::Flush => (req.done)(Err(status::EINVAL)),
         }
+    }
+
+    /// Reads from the first of `others` (clean replicas) that answers; EIO when none does.
+    fn read_elsewhere(
+        self: &Arc<Self>,
+        volume: u32,
+        offset: u64,
+        len: u32,
+        pg: u32,
+        mut others: Vec<String>,
+        done: Done,
+    ) {
+        if others.is_empty() {
+            eprintln!("torusd: volume {volume} bytes {offset}+{len}: the local copy cannot be vouched for and no other replica is up: EIO");
+            return done(Err(status::EIO));
+        }
+        let node = others.remove(0);
+        let map = self.map();
+        let Some(link) = self.link(&map, &node, pg) else {
+            return self.read_elsewhere(volume, offset, len, pg, others, done);
+        };
+        let me = self.clone();
+        link.send(Outgoing {
+            entry: Entry {
+                op: Op::Read as u8,
+                volume,
+                offset,
+                len,
+                epoch: map.epoch,
+                ..Entry::default()
+            },
+            data: None,
+            done: Box::new(move |r| match (r.status, r.data) {
+                (status::OK, Some(d)) if d.len == len as usize => {
+                    eprintln!("torusd: volume {volume} bytes {offset}+{len}: the local copy fails its checksum; answered from node {node}");
+                    me.repaired_reads.fetch_add(1, Ordering::Relaxed);
+                    let mut buf = AlignedBuf::zeroed(d.len.div_ceil(BLOCK_SIZE) * BLOCK_SIZE);
+                    buf[..d.len].copy_from_slice(&d.buf[d.start..d.start + d.len]);
+                    done(Ok(Output::Read { data: buf, head: 0 }))
+                }
+                _ => me.read_elsewhere(volume, offset, len, pg, others, done),
+            }),
+        });
+    }
+
+    /// Reads whose local copy failed and that another replica answered.
+    pub fn repaired_reads(&self) -> u64 {
+        self.repaired_reads.load(Ordering::Relaxed)
     }
 
     /// The epoch of the writer lock this node holds on `volume` (0: none).

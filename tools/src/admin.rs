@@ -556,6 +556,7 @@ impl Node {
                     v.load(Relaxed)
                 );
             }
+            let _ = writeln!(out, "# HELP torus_reads_answered_by_replica_total Reads whose local copy failed its checksum, answered from another replica\n# TYPE torus_reads_answered_by_replica_total counter\ntorus_reads_answered_by_replica_total {}", c.repaired_reads());
             let h = c.health();
             let _ = writeln!(
                 out,
