@@ -92,10 +92,12 @@ impl TempDir {
         let base = std::env::var("TORUS_TEST_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|_| std::env::temp_dir());
+        // Unique per process and call: tests run in parallel threads of one process.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let d = base.join(format!(
             "torus-test-{name}-{}-{}",
             std::process::id(),
-            Instant::now().elapsed().as_nanos()
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();

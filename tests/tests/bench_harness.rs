@@ -22,6 +22,7 @@ fn bench_dry_run_prints_the_plan() {
 #[test]
 fn bench_tiny_run_writes_results() {
     require_tool("fio", "fio");
+    require_tool("etcd", "etcd-server");
     let dir = TempDir::new("bench");
     let out = run_ok(
         Command::new(bin("torus-bench")).args([
@@ -33,7 +34,7 @@ fn bench_tiny_run_writes_results() {
             "--size-mib",
             "32",
             "--targets",
-            "disk,torus",
+            "disk,torus,torus-3x",
             "--workloads",
             "randwrite-4k-qd32",
             "--out",
@@ -42,6 +43,7 @@ fn bench_tiny_run_writes_results() {
         Duration::from_secs(300),
     );
     assert!(out.contains("| randwrite-4k-qd32 | torus |"), "{out}");
+    assert!(out.contains("| randwrite-4k-qd32 | torus-3x |"), "{out}");
     let results = std::fs::read_dir(dir.path())
         .unwrap()
         .filter_map(|e| e.ok())
@@ -56,7 +58,7 @@ fn bench_tiny_run_writes_results() {
     )
     .unwrap();
     let cells = json["cells"].as_array().unwrap();
-    assert_eq!(cells.len(), 2);
+    assert_eq!(cells.len(), 3);
     assert!(
         cells
             .iter()
