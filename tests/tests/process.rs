@@ -136,11 +136,16 @@ fn sigterm_finishes_requests_in_flight_and_exits_0() {
         }
         c.send(torus_tests::nbd::CMD_FLUSH, 0, 1000, 0, 0, &[])
             .unwrap();
+        // Wait for the first answer, so the server is surely working on this batch (on a busy
+        // machine SIGTERM could otherwise arrive before it read any request), then SIGTERM
+        // with the rest in flight.
+        let (err, first) = c.reply().unwrap();
+        assert_eq!(err, 0, "round {round}: request {first} failed");
         // SAFETY: signalling our own child.
         unsafe { libc::kill(node.pid(), libc::SIGTERM) };
         // Every request the server had received is answered (successfully) before it closes
         // the connection; requests still in the socket may be dropped unanswered.
-        let mut answered = Vec::new();
+        let mut answered = vec![first];
         while let Ok((err, cookie)) = c.reply() {
             assert_eq!(
                 err, 0,
