@@ -836,7 +836,7 @@ impl Cluster {
             return;
         }
         let call_local = call.clone();
-        self.send_local(
+        self.send_local_tracked(
             clone_piece(&local_piece),
             sink(move |c| call_local(c.output.map_or_else(status_of, |_| status::OK))),
         );
@@ -969,6 +969,159 @@ impl Cluster {
             set.insert((piece.volume, b));
         }
         self.send_local(piece, reply);
+    }
+
+    /// A coordinated local write: while its PG is being scrubbed here, the blocks it touches
+    /// are remembered so the scrub does not overwrite them with a replica's older copy.
+    fn send_local_tracked(&self, piece: Piece, reply: ReplyTo) {
+        let pg = self.pg_of(piece.volume, piece.offset);
+        let mut dirty = self.dirty.lock();
+        if let Some(set) = dirty.get_mut(&pg) {
+            let first = piece.offset / BLOCK_SIZE as u64;
+            let end = (piece.offset + piece.len as u64).div_ceil(BLOCK_SIZE as u64);
+            for b in first..end {
+                set.insert((piece.volume, b));
+            }
+        }
+        self.send_local(piece, reply);
+    }
+
+    /// Reads every block of `volume` this node holds as a clean replica (each read checks the
+    /// block's crc32c) and rewrites each bad one from another clean replica.
+    pub async fn scrub_local(self: &Arc<Self>, volume: u32) -> ScrubReport {
+        let mut report = ScrubReport {
+            node: self.me.clone(),
+            ..ScrubReport::default()
+        };
+        let Some(vol) = self.volume(volume) else {
+            report.problems.push("no such volume here".into());
+            return report;
+        };
+        if let Ok((Some(m), _)) = self.etcd.map().await {
+            self.install_map(m);
+        }
+        let map = self.map();
+        let pg_count = map.pg_count as usize;
+        let mut bitmap = vec![false; pg_count];
+        let mut pgs = Vec::new();
+        {
+            let mut rec = self.recovering.lock();
+            let mut dirty = self.dirty.lock();
+            let mut busy = 0;
+            let mut not_clean = 0;
+            for pg in 0..map.pg_count {
+                if map.slot_of(pg, &self.me).is_none() {
+                    continue;
+                }
+                if !map.clean_holder(pg, vol.replicas, &self.me) {
+                    not_clean += 1;
+                } else if rec.contains(&pg) {
+                    busy += 1;
+                } else {
+                    bitmap[pg as usize] = true;
+                    rec.insert(pg);
+                    dirty.entry(pg).or_default();
+                    pgs.push(pg);
+                }
+            }
+            if not_clean > 0 {
+                report.problems.push(format!(
+                    "{not_clean} PGs not scrubbed here: this node is catching up on them"
+                ));
+            }
+            if busy > 0 {
+                report.problems.push(format!(
+                    "{busy} PGs not scrubbed here: a catch-up or another scrub holds them"
+                ));
+            }
+        }
+        let blocks: Vec<u64> = self
+            .list_local(&bitmap)
+            .await
+            .into_iter()
+            .filter(|(v, _, _)| *v == volume)
+            .map(|(_, b, _)| b)
+            .collect();
+        // Runs of consecutive blocks within a chunk: one read each; a failed run is read
+        // again block by block to find the bad ones.
+        let chunk_blocks = CHUNK_SIZE / BLOCK_SIZE as u64;
+        let mut runs: Vec<(u64, u32)> = Vec::new();
+        for b in blocks {
+            match runs.last_mut() {
+                Some(r) if r.0 + r.1 as u64 == b && r.0 / chunk_blocks == b / chunk_blocks => {
+                    r.1 += 1
+                }
+                _ => runs.push((b, 1)),
+            }
+        }
+        let mut bad = Vec::new();
+        for (first, n) in runs {
+            report.blocks_checked += n as u64;
+            if self.read_local(volume, first, n).await {
+                continue;
+            }
+            for b in first..first + n as u64 {
+                if !self.read_local(volume, b, 1).await {
+                    bad.push(b);
+                }
+            }
+        }
+        report.bad_found = bad.len() as u64;
+        for b in bad {
+            let pg = self.pg_of(volume, b * BLOCK_SIZE as u64);
+            let others: Vec<String> = map
+                .nodes
+                .keys()
+                .filter(|n| **n != self.me && map.clean_holder(pg, vol.replicas, n))
+                .cloned()
+                .collect();
+            let mut fixed = false;
+            for node in others {
+                if self.copy_run(&map, &node, volume, b, 1).await.is_ok() {
+                    fixed = true;
+                    break;
+                }
+            }
+            if fixed {
+                report.repaired += 1;
+                eprintln!("torusd: scrub: volume {volume} block {b} failed its checksum here; rewritten from a replica");
+            } else {
+                report.problems.push(format!(
+                    "block {b}: bad here and no replica could supply it"
+                ));
+            }
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.flush_local(Box::new(move |s| {
+            let _ = tx.send(s);
+        }));
+        if rx.await.unwrap_or(status::EIO) != status::OK {
+            report
+                .problems
+                .push("flush after the repairs failed".into());
+        }
+        let mut rec = self.recovering.lock();
+        for pg in pgs {
+            rec.remove(&pg);
+        }
+        report
+    }
+
+    /// True when a local read of `n` blocks from `block` passes its checksums.
+    async fn read_local(&self, volume: u32, block: u64, n: u32) -> bool {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send_local(
+            Piece {
+                volume,
+                offset: block * BLOCK_SIZE as u64,
+                len: n * BLOCK_SIZE as u32,
+                kind: PieceKind::Read,
+            },
+            sink(move |c| {
+                let _ = tx.send(c.output.is_ok());
+            }),
+        );
+        rx.await.unwrap_or(false)
     }
 
     fn validate(self: &Arc<Self>, e: &Entry, data: &Option<Data>) -> Result<VolumeRecord, u16> {
@@ -1729,6 +1882,16 @@ impl Handler for ClusterHandler {
     }
 }
 
+/// What a scrub found on one node.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ScrubReport {
+    pub node: String,
+    pub blocks_checked: u64,
+    pub bad_found: u64,
+    pub repaired: u64,
+    pub problems: Vec<String>,
+}
+
 /// One row of `torusctl peers`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PeerView {
@@ -1762,6 +1925,9 @@ pub struct ClusterStatus {
     /// Nodes the map still counts as up whose heartbeat is overdue: (name, ms since).
     #[serde(default)]
     pub silent: Vec<(String, u64)>,
+    /// Membership changes the leader has not put in the map yet.
+    #[serde(default)]
+    pub pending: Vec<String>,
 }
 
 impl Cluster {
@@ -1842,7 +2008,32 @@ impl Cluster {
                 (since > overdue && since != u64::MAX).then(|| (name.clone(), since))
             })
             .collect();
+        let live: HashMap<String, NodeInfo> = self
+            .block_on(self.etcd.list("nodes/"))
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(k, v, _)| Some((k, serde_json::from_slice(&v).ok()?)))
+            .collect();
+        let mut pending = Vec::new();
+        for (name, n) in &map.nodes {
+            match live.get(name) {
+                None if n.up => pending.push(format!(
+                    "node {name}: its lease is gone; not yet marked down"
+                )),
+                Some(info) if !n.up || info.incarnation != n.info.incarnation => {
+                    pending.push(format!("node {name}: (re)started; not yet in the map"))
+                }
+                _ => {}
+            }
+        }
+        for (name, info) in &live {
+            let drained = map.removed.get(name) == Some(&info.incarnation);
+            if !map.nodes.contains_key(name) && !drained {
+                pending.push(format!("node {name}: joined; not yet in the map"));
+            }
+        }
         ClusterStatus {
+            pending,
             silent,
             node: self.me.clone(),
             epoch: map.epoch,

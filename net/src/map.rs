@@ -61,6 +61,10 @@ pub struct ClusterMap {
     pub replicas_max: u32,
     pub nodes: BTreeMap<String, MapNode>,
     pub pgs: Vec<Vec<Slot>>,
+    /// Nodes drained out by `peer remove`, with the incarnation that was drained: that
+    /// process is not taken back in; the node rejoins when it is started again.
+    #[serde(default)]
+    pub removed: BTreeMap<String, u64>,
 }
 
 /// Where a piece of one PG goes under one map.
@@ -110,6 +114,7 @@ impl ClusterMap {
             replicas_max,
             nodes: BTreeMap::new(),
             pgs: vec![Vec::new(); PG_COUNT as usize],
+            removed: BTreeMap::new(),
         }
     }
 
@@ -221,6 +226,12 @@ impl ClusterMap {
     pub fn reconcile(&mut self, live: &BTreeMap<String, NodeInfo>) -> bool {
         let before = self.clone();
         for (name, info) in live {
+            if let Some(&inc) = self.removed.get(name) {
+                if inc == info.incarnation {
+                    continue; // drained and still running: stays out
+                }
+                self.removed.remove(name);
+            }
             match self.nodes.get_mut(name) {
                 None => {
                     self.nodes.insert(
@@ -314,8 +325,16 @@ impl ClusterMap {
             .flatten()
             .flat_map(|s| std::iter::once(s.node.clone()).chain(s.prev.clone()))
             .collect();
-        self.nodes
-            .retain(|name, n| !n.removing || holding.contains(name));
+        let drained: Vec<(String, u64)> = self
+            .nodes
+            .iter()
+            .filter(|(name, n)| n.removing && !holding.contains(*name))
+            .map(|(name, n)| (name.clone(), n.info.incarnation))
+            .collect();
+        for (name, inc) in drained {
+            self.nodes.remove(&name);
+            self.removed.insert(name, inc);
+        }
         let changed = *self != before;
         if changed {
             self.epoch = before.epoch + 1;
@@ -506,6 +525,37 @@ mod tests {
             assert_eq!(slots.len(), 3);
             assert!(slots.iter().all(|s| s.prev.is_none()));
         }
+    }
+
+    #[test]
+    fn a_drained_node_stays_out_until_it_restarts() {
+        let mut m = ClusterMap::new(3);
+        let four = live(&[("a", 1), ("b", 1), ("c", 1), ("d", 1)]);
+        m.reconcile(&four);
+        all_clean(&mut m);
+        m.nodes.get_mut("d").unwrap().removing = true;
+        m.reconcile(&four);
+        // The slots d held move to the others; d keeps serving them until they are clean.
+        assert!(m
+            .pgs
+            .iter()
+            .flatten()
+            .any(|s| s.prev.as_deref() == Some("d")));
+        all_clean(&mut m);
+        m.reconcile(&four);
+        assert!(!m.nodes.contains_key("d"), "drained");
+        assert!(m
+            .pgs
+            .iter()
+            .flatten()
+            .all(|s| s.node != "d" && s.prev.is_none()));
+        m.reconcile(&four);
+        assert!(
+            !m.nodes.contains_key("d"),
+            "the drained process is not taken back"
+        );
+        m.reconcile(&live(&[("a", 1), ("b", 1), ("c", 1), ("d", 2)]));
+        assert!(m.nodes.contains_key("d"), "started again, it rejoins");
     }
 
     #[test]

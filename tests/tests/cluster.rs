@@ -44,7 +44,8 @@ fn ctl_ok(node: &Torusd, args: &[&str]) -> String {
     let out = node.torusctl(args);
     assert!(
         out.status.success(),
-        "torusctl {args:?} failed: {}",
+        "torusctl {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -625,4 +626,31 @@ fn a_corrupt_local_copy_is_answered_from_another_replica() {
     let answered = log.matches("answered from node").count();
     eprintln!("64 flips: {answered} reads answered from another replica");
     assert!(answered > 0, "{log}");
+
+    // A scrub finds the bad copies (each flip is in a different slot; flips in slots no
+    // longer mapped harm nothing) and rewrites them from the other replicas.
+    let out = ctl_ok(&a, &["scrub", "vol"]);
+    eprintln!("{out}");
+    let row = out.lines().find(|l| l.starts_with("a ")).expect("a's row");
+    let cols: Vec<u64> = row
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap())
+        .collect();
+    assert_eq!(
+        cols[0], 8192,
+        "a checked every block of the 32 MiB written: {out}"
+    );
+    assert!(cols[1] >= answered as u64 && cols[1] <= 64, "{out}");
+    assert_eq!(cols[1], cols[2], "every bad block repaired: {out}");
+    // Repaired for real: with b and c gone, a alone serves every block.
+    drop(_b);
+    drop(_c);
+    let before = a.log_text().matches("answered from node").count();
+    fio(&a.uri("vol"), "0", "32M", &["--verify_only=1"]);
+    assert_eq!(
+        a.log_text().matches("answered from node").count(),
+        before,
+        "a still needed other replicas after the scrub"
+    );
 }

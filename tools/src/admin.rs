@@ -6,6 +6,8 @@
 //! POST   /v1/volumes                    {"name": "db", "size_bytes": 2147483648}
 //! DELETE /v1/volumes/NAME               refused (409) while clients are connected
 //! POST   /v1/volumes/NAME/resize        {"size_bytes": ..., "force": false}
+//! POST   /v1/volumes/NAME/scrub         read every replica on every node, repair bad copies
+//!                                       (`?local=1`: this node only)
 //! GET    /v1/status                     node health, capacity, cores (and the cluster's PGs)
 //! GET    /v1/peers                      cluster nodes: address, capacity, used, state, heartbeat
 //! POST   /v1/peers/NAME/remove          drain a node out of the cluster
@@ -21,7 +23,7 @@ use std::time::Instant;
 use torus_engine::{CoreStats, Engine};
 use torus_frontend::exports::{Exports, Volume};
 use torus_frontend::nbd::transmission::FrontendStats;
-use torus_net::cluster::{Cluster, ClusterStatus};
+use torus_net::cluster::{Cluster, ClusterStatus, ScrubReport};
 use torus_net::metadata::{Metadata, MetadataError};
 
 /// Largest request body accepted by the admin API.
@@ -244,6 +246,51 @@ impl Node {
         }
     }
 
+    fn scrub(&self, name: &str, local_only: bool) -> Answer {
+        let Some(c) = &self.cluster else {
+            return error(400, "scrub rewrites a bad copy from another replica, so it needs a cluster (--etcd); on a single node every read already checks its block's crc32c");
+        };
+        let Some(v) = self.metadata.volume(name) else {
+            return metadata_error(MetadataError::NotFound(name.to_owned()));
+        };
+        if local_only {
+            return json(200, &vec![c.block_on(c.scrub_local(v.id))]);
+        }
+        let mut reports: Vec<ScrubReport> = Vec::new();
+        for p in c.peers() {
+            if p.state != "up" {
+                reports.push(ScrubReport {
+                    node: p.name.clone(),
+                    problems: vec![format!("node is {}: not scrubbed", p.state)],
+                    ..ScrubReport::default()
+                });
+                continue;
+            }
+            if p.name == c.me {
+                reports.push(c.block_on(c.scrub_local(v.id)));
+                continue;
+            }
+            let url = format!("http://{}/v1/volumes/{name}/scrub?local=1", p.admin_addr);
+            let agent = ureq::AgentBuilder::new()
+                .timeout(std::time::Duration::from_secs(3600))
+                .build();
+            match agent
+                .post(&url)
+                .call()
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.into_json::<Vec<ScrubReport>>().map_err(|e| e.to_string()))
+            {
+                Ok(r) => reports.extend(r),
+                Err(e) => reports.push(ScrubReport {
+                    node: p.name.clone(),
+                    problems: vec![format!("scrub request failed: {e}")],
+                    ..ScrubReport::default()
+                }),
+            }
+        }
+        json(200, &reports)
+    }
+
     pub fn status(&self) -> StatusView {
         let stats = self.engine.stats();
         let mut problems = Vec::new();
@@ -289,6 +336,7 @@ impl Node {
                         p.degraded
                     ));
                 }
+                problems.extend(c.pending.iter().cloned());
                 for (node, ms) in &c.silent {
                     problems.push(format!(
                         "node {node}: no heartbeat for {:.1} s (declared down when its lease expires)",
@@ -609,6 +657,7 @@ impl Node {
                 Err(e) => error(400, format!("bad request body: {e}")),
             },
             (Delete, ["v1", "volumes", name]) => self.delete_volume(name),
+            (Post, ["v1", "volumes", name, "scrub"]) => self.scrub(name, url.contains("local=1")),
             (Post, ["v1", "volumes", name, "resize"]) => {
                 match serde_json::from_slice::<ResizeVolume>(body) {
                     Ok(r) => self.resize_volume(name, r),

@@ -2,7 +2,7 @@
 
 use anyhow::{anyhow, bail, Result};
 use clap::{Parser, Subcommand};
-use torus_net::cluster::PeerView;
+use torus_net::cluster::{PeerView, ScrubReport};
 use torus_tools::admin::{StatusView, VolumeView};
 use torus_tools::size::{human, parse_size};
 
@@ -38,6 +38,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Read every copy of a volume on every node (each block's crc32c is checked) and
+    /// rewrite bad copies from a good replica; exits 0 only when nothing is left bad.
+    Scrub { volume: String },
     /// Cluster membership changes.
     #[command(subcommand)]
     Peer(PeerCommand),
@@ -235,6 +238,29 @@ fn run(args: Args) -> Result<i32> {
                     );
                 }
             }
+        }
+        Command::Scrub { volume } => {
+            let reports: Vec<ScrubReport> = serde_json::from_value(call(
+                "POST",
+                &format!("{base}/v1/volumes/{volume}/scrub"),
+                None,
+            )?)?;
+            let mut clean = true;
+            println!(
+                "{:<12} {:>12} {:>8} {:>9}",
+                "NODE", "CHECKED", "BAD", "REPAIRED"
+            );
+            for r in &reports {
+                println!(
+                    "{:<12} {:>12} {:>8} {:>9}",
+                    r.node, r.blocks_checked, r.bad_found, r.repaired
+                );
+                for p in &r.problems {
+                    println!("  problem: {p}");
+                }
+                clean &= r.problems.is_empty() && r.repaired == r.bad_found;
+            }
+            return Ok(if clean { 0 } else { 2 });
         }
         Command::Peer(PeerCommand::Remove { name }) => {
             call("POST", &format!("{base}/v1/peers/{name}/remove"), None)?;
