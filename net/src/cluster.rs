@@ -47,7 +47,6 @@ const RECOVERY_READS_IN_FLIGHT: usize = 32;
 
 #[derive(Clone, Debug)]
 pub struct ClusterConfig {
-    pub etcd: Vec<String>,
     pub node_name: String,
     pub peer_addr: String,
     pub admin_addr: String,
@@ -56,6 +55,9 @@ pub struct ClusterConfig {
     pub replicas_max: u32,
     /// Catch-up copy rate limit, bytes per second.
     pub recovery_rate: u64,
+    /// This node's store: its id (a node name stays with it) and capacity.
+    pub node_id: [u8; 16],
+    pub capacity_bytes: u64,
 }
 
 /// What a node publishes about itself besides its `NodeInfo` (changes often, so it does not
@@ -106,7 +108,8 @@ pub struct Cluster {
     info: NodeInfo,
     map: RwLock<Arc<ClusterMap>>,
     volumes: RwLock<HashMap<u32, VolumeRecord>>,
-    links: Mutex<HashMap<(String, u32), Arc<Link>>>,
+    /// Links by node, then by the node's core.
+    links: Mutex<HashMap<String, HashMap<u32, Arc<Link>>>>,
     lease: AtomicU64,
     lease_ok: Mutex<Instant>,
     /// Highest writer epoch seen per volume; older writers are fenced.
@@ -208,6 +211,83 @@ fn clone_piece(p: &Piece) -> Piece {
     }
 }
 
+/// The wire request for a piece: `coordinate` asks the receiver to act as the PG's primary
+/// (`C*` ops), otherwise a replica applies it to its own store. None for a flush.
+fn to_wire(p: &Piece, coordinate: bool, epoch: u64, writer: u64) -> Option<(Entry, Option<Data>)> {
+    let fua_flag = |fua: bool| if fua { wire::FLAG_FUA } else { 0 };
+    let (op, flags, data) = match &p.kind {
+        PieceKind::Read => (if coordinate { Op::CRead } else { Op::Read }, 0, None),
+        PieceKind::Status => (if coordinate { Op::CStatus } else { Op::Status }, 0, None),
+        PieceKind::Zero { fua } => (
+            if coordinate { Op::CZero } else { Op::Zero },
+            fua_flag(*fua),
+            None,
+        ),
+        PieceKind::Write {
+            data,
+            data_offset,
+            fua,
+        } => (
+            if coordinate { Op::CWrite } else { Op::Write },
+            fua_flag(*fua),
+            Some(Data {
+                buf: data.clone(),
+                start: *data_offset,
+                len: p.len as usize,
+            }),
+        ),
+        PieceKind::Flush => return None,
+    };
+    let entry = Entry {
+        op: op as u8,
+        flags,
+        volume: p.volume,
+        offset: p.offset,
+        len: p.len,
+        epoch,
+        writer,
+        ..Entry::default()
+    };
+    Some((entry, data))
+}
+
+/// A read's answer from a peer, in a buffer of its own (the frame's buffer holds others).
+fn read_output(d: &Data) -> Output {
+    let mut buf = AlignedBuf::zeroed(d.len.div_ceil(BLOCK_SIZE) * BLOCK_SIZE);
+    buf[..d.len].copy_from_slice(&d.buf[d.start..d.start + d.len]);
+    Output::Read { data: buf, head: 0 }
+}
+
+/// Answers a peer's request with what a piece produced.
+fn reply_output(respond: Responder, output: Result<Output, u16>, len: usize) {
+    match output {
+        Ok(Output::Read { data, head }) => respond.reply(
+            status::OK,
+            Some(Data {
+                buf: Arc::new(data),
+                start: head,
+                len,
+            }),
+        ),
+        Ok(Output::Status { mapped }) => {
+            let mut buf = AlignedBuf::zeroed(mapped.len().div_ceil(4096).max(1) * 4096);
+            for (i, m) in mapped.iter().enumerate() {
+                buf[i] = *m as u8;
+            }
+            respond.reply(
+                status::OK,
+                Some(Data {
+                    buf: Arc::new(buf),
+                    start: 0,
+                    len: mapped.len(),
+                }),
+            )
+        }
+        Ok(Output::Done) => respond.reply(status::OK, None),
+        Err(s) => respond.reply(s, None),
+    }
+}
+
 fn is_partial(p: &Piece) -> bool {
     !p.offset.is_multiple_of(BLOCK_SIZE as u64) || !(p.len as usize).is_multiple_of(BLOCK_SIZE)
 }
@@ -238,15 +318,14 @@ impl Cluster {
     /// listens for peers and starts the control loops.
     pub fn start(
         cfg: ClusterConfig,
+        etcd: Etcd,
         rt: &tokio::runtime::Runtime,
         shared: Arc<Shared>,
         local: Arc<dyn Local>,
-        node_id: [u8; 16],
-        capacity_bytes: u64,
         peer_listener: std::net::TcpListener,
     ) -> Result<Arc<Cluster>, EtcdError> {
         let handle = rt.handle().clone();
-        let etcd = rt.block_on(Etcd::connect(&cfg.etcd))?;
+        let (node_id, capacity_bytes) = (cfg.node_id, cfg.capacity_bytes);
         let incarnation =
             now_ms() ^ (u64::from_le_bytes(node_id[..8].try_into().expect("8")) << 20);
         let info = NodeInfo {
@@ -393,8 +472,7 @@ impl Cluster {
         let n = map.nodes.get(node)?;
         let core = pg % n.info.cores.max(1);
         let mut links = self.links.lock();
-        let key = (node.to_owned(), core);
-        if let Some(l) = links.get(&key) {
+        if let Some(l) = links.get(node).and_then(|by_core| by_core.get(&core)) {
             if !l.dead() {
                 return Some(l.clone());
             }
@@ -405,7 +483,10 @@ impl Cluster {
             self.me.clone(),
             core,
         ));
-        links.insert(key, l.clone());
+        links
+            .entry(node.to_owned())
+            .or_default()
+            .insert(core, l.clone());
         Some(l)
     }
 
@@ -553,9 +634,7 @@ impl Cluster {
                 (status::OK, Some(d)) if d.len == len as usize => {
                     eprintln!("torusd: volume {volume} bytes {offset}+{len}: the local copy fails its checksum; answered from node {node}");
                     me.repaired_reads.fetch_add(1, Ordering::Relaxed);
-                    let mut buf = AlignedBuf::zeroed(d.len.div_ceil(BLOCK_SIZE) * BLOCK_SIZE);
-                    buf[..d.len].copy_from_slice(&d.buf[d.start..d.start + d.len]);
-                    done(Ok(Output::Read { data: buf, head: 0 }))
+                    done(Ok(read_output(&d)))
                 }
                 _ => me.read_elsewhere(volume, offset, len, pg, others, done),
             }),
@@ -623,35 +702,8 @@ impl Cluster {
         let Some(link) = self.link(map, primary, pg) else {
             return self.retry_later(req);
         };
-        let p = &req.piece;
-        let (op, flags, data) = match &p.kind {
-            PieceKind::Read => (Op::CRead, 0, None),
-            PieceKind::Status => (Op::CStatus, 0, None),
-            PieceKind::Zero { fua } => (Op::CZero, if *fua { wire::FLAG_FUA } else { 0 }, None),
-            PieceKind::Write {
-                data,
-                data_offset,
-                fua,
-            } => (
-                Op::CWrite,
-                if *fua { wire::FLAG_FUA } else { 0 },
-                Some(Data {
-                    buf: data.clone(),
-                    start: *data_offset,
-                    len: p.len as usize,
-                }),
-            ),
-            PieceKind::Flush => return (req.done)(Err(status::EINVAL)),
-        };
-        let entry = Entry {
-            op: op as u8,
-            flags,
-            volume: p.volume,
-            offset: p.offset,
-            len: p.len,
-            epoch: map.epoch,
-            writer: req.writer,
-            ..Entry::default()
+        let Some((entry, data)) = to_wire(&req.piece, true, map.epoch, req.writer) else {
+            return (req.done)(Err(status::EINVAL));
         };
         let me = self.clone();
         link.send(Outgoing {
@@ -661,10 +713,7 @@ impl Cluster {
                 status::OK => {
                     let output = match (&req.piece.kind, r.data) {
                         (PieceKind::Read, Some(d)) if d.len == req.piece.len as usize => {
-                            let mut buf =
-                                AlignedBuf::zeroed(d.len.div_ceil(BLOCK_SIZE) * BLOCK_SIZE);
-                            buf[..d.len].copy_from_slice(&d.buf[d.start..d.start + d.len]);
-                            Output::Read { data: buf, head: 0 }
+                            read_output(&d)
                         }
                         (PieceKind::Read, _) => return (req.done)(Err(status::EIO)),
                         (PieceKind::Status, Some(d)) => Output::Status {
@@ -742,37 +791,11 @@ impl Cluster {
                         call(status::RETRY);
                         continue;
                     };
-                    let (op, flags, data) = match &piece.kind {
-                        PieceKind::Write {
-                            data,
-                            data_offset,
-                            fua,
-                        } => (
-                            Op::Write,
-                            if *fua { wire::FLAG_FUA } else { 0 },
-                            Some(Data {
-                                buf: data.clone(),
-                                start: *data_offset,
-                                len: piece.len as usize,
-                            }),
-                        ),
-                        PieceKind::Zero { fua } => {
-                            (Op::Zero, if *fua { wire::FLAG_FUA } else { 0 }, None)
-                        }
-                        _ => unreachable!("only writes are coordinated"),
-                    };
+                    let (entry, data) =
+                        to_wire(piece, false, epoch, writer).expect("only writes are coordinated");
                     let call = call.clone();
                     link.send(Outgoing {
-                        entry: Entry {
-                            op: op as u8,
-                            flags,
-                            volume: piece.volume,
-                            offset: piece.offset,
-                            len: piece.len,
-                            epoch,
-                            writer,
-                            ..Entry::default()
-                        },
+                        entry,
                         data,
                         done: Box::new(move |r| call(r.status)),
                     });
@@ -1782,33 +1805,7 @@ impl Handler for ClusterHandler {
                 let len = e.len as usize;
                 c.send_local(
                     piece_of(kind),
-                    sink(move |done| match done.output {
-                        Ok(Output::Read { data, head }) => respond.reply(
-                            status::OK,
-                            Some(Data {
-                                buf: Arc::new(data),
-                                start: head,
-                                len,
-                            }),
-                        ),
-                        Ok(Output::Status { mapped }) => {
-                            let mut buf =
-                                AlignedBuf::zeroed(mapped.len().div_ceil(4096).max(1) * 4096);
-                            for (i, m) in mapped.iter().enumerate() {
-                                buf[i] = *m as u8;
-                            }
-                            respond.reply(
-                                status::OK,
-                                Some(Data {
-                                    buf: Arc::new(buf),
-                                    start: 0,
-                                    len: mapped.len(),
-                                }),
-                            )
-                        }
-                        Ok(Output::Done) => respond.reply(status::EIO, None),
-                        Err(err) => respond.reply(status_of(err), None),
-                    }),
+                    sink(move |done| reply_output(respond, done.output.map_err(status_of), len)),
                 );
             }
             Op::Flush => c.flush_local(Box::new(move |s| respond.reply(s, None))),
@@ -1845,33 +1842,7 @@ impl Handler for ClusterHandler {
                 let len = e.len as usize;
                 c.submit(Request {
                     piece: piece_of(kind),
-                    done: Box::new(move |r| match r {
-                        Ok(Output::Read { data, head }) => respond.reply(
-                            status::OK,
-                            Some(Data {
-                                buf: Arc::new(data),
-                                start: head,
-                                len,
-                            }),
-                        ),
-                        Ok(Output::Status { mapped }) => {
-                            let mut buf =
-                                AlignedBuf::zeroed(mapped.len().div_ceil(4096).max(1) * 4096);
-                            for (i, m) in mapped.iter().enumerate() {
-                                buf[i] = *m as u8;
-                            }
-                            respond.reply(
-                                status::OK,
-                                Some(Data {
-                                    buf: Arc::new(buf),
-                                    start: 0,
-                                    len: mapped.len(),
-                                }),
-                            )
-                        }
-                        Ok(Output::Done) => respond.reply(status::OK, None),
-                        Err(s) => respond.reply(s, None),
-                    }),
+                    done: Box::new(move |r| reply_output(respond, r, len)),
                     deadline: Instant::now() + PEER_REQUEST_DEADLINE,
                     from_peer: true,
                     writer: e.writer,

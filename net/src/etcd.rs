@@ -249,13 +249,6 @@ fn unavailable(e: EtcdError) -> MetadataError {
     MetadataError::Unavailable(e.to_string())
 }
 
-fn now_unix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 impl EtcdMetadata {
     fn block<T>(&self, f: impl std::future::Future<Output = T>) -> T {
         self.rt.block_on(f)
@@ -267,6 +260,18 @@ impl EtcdMetadata {
             .map_err(unavailable)
     }
 
+    /// A volume's record and the mod revision of its key.
+    async fn volume_at(&self, name: &str) -> Result<(VolumeRecord, i64), MetadataError> {
+        let k = format!("volumes/{name}");
+        let (bytes, rev) = self
+            .etcd
+            .get(&k)
+            .await
+            .map_err(unavailable)?
+            .ok_or_else(|| MetadataError::NotFound(name.to_owned()))?;
+        Ok((parse(&k, &bytes).map_err(unavailable)?, rev))
+    }
+
     async fn update_volume(
         &self,
         name: &str,
@@ -274,13 +279,7 @@ impl EtcdMetadata {
     ) -> Result<VolumeRecord, MetadataError> {
         let k = format!("volumes/{name}");
         loop {
-            let (bytes, rev) = self
-                .etcd
-                .get(&k)
-                .await
-                .map_err(unavailable)?
-                .ok_or_else(|| MetadataError::NotFound(name.to_owned()))?;
-            let mut v: VolumeRecord = parse(&k, &bytes).map_err(unavailable)?;
+            let (mut v, rev) = self.volume_at(name).await?;
             change(&mut v)?;
             let value = serde_json::to_vec(&v).expect("volume serializes");
             if self.etcd.cas(&k, rev, value).await.map_err(unavailable)? {
@@ -316,13 +315,7 @@ impl Metadata for EtcdMetadata {
                     Some((v, rev)) => (parse::<u32>(NEXT_KEY, &v).map_err(unavailable)?, rev),
                     None => (1, 0),
                 };
-                let record = VolumeRecord {
-                    name: name.to_owned(),
-                    id: next,
-                    size_bytes,
-                    created_unix: now_unix(),
-                    replicas,
-                };
+                let record = VolumeRecord::new(name, next, size_bytes, replicas);
                 let key = etcd.key(&format!("volumes/{name}"));
                 let txn = Txn::new()
                     .when([
@@ -358,16 +351,9 @@ impl Metadata for EtcdMetadata {
     }
 
     fn delete_volume(&self, name: &str) -> Result<VolumeRecord, MetadataError> {
-        let k = format!("volumes/{name}");
         self.block(async {
-            let (bytes, rev) = self
-                .etcd
-                .get(&k)
-                .await
-                .map_err(unavailable)?
-                .ok_or_else(|| MetadataError::NotFound(name.to_owned()))?;
-            let v: VolumeRecord = parse(&k, &bytes).map_err(unavailable)?;
-            let key = self.etcd.key(&k);
+            let (v, rev) = self.volume_at(name).await?;
+            let key = self.etcd.key(&format!("volumes/{name}"));
             let txn = Txn::new()
                 .when([Compare::mod_revision(key.clone(), CompareOp::Equal, rev)])
                 .and_then([TxnOp::delete(key, None)]);

@@ -183,6 +183,19 @@ impl EmbeddedMetadata {
     }
 }
 
+impl VolumeRecord {
+    /// A record for a volume created now.
+    pub fn new(name: &str, id: u32, size_bytes: u64, replicas: u32) -> VolumeRecord {
+        VolumeRecord {
+            name: name.to_owned(),
+            id,
+            size_bytes,
+            created_unix: now_unix(),
+            replicas,
+        }
+    }
+}
+
 fn now_unix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -211,13 +224,7 @@ impl Metadata for EmbeddedMetadata {
             if s.volumes.contains_key(name) {
                 return Err(MetadataError::Exists(name.to_owned()));
             }
-            let record = VolumeRecord {
-                name: name.to_owned(),
-                id: s.next_volume_id,
-                size_bytes,
-                created_unix: now_unix(),
-                replicas,
-            };
+            let record = VolumeRecord::new(name, s.next_volume_id, size_bytes, replicas);
             // Ids are never reused: blocks of a deleted volume can never show up in a new one.
             s.next_volume_id += 1;
             s.volumes.insert(name.to_owned(), record.clone());

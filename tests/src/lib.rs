@@ -617,3 +617,27 @@ pub fn wait_clean(node: &Torusd, limit: Duration) -> Duration {
         std::thread::sleep(Duration::from_millis(500));
     }
 }
+
+/// fio's nbd engine writing (or, with `--verify_only=1`, checking) 4 KiB random blocks at QD32
+/// with crc32c verification, plus `args`; returns the job's JSON, after asserting no error.
+pub fn fio_verify(uri: &str, args: &[&str]) -> serde_json::Value {
+    let mut c = Command::new(require_tool("fio", "fio"));
+    c.args([
+        "--name=verify",
+        "--ioengine=nbd",
+        &format!("--uri={uri}"),
+        "--rw=randwrite",
+        "--bs=4k",
+        "--iodepth=32",
+        "--verify=crc32c",
+        "--verify_fatal=1",
+        "--output-format=json",
+    ]);
+    c.args(args);
+    let out = run_ok(&mut c, Duration::from_secs(600));
+    let v: serde_json::Value =
+        serde_json::from_str(&out[out.find('{').expect("fio json")..]).unwrap();
+    let job = &v["jobs"][0];
+    assert_eq!(job["error"], 0, "fio reported an error: {job}");
+    job.clone()
+}

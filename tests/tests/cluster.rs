@@ -16,28 +16,11 @@ use torus_tests::*;
 const T: Duration = Duration::from_secs(600);
 
 fn fio(uri: &str, offset: &str, size: &str, extra: &[&str]) -> serde_json::Value {
-    let mut c = Command::new(require_tool("fio", "fio"));
-    c.args([
-        "--name=verify",
-        "--ioengine=nbd",
-        &format!("--uri={uri}"),
-        "--rw=randwrite",
-        "--bs=4k",
-        "--iodepth=32",
-        &format!("--offset={offset}"),
-        &format!("--size={size}"),
-        "--verify=crc32c",
-        "--verify_fatal=1",
-        "--randseed=777",
-        "--output-format=json",
-    ]);
-    c.args(extra);
-    let out = run_ok(&mut c, T);
-    let v: serde_json::Value =
-        serde_json::from_str(&out[out.find('{').expect("fio json")..]).unwrap();
-    let job = &v["jobs"][0];
-    assert_eq!(job["error"], 0, "fio reported an error: {job}");
-    job.clone()
+    let offset = format!("--offset={offset}");
+    let size = format!("--size={size}");
+    let mut args = vec![offset.as_str(), size.as_str(), "--randseed=777"];
+    args.extend_from_slice(extra);
+    fio_verify(uri, &args)
 }
 
 fn ctl_ok(node: &Torusd, args: &[&str]) -> String {

@@ -2,34 +2,12 @@
 //! verification; after a clean restart, and after `kill -9`, the same job with
 //! `--verify_only` finds every block intact.
 
-use std::process::Command;
-use std::time::Duration;
 use torus_tests::*;
 
-const T: Duration = Duration::from_secs(600);
-
 fn fio(uri: &str, extra: &[&str]) -> serde_json::Value {
-    let mut c = Command::new("fio");
-    c.args([
-        "--name=verify",
-        "--ioengine=nbd",
-        &format!("--uri={uri}"),
-        "--rw=randwrite",
-        "--bs=4k",
-        "--iodepth=32",
-        "--size=256M",
-        "--verify=crc32c",
-        "--verify_fatal=1",
-        "--randseed=4242",
-        "--output-format=json",
-    ]);
-    c.args(extra);
-    let out = run_ok(&mut c, T);
-    let v: serde_json::Value =
-        serde_json::from_str(&out[out.find('{').expect("fio json")..]).unwrap();
-    let job = &v["jobs"][0];
-    assert_eq!(job["error"], 0, "fio reported an error: {job}");
-    job.clone()
+    let mut args = vec!["--size=256M", "--randseed=4242"];
+    args.extend_from_slice(extra);
+    fio_verify(uri, &args)
 }
 
 fn write_then_verify(kill: bool) {

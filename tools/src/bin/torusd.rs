@@ -294,20 +294,25 @@ fn run(args: Args) -> Result<()> {
     } else {
         None
     };
-    let (metadata, metadata_created): (Arc<dyn Metadata>, bool) = match (&args.etcd, &runtime) {
+    // One etcd connection serves the metadata and the cluster.
+    let etcd = match (&args.etcd, &runtime) {
         (Some(urls), Some(rt)) => {
             let endpoints: Vec<String> = urls.split(',').map(|s| s.trim().to_owned()).collect();
-            let etcd = rt
-                .block_on(Etcd::connect(&endpoints))
-                .with_context(|| format!("connect to etcd at {urls}"))?;
-            (
-                Arc::new(EtcdMetadata {
-                    etcd,
-                    rt: rt.handle().clone(),
-                }),
-                false,
+            Some(
+                rt.block_on(Etcd::connect(&endpoints))
+                    .with_context(|| format!("connect to etcd at {urls}"))?,
             )
         }
+        _ => None,
+    };
+    let (metadata, metadata_created): (Arc<dyn Metadata>, bool) = match (&etcd, &runtime) {
+        (Some(etcd), Some(rt)) => (
+            Arc::new(EtcdMetadata {
+                etcd: etcd.clone(),
+                rt: rt.handle().clone(),
+            }),
+            false,
+        ),
         _ => {
             let (m, created) = EmbeddedMetadata::open(&args.data_dir)?;
             (Arc::new(m), created)
@@ -370,11 +375,10 @@ fn run(args: Args) -> Result<()> {
     let tcp = std::net::TcpListener::bind(&args.nbd_listen)
         .with_context(|| format!("listen for NBD on {}", args.nbd_listen))?;
     let nbd_addr = tcp.local_addr()?.to_string();
-    let cluster = match (&args.etcd, &runtime, peer_listener) {
-        (Some(urls), Some(rt), Some(listener)) => {
+    let cluster = match (&args.etcd, etcd, &runtime, peer_listener) {
+        (Some(urls), Some(etcd), Some(rt), Some(listener)) => {
             let peer_addr = listener.local_addr()?.to_string();
             let cfg = ClusterConfig {
-                etcd: urls.split(',').map(|s| s.trim().to_owned()).collect(),
                 node_name: args.node_name.clone().unwrap_or_else(hostname),
                 peer_addr,
                 admin_addr: args.admin_listen.clone(),
@@ -382,21 +386,15 @@ fn run(args: Args) -> Result<()> {
                 lease_ttl,
                 replicas_max: args.replicas_max,
                 recovery_rate,
+                node_id: engine.superblock().node_id,
+                capacity_bytes: engine.capacity_bytes(),
             };
             let local = Arc::new(NodeLocal {
                 engine: engine.clone(),
                 exports: exports.clone(),
             });
-            let c = Cluster::start(
-                cfg,
-                rt,
-                engine.shared().clone(),
-                local,
-                engine.superblock().node_id,
-                engine.capacity_bytes(),
-                listener,
-            )
-            .with_context(|| format!("join the cluster at {urls}"))?;
+            let c = Cluster::start(cfg, etcd, rt, engine.shared().clone(), local, listener)
+                .with_context(|| format!("join the cluster at {urls}"))?;
             exports.set_policy(Arc::new(WriterPolicy(c.clone())));
             eprintln!(
                 "torusd: node {} joined the cluster at {urls}; peers connect to {}",
