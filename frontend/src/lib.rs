@@ -1,5 +1,9 @@
-//! torus-frontend: how clients reach a node's volumes. NBD now (fixed newstyle, structured
-//! replies, base:allocation, multi-connection); the ublk target and kernel attach come next.
+//! torus-frontend: how clients and the kernel reach a node's volumes. NBD (fixed newstyle,
+//! structured replies, base:allocation, multi-connection), the ublk target served by the
+//! cores' rings, and the kernel NBD client attached through netlink (`torusblk nbd`).
 
 pub mod exports;
+pub mod kernel_nbd;
 pub mod nbd;
+pub mod service;
+pub mod ublk;

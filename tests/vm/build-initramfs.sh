@@ -10,7 +10,7 @@ INIT=${INIT:?the guest init script}
 ROOT=$(mktemp -d)
 trap 'rm -rf "$ROOT"' EXIT
 MODS="nbd ext4 crc32c_generic virtio_net virtio_pci ${EXTRA_MODS:-}"
-BINS="/usr/sbin/nbd-client /usr/sbin/mke2fs /usr/sbin/e2fsck /usr/bin/fio ${EXTRA_BINS:-}"
+BINS="/usr/sbin/mke2fs /usr/sbin/e2fsck /usr/bin/fio"
 
 mkdir -p "$ROOT"/{bin,sbin,dev,proc,sys,tmp,mnt,etc,lib/modules/$KV,lib64,usr/lib/x86_64-linux-gnu}
 cp /bin/busybox "$ROOT/bin/busybox"
@@ -33,12 +33,14 @@ for m in $MODS; do copy_mod "$m"; done
 cp "$KPKG/lib/modules/$KV"/modules.{order,builtin,builtin.modinfo} "$ROOT/lib/modules/$KV/"
 depmod -b "$ROOT" "$KV"
 
+# copy_bin PATH [PATH-IN-GUEST]
 copy_bin() {
-  local b=$1
-  mkdir -p "$ROOT/$(dirname "$b")"; cp -L "$b" "$ROOT/$b"
+  local b=$1 to=${2:-$1}
+  mkdir -p "$ROOT/$(dirname "$to")"; cp -L "$b" "$ROOT/$to"
   for l in $(ldd "$b" | grep -o '/[^ ]*'); do mkdir -p "$ROOT/$(dirname "$l")"; cp -L "$l" "$ROOT/$l"; done
 }
 for b in $BINS; do copy_bin "$b"; done
+for b in ${EXTRA_BINS:-}; do copy_bin "$b" "/usr/bin/$(basename "$b")"; done
 ln -sf mke2fs "$ROOT/usr/sbin/mkfs.ext4"
 cp "$INIT" "$ROOT/init"; chmod +x "$ROOT/init"
 cp /etc/mke2fs.conf "$ROOT/etc/"

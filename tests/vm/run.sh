@@ -1,15 +1,22 @@
 #!/bin/bash
-# The kernel's own NBD client against torusd, in a qemu guest: this machine's kernel has no
-# nbd.ko, so a Debian kernel (bookworm-backports, which has nbd and ublk_drv) boots under
-# software emulation with a tiny initramfs. torusd runs on the host; the guest reaches it at
-# 10.0.2.2. Exits 0 only when the guest printed RESULT: PASS. About a minute (the kernel
-# package, ~100 MB, is fetched once into $W).
+# torus's kernel frontends against a real kernel, in a qemu guest: this machine's kernel has
+# neither nbd.ko nor ublk_drv, so a Debian kernel (bookworm-backports, which has both) boots
+# under software emulation with a tiny initramfs holding torusd, torusblk and fio.
+#   - `torusblk nbd` in the guest attaches the kernel's NBD client to torusd on the host
+#     (10.0.2.2 from the guest); the host restarts that torusd when the guest asks (a line
+#     "VM-REQUEST: restart-host-torusd" on the console) while a filesystem is mounted.
+#   - `torusblk ublk` against a torusd inside the guest, restarted there.
+#   - fio figures: ublk vs kernel NBD vs fio's NBD engine, same guest, same volume.
+# Exits 0 only when the guest printed RESULT: PASS. PARTS=nbd,ublk,figures picks parts; the
+# figures go to $W/figures.txt. About 3 minutes (the kernel package, ~100 MB, is fetched once
+# into $W).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 W=${W:-/tmp/torus-kernel-vm}; mkdir -p "$W"; cd "$W"
 export DEBIAN_FRONTEND=noninteractive
-need="qemu-system-x86 busybox-static nbd-client kmod cpio e2fsprogs xz-utils fio"
+need="qemu-system-x86 busybox-static kmod cpio e2fsprogs xz-utils fio"
+PARTS=${PARTS:-nbd,ublk,figures}
 missing=""
 for p in $need; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"; done
 if [ -n "$missing" ]; then
@@ -30,26 +37,50 @@ if [ ! -e kernel.deb ]; then
 fi
 rm -rf kpkg; dpkg -x kernel.deb kpkg
 KV=$(ls kpkg/lib/modules)
-KPKG=$W/kpkg KV=$KV INIT=$HERE/init OUT=$W/initramfs.cpio.gz "$HERE/build-initramfs.sh"
+# torus's binaries go into the guest stripped (the release build keeps debug info).
+BINDIR=${BINDIR:-$ROOT/target/release}
+rm -rf bin; mkdir bin
+for b in torusd torusblk; do
+  [ -x "$BINDIR/$b" ] || { echo "vm: $BINDIR/$b is not built (cargo build --release)"; exit 1; }
+  strip -o bin/$b "$BINDIR/$b"
+done
+KPKG=$W/kpkg KV=$KV INIT=$HERE/init OUT=$W/initramfs.cpio.gz EXTRA_MODS=ublk_drv \
+  EXTRA_BINS="$W/bin/torusd $W/bin/torusblk" "$HERE/build-initramfs.sh"
 
 # torusd on the host, on a free port, in its own data dir.
-BIN=${TORUSD:-$ROOT/target/release/torusd}
-[ -x "$BIN" ] || { echo "vm: $BIN is not built (cargo build --release)"; exit 1; }
 rm -rf data; mkdir data
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 ADMIN=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-(cd data && exec "$BIN" --cores 2 --size 2G --nbd-listen 127.0.0.1:$PORT --admin-listen 127.0.0.1:$ADMIN > torusd.out 2> torusd.log) &
-SRV=$!
-trap 'kill $SRV 2>/dev/null || true' EXIT
-for _ in $(seq 100); do grep -q serving data/torusd.out 2>/dev/null && break; sleep 0.1; done
-grep -q serving data/torusd.out || { echo "vm: torusd did not start"; cat data/torusd.log; exit 1; }
+start_host_torusd() {
+  : > data/torusd.out
+  (cd data && exec "$BINDIR/torusd" --cores 2 --size 2G --nbd-listen 127.0.0.1:$PORT --admin-listen 127.0.0.1:$ADMIN >> torusd.out 2>> torusd.log) &
+  SRV=$!
+  for _ in $(seq 100); do grep -q serving data/torusd.out 2>/dev/null && break; sleep 0.1; done
+  grep -q serving data/torusd.out || { echo "vm: torusd did not start"; cat data/torusd.log; exit 1; }
+}
+start_host_torusd
+trap 'kill $SRV $QEMU 2>/dev/null || true' EXIT
 
 # qemu exits 0 even when the guest fails: the log decides.
-timeout 300 qemu-system-x86_64 -accel tcg -m 1024 -smp 2 -nographic -no-reboot \
+timeout 600 qemu-system-x86_64 -accel tcg -m 3072 -smp 2 -nographic -no-reboot \
   -kernel kpkg/boot/vmlinuz-$KV -initrd initramfs.cpio.gz \
-  -append "console=ttyS0 quiet panic=-1 nbdport=$PORT" \
-  -netdev user,id=n0 -device virtio-net-pci,netdev=n0 </dev/null > guest.log 2>&1 || true
-grep -a -E '^T\+|RESULT' guest.log
+  -append "console=ttyS0 quiet panic=-1 nbdport=$PORT adminport=$ADMIN parts=$PARTS" \
+  -netdev user,id=n0 -device virtio-net-pci,netdev=n0 </dev/null > guest.log 2>&1 &
+QEMU=$!
+# The guest asks for the host's torusd to be restarted under its mounted filesystem.
+restarted=0
+while kill -0 $QEMU 2>/dev/null; do
+  if [ $restarted = 0 ] && grep -a -q '^VM-REQUEST: restart-host-torusd' guest.log; then
+    kill -TERM $SRV; wait $SRV || { echo "vm: host torusd did not exit cleanly"; tail data/torusd.log; exit 1; }
+    sleep 1
+    start_host_torusd; restarted=1
+    echo "vm: host torusd restarted under the guest's mounted filesystem"
+  fi
+  sleep 0.2
+done
+wait $QEMU || true
+grep -a -E '^T\+|RESULT|FIGURE' guest.log
+grep -a '^FIGURE' guest.log > figures.txt || true
 kill -TERM $SRV; wait $SRV || { echo "vm: torusd did not exit cleanly"; cat data/torusd.log; exit 1; }
 grep -a -q '^RESULT: PASS' guest.log || { echo "vm: guest test failed; log in $W/guest.log"; exit 1; }
-echo "vm: kernel NBD client against torusd: PASS"
+echo "vm: torusblk nbd (kernel NBD client) and torusblk ublk against torusd: PASS ($PARTS)"

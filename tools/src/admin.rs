@@ -11,6 +11,9 @@
 //! GET    /v1/status                     node health, capacity, cores (and the cluster's PGs)
 //! GET    /v1/peers                      cluster nodes: address, capacity, used, state, heartbeat
 //! POST   /v1/peers/NAME/remove          drain a node out of the cluster
+//! GET    /v1/ublk                       ublk devices this node serves
+//! POST   /v1/ublk                       {"volume": "db"}: serve it as /dev/ublkbN
+//! DELETE /v1/ublk/ID                    stop and remove /dev/ublkbID
 //! GET    /metrics                       Prometheus text
 //! ```
 
@@ -23,6 +26,7 @@ use std::time::Instant;
 use torus_engine::{CoreStats, Engine};
 use torus_frontend::exports::{Exports, Volume};
 use torus_frontend::nbd::transmission::FrontendStats;
+use torus_frontend::ublk::{DeviceView, UblkTarget};
 use torus_net::cluster::{Cluster, ClusterStatus, ScrubReport};
 use torus_net::metadata::{Metadata, MetadataError};
 
@@ -37,6 +41,33 @@ pub struct Node {
     pub started: Instant,
     pub nbd_urls: Vec<String>,
     pub cluster: Option<Arc<Cluster>>,
+    pub ublk: Arc<UblkTarget>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct UblkView {
+    pub id: u32,
+    pub volume: String,
+    pub device: String,
+    pub queues: u16,
+    pub depth: u16,
+}
+
+impl From<DeviceView> for UblkView {
+    fn from(d: DeviceView) -> UblkView {
+        UblkView {
+            id: d.id,
+            volume: d.volume,
+            device: d.path,
+            queues: d.queues,
+            depth: d.depth,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+pub struct CreateUblk {
+    pub volume: String,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -664,6 +695,29 @@ impl Node {
                     Err(e) => error(400, format!("bad request body: {e}")),
                 }
             }
+            (Get, ["v1", "ublk"]) => json(
+                200,
+                &self
+                    .ublk
+                    .list()
+                    .into_iter()
+                    .map(UblkView::from)
+                    .collect::<Vec<_>>(),
+            ),
+            (Post, ["v1", "ublk"]) => match serde_json::from_slice::<CreateUblk>(body) {
+                Ok(c) => match self.ublk.create(&c.volume) {
+                    Ok(d) => json(201, &UblkView::from(d)),
+                    Err(e) => error(409, e),
+                },
+                Err(e) => error(400, format!("bad request body: {e}")),
+            },
+            (Delete, ["v1", "ublk", id]) => match id.parse::<u32>() {
+                Ok(id) => match self.ublk.remove(id) {
+                    Ok(()) => json(200, &serde_json::json!({ "removed": id })),
+                    Err(e) => error(409, e),
+                },
+                Err(_) => error(400, format!("{id:?} is not a ublk device id")),
+            },
             _ => error(404, format!("no such endpoint: {method} {path}")),
         }
     }

@@ -3,4 +3,5 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod client;
 pub mod size;

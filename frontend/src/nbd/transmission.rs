@@ -156,7 +156,7 @@ pub struct NbdService {
 }
 
 fn token(conn: usize, request: usize, piece: usize) -> u64 {
-    debug_assert!(conn < 1 << 24 && request < 1 << 20 && piece < 1 << 20);
+    debug_assert!(conn < 1 << 23 && request < 1 << 20 && piece < 1 << 20);
     (conn as u64) << 40 | (request as u64) << 20 | piece as u64
 }
 
@@ -169,7 +169,7 @@ fn untoken(t: u64) -> (usize, usize, usize) {
 }
 
 /// The chunk-aligned pieces of [offset, offset+length).
-fn pieces(offset: u64, length: u64) -> impl Iterator<Item = (u64, u32)> {
+pub fn pieces(offset: u64, length: u64) -> impl Iterator<Item = (u64, u32)> {
     let end = offset + length;
     let mut at = offset;
     std::iter::from_fn(move || {

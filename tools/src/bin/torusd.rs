@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use torus_engine::{Engine, EngineConfig};
 use torus_frontend::exports::{AttachPolicy, Exports, Volume};
 use torus_frontend::nbd::server::{poke, Listener, NbdServer};
-use torus_frontend::nbd::transmission::{FrontendStats, NbdService};
+use torus_frontend::nbd::transmission::FrontendStats;
+use torus_frontend::service::FrontendService;
+use torus_frontend::ublk::UblkTarget;
 use torus_net::cluster::{Cluster, ClusterConfig, Local};
 use torus_net::etcd::{Etcd, EtcdMetadata};
 use torus_net::metadata::{EmbeddedMetadata, Metadata, VolumeRecord};
@@ -328,7 +330,7 @@ fn run(args: Args) -> Result<()> {
             create_size: size,
             cores,
         },
-        |core| Box::new(NbdService::new(core, frontend.clone())),
+        |core| Box::new(FrontendService::new(core, frontend.clone())),
     )
     .with_context(|| format!("open backing store {}", path.display()))?;
     if engine.cores() != cores as usize && args.cores.is_some() {
@@ -420,6 +422,11 @@ fn run(args: Args) -> Result<()> {
         Arc::new(tiny_http::Server::http(&args.admin_listen).map_err(|e| {
             anyhow::anyhow!("listen for the admin API on {}: {e}", args.admin_listen)
         })?);
+    let ublk = Arc::new(UblkTarget::new(
+        engine.shared().clone(),
+        exports.clone(),
+        &args.data_dir,
+    ));
     let node = Arc::new(Node {
         engine: engine.clone(),
         metadata: metadata.clone(),
@@ -428,8 +435,15 @@ fn run(args: Args) -> Result<()> {
         started,
         nbd_urls,
         cluster: cluster.clone(),
+        ublk: ublk.clone(),
     });
     let admin_thread = admin::serve(node, admin_server.clone());
+    // ublk devices a previous torusd served: taken back in the background (user recovery).
+    let recovering = ublk.clone();
+    std::thread::Builder::new()
+        .name("torus-ublk-recovery".into())
+        .spawn(move || recovering.recover())
+        .context("spawn the ublk recovery thread")?;
 
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
