@@ -2,7 +2,7 @@
 # The test command of torus (the README's second command; .ci/run runs exactly this).
 # On a fresh Debian machine it installs the real clients the tests drive, then runs the lints
 # and every test: unit tests, engine tests, the process-level tests in tests/, and the kernel's
-# NBD client against torusd in a qemu guest (tests/vm/run.sh).
+# NBD client (torusblk nbd) and ublk (torusblk ublk) against torusd in a qemu guest (tests/vm/run.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,5 +30,5 @@ echo "== tests"
 # Process-level tests start several torusd at once; two test threads fit this 2-core machine.
 cargo test --workspace --release -- --test-threads=2
 
-echo "== the kernel's NBD client against torusd, in a qemu guest"
+echo "== torusblk nbd and torusblk ublk against a real kernel, in a qemu guest"
 bash tests/vm/run.sh

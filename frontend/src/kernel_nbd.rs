@@ -69,7 +69,7 @@ impl Msg {
         self.buf.extend_from_slice(&(len as u16).to_ne_bytes());
         self.buf.extend_from_slice(&kind.to_ne_bytes());
         self.buf.extend_from_slice(payload);
-        while self.buf.len() % 4 != 0 {
+        while !self.buf.len().is_multiple_of(4) {
             self.buf.push(0);
         }
         self
@@ -125,10 +125,14 @@ pub struct Netlink {
     seq: u32,
 }
 
-/// One message received: its genl command and attributes (owned).
+/// One message received: its netlink type and sequence, genl command and attributes
+/// (owned), and for an NLMSG_ERROR the error (0 for an ack).
 pub struct Received {
+    pub kind: u16,
+    pub seq: u32,
     pub cmd: u8,
     pub attrs: Vec<(u16, Vec<u8>)>,
+    pub error: i32,
 }
 
 impl Netlink {
@@ -216,10 +220,7 @@ impl Netlink {
     }
 
     /// Receives one datagram and splits it into messages; None on timeout.
-    fn recv(
-        &mut self,
-        timeout: Option<Duration>,
-    ) -> io::Result<Option<Vec<(u16, u32, Received, i32)>>> {
+    fn recv(&mut self, timeout: Option<Duration>) -> io::Result<Option<Vec<Received>>> {
         if let Some(t) = timeout {
             let mut pfd = libc::pollfd {
                 fd: self.fd.as_raw_fd(),
@@ -280,7 +281,13 @@ impl Netlink {
                 .into_iter()
                 .map(|(k, p)| (k, p.to_vec()))
                 .collect();
-            out.push((kind, seq, Received { cmd, attrs }, error));
+            out.push(Received {
+                kind,
+                seq,
+                cmd,
+                attrs,
+                error,
+            });
             data = &data[len.next_multiple_of(4).min(data.len())..];
         }
         Ok(Some(out))
@@ -297,13 +304,13 @@ impl Netlink {
                     "netlink: no answer from the kernel in 30 s",
                 ));
             };
-            for (kind, s, r, error) in batch {
-                if s != seq {
+            for r in batch {
+                if r.seq != seq {
                     continue; // a multicast message or an old answer
                 }
-                match kind {
-                    NLMSG_ERROR if error == 0 => return Ok(replies),
-                    NLMSG_ERROR => return Err(io::Error::from_raw_os_error(-error)),
+                match r.kind {
+                    NLMSG_ERROR if r.error == 0 => return Ok(replies),
+                    NLMSG_ERROR => return Err(io::Error::from_raw_os_error(-r.error)),
                     NLMSG_DONE => return Ok(replies),
                     _ => replies.push(r),
                 }
@@ -418,8 +425,8 @@ impl Netlink {
     pub fn dead_links(&mut self, timeout: Duration) -> io::Result<Vec<u32>> {
         let mut out = Vec::new();
         if let Some(batch) = self.recv(Some(timeout))? {
-            for (kind, _, r, _) in batch {
-                if kind == self.family && r.cmd == NBD_CMD_LINK_DEAD {
+            for r in batch {
+                if r.kind == self.family && r.cmd == NBD_CMD_LINK_DEAD {
                     out.extend(
                         r.attrs
                             .iter()

@@ -8,8 +8,8 @@
 #   - `torusblk ublk` against a torusd inside the guest, restarted there.
 #   - fio figures: ublk vs kernel NBD vs fio's NBD engine, same guest, same volume.
 # Exits 0 only when the guest printed RESULT: PASS. PARTS=nbd,ublk,figures picks parts; the
-# figures go to $W/figures.txt. About 3 minutes (the kernel package, ~100 MB, is fetched once
-# into $W).
+# figures (ROUNDS rounds, 1 by default; benches/kernel_frontends.sh runs more) go to
+# $W/figures.txt. About 4 minutes (the kernel package, ~100 MB, is fetched once into $W).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
@@ -17,6 +17,7 @@ W=${W:-/tmp/torus-kernel-vm}; mkdir -p "$W"; cd "$W"
 export DEBIAN_FRONTEND=noninteractive
 need="qemu-system-x86 busybox-static kmod cpio e2fsprogs xz-utils fio"
 PARTS=${PARTS:-nbd,ublk,figures}
+ROUNDS=${ROUNDS:-1}
 missing=""
 for p in $need; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"; done
 if [ -n "$missing" ]; then
@@ -64,7 +65,7 @@ trap 'kill $SRV $QEMU 2>/dev/null || true' EXIT
 # qemu exits 0 even when the guest fails: the log decides.
 timeout 600 qemu-system-x86_64 -accel tcg -m 3072 -smp 2 -nographic -no-reboot \
   -kernel kpkg/boot/vmlinuz-$KV -initrd initramfs.cpio.gz \
-  -append "console=ttyS0 quiet panic=-1 nbdport=$PORT adminport=$ADMIN parts=$PARTS" \
+  -append "console=ttyS0 quiet panic=-1 nbdport=$PORT adminport=$ADMIN parts=$PARTS rounds=$ROUNDS" \
   -netdev user,id=n0 -device virtio-net-pci,netdev=n0 </dev/null > guest.log 2>&1 &
 QEMU=$!
 # The guest asks for the host's torusd to be restarted under its mounted filesystem.

@@ -95,13 +95,10 @@ pub fn negotiate<S: Read + Write>(s: &mut S, export: &str) -> io::Result<ExportI
                     REP_ERR_SHUTDOWN => "server shutting down",
                     _ => "error",
                 };
-                return Err(io::Error::new(
-                    io::ErrorKind::Other,
-                    format!(
-                        "export {export:?}: {what}{}{why}",
-                        if why.is_empty() { "" } else { ": " }
-                    ),
-                ));
+                return Err(io::Error::other(format!(
+                    "export {export:?}: {what}{}{why}",
+                    if why.is_empty() { "" } else { ": " }
+                )));
             }
             _ => {}
         }
