@@ -110,6 +110,30 @@ impl BlockMap {
     }
 
     /// Every mapping, for a checkpoint: (volume, block, entry).
+    /// Maps every block of `from` in `to` as well (to the same slots); `to` must hold nothing.
+    /// Returns the slots now shared.
+    pub fn clone_volume(&mut self, from: u32, to: u32) -> Vec<u32> {
+        let chunks: Vec<(u64, Box<ChunkEntries>)> = self
+            .chunks
+            .iter()
+            .filter(|(k, _)| k.0 == from)
+            .map(|(k, c)| (k.1, c.clone()))
+            .collect();
+        let mut slots = Vec::new();
+        for (chunk, entries) in chunks {
+            slots.extend(
+                entries
+                    .iter()
+                    .filter(|e| e.slot != UNMAPPED)
+                    .map(|e| e.slot),
+            );
+            let old = self.chunks.insert((to, chunk), entries);
+            debug_assert!(old.is_none(), "clone into a volume that holds blocks");
+        }
+        self.mapped += slots.len() as u64;
+        slots
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = (u32, u64, Entry)> + '_ {
         self.chunks.iter().flat_map(|(&(volume, chunk), entries)| {
             entries

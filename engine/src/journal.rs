@@ -1,6 +1,7 @@
 //! The journal: a ring of 4 KiB pages of checksummed records, one ring per core.
 //!
-//! A record makes a write visible (`Map`), a trim (`Unmap`) or a deletion (`DropVolume`).
+//! A record makes a write visible (`Map`), a trim (`Unmap`), a deletion (`DropVolume`), or a
+//! snapshot or clone (`Clone`: every block of one volume mapped in another, to the same slots).
 //! Pages are written only by a commit, which first makes the data the records point at
 //! durable (fdatasync), then writes the pages, then fdatasyncs again. Commits are serial, so
 //! every page of commit k is durable before any page of commit k+1 is written.
@@ -38,11 +39,18 @@ pub enum Record {
     DropVolume {
         volume: u32,
     },
+    /// Every block `from` maps at this point, mapped in `to` too (stored as volume = from,
+    /// block = to).
+    Clone {
+        from: u32,
+        to: u32,
+    },
 }
 
 const KIND_MAP: u8 = 1;
 const KIND_UNMAP: u8 = 2;
 const KIND_DROP_VOLUME: u8 = 3;
+const KIND_CLONE: u8 = 4;
 
 impl Record {
     fn encode(&self, out: &mut [u8]) {
@@ -56,6 +64,7 @@ impl Record {
             } => (KIND_MAP, volume, block, slot, crc),
             Record::Unmap { volume, block } => (KIND_UNMAP, volume, block, 0, 0),
             Record::DropVolume { volume } => (KIND_DROP_VOLUME, volume, 0, 0, 0),
+            Record::Clone { from, to } => (KIND_CLONE, from, to as u64, 0, 0),
         };
         out[0] = kind;
         put_u32(out, 4, volume);
@@ -76,6 +85,10 @@ impl Record {
             }),
             KIND_UNMAP => Some(Record::Unmap { volume, block }),
             KIND_DROP_VOLUME => Some(Record::DropVolume { volume }),
+            KIND_CLONE if block <= u32::MAX as u64 => Some(Record::Clone {
+                from: volume,
+                to: block as u32,
+            }),
             _ => None,
         }
     }

@@ -267,8 +267,18 @@ pub fn get_u64(b: &[u8], at: usize) -> u64 {
 }
 
 /// Which placement group a chunk of a volume belongs to (splitmix64 of both).
+/// A volume id's low 24 bits name its *family*: a volume and the snapshots and clones made
+/// from it, which share blocks and so must share placement. The high 8 bits number the
+/// members of a family (0 for the volume itself).
+pub const FAMILY_MASK: u32 = 0x00FF_FFFF;
+
+/// The family a volume id belongs to (see `FAMILY_MASK`).
+pub fn family(volume_id: u32) -> u32 {
+    volume_id & FAMILY_MASK
+}
+
 pub fn placement_group(volume_id: u32, chunk_index: u64, pg_count: u32) -> u32 {
-    let mut z = (volume_id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ chunk_index;
+    let mut z = (family(volume_id) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ chunk_index;
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^= z >> 31;

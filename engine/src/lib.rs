@@ -338,6 +338,19 @@ impl Engine {
         self.broadcast(|reply| Message::DropVolume(volume, reply))
     }
 
+    /// Maps every block `from` holds now in `to` as well, on every core, sharing the slots
+    /// (`to` is emptied first): a snapshot, a clone, or a restore. Both must be of one
+    /// family (`layout::family`), so that their blocks live on the same cores. Returns once
+    /// durable.
+    pub fn clone_volume(&self, from: u32, to: u32) -> Result<(), BlockError> {
+        assert_eq!(
+            layout::family(from),
+            layout::family(to),
+            "clone across families"
+        );
+        self.broadcast(|reply| Message::CloneVolume { from, to, reply })
+    }
+
     /// Runs one piece from outside the cores and waits for its answer (tools and tests).
     pub fn run_piece(&self, piece: Piece) -> Result<Output, BlockError> {
         let (tx, rx) = crossbeam_channel::bounded(1);

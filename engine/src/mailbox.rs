@@ -21,6 +21,13 @@ pub enum Message {
     /// Something for the core's service (the frontend): a new connection, say.
     Service(Box<dyn Any + Send>),
     DropVolume(u32, ReplyTo),
+    /// Map every block of the first volume in the second too (emptied first): a snapshot,
+    /// clone or restore. Answered once durable.
+    CloneVolume {
+        from: u32,
+        to: u32,
+        reply: ReplyTo,
+    },
     Stats(Sender<crate::metrics::CoreStats>),
     /// Every mapped block of this core in the placement groups flagged in `pgs` (indexed by
     /// PG), as (volume, block, crc32c), sorted; the answer goes to `reply` on the core's thread.

@@ -401,6 +401,11 @@ impl Reactor {
                 }
                 Message::Done(completion) => self.service.on_completion(&mut self.ctx, completion),
                 Message::Service(m) => self.service.on_message(&mut self.ctx, m),
+                Message::CloneVolume { from, to, reply } => {
+                    self.ctx
+                        .store
+                        .clone_volume(&mut self.ctx.io, from, to, reply)
+                }
                 Message::DropVolume(volume, reply) => {
                     self.ctx.store.drop_volume(&mut self.ctx.io, volume, reply)
                 }
@@ -480,6 +485,7 @@ impl Reactor {
             slots_total: s.slots_total(),
             slots_free: s.slots_free(),
             mapped_blocks: map.mapped_blocks(),
+            exclusive: s.exclusive_blocks(),
             volumes: map
                 .volumes()
                 .into_iter()

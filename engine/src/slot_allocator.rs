@@ -4,12 +4,18 @@
 //! consecutive slots and the disk sees sequential writes. A slot freed by an overwrite is not
 //! reusable until the mapping that replaced it is durable: the store keeps such slots on a
 //! pending list and calls `release` only after the journal commit that records the change.
+//!
+//! A slot can be referred to by several volumes (a snapshot or a clone shares the blocks of
+//! its origin). Most slots have one reference; the extra references of shared slots are
+//! counted in a side table, and `release` drops one reference, freeing the slot with its last.
 
 pub struct SlotAllocator {
     words: Vec<u64>,
     slot_count: u32,
     free: u32,
     cursor: u32,
+    /// References beyond the first, of slots that more than one volume maps.
+    extra: std::collections::HashMap<u32, u32>,
 }
 
 impl SlotAllocator {
@@ -20,6 +26,7 @@ impl SlotAllocator {
             slot_count,
             free: slot_count,
             cursor: 0,
+            extra: std::collections::HashMap::new(),
         }
     }
 
@@ -82,9 +89,31 @@ impl SlotAllocator {
         None
     }
 
+    /// One more volume maps a used slot.
+    pub fn share(&mut self, slot: u32) {
+        assert!(self.is_used(slot), "slot {slot} shared while free");
+        *self.extra.entry(slot).or_insert(0) += 1;
+    }
+
+    /// How many volumes map `slot` (0 when free).
+    pub fn references(&self, slot: u32) -> u32 {
+        if !self.is_used(slot) {
+            return 0;
+        }
+        1 + self.extra.get(&slot).copied().unwrap_or(0)
+    }
+
+    /// Drops one reference; the slot is free after its last.
     pub fn release(&mut self, slot: u32) {
         assert!(slot < self.slot_count);
         assert!(self.is_used(slot), "slot {slot} released twice");
+        if let Some(n) = self.extra.get_mut(&slot) {
+            *n -= 1;
+            if *n == 0 {
+                self.extra.remove(&slot);
+            }
+            return;
+        }
         self.words[(slot / 64) as usize] &= !(1 << (slot % 64));
         self.free += 1;
     }
@@ -92,6 +121,22 @@ impl SlotAllocator {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_shared_slot_is_freed_with_its_last_reference() {
+        let mut a = super::SlotAllocator::new(8);
+        let s = a.allocate().unwrap();
+        a.share(s);
+        a.share(s);
+        assert_eq!(a.references(s), 3);
+        a.release(s);
+        a.release(s);
+        assert!(a.is_used(s));
+        assert_eq!(a.free_count(), 7);
+        a.release(s);
+        assert!(!a.is_used(s));
+        assert_eq!(a.free_count(), 8);
+    }
+
     use super::*;
 
     #[test]

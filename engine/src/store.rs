@@ -28,7 +28,7 @@ use crate::slot_allocator::SlotAllocator;
 use hdrhistogram::Histogram;
 use io_uring::{opcode, squeue, types};
 use slab::Slab;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -165,7 +165,9 @@ pub(crate) struct Store {
     pending_records: Vec<Record>,
     pending_frees: Vec<u32>,
     readers: HashMap<u32, u32>,
-    deferred_frees: HashSet<u32>,
+    /// References to drop from slots still being read, by slot (a shared slot can lose
+    /// several at once).
+    deferred_frees: HashMap<u32, u32>,
     flush_waiters: Vec<ReplyTo>,
     space_waiters: VecDeque<usize>,
     commit: Option<Commit>,
@@ -331,16 +333,32 @@ impl Store {
                     Record::DropVolume { volume } => {
                         map.drop_volume(volume);
                     }
+                    Record::Clone { from, to } => {
+                        map.drop_volume(to);
+                        map.clone_volume(from, to);
+                    }
                 }
             }
         }
         let mut alloc = SlotAllocator::new(region.slot_count as u32);
+        let mut families: HashMap<u32, Vec<u32>> = HashMap::new();
+        for v in map.volumes() {
+            families
+                .entry(crate::layout::family(v))
+                .or_default()
+                .push(v);
+        }
         for (volume, block, e) in map.iter() {
             if !alloc.mark_used(e.slot) {
-                return Err(damaged(format!(
-                    "slot {} is mapped twice (volume {volume} block {block})",
-                    e.slot
-                )));
+                // Snapshots and clones share slots with their origin (one family); a slot
+                // mapped by two unrelated volumes is damage.
+                if !family_shares(&map, &families, volume, block, e.slot) {
+                    return Err(damaged(format!(
+                        "slot {} is mapped twice (volume {volume} block {block})",
+                        e.slot
+                    )));
+                }
+                alloc.share(e.slot);
             }
         }
         if let ScanEnd::TornTail { first_bad_seq } = end {
@@ -375,7 +393,7 @@ impl Store {
             pending_records: Vec::new(),
             pending_frees: Vec::new(),
             readers: HashMap::new(),
-            deferred_frees: HashSet::new(),
+            deferred_frees: HashMap::new(),
             flush_waiters: Vec::new(),
             space_waiters: VecDeque::new(),
             commit: None,
@@ -601,7 +619,7 @@ impl Store {
             *n -= 1;
             if *n == 0 {
                 self.readers.remove(&e.slot);
-                if self.deferred_frees.remove(&e.slot) {
+                for _ in 0..self.deferred_frees.remove(&e.slot).unwrap_or(0) {
                     self.alloc.release(e.slot);
                 }
             }
@@ -930,6 +948,36 @@ impl Store {
         self.kick_commit(io);
     }
 
+    /// Maps every block of `from` in `to` too (a snapshot or a clone; `to` is emptied first, so
+    /// a restore is the same operation). The answer goes out once it is durable.
+    pub(crate) fn clone_volume(
+        &mut self,
+        io: &mut impl IoSubmit,
+        from: u32,
+        to: u32,
+        reply: ReplyTo,
+    ) {
+        let dropped = self.map.drop_volume(to);
+        self.pending_frees.extend(dropped);
+        for slot in self.map.clone_volume(from, to) {
+            self.alloc.share(slot);
+        }
+        self.pending_records.push(Record::Clone { from, to });
+        self.flush_waiters.push(reply);
+        self.kick_commit(io);
+    }
+
+    /// Blocks of each volume whose slot no other volume maps: the space deleting it frees.
+    pub fn exclusive_blocks(&self) -> Vec<(u32, u64)> {
+        let mut out: std::collections::BTreeMap<u32, u64> = Default::default();
+        for (volume, _, e) in self.map.iter() {
+            if self.alloc.references(e.slot) == 1 {
+                *out.entry(volume).or_insert(0) += 1;
+            }
+        }
+        out.into_iter().collect()
+    }
+
     /// Asks for a checkpoint at the next commit (used at shutdown) and starts it.
     pub(crate) fn checkpoint_now(&mut self, io: &mut impl IoSubmit, reply: ReplyTo) {
         self.force_checkpoint = true;
@@ -1124,7 +1172,7 @@ impl Store {
         }
         for slot in c.frees {
             if self.readers.contains_key(&slot) {
-                self.deferred_frees.insert(slot);
+                *self.deferred_frees.entry(slot).or_insert(0) += 1;
             } else {
                 self.alloc.release(slot);
             }
@@ -1239,4 +1287,21 @@ pub(crate) fn describe_result(result: i32) -> String {
     } else {
         format!("short transfer of {result} bytes")
     }
+}
+
+/// True when `slot` is mapped, by another volume of `volume`'s family (a snapshot or clone
+/// sharing it), at the same block: the only legitimate double mapping.
+fn family_shares(
+    map: &BlockMap,
+    families: &HashMap<u32, Vec<u32>>,
+    volume: u32,
+    block: u64,
+    slot: u32,
+) -> bool {
+    families
+        .get(&crate::layout::family(volume))
+        .into_iter()
+        .flatten()
+        .filter(|v| **v != volume)
+        .any(|v| map.get(*v, block).is_some_and(|e| e.slot == slot))
 }

@@ -21,6 +21,16 @@ pub struct VolumeRecord {
     pub size_bytes: u64,
     pub created_unix: u64,
     pub replicas: u32,
+    /// What a snapshot was taken of (`VOLUME`) or a clone was made from (`VOLUME@SNAPSHOT`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+}
+
+impl VolumeRecord {
+    /// Snapshots (`VOLUME@SNAPSHOT`) are read-only.
+    pub fn is_snapshot(&self) -> bool {
+        self.name.contains('@')
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -28,6 +38,9 @@ struct State {
     format_version: u32,
     next_volume_id: u32,
     volumes: BTreeMap<String, VolumeRecord>,
+    /// Next member number of each family (snapshots and clones of a volume), never reused.
+    #[serde(default)]
+    family_next: BTreeMap<u32, u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +62,8 @@ pub enum MetadataError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Unsupported(String),
     #[error("cluster metadata unavailable: {0}")]
     Unavailable(String),
     #[error("{path}: metadata file is damaged: {why}")]
@@ -66,6 +81,37 @@ pub trait Metadata: Send + Sync {
     ) -> Result<VolumeRecord, MetadataError>;
     fn delete_volume(&self, name: &str) -> Result<VolumeRecord, MetadataError>;
     fn resize_volume(&self, name: &str, size_bytes: u64) -> Result<VolumeRecord, MetadataError>;
+    /// Creates `name` in the family of volume `origin`: a snapshot (`VOLUME@SNAPSHOT` of
+    /// `VOLUME`) or a clone (a plain name, of a snapshot). `fill` makes its blocks (the
+    /// engine's clone) before the record is published; when it fails nothing is published.
+    fn create_member(
+        &self,
+        origin: &str,
+        name: &str,
+        fill: &mut dyn FnMut(&VolumeRecord) -> Result<(), String>,
+    ) -> Result<VolumeRecord, MetadataError> {
+        let _ = (origin, name, fill);
+        Err(MetadataError::Unsupported(
+            "snapshots and clones on a cluster are not in this build".into(),
+        ))
+    }
+}
+
+/// Members (snapshots and clones) a family can have over its lifetime: ids hold 8 bits for it.
+pub const FAMILY_MEMBERS_MAX: u32 = 255;
+
+/// `VOLUME@SNAPSHOT` → (VOLUME, SNAPSHOT), both valid names.
+pub fn split_snapshot(name: &str) -> Result<(&str, &str), MetadataError> {
+    match name.split_once('@') {
+        Some((v, s)) => {
+            validate_name(v)?;
+            validate_name(s).map_err(|_| MetadataError::InvalidName(name.to_owned()))?;
+            Ok((v, s))
+        }
+        None => Err(MetadataError::InvalidName(format!(
+            "{name} (expected VOLUME@SNAPSHOT)"
+        ))),
+    }
 }
 
 pub fn validate_name(name: &str) -> Result<(), MetadataError> {
@@ -130,6 +176,7 @@ impl EmbeddedMetadata {
                     format_version: METADATA_FORMAT_VERSION,
                     next_volume_id: 1,
                     volumes: BTreeMap::new(),
+                    family_next: BTreeMap::new(),
                 },
                 true,
             ),
@@ -192,6 +239,7 @@ impl VolumeRecord {
             size_bytes,
             created_unix: now_unix(),
             replicas,
+            origin: None,
         }
     }
 }
@@ -224,6 +272,11 @@ impl Metadata for EmbeddedMetadata {
             if s.volumes.contains_key(name) {
                 return Err(MetadataError::Exists(name.to_owned()));
             }
+            if s.next_volume_id > torus_engine::layout::FAMILY_MASK {
+                return Err(MetadataError::InvalidSize(
+                    "this store has used all 16.7 million volume ids".into(),
+                ));
+            }
             let record = VolumeRecord::new(name, s.next_volume_id, size_bytes, replicas);
             // Ids are never reused: blocks of a deleted volume can never show up in a new one.
             s.next_volume_id += 1;
@@ -237,6 +290,42 @@ impl Metadata for EmbeddedMetadata {
             s.volumes
                 .remove(name)
                 .ok_or_else(|| MetadataError::NotFound(name.to_owned()))
+        })
+    }
+
+    fn create_member(
+        &self,
+        origin: &str,
+        name: &str,
+        fill: &mut dyn FnMut(&VolumeRecord) -> Result<(), String>,
+    ) -> Result<VolumeRecord, MetadataError> {
+        if name.contains('@') {
+            split_snapshot(name)?;
+        } else {
+            validate_name(name)?;
+        }
+        self.update(|s| {
+            if s.volumes.contains_key(name) {
+                return Err(MetadataError::Exists(name.to_owned()));
+            }
+            let o = s
+                .volumes
+                .get(origin)
+                .ok_or_else(|| MetadataError::NotFound(origin.to_owned()))?
+                .clone();
+            let family = torus_engine::layout::family(o.id);
+            let next = s.family_next.get(&family).copied().unwrap_or(1);
+            if next > FAMILY_MEMBERS_MAX {
+                return Err(MetadataError::Unsupported(format!(
+                    "volume family of {origin:?} has had {FAMILY_MEMBERS_MAX} snapshots and clones, the most it can have"
+                )));
+            }
+            let mut record = VolumeRecord::new(name, family | next << 24, o.size_bytes, o.replicas);
+            record.origin = Some(origin.to_owned());
+            fill(&record).map_err(MetadataError::Unsupported)?;
+            s.family_next.insert(family, next + 1);
+            s.volumes.insert(name.to_owned(), record.clone());
+            Ok(record)
         })
     }
 
@@ -286,6 +375,48 @@ mod tests {
         assert_eq!(m.volumes(), vec![b]);
         let c = m.create_volume("c", 4096, 1).unwrap();
         assert!(c.id > a.id + 1);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn snapshots_and_clones_join_their_origin_family_and_ids_are_never_reused() {
+        let dir = std::env::temp_dir().join(format!("torus-meta-family-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let (m, _) = EmbeddedMetadata::open(&dir).unwrap();
+        let v = m.create_volume("db", 8192, 1).unwrap();
+        let mut filled = Vec::new();
+        let s = m
+            .create_member("db", "db@a", &mut |r| {
+                filled.push(r.id);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(s.id, v.id | 1 << 24);
+        assert!(s.is_snapshot());
+        assert_eq!(s.origin.as_deref(), Some("db"));
+        assert_eq!(filled, vec![s.id]);
+        // A failed fill publishes nothing.
+        let failed = m.create_member("db@a", "clone", &mut |_| Err("engine says no".into()));
+        assert!(matches!(failed, Err(MetadataError::Unsupported(ref w)) if w.contains("engine says no")));
+        assert!(m.volume("clone").is_none());
+        let c = m.create_member("db@a", "clone", &mut |_| Ok(())).unwrap();
+        assert_eq!(c.id, v.id | 2 << 24);
+        assert!(!c.is_snapshot());
+        assert!(matches!(
+            m.create_member("db", "db@a", &mut |_| Ok(())),
+            Err(MetadataError::Exists(_))
+        ));
+        assert!(matches!(
+            m.create_member("db", "db@bad/name", &mut |_| Ok(())),
+            Err(MetadataError::InvalidName(_))
+        ));
+        // Deleted members' numbers are not reused, across a reopen too.
+        m.delete_volume("db@a").unwrap();
+        drop(m);
+        let (m, _) = EmbeddedMetadata::open(&dir).unwrap();
+        let b = m.create_member("db", "db@b", &mut |_| Ok(())).unwrap();
+        assert_eq!(b.id, v.id | 3 << 24);
         fs::remove_dir_all(&dir).unwrap();
     }
 }

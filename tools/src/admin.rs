@@ -11,6 +11,11 @@
 //! GET    /v1/status                     node health, capacity, cores (and the cluster's PGs)
 //! GET    /v1/peers                      cluster nodes: address, capacity, used, state, heartbeat
 //! POST   /v1/peers/NAME/remove          drain a node out of the cluster
+//! GET    /v1/snapshots[?volume=NAME]    snapshots, with the space each alone holds
+//! POST   /v1/snapshots                  {"name": "db@before-upgrade"}
+//! DELETE /v1/snapshots/VOLUME@SNAP      frees the blocks no volume or other snapshot maps
+//! POST   /v1/snapshots/VOLUME@SNAP/restore   the volume reads as the snapshot (no clients)
+//! POST   /v1/clones                     {"snapshot": "db@snap", "name": "db-test"}
 //! GET    /v1/ublk                       ublk devices this node serves
 //! POST   /v1/ublk                       {"volume": "db"}: serve it as /dev/ublkbN
 //! DELETE /v1/ublk/ID                    stop and remove /dev/ublkbID
@@ -28,7 +33,7 @@ use torus_frontend::exports::{Exports, Volume};
 use torus_frontend::nbd::transmission::FrontendStats;
 use torus_frontend::ublk::{DeviceView, UblkTarget};
 use torus_net::cluster::{Cluster, ClusterStatus, ScrubReport};
-use torus_net::metadata::{Metadata, MetadataError};
+use torus_net::metadata::{split_snapshot, Metadata, MetadataError, VolumeRecord};
 
 /// Largest request body accepted by the admin API.
 const BODY_MAX: u64 = 64 * 1024;
@@ -63,6 +68,28 @@ impl From<DeviceView> for UblkView {
             depth: d.depth,
         }
     }
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct SnapshotView {
+    pub name: String,
+    pub volume: String,
+    pub id: u32,
+    pub size_bytes: u64,
+    /// What deleting it would free: blocks no volume or other snapshot shares.
+    pub held_bytes: u64,
+    pub created_unix: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+pub struct CreateSnapshot {
+    pub name: String,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+pub struct CreateClone {
+    pub snapshot: String,
+    pub name: String,
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -135,6 +162,7 @@ fn metadata_error(e: MetadataError) -> Answer {
         MetadataError::Exists(_) => error(409, e),
         MetadataError::NotFound(_) => error(404, e),
         MetadataError::InvalidName(_) | MetadataError::InvalidSize(_) => error(400, e),
+        MetadataError::Unsupported(_) => error(409, e),
         _ => error(500, e),
     }
 }
@@ -156,6 +184,7 @@ impl Node {
         self.metadata
             .volumes()
             .into_iter()
+            .filter(|v| !v.is_snapshot())
             .map(|v| VolumeView {
                 clients: self
                     .exports
@@ -210,7 +239,7 @@ impl Node {
             .map_err(metadata_error)?;
         if self.exports.get(&v.name).is_none() {
             self.exports
-                .insert(Volume::new(&v.name, v.id, v.size_bytes, false));
+                .insert(Volume::new(&v.name, v.id, v.size_bytes, v.is_snapshot()));
         }
         Ok(VolumeView {
             name: v.name,
@@ -256,10 +285,161 @@ impl Node {
         }
     }
 
+    fn snapshot_views(&self, volume: Option<&str>) -> Vec<SnapshotView> {
+        let mut held = std::collections::HashMap::new();
+        for s in self.engine.stats() {
+            for &(v, blocks) in &s.exclusive {
+                *held.entry(v).or_insert(0u64) += blocks * torus_engine::BLOCK_SIZE as u64;
+            }
+        }
+        self.metadata
+            .volumes()
+            .into_iter()
+            .filter(|v| v.is_snapshot())
+            .filter(|v| volume.is_none_or(|name| v.origin.as_deref() == Some(name)))
+            .map(|v| SnapshotView {
+                volume: v.origin.clone().unwrap_or_default(),
+                held_bytes: held.get(&v.id).copied().unwrap_or(0),
+                name: v.name,
+                id: v.id,
+                size_bytes: v.size_bytes,
+                created_unix: v.created_unix,
+            })
+            .collect()
+    }
+
+    /// A new member of `origin`'s family sharing all its blocks: a snapshot (`VOL@SNAP`) of
+    /// a volume, or a clone of a snapshot.
+    fn create_member(&self, origin: &str, name: &str) -> Result<VolumeRecord, Answer> {
+        let Some(o) = self.metadata.volume(origin) else {
+            return Err(metadata_error(MetadataError::NotFound(origin.to_owned())));
+        };
+        let engine = self.engine.clone();
+        let record = self
+            .metadata
+            .create_member(origin, name, &mut |r| {
+                engine
+                    .clone_volume(o.id, r.id)
+                    .map_err(|e| format!("copying the block map of {origin:?}: {e}"))
+            })
+            .map_err(metadata_error)?;
+        self.exports.insert(Volume::new(
+            &record.name,
+            record.id,
+            record.size_bytes,
+            record.is_snapshot(),
+        ));
+        Ok(record)
+    }
+
+    fn create_snapshot(&self, name: &str) -> Answer {
+        let volume = match split_snapshot(name) {
+            Ok((v, _)) => v,
+            Err(e) => return metadata_error(e),
+        };
+        if self
+            .metadata
+            .volume(volume)
+            .is_some_and(|v| v.is_snapshot())
+        {
+            return error(400, "a snapshot of a snapshot: clone it first");
+        }
+        match self.create_member(volume, name) {
+            Ok(_) => match self
+                .snapshot_views(Some(volume))
+                .into_iter()
+                .find(|s| s.name == name)
+            {
+                Some(v) => json(201, &v),
+                None => error(500, "snapshot made but not listed"),
+            },
+            Err(a) => a,
+        }
+    }
+
+    fn create_clone(&self, c: CreateClone) -> Answer {
+        if !c.snapshot.contains('@') {
+            return error(400, format!("{:?} is not a snapshot (VOLUME@SNAPSHOT): clone a snapshot, so the clone's starting point is fixed", c.snapshot));
+        }
+        if c.name.contains('@') {
+            return error(
+                400,
+                format!("{:?}: a clone is a volume; its name has no @", c.name),
+            );
+        }
+        match self.create_member(&c.snapshot, &c.name) {
+            Ok(v) => json(
+                201,
+                &VolumeView {
+                    name: v.name,
+                    id: v.id,
+                    size_bytes: v.size_bytes,
+                    used_bytes: 0,
+                    clients: 0,
+                    replicas: v.replicas,
+                    created_unix: v.created_unix,
+                },
+            ),
+            Err(a) => a,
+        }
+    }
+
+    fn delete_snapshot(&self, name: &str) -> Answer {
+        if let Err(e) = split_snapshot(name) {
+            return metadata_error(e);
+        }
+        self.delete_volume(name)
+    }
+
+    /// The volume's blocks become the snapshot's (shared); refused while it has clients.
+    fn restore_snapshot(&self, name: &str) -> Answer {
+        let volume = match split_snapshot(name) {
+            Ok((v, _)) => v,
+            Err(e) => return metadata_error(e),
+        };
+        let (Some(snap), Some(vol)) = (self.metadata.volume(name), self.metadata.volume(volume))
+        else {
+            return error(
+                404,
+                format!("no snapshot named {name:?} (or its volume is gone)"),
+            );
+        };
+        if torus_engine::layout::family(snap.id) != torus_engine::layout::family(vol.id) {
+            return error(
+                409,
+                format!(
+                    "{name:?} was taken of an earlier volume named {volume:?}; clone it instead"
+                ),
+            );
+        }
+        // Taking the export away keeps clients out while the map changes under it.
+        let removed = match self.exports.remove_unless_attached(volume) {
+            Ok(v) => v,
+            Err(clients) => {
+                return error(409, format!("volume {volume:?} has {clients} client(s) connected; disconnect them before restoring"));
+            }
+        };
+        let result = self.engine.clone_volume(snap.id, vol.id);
+        if let Some(v) = removed {
+            self.exports
+                .insert(Volume::new(&v.name, v.id, v.size(), v.read_only));
+        }
+        match result {
+            Ok(()) => json(
+                200,
+                &serde_json::json!({ "restored": volume, "from": name }),
+            ),
+            Err(e) => error(500, format!("restore {volume:?} from {name:?}: {e}")),
+        }
+    }
+
     fn resize_volume(&self, name: &str, r: ResizeVolume) -> Answer {
         let Some(v) = self.metadata.volume(name) else {
             return metadata_error(MetadataError::NotFound(name.to_owned()));
         };
+        if v.is_snapshot() {
+            return error(400, format!("{name:?} is a snapshot: snapshots keep their size (clone it to get a volume you can resize)"));
+        }
         if r.size_bytes < v.size_bytes && !r.force {
             return error(409, format!("shrinking {name:?} from {} to {} drops the data past the new end; repeat with --force", human(v.size_bytes), human(r.size_bytes)));
         }
@@ -695,6 +875,22 @@ impl Node {
                     Err(e) => error(400, format!("bad request body: {e}")),
                 }
             }
+            (Get, ["v1", "snapshots"]) => {
+                let volume = url
+                    .split_once("volume=")
+                    .map(|(_, v)| v.split('&').next().unwrap_or(""));
+                json(200, &self.snapshot_views(volume))
+            }
+            (Post, ["v1", "snapshots"]) => match serde_json::from_slice::<CreateSnapshot>(body) {
+                Ok(c) => self.create_snapshot(&c.name),
+                Err(e) => error(400, format!("bad request body: {e}")),
+            },
+            (Delete, ["v1", "snapshots", name]) => self.delete_snapshot(name),
+            (Post, ["v1", "snapshots", name, "restore"]) => self.restore_snapshot(name),
+            (Post, ["v1", "clones"]) => match serde_json::from_slice::<CreateClone>(body) {
+                Ok(c) => self.create_clone(c),
+                Err(e) => error(400, format!("bad request body: {e}")),
+            },
             (Get, ["v1", "ublk"]) => json(
                 200,
                 &self

@@ -3,7 +3,7 @@
 use anyhow::{anyhow, Result};
 use clap::{Parser, Subcommand};
 use torus_net::cluster::{PeerView, ScrubReport};
-use torus_tools::admin::{StatusView, VolumeView};
+use torus_tools::admin::{SnapshotView, StatusView, VolumeView};
 use torus_tools::client::call;
 use torus_tools::size::{human, parse_size};
 
@@ -45,6 +45,29 @@ enum Command {
     /// Cluster membership changes.
     #[command(subcommand)]
     Peer(PeerCommand),
+    /// Point-in-time, read-only copies of a volume (VOLUME@SNAPSHOT); they cost no space until
+    /// the volume is overwritten, and are served over NBD as export VOLUME@SNAPSHOT.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+    /// A writable volume that starts as a snapshot and shares its unchanged blocks:
+    /// torusctl clone db@monday db-test
+    Clone { snapshot: String, name: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum SnapshotCommand {
+    /// Take a snapshot: torusctl snapshot create db@before-upgrade
+    Create { name: String },
+    /// List snapshots (of one volume, or all) with the space each alone holds.
+    List {
+        volume: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a snapshot; frees the blocks no volume or other snapshot shares.
+    Delete { name: String },
+    /// Make the volume read as the snapshot again (refused while the volume has clients).
+    Restore { name: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -237,10 +260,92 @@ fn run(args: Args) -> Result<i32> {
             }
             return Ok(if clean { 0 } else { 2 });
         }
+        Command::Snapshot(SnapshotCommand::Create { name }) => {
+            let v: SnapshotView = serde_json::from_value(call(
+                "POST",
+                &format!("{base}/v1/snapshots"),
+                Some(serde_json::json!({ "name": name })),
+            )?)?;
+            println!(
+                "snapshot {} of {} taken ({})",
+                v.name,
+                v.volume,
+                human(v.size_bytes)
+            );
+        }
+        Command::Snapshot(SnapshotCommand::List { volume, json }) => {
+            let url = match &volume {
+                Some(v) => format!("{base}/v1/snapshots?volume={v}"),
+                None => format!("{base}/v1/snapshots"),
+            };
+            let value = call("GET", &url, None)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                let list: Vec<SnapshotView> = serde_json::from_value(value)?;
+                println!(
+                    "{:<32} {:>12} {:>12} {:>20}",
+                    "NAME", "SIZE", "HELD", "CREATED (UTC)"
+                );
+                for v in list {
+                    println!(
+                        "{:<32} {:>12} {:>12} {:>20}",
+                        v.name,
+                        human(v.size_bytes),
+                        human(v.held_bytes),
+                        utc(v.created_unix)
+                    );
+                }
+            }
+        }
+        Command::Snapshot(SnapshotCommand::Delete { name }) => {
+            call("DELETE", &format!("{base}/v1/snapshots/{name}"), None)?;
+            println!("deleted snapshot {name}");
+        }
+        Command::Snapshot(SnapshotCommand::Restore { name }) => {
+            call("POST", &format!("{base}/v1/snapshots/{name}/restore"), None)?;
+            println!(
+                "restored {} from {name}",
+                name.split('@').next().unwrap_or("")
+            );
+        }
+        Command::Clone { snapshot, name } => {
+            let v: VolumeView = serde_json::from_value(call(
+                "POST",
+                &format!("{base}/v1/clones"),
+                Some(serde_json::json!({ "snapshot": snapshot, "name": name })),
+            )?)?;
+            println!(
+                "created volume {} from {snapshot} ({})",
+                v.name,
+                human(v.size_bytes)
+            );
+        }
         Command::Peer(PeerCommand::Remove { name }) => {
             call("POST", &format!("{base}/v1/peers/{name}/remove"), None)?;
             println!("draining {name}: its placement groups move to the other nodes; it leaves the cluster when they are clean (watch torusctl status)");
         }
     }
     Ok(0)
+}
+
+/// `YYYY-MM-DD HH:MM:SS` of a Unix time, in UTC.
+fn utc(t: u64) -> String {
+    let (days, rem) = (t / 86400, t % 86400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }

@@ -154,7 +154,7 @@ impl Local for NodeLocal {
                 Some(e) if e.id == v.id => e.set_size(v.size_bytes),
                 _ => self
                     .exports
-                    .insert(Volume::new(&v.name, v.id, v.size_bytes, false)),
+                    .insert(Volume::new(&v.name, v.id, v.size_bytes, v.is_snapshot())),
             }
         }
         for name in self.exports.names() {
@@ -371,7 +371,7 @@ fn run(args: Args) -> Result<()> {
             .map_err(|e| anyhow::anyhow!("free blocks of deleted volume {id}: {e}"))?;
     }
     for v in metadata.volumes() {
-        exports.insert(Volume::new(&v.name, v.id, v.size_bytes, false));
+        exports.insert(Volume::new(&v.name, v.id, v.size_bytes, v.is_snapshot()));
     }
 
     let tcp = std::net::TcpListener::bind(&args.nbd_listen)
