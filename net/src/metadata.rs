@@ -398,7 +398,9 @@ mod tests {
         assert_eq!(filled, vec![s.id]);
         // A failed fill publishes nothing.
         let failed = m.create_member("db@a", "clone", &mut |_| Err("engine says no".into()));
-        assert!(matches!(failed, Err(MetadataError::Unsupported(ref w)) if w.contains("engine says no")));
+        assert!(
+            matches!(failed, Err(MetadataError::Unsupported(ref w)) if w.contains("engine says no"))
+        );
         assert!(m.volume("clone").is_none());
         let c = m.create_member("db@a", "clone", &mut |_| Ok(())).unwrap();
         assert_eq!(c.id, v.id | 2 << 24);

@@ -1,11 +1,12 @@
 //! torusctl: the admin client. Talks to a node's admin HTTP API.
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 use clap::{Parser, Subcommand};
 use torus_net::cluster::{PeerView, ScrubReport};
 use torus_tools::admin::{SnapshotView, StatusView, VolumeView};
 use torus_tools::client::call;
 use torus_tools::size::{human, parse_size};
+use torus_tools::transfer;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -52,6 +53,26 @@ enum Command {
     /// A writable volume that starts as a snapshot and shares its unchanged blocks:
     /// torusctl clone db@monday db-test
     Clone { snapshot: String, name: String },
+    /// Copy a volume or snapshot into a raw image FILE (`-`: stdout), reading only the blocks
+    /// that hold data; the file is sparse. Shows progress on a terminal.
+    Dump {
+        /// VOLUME or VOLUME@SNAPSHOT.
+        volume: String,
+        file: String,
+        /// The node's NBD address (HOST:PORT or a socket path); default: the one it announces.
+        #[arg(long, value_name = "ADDR")]
+        nbd: Option<String>,
+    },
+    /// Copy a raw image FILE (`-`: stdin) into VOLUME, creating it (SIZE, or the file's size)
+    /// when it does not exist; runs of zeroes are not written, so the volume stays thin.
+    Load {
+        file: String,
+        volume: String,
+        /// Size of a volume to create (needed with stdin).
+        size: Option<String>,
+        #[arg(long, value_name = "ADDR")]
+        nbd: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -321,6 +342,88 @@ fn run(args: Args) -> Result<i32> {
                 human(v.size_bytes)
             );
         }
+        Command::Dump { volume, file, nbd } => {
+            let address = nbd_address(base, nbd)?;
+            let mut session = address
+                .session(&volume)
+                .map_err(|e| anyhow!("open volume {volume:?} over NBD: {e}"))?;
+            let summary = if file == "-" {
+                let stdout = std::io::stdout();
+                let mut lock = stdout.lock();
+                transfer::dump(&mut session, &mut transfer::Target::Stream(&mut lock))?
+            } else {
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&file)
+                    .map_err(|e| anyhow!("open {file}: {e}"))?;
+                transfer::dump(&mut session, &mut transfer::Target::File(&mut f))?
+            };
+            session.close();
+            eprintln!(
+                "dumped {volume} ({}, {} of data) to {file} in {:.1} s ({}/s)",
+                human(summary.size),
+                human(summary.data),
+                summary.seconds,
+                human(summary.rate as u64)
+            );
+        }
+        Command::Load {
+            file,
+            volume,
+            size,
+            nbd,
+        } => {
+            let (mut input, length): (Box<dyn std::io::Read>, Option<u64>) = if file == "-" {
+                (Box::new(std::io::stdin().lock()), None)
+            } else {
+                let f = std::fs::File::open(&file).map_err(|e| anyhow!("open {file}: {e}"))?;
+                let len = f.metadata()?.len();
+                (
+                    Box::new(std::io::BufReader::with_capacity(1 << 20, f)),
+                    Some(len),
+                )
+            };
+            let exists = call("GET", &format!("{base}/v1/volumes"), None)?
+                .as_array()
+                .is_some_and(|a| a.iter().any(|v| v["name"] == volume.as_str()));
+            if !exists {
+                let size_bytes = match (&size, length) {
+                    (Some(s), _) => parse_size(s, None).map_err(|e| anyhow!("size {e}"))?,
+                    (None, Some(len)) => len.div_ceil(4096).max(1) * 4096,
+                    (None, None) => bail!("loading from stdin into a new volume needs its SIZE"),
+                };
+                call(
+                    "POST",
+                    &format!("{base}/v1/volumes"),
+                    Some(serde_json::json!({ "name": volume, "size_bytes": size_bytes })),
+                )?;
+                eprintln!("created volume {volume} ({})", human(size_bytes));
+            }
+            let address = nbd_address(base, nbd)?;
+            let mut session = address
+                .session(&volume)
+                .map_err(|e| anyhow!("open volume {volume:?} over NBD: {e}"))?;
+            if let Some(len) = length {
+                if len > session.info.size {
+                    bail!(
+                        "{file} ({}) does not fit in {volume} ({})",
+                        human(len),
+                        human(session.info.size)
+                    );
+                }
+            }
+            let summary = transfer::load(&mut session, &mut input, length.unwrap_or(0))?;
+            session.close();
+            eprintln!(
+                "loaded {file} ({}, {} of data written) into {volume} in {:.1} s ({}/s)",
+                human(summary.size),
+                human(summary.data),
+                summary.seconds,
+                human(summary.rate as u64)
+            );
+        }
         Command::Peer(PeerCommand::Remove { name }) => {
             call("POST", &format!("{base}/v1/peers/{name}/remove"), None)?;
             println!("draining {name}: its placement groups move to the other nodes; it leaves the cluster when they are clean (watch torusctl status)");
@@ -348,4 +451,35 @@ fn utc(t: u64) -> String {
         rem % 3600 / 60,
         rem % 60
     )
+}
+
+/// The NBD address to use: `--nbd`, else the first one the node announces (a wildcard host
+/// is replaced by the admin URL's host).
+fn nbd_address(base: &str, given: Option<String>) -> Result<torus_frontend::nbd::client::Address> {
+    use torus_frontend::nbd::client::Address;
+    if let Some(a) = given {
+        return Ok(Address::parse(&a));
+    }
+    let s: StatusView = serde_json::from_value(call("GET", &format!("{base}/v1/status"), None)?)?;
+    let url = s
+        .nbd
+        .first()
+        .ok_or_else(|| anyhow!("the node announces no NBD address; give one with --nbd"))?;
+    if let Some(path) = url.split_once("socket=").map(|x| x.1) {
+        return Ok(Address::Unix(path.into()));
+    }
+    let hostport = url
+        .trim_start_matches("nbd://")
+        .trim_end_matches('/')
+        .to_string();
+    let admin_host = base
+        .trim_start_matches("http://")
+        .rsplit_once(':')
+        .map(|x| x.0.to_string())
+        .unwrap_or_else(|| "127.0.0.1".into());
+    let hostport = match hostport.rsplit_once(':') {
+        Some((h, p)) if h == "0.0.0.0" || h == "[::]" => format!("{admin_host}:{p}"),
+        _ => hostport,
+    };
+    Ok(Address::Tcp(hostport))
 }

@@ -1,0 +1,221 @@
+//! Volume services on one node through torusctl and real clients: dump and load (holes
+//! skipped, checksums equal through NBD), resize (nbdinfo sees it, data kept), and thin
+//! provisioning (TRIM gives the space back).
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+use torus_tests::*;
+
+const T: Duration = Duration::from_secs(120);
+const MIB: u64 = 1 << 20;
+
+fn ctl(node: &Torusd, args: &[&str]) -> std::process::Output {
+    let out = node.torusctl(args);
+    assert!(
+        out.status.success(),
+        "torusctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn status(node: &Torusd) -> serde_json::Value {
+    let out = run_ok(
+        Command::new("curl").args(["-s", &format!("{}/v1/status", node.admin())]),
+        T,
+    );
+    serde_json::from_str(&out).unwrap()
+}
+
+/// Bytes the node's cores read for clients, summed over cores.
+fn bytes_read(node: &Torusd) -> u64 {
+    let text = run_ok(
+        Command::new("curl").args(["-s", &format!("{}/metrics", node.admin())]),
+        T,
+    );
+    text.lines()
+        .filter(|l| l.starts_with("torus_read_bytes_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// sha256 of what `producer` writes to stdout; the producer must succeed.
+fn sha256_of_output(producer: &mut Command) -> String {
+    let mut child = producer.stdout(Stdio::piped()).spawn().unwrap();
+    let out = Command::new("sha256sum")
+        .stdin(child.stdout.take().unwrap())
+        .output()
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "{producer:?} failed");
+    String::from_utf8_lossy(&out.stdout)[..64].to_string()
+}
+
+fn sha256_over_nbd(uri: &str) -> String {
+    sha256_of_output(Command::new("nbdcopy").args([uri, "-"]))
+}
+
+fn qemu_io(uri: &str, cmds: &[&str]) {
+    let mut c = Command::new("qemu-io");
+    if uri.contains('@') {
+        c.arg("-r");
+    }
+    c.args(["-f", "raw", uri]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    let out = run(&mut c, T);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !text.contains("failed"),
+        "{cmds:?}: {text}"
+    );
+}
+
+#[test]
+fn dump_and_load_skip_holes_and_round_trip() {
+    require_tool("qemu-io", "qemu-utils");
+    require_tool("nbdcopy", "libnbd-bin");
+    require_tool("curl", "curl");
+    let dir = TempDir::new("dump-load");
+    let node = Torusd::start(dir.path(), &[]);
+    ctl(&node, &["volume", "create", "src", "1G"]);
+    let src = node.uri("src");
+    // 10 % written, in ten places (one unaligned).
+    let mut cmds = Vec::new();
+    for i in 0..10u64 {
+        cmds.push(format!(
+            "write -P {} {} 10M",
+            0x10 + i,
+            i * 100 * MIB + i * 4096 + 512
+        ));
+    }
+    let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    qemu_io(&src, &refs);
+    let want = sha256_over_nbd(&src);
+
+    let image = dir.path().join("src.img");
+    let before = bytes_read(&node);
+    let out = ctl(&node, &["dump", "src", image.to_str().unwrap()]);
+    let read = bytes_read(&node) - before;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("dumped src"), "{said}");
+    // About 100 MiB of work for a 1 GiB volume with 10 % written (blocks are 4 KiB, so each
+    // unaligned extent reads up to two blocks more).
+    assert!(
+        (100 * MIB..=101 * MIB).contains(&read),
+        "dump read {read} bytes"
+    );
+    let meta = std::fs::metadata(&image).unwrap();
+    assert_eq!(meta.len(), 1 << 30);
+    use std::os::unix::fs::MetadataExt;
+    assert!(
+        meta.blocks() * 512 <= 110 * MIB,
+        "dump file allocates {} bytes",
+        meta.blocks() * 512
+    );
+    let file_sha = run_ok(Command::new("sha256sum").arg(&image), T);
+    assert_eq!(&file_sha[..64], want);
+
+    // Load into a new volume (created from the file's size), then from stdin with a size.
+    let out = ctl(&node, &["load", image.to_str().unwrap(), "copy"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("created volume copy") && said.contains("loaded"),
+        "{said}"
+    );
+    assert_eq!(sha256_over_nbd(&node.uri("copy")), want);
+    // Thin: only the data was written.
+    let list =
+        String::from_utf8_lossy(&ctl(&node, &["volume", "list", "--json"]).stdout).to_string();
+    let v: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let copy = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"] == "copy")
+        .unwrap();
+    assert!(copy["used_bytes"].as_u64().unwrap() <= 101 * MIB, "{copy}");
+
+    let mut load = Command::new(bin("torusctl"))
+        .args(["--server", &node.admin(), "load", "-", "piped", "1G"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::copy(
+        &mut std::fs::File::open(&image).unwrap(),
+        load.stdin.as_mut().unwrap(),
+    )
+    .unwrap();
+    drop(load.stdin.take());
+    let out = load.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(sha256_over_nbd(&node.uri("piped")), want);
+
+    // A snapshot dumps too, and a dump to stdout writes the holes.
+    ctl(&node, &["snapshot", "create", "src@s"]);
+    qemu_io(&src, &["write -P 0x77 0 1M"]);
+    let sum = sha256_of_output(Command::new(bin("torusctl")).args([
+        "--server",
+        &node.admin(),
+        "dump",
+        "src@s",
+        "-",
+    ]));
+    assert_eq!(sum, want);
+
+    // Errors: a file larger than the volume, stdin without a size, no such volume.
+    let big = dir.path().join("big.img");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(2 << 30)
+        .unwrap();
+    let out = node.torusctl(&["load", big.to_str().unwrap(), "copy"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not fit"));
+    let out = node.torusctl(&["dump", "nosuch", image.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nosuch"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn resize_and_trim_give_space_and_size() {
+    require_tool("qemu-io", "qemu-utils");
+    require_tool("nbdinfo", "libnbd-bin");
+    require_tool("curl", "curl");
+    let dir = TempDir::new("resize-trim");
+    let node = Torusd::start(dir.path(), &[]);
+    ctl(&node, &["volume", "create", "v", "512M"]);
+    let uri = node.uri("v");
+    qemu_io(&uri, &["write -P 0x5a 0 512M"]);
+    let used = status(&node)["used_bytes"].as_u64().unwrap();
+    assert!(used >= 512 * MIB, "used {used}");
+    // TRIM all of it: the space comes back.
+    qemu_io(&uri, &["discard 0 512M"]);
+    let used = status(&node)["used_bytes"].as_u64().unwrap();
+    assert!(used <= MIB, "used {used} after trimming everything");
+    // Resize to twice the size: new connections see it; data below the old end is intact.
+    qemu_io(&uri, &["write -P 0x6b 0 8M", "write -P 0x6c 504M 8M"]);
+    ctl(&node, &["volume", "resize", "v", "1G"]);
+    let info = run_ok(Command::new("nbdinfo").args(["--size", &uri]), T);
+    assert_eq!(info.trim(), (1u64 << 30).to_string());
+    qemu_io(
+        &uri,
+        &[
+            "read -P 0x6b 0 8M",
+            "read -P 0x6c 504M 8M",
+            "read -P 0 512M 512M",
+            "write -P 0x6d 1016M 8M",
+        ],
+    );
+    qemu_io(&uri, &["read -P 0x6d 1016M 8M"]);
+}
