@@ -75,7 +75,12 @@ impl Drop for Attachment {
 pub struct Exports {
     volumes: RwLock<BTreeMap<String, Arc<Volume>>>,
     policy: std::sync::OnceLock<Arc<dyn AttachPolicy>>,
+    /// Looks up a name this node does not know yet (a volume or snapshot created through
+    /// another node of a cluster a moment ago); its answer is added to the exports.
+    resolver: std::sync::OnceLock<Resolver>,
 }
+
+pub type Resolver = Arc<dyn Fn(&str) -> Option<Volume> + Send + Sync>;
 
 /// The empty export name means the volume `default`.
 pub fn resolve_name(name: &str) -> &str {
@@ -97,6 +102,26 @@ impl Exports {
         self.volumes.read().get(resolve_name(name)).cloned()
     }
 
+    /// Like `get`, but a name this node does not know is asked of the resolver (a cluster's
+    /// metadata) and added.
+    pub fn find(&self, name: &str) -> Option<Arc<Volume>> {
+        if let Some(v) = self.get(name) {
+            return Some(v);
+        }
+        let found = self.resolver.get()?(resolve_name(name))?;
+        let mut volumes = self.volumes.write();
+        Some(
+            volumes
+                .entry(found.name.clone())
+                .or_insert_with(|| Arc::new(found))
+                .clone(),
+        )
+    }
+
+    pub fn set_resolver(&self, resolver: Resolver) {
+        let _ = self.resolver.set(resolver);
+    }
+
     pub fn set_policy(&self, policy: Arc<dyn AttachPolicy>) {
         let _ = self.policy.set(policy);
     }
@@ -108,12 +133,7 @@ impl Exports {
     /// Attaches, asking the policy on a volume's first connection here. Err(None): no such
     /// volume; Err(Some(why)): refused.
     pub fn attach_checked(&self, name: &str) -> Result<Attachment, Option<String>> {
-        let v = self
-            .volumes
-            .read()
-            .get(resolve_name(name))
-            .cloned()
-            .ok_or(None)?;
+        let v = self.find(name).ok_or(None)?;
         let policy = self.policy.get().cloned();
         if let Some(p) = &policy {
             let _g = v.gate.lock();

@@ -94,7 +94,7 @@ pub trait Local: Send + Sync + 'static {
     /// Used bytes on this node's store.
     fn used_bytes(&self) -> u64;
     /// The volume list changed (create, delete, resize anywhere in the cluster).
-    fn volumes_changed(&self, volumes: &[VolumeRecord], next_id: u32);
+    fn volumes_changed(&self, list: &crate::etcd::VolumeList);
 }
 
 pub struct Cluster {
@@ -125,6 +125,17 @@ pub struct Cluster {
     recovering: Mutex<HashSet<u32>>,
     repaired_reads: AtomicU64,
     stopping: AtomicBool,
+    /// Writes held back while a snapshot of their volume is taken.
+    pause: Mutex<Pause>,
+}
+
+/// Volumes whose new writes wait (a snapshot is being taken), and the writes each volume has
+/// in flight from this node's frontends.
+#[derive(Default)]
+struct Pause {
+    paused: HashSet<u32>,
+    inflight: HashMap<u32, u64>,
+    parked: Vec<(Piece, ReplyTo)>,
 }
 
 fn now_ms() -> u64 {
@@ -394,6 +405,7 @@ impl Cluster {
             recovering: Mutex::new(HashSet::new()),
             repaired_reads: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
+            pause: Mutex::new(Pause::default()),
         });
         rt.block_on(cluster.refresh_volumes())?;
         let _ = shared
@@ -1182,17 +1194,18 @@ impl Cluster {
     }
 
     async fn refresh_volumes(&self) -> Result<(), EtcdError> {
-        let (list, next) = self.etcd.volumes().await?;
+        let list = self.etcd.volumes().await?;
         let changed = {
             let mut v = self.volumes.write();
-            let new: HashMap<u32, VolumeRecord> = list.iter().map(|r| (r.id, r.clone())).collect();
+            let new: HashMap<u32, VolumeRecord> =
+                list.volumes.iter().map(|r| (r.id, r.clone())).collect();
             let changed = *v != new;
             *v = new;
             changed
         };
         if changed {
             let local = self.local.clone();
-            let _ = tokio::task::spawn_blocking(move || local.volumes_changed(&list, next)).await;
+            let _ = tokio::task::spawn_blocking(move || local.volumes_changed(&list)).await;
         }
         Ok(())
     }
@@ -1730,15 +1743,7 @@ struct ClusterRouter(Arc<Cluster>);
 
 impl Router for ClusterRouter {
     fn route(&self, piece: Piece, reply: ReplyTo) {
-        let shared = self.0.shared.clone();
-        let volume = piece.volume;
-        self.0.submit(Request {
-            piece,
-            done: Box::new(move |r| deliver(&shared, reply, r.map_err(error_of))),
-            deadline: Instant::now() + REQUEST_DEADLINE,
-            from_peer: false,
-            writer: self.0.writer_epoch(volume),
-        });
+        self.0.route(piece, reply);
     }
 
     fn flush(&self, _volume: u32, reply: ReplyTo) {
@@ -1902,6 +1907,91 @@ pub struct ClusterStatus {
 }
 
 impl Cluster {
+    /// A piece from this node's frontends enters the cluster; writes of a paused volume wait.
+    fn route(self: &Arc<Self>, piece: Piece, reply: ReplyTo) {
+        let shared = self.shared.clone();
+        let volume = piece.volume;
+        let is_write = matches!(piece.kind, PieceKind::Write { .. } | PieceKind::Zero { .. });
+        let done: Done = if is_write {
+            let mut p = self.pause.lock();
+            if p.paused.contains(&volume) {
+                p.parked.push((piece, reply));
+                return;
+            }
+            *p.inflight.entry(volume).or_insert(0) += 1;
+            drop(p);
+            let me = self.clone();
+            Box::new(move |r| {
+                {
+                    let mut p = me.pause.lock();
+                    if let Some(n) = p.inflight.get_mut(&volume) {
+                        *n -= 1;
+                        if *n == 0 {
+                            p.inflight.remove(&volume);
+                        }
+                    }
+                }
+                deliver(&shared, reply, r.map_err(error_of))
+            })
+        } else {
+            Box::new(move |r| deliver(&shared, reply, r.map_err(error_of)))
+        };
+        self.submit(Request {
+            piece,
+            done,
+            deadline: Instant::now() + REQUEST_DEADLINE,
+            from_peer: false,
+            writer: self.writer_epoch(volume),
+        });
+    }
+
+    /// Holds back new writes to `volume` from this node and waits until those in flight are
+    /// answered (each by every replica): the point at which a snapshot is the same on every
+    /// replica. `resume_writes` must follow.
+    pub fn pause_writes(self: &Arc<Self>, volume: u32, limit: Duration) -> Result<(), String> {
+        self.pause.lock().paused.insert(volume);
+        let deadline = Instant::now() + limit;
+        while self.pause.lock().inflight.contains_key(&volume) {
+            if Instant::now() > deadline {
+                self.resume_writes(volume);
+                return Err(format!(
+                    "writes to the volume did not drain within {limit:?}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
+    pub fn resume_writes(self: &Arc<Self>, volume: u32) {
+        let parked: Vec<(Piece, ReplyTo)> = {
+            let mut p = self.pause.lock();
+            p.paused.remove(&volume);
+            let (mine, rest) = std::mem::take(&mut p.parked)
+                .into_iter()
+                .partition(|(piece, _)| piece.volume == volume);
+            p.parked = rest;
+            mine
+        };
+        for (piece, reply) in parked {
+            self.route(piece, reply);
+        }
+    }
+
+    /// The node holding `volume`'s writer lock, if any.
+    pub fn writer_holder(&self, volume: u32) -> Result<Option<String>, String> {
+        let got = self
+            .block_on(self.etcd.get(&format!("writers/{volume}")))
+            .map_err(|e| format!("read the writer lock: {e}"))?;
+        Ok(got.map(|(v, _)| {
+            String::from_utf8_lossy(&v)
+                .split(' ')
+                .next()
+                .unwrap_or("")
+                .to_string()
+        }))
+    }
+
     pub fn block_on<T>(&self, f: impl std::future::Future<Output = T>) -> T {
         self.rt.block_on(f)
     }

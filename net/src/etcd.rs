@@ -17,10 +17,21 @@
 use crate::map::ClusterMap;
 use crate::metadata::{validate_name, validate_size, Metadata, MetadataError, VolumeRecord};
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
+use std::collections::HashMap;
 use std::time::Duration;
 
 pub const PREFIX: &str = "/torus/";
 const NEXT_KEY: &str = "volumes/=next";
+/// `volumes/=family-<family id>`: the next member number of a family (snapshots, clones).
+const FAMILY_PREFIX: &str = "=family-";
+
+/// What the volume poller reads: see `Etcd::volumes`.
+#[derive(Debug, Clone, Default)]
+pub struct VolumeList {
+    pub volumes: Vec<VolumeRecord>,
+    pub next_id: u32,
+    pub families: HashMap<u32, u32>,
+}
 
 #[derive(Clone)]
 pub struct Etcd {
@@ -225,17 +236,27 @@ impl Etcd {
     }
 
     /// Volumes and the next id, read at one revision.
-    pub async fn volumes(&self) -> Result<(Vec<VolumeRecord>, u32), EtcdError> {
-        let mut volumes = Vec::new();
-        let mut next = 1;
+    /// Every volume (snapshots and clones too), the next volume id, and the next member
+    /// number of each family that has had members, read at one revision.
+    pub async fn volumes(&self) -> Result<VolumeList, EtcdError> {
+        let mut list = VolumeList {
+            volumes: Vec::new(),
+            next_id: 1,
+            families: HashMap::new(),
+        };
         for (k, v, _) in self.list("volumes/").await? {
             if k == "=next" {
-                next = parse(NEXT_KEY, &v)?;
+                list.next_id = parse(NEXT_KEY, &v)?;
+            } else if let Some(f) = k.strip_prefix(FAMILY_PREFIX) {
+                if let Ok(family) = f.parse::<u32>() {
+                    list.families
+                        .insert(family, parse(&format!("volumes/{k}"), &v)?);
+                }
             } else {
-                volumes.push(parse(&format!("volumes/{k}"), &v)?);
+                list.volumes.push(parse(&format!("volumes/{k}"), &v)?);
             }
         }
-        Ok((volumes, next))
+        Ok(list)
     }
 }
 
@@ -256,7 +277,7 @@ impl EtcdMetadata {
 
     fn try_volumes(&self) -> Result<Vec<VolumeRecord>, MetadataError> {
         self.block(self.etcd.volumes())
-            .map(|v| v.0)
+            .map(|l| l.volumes)
             .map_err(unavailable)
     }
 
@@ -298,6 +319,68 @@ impl Metadata for EtcdMetadata {
         let k = format!("volumes/{name}");
         let (bytes, _) = self.block(self.etcd.get(&k)).ok()??;
         parse(&k, &bytes).ok()
+    }
+
+    fn create_member(
+        &self,
+        origin: &str,
+        name: &str,
+        fill: &mut dyn FnMut(&VolumeRecord) -> Result<(), String>,
+    ) -> Result<VolumeRecord, MetadataError> {
+        if name.contains('@') {
+            crate::metadata::split_snapshot(name)?;
+        } else {
+            validate_name(name)?;
+        }
+        let etcd = &self.etcd;
+        loop {
+            let o = self
+                .volume(origin)
+                .ok_or_else(|| MetadataError::NotFound(origin.to_owned()))?;
+            if self.volume(name).is_some() {
+                return Err(MetadataError::Exists(name.to_owned()));
+            }
+            let family = torus_engine::layout::family(o.id);
+            let fkey = format!("volumes/{FAMILY_PREFIX}{family}");
+            let (next, rev) = match self.block(etcd.get(&fkey)).map_err(unavailable)? {
+                Some((v, rev)) => (parse::<u32>(&fkey, &v).map_err(unavailable)?, rev),
+                None => (1, 0),
+            };
+            if next > crate::metadata::FAMILY_MEMBERS_MAX {
+                return Err(MetadataError::Unsupported(format!(
+                    "volume family of {origin:?} has had {} snapshots and clones, the most it can have",
+                    crate::metadata::FAMILY_MEMBERS_MAX
+                )));
+            }
+            let mut record = VolumeRecord::new(name, family | next << 24, o.size_bytes, o.replicas);
+            record.origin = Some(origin.to_owned());
+            // The blocks first: a record is never published for blocks that are not there. If
+            // the publication loses a race, the blocks made under this id are orphans, freed
+            // by every node's volume poller (their member number is below the family's next).
+            fill(&record).map_err(MetadataError::Unsupported)?;
+            let key = etcd.key(&format!("volumes/{name}"));
+            let txn = Txn::new()
+                .when([
+                    Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+                    Compare::mod_revision(etcd.key(&fkey), CompareOp::Equal, rev),
+                ])
+                .and_then([
+                    TxnOp::put(key, serde_json::to_vec(&record).expect("json"), None),
+                    TxnOp::put(
+                        etcd.key(&fkey),
+                        serde_json::to_vec(&(next + 1)).expect("json"),
+                        None,
+                    ),
+                ]);
+            let mut c = etcd.client.clone();
+            if self
+                .block(timed(c.txn(txn)))
+                .map_err(unavailable)?
+                .succeeded()
+            {
+                return Ok(record);
+            }
+        }
     }
 
     fn create_volume(

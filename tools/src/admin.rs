@@ -16,6 +16,8 @@
 //! DELETE /v1/snapshots/VOLUME@SNAP      frees the blocks no volume or other snapshot maps
 //! POST   /v1/snapshots/VOLUME@SNAP/restore   the volume reads as the snapshot (no clients)
 //! POST   /v1/clones                     {"snapshot": "db@snap", "name": "db-test"}
+//! POST   /v1/volumes/-/clone-local      {"from": ID, "to": ID}: this node's engine only (the
+//!                                       cluster's snapshot and clone call it on every node)
 //! GET    /v1/ublk                       ublk devices this node serves
 //! POST   /v1/ublk                       {"volume": "db"}: serve it as /dev/ublkbN
 //! DELETE /v1/ublk/ID                    stop and remove /dev/ublkbID
@@ -84,6 +86,12 @@ pub struct SnapshotView {
 #[derive(Serialize, Deserialize, Debug)]
 pub struct CreateSnapshot {
     pub name: String,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+pub struct CloneLocal {
+    pub from: u32,
+    pub to: u32,
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -314,12 +322,10 @@ impl Node {
         let Some(o) = self.metadata.volume(origin) else {
             return Err(metadata_error(MetadataError::NotFound(origin.to_owned())));
         };
-        let engine = self.engine.clone();
         let record = self
             .metadata
             .create_member(origin, name, &mut |r| {
-                engine
-                    .clone_volume(o.id, r.id)
+                self.clone_everywhere(o.id, r.id)
                     .map_err(|e| format!("copying the block map of {origin:?}: {e}"))
             })
             .map_err(metadata_error)?;
@@ -332,18 +338,150 @@ impl Node {
         Ok(record)
     }
 
+    /// `engine.clone_volume(from, to)` on this node, and on a cluster on every node that is
+    /// not down (a node that is down copies the new volume's blocks when it catches up, as it
+    /// does every write it missed). A node that cannot be reached is waited for until its
+    /// lease expires and it counts as down; a node that answers with an error fails the whole.
+    fn clone_everywhere(&self, from: u32, to: u32) -> Result<(), String> {
+        let Some(c) = &self.cluster else {
+            return self
+                .engine
+                .clone_volume(from, to)
+                .map_err(|e| e.to_string());
+        };
+        let deadline =
+            std::time::Instant::now() + c.cfg.lease_ttl * 2 + std::time::Duration::from_secs(2);
+        for p in c.peers() {
+            if p.state == "down" {
+                continue;
+            }
+            if p.name == c.me {
+                self.engine
+                    .clone_volume(from, to)
+                    .map_err(|e| format!("node {}: {e}", p.name))?;
+                continue;
+            }
+            let url = format!("http://{}/v1/volumes/-/clone-local", p.admin_addr);
+            loop {
+                let sent = ureq::AgentBuilder::new()
+                    .timeout(std::time::Duration::from_secs(120))
+                    .build()
+                    .post(&url)
+                    .send_json(serde_json::json!({ "from": from, "to": to }));
+                match sent {
+                    Ok(_) => break,
+                    Err(ureq::Error::Status(code, r)) => {
+                        let body = r.into_string().unwrap_or_default();
+                        return Err(format!("node {}: HTTP {code}: {body}", p.name));
+                    }
+                    Err(e) => {
+                        let down = c
+                            .peers()
+                            .iter()
+                            .any(|q| q.name == p.name && q.state == "down");
+                        if down {
+                            break; // it catches up when it returns
+                        }
+                        if std::time::Instant::now() > deadline {
+                            return Err(format!("node {} is up in the map but unreachable ({e}); retry once it is reachable or marked down", p.name));
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(250));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn clone_local(&self, c: CloneLocal) -> Answer {
+        if torus_engine::layout::family(c.from) != torus_engine::layout::family(c.to) {
+            return error(400, "clone across volume families");
+        }
+        match self.engine.clone_volume(c.from, c.to) {
+            Ok(()) => json(200, &serde_json::json!({ "cloned": c.to })),
+            Err(e) => error(500, e),
+        }
+    }
+
+    /// On a cluster a snapshot is taken where the volume's writes come from: by the node
+    /// holding its writer lock (the request is passed to it), with that node's writes to the
+    /// volume held back until every node has copied the block map; with no writer, this node
+    /// takes the lock for the while, so no other node starts writing.
     fn create_snapshot(&self, name: &str) -> Answer {
         let volume = match split_snapshot(name) {
             Ok((v, _)) => v,
             Err(e) => return metadata_error(e),
         };
-        if self
-            .metadata
-            .volume(volume)
-            .is_some_and(|v| v.is_snapshot())
-        {
+        let Some(vol) = self.metadata.volume(volume) else {
+            return metadata_error(MetadataError::NotFound(volume.to_owned()));
+        };
+        if vol.is_snapshot() {
             return error(400, "a snapshot of a snapshot: clone it first");
         }
+        let Some(c) = &self.cluster else {
+            return self.snapshot_here(volume, name);
+        };
+        let holder = match c.writer_holder(vol.id) {
+            Ok(h) => h,
+            Err(e) => return error(503, e),
+        };
+        match holder {
+            Some(node) if node != c.me => {
+                let Some(p) = c.peers().into_iter().find(|p| p.name == node) else {
+                    return error(503, format!("volume {volume:?} is written through node {node}, which is not in the cluster map"));
+                };
+                let url = format!("http://{}/v1/snapshots", p.admin_addr);
+                match ureq::AgentBuilder::new()
+                    .timeout(std::time::Duration::from_secs(300))
+                    .build()
+                    .post(&url)
+                    .send_json(serde_json::json!({ "name": name }))
+                {
+                    Ok(r) => Answer {
+                        code: r.status(),
+                        body: r.into_string().unwrap_or_default(),
+                        content_type: "application/json",
+                    },
+                    Err(ureq::Error::Status(code, r)) => Answer {
+                        code,
+                        body: r.into_string().unwrap_or_default(),
+                        content_type: "application/json",
+                    },
+                    Err(e) => error(503, format!("node {node} (the volume's writer): {e}")),
+                }
+            }
+            Some(_) => {
+                if let Err(e) = c.pause_writes(vol.id, std::time::Duration::from_secs(30)) {
+                    return error(503, e);
+                }
+                let answer = self.snapshot_here(volume, name);
+                c.resume_writes(vol.id);
+                answer
+            }
+            None => {
+                if let Err(e) = c.acquire_writer(vol.id) {
+                    return error(409, e);
+                }
+                if let Err(e) = c.pause_writes(vol.id, std::time::Duration::from_secs(30)) {
+                    return error(503, e);
+                }
+                let answer = self.snapshot_here(volume, name);
+                c.resume_writes(vol.id);
+                // A client that attached here meanwhile keeps the lock (released when its
+                // last connection closes).
+                if self
+                    .exports
+                    .get(volume)
+                    .is_none_or(|v| v.connections() == 0)
+                {
+                    c.release_writer(vol.id);
+                }
+                answer
+            }
+        }
+    }
+
+    fn snapshot_here(&self, volume: &str, name: &str) -> Answer {
         match self.create_member(volume, name) {
             Ok(_) => match self
                 .snapshot_views(Some(volume))
@@ -419,7 +557,24 @@ impl Node {
                 return error(409, format!("volume {volume:?} has {clients} client(s) connected; disconnect them before restoring"));
             }
         };
-        let result = self.engine.clone_volume(snap.id, vol.id);
+        // On a cluster no node may be writing it: hold its writer lock for the while.
+        let locked = match &self.cluster {
+            Some(c) => match c.acquire_writer(vol.id) {
+                Ok(_) => true,
+                Err(e) => {
+                    if let Some(v) = removed {
+                        self.exports
+                            .insert(Volume::new(&v.name, v.id, v.size(), v.read_only));
+                    }
+                    return error(409, e);
+                }
+            },
+            None => false,
+        };
+        let result = self.clone_everywhere(snap.id, vol.id);
+        if let (true, Some(c)) = (locked, &self.cluster) {
+            c.release_writer(vol.id);
+        }
         if let Some(v) = removed {
             self.exports
                 .insert(Volume::new(&v.name, v.id, v.size(), v.read_only));
@@ -887,6 +1042,12 @@ impl Node {
             },
             (Delete, ["v1", "snapshots", name]) => self.delete_snapshot(name),
             (Post, ["v1", "snapshots", name, "restore"]) => self.restore_snapshot(name),
+            (Post, ["v1", "volumes", "-", "clone-local"]) => {
+                match serde_json::from_slice::<CloneLocal>(body) {
+                    Ok(c) => self.clone_local(c),
+                    Err(e) => error(400, format!("bad request body: {e}")),
+                }
+            }
             (Post, ["v1", "clones"]) => match serde_json::from_slice::<CreateClone>(body) {
                 Ok(c) => self.create_clone(c),
                 Err(e) => error(400, format!("bad request body: {e}")),
@@ -919,29 +1080,62 @@ impl Node {
     }
 }
 
+/// Requests the admin API works on at once; more are answered 503. Each runs on its own
+/// thread: a cluster snapshot asked of one node calls other nodes' admin APIs, which may call
+/// back (a single-threaded server would wait on itself).
+const ADMIN_CONCURRENCY: usize = 32;
+
 /// Serves the admin API until `server.unblock()` is called.
 pub fn serve(node: Arc<Node>, server: Arc<tiny_http::Server>) -> std::thread::JoinHandle<()> {
+    let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("torus-admin".into())
         .spawn(move || {
-            for mut request in server.incoming_requests() {
-                let mut body = Vec::new();
-                let read = request
-                    .as_reader()
-                    .take(BODY_MAX + 1)
-                    .read_to_end(&mut body);
-                let answer = if read.is_err() || body.len() as u64 > BODY_MAX {
-                    error(413, "request body too large or unreadable")
-                } else {
-                    node.handle(request.method(), request.url(), &body)
-                };
-                let header = tiny_http::Header::from_bytes("Content-Type", answer.content_type)
-                    .expect("static header");
-                let response = tiny_http::Response::from_string(answer.body)
-                    .with_status_code(answer.code)
-                    .with_header(header);
-                let _ = request.respond(response);
+            for request in server.incoming_requests() {
+                use std::sync::atomic::Ordering;
+                if busy.fetch_add(1, Ordering::SeqCst) >= ADMIN_CONCURRENCY {
+                    busy.fetch_sub(1, Ordering::SeqCst);
+                    respond(
+                        request,
+                        error(503, "too many admin requests at once; retry"),
+                    );
+                    continue;
+                }
+                let node = node.clone();
+                let done = busy.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("torus-admin-req".into())
+                    .spawn(move || {
+                        answer(&node, request);
+                        done.fetch_sub(1, Ordering::SeqCst);
+                    });
+                if spawned.is_err() {
+                    busy.fetch_sub(1, Ordering::SeqCst);
+                }
             }
         })
         .expect("spawn admin thread")
+}
+
+fn answer(node: &Node, mut request: tiny_http::Request) {
+    let mut body = Vec::new();
+    let read = request
+        .as_reader()
+        .take(BODY_MAX + 1)
+        .read_to_end(&mut body);
+    let answer = if read.is_err() || body.len() as u64 > BODY_MAX {
+        error(413, "request body too large or unreadable")
+    } else {
+        node.handle(request.method(), request.url(), &body)
+    };
+    respond(request, answer);
+}
+
+fn respond(request: tiny_http::Request, answer: Answer) {
+    let header =
+        tiny_http::Header::from_bytes("Content-Type", answer.content_type).expect("static header");
+    let response = tiny_http::Response::from_string(answer.body)
+        .with_status_code(answer.code)
+        .with_header(header);
+    let _ = request.respond(response);
 }

@@ -264,7 +264,7 @@ impl<'a, S: HandshakeStream> Session<'a, S> {
                 )
             })
             .collect();
-        let Some(volume) = self.exports.get(&name) else {
+        let Some(volume) = self.exports.find(&name) else {
             self.error_reply(
                 option,
                 REP_ERR_UNKNOWN,
@@ -355,7 +355,7 @@ impl<'a, S: HandshakeStream> Session<'a, S> {
         if at != data.len() {
             return invalid(self, "trailing bytes after the queries");
         }
-        if self.exports.get(&name).is_none() {
+        if self.exports.find(&name).is_none() {
             return self.error_reply(option, REP_ERR_UNKNOWN, "no such volume");
         }
         let list = option == OPT_LIST_META_CONTEXT;

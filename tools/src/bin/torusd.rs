@@ -16,7 +16,7 @@ use torus_frontend::service::FrontendService;
 use torus_frontend::ublk::UblkTarget;
 use torus_net::cluster::{Cluster, ClusterConfig, Local};
 use torus_net::etcd::{Etcd, EtcdMetadata};
-use torus_net::metadata::{EmbeddedMetadata, Metadata, VolumeRecord};
+use torus_net::metadata::{EmbeddedMetadata, Metadata};
 use torus_tools::admin::{self, Node};
 use torus_tools::size::{human, parse_size};
 
@@ -146,7 +146,8 @@ impl Local for NodeLocal {
             .sum()
     }
 
-    fn volumes_changed(&self, volumes: &[VolumeRecord], next_id: u32) {
+    fn volumes_changed(&self, list: &torus_net::etcd::VolumeList) {
+        let volumes = &list.volumes;
         let names: std::collections::HashSet<&str> =
             volumes.iter().map(|v| v.name.as_str()).collect();
         for v in volumes {
@@ -163,14 +164,23 @@ impl Local for NodeLocal {
             }
         }
         // Blocks of volumes deleted anywhere in the cluster are freed here too. Ids are never
-        // reused, so an id below `next_id` that is not listed is gone for good.
+        // reused, so an id below `next_id` that is not listed is gone for good; a snapshot's
+        // or clone's id likewise when its member number is below its family's next.
         let known: std::collections::HashSet<u32> = volumes.iter().map(|v| v.id).collect();
+        let issued = |id: u32| {
+            let (family, member) = (id & torus_engine::layout::FAMILY_MASK, id >> 24);
+            if member == 0 {
+                id < list.next_id
+            } else {
+                member < list.families.get(&family).copied().unwrap_or(1)
+            }
+        };
         let mut orphans: Vec<u32> = self
             .engine
             .stats()
             .iter()
             .flat_map(|s| s.volumes.iter().map(|v| v.0))
-            .filter(|id| !known.contains(id) && *id < next_id)
+            .filter(|id| !known.contains(id) && issued(*id))
             .collect();
         orphans.sort_unstable();
         orphans.dedup();
@@ -398,6 +408,13 @@ fn run(args: Args) -> Result<()> {
             let c = Cluster::start(cfg, etcd, rt, engine.shared().clone(), local, listener)
                 .with_context(|| format!("join the cluster at {urls}"))?;
             exports.set_policy(Arc::new(WriterPolicy(c.clone())));
+            // A volume or snapshot made through another node a moment ago (before this node's
+            // volume poller saw it) is looked up in etcd by the handshake.
+            let m = metadata.clone();
+            exports.set_resolver(Arc::new(move |name| {
+                m.volume(name)
+                    .map(|v| Volume::new(&v.name, v.id, v.size_bytes, v.is_snapshot()))
+            }));
             eprintln!(
                 "torusd: node {} joined the cluster at {urls}; peers connect to {}",
                 c.me, c.cfg.peer_addr
