@@ -14,6 +14,7 @@ pub mod journal;
 pub mod layout;
 pub mod mailbox;
 pub mod metrics;
+pub mod quota;
 pub mod reactor;
 pub mod request;
 pub mod slot_allocator;
@@ -203,6 +204,7 @@ impl Engine {
             mailboxes,
             geometry,
             router: std::sync::OnceLock::new(),
+            quotas: Arc::new(quota::Quotas::default()),
         });
         let cpus = std::thread::available_parallelism()
             .map(|n| n.get())
@@ -349,6 +351,29 @@ impl Engine {
             "clone across families"
         );
         self.broadcast(|reply| Message::CloneVolume { from, to, reply })
+    }
+
+    /// Limits how many bytes `volume` may map on this node (None: no limit). Writes that would
+    /// map more are answered `NoSpace`. Returns once every core counts the volume.
+    pub fn set_quota(&self, volume: u32, bytes: Option<u64>) -> Result<(), BlockError> {
+        let Some(bytes) = bytes else {
+            self.shared.quotas.remove(volume);
+            return Ok(());
+        };
+        let blocks = bytes / BLOCK_SIZE as u64;
+        if self.shared.quotas.set(volume, blocks, self.cores()) {
+            self.broadcast(|reply| Message::CountQuota(volume, reply))?;
+        }
+        Ok(())
+    }
+
+    /// Blocks counted against `volume`'s quota on this node, with its limit.
+    pub fn quota_usage(&self, volume: u32) -> Option<(u64, u64)> {
+        let q = self.shared.quotas.get(volume)?;
+        Some((
+            q.used.load(std::sync::atomic::Ordering::Acquire) * BLOCK_SIZE as u64,
+            q.limit.load(std::sync::atomic::Ordering::Acquire) * BLOCK_SIZE as u64,
+        ))
     }
 
     /// Runs one piece from outside the cores and waits for its answer (tools and tests).

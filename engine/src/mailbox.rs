@@ -28,6 +28,8 @@ pub enum Message {
         to: u32,
         reply: ReplyTo,
     },
+    /// Start counting a volume's blocks against its (new) quota.
+    CountQuota(u32, ReplyTo),
     Stats(Sender<crate::metrics::CoreStats>),
     /// Every mapped block of this core in the placement groups flagged in `pgs` (indexed by
     /// PG), as (volume, block, crc32c), sorted; the answer goes to `reply` on the core's thread.

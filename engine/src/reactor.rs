@@ -58,6 +58,7 @@ pub struct Shared {
     pub mailboxes: Vec<Mailbox>,
     pub geometry: Geometry,
     pub router: std::sync::OnceLock<Arc<dyn Router>>,
+    pub quotas: Arc<crate::quota::Quotas>,
 }
 
 impl Shared {
@@ -239,6 +240,7 @@ impl Reactor {
         shared.mailboxes[index].set_ring_fd(std::os::fd::AsRawFd::as_raw_fd(&ring));
         let mut store = store;
         store.read_pool = register_read_pool(&ring, index);
+        store.quotas = shared.quotas.clone();
         let mut reactor = Reactor {
             ctx: CoreContext {
                 index,
@@ -405,6 +407,21 @@ impl Reactor {
                     self.ctx
                         .store
                         .clone_volume(&mut self.ctx.io, from, to, reply)
+                }
+                Message::CountQuota(volume, reply) => {
+                    if let Some(q) = self.ctx.shared.quotas.get(volume) {
+                        q.start_counting(
+                            self.ctx.index,
+                            self.ctx.store.map().mapped_blocks_of(volume),
+                        );
+                    }
+                    self.ctx.store.out.push((
+                        reply.clone(),
+                        Completion {
+                            token: reply.token(),
+                            output: Ok(crate::request::Output::Done),
+                        },
+                    ));
                 }
                 Message::DropVolume(volume, reply) => {
                     self.ctx.store.drop_volume(&mut self.ctx.io, volume, reply)

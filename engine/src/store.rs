@@ -111,6 +111,8 @@ struct Task {
     outstanding: u32,
     failed: Option<BlockError>,
     locked: bool,
+    /// Blocks reserved against the volume's quota (settled when the write completes).
+    reserved: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,6 +164,7 @@ pub(crate) struct Store {
     batches: Slab<WriteBatch>,
     /// Registered read buffers, when the ring accepted them.
     pub(crate) read_pool: Option<std::sync::Arc<crate::buffer_pool::BufferPool>>,
+    pub(crate) quotas: std::sync::Arc<crate::quota::Quotas>,
     pending_records: Vec<Record>,
     pending_frees: Vec<u32>,
     readers: HashMap<u32, u32>,
@@ -390,6 +393,7 @@ impl Store {
             pending_writes: Vec::new(),
             batches: Slab::new(),
             read_pool: None,
+            quotas: Default::default(),
             pending_records: Vec::new(),
             pending_frees: Vec::new(),
             readers: HashMap::new(),
@@ -511,6 +515,7 @@ impl Store {
             outstanding: 0,
             failed: None,
             locked: false,
+            reserved: 0,
         };
         let tid = self.tasks.insert(task);
         if matches!(self.tasks[tid].arrived.piece.kind, PieceKind::Read) {
@@ -695,9 +700,19 @@ impl Store {
         }
     }
 
+    /// The volume's quota, when it has one this core counts.
+    fn quota(&self, volume: u32) -> Option<std::sync::Arc<crate::quota::Quota>> {
+        self.quotas.get(volume).filter(|q| q.counting(self.core))
+    }
+
     fn fail_task(&mut self, io: &mut impl IoSubmit, tid: usize, e: BlockError) {
         self.unlock(io, tid);
         let t = self.tasks.remove(tid);
+        if t.reserved > 0 {
+            if let Some(q) = self.quota(t.arrived.piece.volume) {
+                q.sub(t.reserved);
+            }
+        }
         self.reply(t.arrived.reply, Err(e));
     }
 
@@ -718,6 +733,24 @@ impl Store {
             self.zero_blocks(io, tid);
             return;
         }
+        // The blocks are locked: which of them this write newly maps cannot change before it
+        // completes. Past the volume's quota it is refused before anything is written.
+        if t.reserved == 0 {
+            if let Some(q) = self.quotas.get(volume).filter(|q| q.counting(self.core)) {
+                let new = (0..t.block_count as u64)
+                    .filter(|i| self.map.get(volume, t.first_block + i).is_none())
+                    .count() as u64;
+                if new > 0 {
+                    if !q.reserve(new) {
+                        self.fail_task(io, tid, BlockError::NoSpace);
+                        return;
+                    }
+                    self.tasks[tid].reserved = new;
+                }
+            }
+        }
+        let t = &mut self.tasks[tid];
+        let piece = &t.arrived.piece;
         let aligned_source = match &piece.kind {
             PieceKind::Write { data_offset, .. } => !partial && data_offset % PAGE_SIZE == 0,
             _ => false,
@@ -887,10 +920,12 @@ impl Store {
             return;
         }
         let volume = t.arrived.piece.volume;
+        let mut mapped_new = 0u64;
         for (i, (&slot, &crc)) in t.new_slots.iter().zip(&t.crcs).enumerate() {
             let block = t.first_block + i as u64;
-            if let Some(old) = self.map.insert(volume, block, Entry { slot, crc }) {
-                self.pending_frees.push(old.slot);
+            match self.map.insert(volume, block, Entry { slot, crc }) {
+                Some(old) => self.pending_frees.push(old.slot),
+                None => mapped_new += 1,
             }
             self.pending_records.push(Record::Map {
                 volume,
@@ -899,6 +934,14 @@ impl Store {
                 crc,
             });
         }
+        let reserved = std::mem::take(&mut t.reserved);
+        if reserved != mapped_new {
+            if let Some(q) = self.quotas.get(volume).filter(|q| q.counting(self.core)) {
+                q.add(mapped_new);
+                q.sub(reserved);
+            }
+        }
+        let t = &mut self.tasks[tid];
         self.counters.writes += 1;
         self.counters.bytes_written += t.arrived.piece.len as u64;
         let _ = self
@@ -910,12 +953,17 @@ impl Store {
     fn zero_blocks(&mut self, io: &mut impl IoSubmit, tid: usize) {
         let t = &self.tasks[tid];
         let volume = t.arrived.piece.volume;
+        let mut unmapped = 0;
         for i in 0..t.block_count {
             let block = t.first_block + i as u64;
             if let Some(old) = self.map.remove(volume, block) {
                 self.pending_frees.push(old.slot);
                 self.pending_records.push(Record::Unmap { volume, block });
+                unmapped += 1;
             }
+        }
+        if let Some(q) = self.quota(volume) {
+            q.sub(unmapped);
         }
         self.counters.zeroes += 1;
         self.complete_write(io, tid);
@@ -942,6 +990,9 @@ impl Store {
     /// Removes every block of a volume. The answer goes out once the removal is durable.
     pub(crate) fn drop_volume(&mut self, io: &mut impl IoSubmit, volume: u32, reply: ReplyTo) {
         let slots = self.map.drop_volume(volume);
+        if let Some(q) = self.quota(volume) {
+            q.sub(slots.len() as u64);
+        }
         self.pending_frees.extend(slots);
         self.pending_records.push(Record::DropVolume { volume });
         self.flush_waiters.push(reply);
@@ -958,8 +1009,13 @@ impl Store {
         reply: ReplyTo,
     ) {
         let dropped = self.map.drop_volume(to);
+        let shared = self.map.clone_volume(from, to);
+        if let Some(q) = self.quota(to) {
+            q.sub(dropped.len() as u64);
+            q.add(shared.len() as u64);
+        }
         self.pending_frees.extend(dropped);
-        for slot in self.map.clone_volume(from, to) {
+        for slot in shared {
             self.alloc.share(slot);
         }
         self.pending_records.push(Record::Clone { from, to });

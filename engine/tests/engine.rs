@@ -273,3 +273,53 @@ fn snapshots_share_blocks_survive_reopen_and_free_only_their_own_space() {
     e.stop().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_quota_refuses_new_blocks_past_it_but_not_overwrites_or_trims() {
+    let dir = tempdir("quota");
+    let e = Engine::open(&config(&dir), |_| Box::new(NoService)).unwrap();
+    let v = 5;
+    // Blocks written before the quota count against it.
+    write(&e, v, 0, &pattern(1, 256 << 10));
+    e.set_quota(v, Some(1 << 20)).unwrap();
+    assert_eq!(e.quota_usage(v), Some((256 << 10, 1 << 20)));
+    write(&e, v, 256 << 10, &pattern(2, 768 << 10));
+    assert_eq!(e.quota_usage(v).unwrap().0, 1 << 20);
+    let refused = |offset: u64| {
+        let mut buf = AlignedBuf::zeroed(4096);
+        buf.fill(9);
+        e.run_piece(Piece {
+            volume: v,
+            offset,
+            len: 4096,
+            kind: PieceKind::Write {
+                data: Arc::new(buf),
+                data_offset: 0,
+                fua: false,
+            },
+        })
+    };
+    // A new block past the quota: NoSpace, nothing changed.
+    assert!(matches!(refused(4 << 20), Err(BlockError::NoSpace)));
+    assert_eq!(read(&e, v, 4 << 20, 4096).unwrap(), vec![0; 4096]);
+    // Overwrites (even partial) go through.
+    write(&e, v, 1000, &pattern(3, 70000));
+    // Trimming gives room back.
+    e.run_piece(Piece {
+        volume: v,
+        offset: 0,
+        len: 128 << 10,
+        kind: PieceKind::Zero { fua: false },
+    })
+    .unwrap();
+    assert_eq!(e.quota_usage(v).unwrap().0, (1 << 20) - (128 << 10));
+    assert!(refused(4 << 20).is_ok());
+    // Other volumes are not limited; raising the limit lets more in; removing it, anything.
+    write(&e, v + 1, 0, &pattern(4, 2 << 20));
+    e.set_quota(v, Some(2 << 20)).unwrap();
+    write(&e, v, 8 << 20, &pattern(5, 512 << 10));
+    e.set_quota(v, None).unwrap();
+    write(&e, v, 16 << 20, &pattern(6, 2 << 20));
+    e.stop().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

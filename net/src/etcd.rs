@@ -457,4 +457,11 @@ impl Metadata for EtcdMetadata {
             Ok(())
         }))
     }
+
+    fn set_quota(&self, name: &str, quota: Option<u64>) -> Result<VolumeRecord, MetadataError> {
+        self.block(self.update_volume(name, |v| {
+            v.quota_bytes = quota;
+            Ok(())
+        }))
+    }
 }

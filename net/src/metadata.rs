@@ -24,6 +24,9 @@ pub struct VolumeRecord {
     /// What a snapshot was taken of (`VOLUME`) or a clone was made from (`VOLUME@SNAPSHOT`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<String>,
+    /// Most bytes the volume may hold (on each node); writes past it are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_bytes: Option<u64>,
 }
 
 impl VolumeRecord {
@@ -81,6 +84,8 @@ pub trait Metadata: Send + Sync {
     ) -> Result<VolumeRecord, MetadataError>;
     fn delete_volume(&self, name: &str) -> Result<VolumeRecord, MetadataError>;
     fn resize_volume(&self, name: &str, size_bytes: u64) -> Result<VolumeRecord, MetadataError>;
+    /// Sets or clears a volume's quota.
+    fn set_quota(&self, name: &str, quota: Option<u64>) -> Result<VolumeRecord, MetadataError>;
     /// Creates `name` in the family of volume `origin`: a snapshot (`VOLUME@SNAPSHOT` of
     /// `VOLUME`) or a clone (a plain name, of a snapshot). `fill` makes its blocks (the
     /// engine's clone) before the record is published; when it fails nothing is published.
@@ -240,6 +245,7 @@ impl VolumeRecord {
             created_unix: now_unix(),
             replicas,
             origin: None,
+            quota_bytes: None,
         }
     }
 }
@@ -326,6 +332,17 @@ impl Metadata for EmbeddedMetadata {
             s.family_next.insert(family, next + 1);
             s.volumes.insert(name.to_owned(), record.clone());
             Ok(record)
+        })
+    }
+
+    fn set_quota(&self, name: &str, quota: Option<u64>) -> Result<VolumeRecord, MetadataError> {
+        self.update(|s| {
+            let v = s
+                .volumes
+                .get_mut(name)
+                .ok_or_else(|| MetadataError::NotFound(name.to_owned()))?;
+            v.quota_bytes = quota;
+            Ok(v.clone())
         })
     }
 

@@ -1,8 +1,9 @@
 //! Snapshots and clones on a three-node cluster (real etcd, real torusd, replicas=3): a
 //! snapshot is the same on every replica even when taken while the volume is being written
 //! (through another node than the writer), clones and restores work through any node, a node
-//! that was down while a snapshot was taken copies it when it catches up, and deleting
-//! everything frees the space on every node.
+//! that was down while a snapshot was taken copies it when it catches up; dump, load, TRIM,
+//! resize and quotas work through any node; deleting everything frees the space on every
+//! node.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -141,12 +142,51 @@ fn cluster_snapshots_are_identical_on_every_replica() {
         &["read -P 0xdd 0 8M", "read -P 0xaa 8M 56M"],
     );
 
+    // Dump through b, load through c, the same through a; TRIM gives the space back on every
+    // node; resize through c is seen through a.
+    let img = dirs[0].path().join("vol.img");
+    ctl(&b, &["dump", "vol", img.to_str().unwrap()]);
+    ctl(&c, &["load", img.to_str().unwrap(), "copy"]);
+    assert_eq!(sha256(&a.uri("copy")), sha256(&a.uri("vol")));
+    io(&a.uri("copy"), &["discard 0 256M"]);
+    ctl(&c, &["volume", "resize", "vol", "512M"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let size = run_ok(
+            Command::new(require_tool("nbdinfo", "libnbd-bin")).args(["--size", &a.uri("vol")]),
+            T,
+        );
+        if size.trim() == (512u64 << 20).to_string() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "a still sees {size}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    io(
+        &a.uri("vol"),
+        &["read -P 0xee 0 8M", "write -P 0x99 300M 1M"],
+    );
+
+    // A quota holds on every node: writes through b past it answer ENOSPC.
+    ctl(&a, &["volume", "create", "qv", "64M", "--quota", "8M"]);
+    std::thread::sleep(Duration::from_millis(1500)); // every node's poller applies it
+    io(&b.uri("qv"), &["write -P 0x12 0 8M"]);
+    let out = run(
+        Command::new("qemu-io").args(["-f", "raw", &b.uri("qv"), "-c", "write -P 0x13 32M 4K"]),
+        T,
+    );
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("No space left on device"), "{text}");
+    io(&c.uri("qv"), &["read -P 0x12 0 8M", "read -P 0 32M 4K"]);
+
     // Deleting everything frees the space on every node.
     for s in ["vol@s0", "vol@live", "vol@s2"] {
         ctl(&b, &["snapshot", "delete", s]);
     }
-    ctl(&a, &["volume", "delete", "c0"]);
-    ctl(&a, &["volume", "delete", "vol"]);
+    for v in ["c0", "vol", "copy", "qv"] {
+        ctl(&a, &["volume", "delete", v]);
+    }
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let p: serde_json::Value = serde_json::from_str(&ctl(&a, &["peers", "--json"])).unwrap();

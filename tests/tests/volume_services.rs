@@ -219,3 +219,56 @@ fn resize_and_trim_give_space_and_size() {
     );
     qemu_io(&uri, &["read -P 0x6d 1016M 8M"]);
 }
+
+/// qemu-io's output for commands expected to fail.
+fn qemu_io_fails(uri: &str, cmd: &str, expect: &str) {
+    let out = run(
+        Command::new("qemu-io").args(["-f", "raw", uri, "-c", cmd]),
+        T,
+    );
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains(expect), "{cmd}: expected {expect:?}: {text}");
+}
+
+#[test]
+fn a_quota_refuses_writes_past_it_and_survives_a_restart() {
+    require_tool("qemu-io", "qemu-utils");
+    let dir = TempDir::new("quota");
+    let mut node = Torusd::start(dir.path(), &[]);
+    let out = ctl(&node, &["volume", "create", "q", "256M", "--quota", "16M"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("quota 16 MiB"));
+    let uri = node.uri("q");
+    qemu_io(&uri, &["write -P 0x11 0 16M"]);
+    qemu_io_fails(&uri, "write -P 0x22 32M 4K", "No space left on device");
+    // Overwrites go through; nothing past the quota was written.
+    qemu_io(
+        &uri,
+        &[
+            "write -P 0x33 0 1M",
+            "read -P 0 32M 4K",
+            "read -P 0x11 1M 15M",
+        ],
+    );
+    // Trimming makes room.
+    qemu_io(
+        &uri,
+        &[
+            "discard 0 4M",
+            "write -P 0x44 32M 4M",
+            "read -P 0x44 32M 4M",
+        ],
+    );
+    let list = String::from_utf8_lossy(&ctl(&node, &["volume", "list"]).stdout).to_string();
+    assert!(list.contains("16 MiB"), "{list}");
+    // The quota is kept across a restart, and can be raised or removed.
+    node.restart();
+    qemu_io_fails(&uri, "write -P 0x55 64M 4K", "No space left on device");
+    ctl(&node, &["volume", "quota", "q", "32M"]);
+    qemu_io(&uri, &["write -P 0x55 64M 8M"]);
+    ctl(&node, &["volume", "quota", "q", "none"]);
+    qemu_io(&uri, &["write -P 0x66 128M 64M"]);
+    let out = node.torusctl(&["volume", "quota", "q", "1000"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("multiple of 4 KiB"));
+}

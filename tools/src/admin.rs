@@ -6,6 +6,7 @@
 //! POST   /v1/volumes                    {"name": "db", "size_bytes": 2147483648}
 //! DELETE /v1/volumes/NAME               refused (409) while clients are connected
 //! POST   /v1/volumes/NAME/resize        {"size_bytes": ..., "force": false}
+//! POST   /v1/volumes/NAME/quota         {"quota_bytes": ... or null}
 //! POST   /v1/volumes/NAME/scrub         read every replica on every node, repair bad copies
 //!                                       (`?local=1`: this node only)
 //! GET    /v1/status                     node health, capacity, cores (and the cluster's PGs)
@@ -114,10 +115,21 @@ pub struct VolumeView {
     pub clients: usize,
     pub replicas: u32,
     pub created_unix: u64,
+    /// Most bytes the volume may hold on a node; writes past it answer ENOSPC.
+    #[serde(default)]
+    pub quota_bytes: Option<u64>,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+pub struct SetQuota {
+    /// None removes the quota.
+    pub quota_bytes: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize, Debug)]
 pub struct CreateVolume {
+    #[serde(default)]
+    pub quota_bytes: Option<u64>,
     pub name: String,
     pub size_bytes: u64,
     #[serde(default)]
@@ -204,6 +216,7 @@ impl Node {
                 id: v.id,
                 size_bytes: v.size_bytes,
                 replicas: v.replicas,
+                quota_bytes: v.quota_bytes,
                 created_unix: v.created_unix,
             })
             .collect()
@@ -257,6 +270,7 @@ impl Node {
             clients: 0,
             replicas,
             created_unix: v.created_unix,
+            quota_bytes: None,
         })
     }
 
@@ -516,6 +530,7 @@ impl Node {
                     clients: 0,
                     replicas: v.replicas,
                     created_unix: v.created_unix,
+                    quota_bytes: None,
                 },
             ),
             Err(a) => a,
@@ -585,6 +600,30 @@ impl Node {
                 &serde_json::json!({ "restored": volume, "from": name }),
             ),
             Err(e) => error(500, format!("restore {volume:?} from {name:?}: {e}")),
+        }
+    }
+
+    /// Sets a volume's quota in the metadata and on this node's engine (the other nodes of a
+    /// cluster apply it when their volume poller sees it, within a second).
+    fn set_quota(&self, name: &str, quota: Option<u64>, code: u16) -> Answer {
+        if let Some(q) = quota {
+            if q == 0 || q % torus_engine::BLOCK_SIZE as u64 != 0 {
+                return error(400, format!("quota {q}: use a positive multiple of 4 KiB"));
+            }
+        }
+        if self.metadata.volume(name).is_some_and(|v| v.is_snapshot()) {
+            return error(400, format!("{name:?} is a snapshot: it takes no writes"));
+        }
+        let v = match self.metadata.set_quota(name, quota) {
+            Ok(v) => v,
+            Err(e) => return metadata_error(e),
+        };
+        if let Err(e) = self.engine.set_quota(v.id, quota) {
+            return error(500, format!("apply the quota of {name:?}: {e}"));
+        }
+        match self.volume_views().into_iter().find(|x| x.name == name) {
+            Some(view) => json(code, &view),
+            None => error(500, "volume vanished"),
         }
     }
 
@@ -1017,12 +1056,21 @@ impl Node {
             },
             (Post, ["v1", "volumes"]) => match serde_json::from_slice::<CreateVolume>(body) {
                 Ok(c) => match self.create_volume(&c.name, c.size_bytes, c.replicas) {
-                    Ok(v) => json(201, &v),
+                    Ok(v) => match c.quota_bytes {
+                        None => json(201, &v),
+                        Some(q) => self.set_quota(&v.name, Some(q), 201),
+                    },
                     Err(a) => a,
                 },
                 Err(e) => error(400, format!("bad request body: {e}")),
             },
             (Delete, ["v1", "volumes", name]) => self.delete_volume(name),
+            (Post, ["v1", "volumes", name, "quota"]) => {
+                match serde_json::from_slice::<SetQuota>(body) {
+                    Ok(q) => self.set_quota(name, q.quota_bytes, 200),
+                    Err(e) => error(400, format!("bad request body: {e}")),
+                }
+            }
             (Post, ["v1", "volumes", name, "scrub"]) => self.scrub(name, url.contains("local=1")),
             (Post, ["v1", "volumes", name, "resize"]) => {
                 match serde_json::from_slice::<ResizeVolume>(body) {

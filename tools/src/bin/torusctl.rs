@@ -108,7 +108,13 @@ enum VolumeCommand {
         /// of nodes when fewer).
         #[arg(long)]
         replicas: Option<u32>,
+        /// Most space the volume may use (thin volumes can be larger than this); writes that
+        /// would pass it answer ENOSPC instead of filling the node.
+        #[arg(long)]
+        quota: Option<String>,
     },
+    /// Set a volume's quota (`none` removes it): torusctl volume quota db 10G
+    Quota { name: String, quota: String },
     /// List volumes with their size, used space and connected clients.
     List {
         /// Print JSON instead of a table.
@@ -144,16 +150,45 @@ fn run(args: Args) -> Result<i32> {
             name,
             size,
             replicas,
+            quota,
         }) => {
             let size_bytes = parse_size(&size, None).map_err(|e| anyhow!("size {e}"))?;
+            let quota_bytes = match &quota {
+                Some(q) => Some(parse_size(q, None).map_err(|e| anyhow!("quota {e}"))?),
+                None => None,
+            };
             let v: VolumeView = serde_json::from_value(call(
                 "POST",
                 &format!("{base}/v1/volumes"),
                 Some(
-                    serde_json::json!({"name": name, "size_bytes": size_bytes, "replicas": replicas}),
+                    serde_json::json!({"name": name, "size_bytes": size_bytes, "replicas": replicas, "quota_bytes": quota_bytes}),
                 ),
             )?)?;
-            println!("created volume {} ({})", v.name, human(v.size_bytes));
+            match v.quota_bytes {
+                Some(q) => println!(
+                    "created volume {} ({}, quota {})",
+                    v.name,
+                    human(v.size_bytes),
+                    human(q)
+                ),
+                None => println!("created volume {} ({})", v.name, human(v.size_bytes)),
+            }
+        }
+        Command::Volume(VolumeCommand::Quota { name, quota }) => {
+            let quota_bytes = if quota == "none" {
+                None
+            } else {
+                Some(parse_size(&quota, None).map_err(|e| anyhow!("quota {e}"))?)
+            };
+            call(
+                "POST",
+                &format!("{base}/v1/volumes/{name}/quota"),
+                Some(serde_json::json!({ "quota_bytes": quota_bytes })),
+            )?;
+            match quota_bytes {
+                Some(q) => println!("volume {name}: quota {}", human(q)),
+                None => println!("volume {name}: no quota"),
+            }
         }
         Command::Volume(VolumeCommand::List { json }) => {
             let value = call("GET", &format!("{base}/v1/volumes"), None)?;
@@ -162,15 +197,16 @@ fn run(args: Args) -> Result<i32> {
             } else {
                 let list: Vec<VolumeView> = serde_json::from_value(value)?;
                 println!(
-                    "{:<24} {:>12} {:>12} {:>8} {:>8}",
-                    "NAME", "SIZE", "USED", "REPLICAS", "CLIENTS"
+                    "{:<24} {:>12} {:>12} {:>12} {:>8} {:>8}",
+                    "NAME", "SIZE", "USED", "QUOTA", "REPLICAS", "CLIENTS"
                 );
                 for v in list {
                     println!(
-                        "{:<24} {:>12} {:>12} {:>8} {:>8}",
+                        "{:<24} {:>12} {:>12} {:>12} {:>8} {:>8}",
                         v.name,
                         human(v.size_bytes),
                         human(v.used_bytes),
+                        v.quota_bytes.map(human).unwrap_or_else(|| "-".into()),
                         v.replicas,
                         v.clients
                     );

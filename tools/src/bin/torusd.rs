@@ -151,6 +151,9 @@ impl Local for NodeLocal {
         let names: std::collections::HashSet<&str> =
             volumes.iter().map(|v| v.name.as_str()).collect();
         for v in volumes {
+            if let Err(e) = self.engine.set_quota(v.id, v.quota_bytes) {
+                eprintln!("torusd: applying the quota of {}: {e}", v.name);
+            }
             match self.exports.get(&v.name) {
                 Some(e) if e.id == v.id => e.set_size(v.size_bytes),
                 _ => self
@@ -381,6 +384,11 @@ fn run(args: Args) -> Result<()> {
             .map_err(|e| anyhow::anyhow!("free blocks of deleted volume {id}: {e}"))?;
     }
     for v in metadata.volumes() {
+        if v.quota_bytes.is_some() {
+            engine
+                .set_quota(v.id, v.quota_bytes)
+                .map_err(|e| anyhow::anyhow!("apply the quota of {}: {e}", v.name))?;
+        }
         exports.insert(Volume::new(&v.name, v.id, v.size_bytes, v.is_snapshot()));
     }
 
