@@ -1172,8 +1172,17 @@ impl Cluster {
         let in_chunk = e.len > 0
             && e.len as u64 <= CHUNK_SIZE
             && e.offset / CHUNK_SIZE == (end - 1) / CHUNK_SIZE;
-        if !in_chunk || end > vol.size_bytes {
+        if !in_chunk {
             return Err(status::EINVAL);
+        }
+        if end > vol.size_bytes {
+            // Grown a moment ago through another node: look again; the sender asks again
+            // meanwhile (a request really past the end never leaves the frontend).
+            let me = self.clone();
+            self.rt.spawn(async move {
+                let _ = me.refresh_volumes().await;
+            });
+            return Err(status::RETRY);
         }
         let wants_data = e.op == Op::Write as u8 || e.op == Op::CWrite as u8;
         let has = data.as_ref().map_or(0, |d| d.len);
