@@ -6,7 +6,9 @@
 //! kernel holds I/O when a connection dies instead of failing it. The kernel announces the
 //! death on the `nbd_mc_group` multicast group (`NBD_CMD_LINK_DEAD`); a monitor process
 //! listening there connects again and gives the kernel the new sockets
-//! (`NBD_CMD_RECONFIGURE`), so a restarted torusd does not turn a filesystem read-only.
+//! (`NBD_CMD_RECONFIGURE`), so a restarted torusd does not turn a filesystem read-only. The
+//! same monitor asks the server for the volume's size every few seconds (`OPT_INFO`) and
+//! announces a change to the kernel (`NBD_CMD_RECONFIGURE` with the new size).
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -358,6 +360,15 @@ impl Netlink {
         m.u32(NBD_ATTR_INDEX, index);
         m.attr(NBD_ATTR_BACKEND_IDENTIFIER, &nul_terminated(backend));
         sockets_attr(&mut m, sockets);
+        self.request(&mut m).map(drop)
+    }
+
+    /// Announces a new size of device `index` (the volume grew or shrank).
+    pub fn resize(&mut self, index: u32, backend: &str, size: u64) -> io::Result<()> {
+        let mut m = self.msg(NBD_CMD_RECONFIGURE);
+        m.u32(NBD_ATTR_INDEX, index);
+        m.attr(NBD_ATTR_BACKEND_IDENTIFIER, &nul_terminated(backend));
+        m.u64(NBD_ATTR_SIZE_BYTES, size);
         self.request(&mut m).map(drop)
     }
 

@@ -203,9 +203,16 @@ fn resize_and_trim_give_space_and_size() {
     qemu_io(&uri, &["discard 0 512M"]);
     let used = status(&node)["used_bytes"].as_u64().unwrap();
     assert!(used <= MIB, "used {used} after trimming everything");
-    // Resize to twice the size: new connections see it; data below the old end is intact.
+    // Resize to twice the size: new connections see it, and so does one that was open (it
+    // may write past the old end at once); data below the old end is intact.
     qemu_io(&uri, &["write -P 0x6b 0 8M", "write -P 0x6c 504M 8M"]);
+    let mut open = torus_tests::nbd::Client::connect(node.nbd_port, "v").unwrap();
+    assert_ne!(open.write(600 * MIB, &[7u8; 4096], 0).unwrap(), 0, "past the end before the resize");
     ctl(&node, &["volume", "resize", "v", "1G"]);
+    assert_eq!(open.write(600 * MIB, &[7u8; 4096], 0).unwrap(), 0);
+    assert_eq!(open.read(600 * MIB, 4096).unwrap().unwrap(), vec![7u8; 4096]);
+    open.disconnect();
+    qemu_io(&uri, &["discard 600M 4K"]);
     let info = run_ok(Command::new("nbdinfo").args(["--size", &uri]), T);
     assert_eq!(info.trim(), (1u64 << 30).to_string());
     qemu_io(

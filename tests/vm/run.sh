@@ -5,6 +5,8 @@
 #   - `torusblk nbd` in the guest attaches the kernel's NBD client to torusd on the host
 #     (10.0.2.2 from the guest); the host restarts that torusd when the guest asks (a line
 #     "VM-REQUEST: restart-host-torusd" on the console) while a filesystem is mounted.
+#     The host also grows the volume when asked ("VM-REQUEST: resize-host-volume"): the
+#     device must follow.
 #   - `torusblk ublk` against a torusd inside the guest, restarted there.
 #   - fio figures: ublk vs kernel NBD vs fio's NBD engine, same guest, same volume.
 # Exits 0 only when the guest printed RESULT: PASS. PARTS=nbd,ublk,figures picks parts; the
@@ -69,8 +71,12 @@ timeout 600 qemu-system-x86_64 -accel tcg -m 3072 -smp 2 -nographic -no-reboot \
   -netdev user,id=n0 -device virtio-net-pci,netdev=n0 </dev/null > guest.log 2>&1 &
 QEMU=$!
 # The guest asks for the host's torusd to be restarted under its mounted filesystem.
-restarted=0
+restarted=0; resized=0
 while kill -0 $QEMU 2>/dev/null; do
+  if [ $resized = 0 ] && grep -a -q '^VM-REQUEST: resize-host-volume' guest.log; then
+    "$BINDIR/torusctl" --server "http://127.0.0.1:$ADMIN" volume resize default 2G > /dev/null
+    resized=1
+  fi
   if [ $restarted = 0 ] && grep -a -q '^VM-REQUEST: restart-host-torusd' guest.log; then
     kill -TERM $SRV; wait $SRV || { echo "vm: host torusd did not exit cleanly"; tail data/torusd.log; exit 1; }
     sleep 1

@@ -367,6 +367,54 @@ pub enum Address {
 }
 
 impl Address {
+    /// The export's current size, asked with `OPT_INFO` (no attachment), then `OPT_ABORT`.
+    pub fn probe_size(&self, export: &str) -> io::Result<u64> {
+        let mut s = match self {
+            Address::Tcp(a) => {
+                let addr = std::net::ToSocketAddrs::to_socket_addrs(a)?
+                    .next()
+                    .ok_or_else(|| bad(format!("{a}: no address")))?;
+                let s = std::net::TcpStream::connect_timeout(&addr, STEP_TIMEOUT)?;
+                s.set_read_timeout(Some(STEP_TIMEOUT))?;
+                Stream::Tcp(s)
+            }
+            Address::Unix(p) => {
+                let s = std::os::unix::net::UnixStream::connect(p)?;
+                s.set_read_timeout(Some(STEP_TIMEOUT))?;
+                Stream::Unix(s)
+            }
+        };
+        if read_u64(&mut s)? != NBDMAGIC || read_u64(&mut s)? != IHAVEOPT {
+            return Err(bad("not an NBD server"));
+        }
+        let hflags = read_u16(&mut s)?;
+        let mut cflags = CLIENT_FIXED_NEWSTYLE;
+        if hflags & FLAG_NO_ZEROES != 0 {
+            cflags |= CLIENT_NO_ZEROES;
+        }
+        s.write_all(&cflags.to_be_bytes())?;
+        let name = export.as_bytes();
+        let mut q = Vec::with_capacity(8 + name.len());
+        q.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        q.extend_from_slice(name);
+        q.extend_from_slice(&0u16.to_be_bytes());
+        send_option(&mut s, OPT_INFO, &q)?;
+        let mut size = None;
+        loop {
+            let (_, kind, data) = read_option_reply(&mut s)?;
+            match kind {
+                REP_INFO if data.len() == 12 && data[..2] == INFO_EXPORT.to_be_bytes() => {
+                    size = Some(u64::from_be_bytes(data[2..10].try_into().expect("8 bytes")));
+                }
+                REP_ACK => break,
+                k if k & (1 << 31) != 0 => return Err(bad(format!("export {export:?} refused"))),
+                _ => {}
+            }
+        }
+        let _ = send_option(&mut s, OPT_ABORT, &[]);
+        size.ok_or_else(|| bad("no export information"))
+    }
+
     /// Connects and negotiates structured replies and `base:allocation` too.
     pub fn session(&self, export: &str) -> io::Result<Session> {
         let mut s = match self {

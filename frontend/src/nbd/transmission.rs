@@ -126,7 +126,6 @@ struct Connection {
     _attachment: Attachment,
     peer: String,
     volume: u32,
-    size: u64,
     read_only: bool,
     structured: bool,
     meta_allocation: bool,
@@ -364,7 +363,8 @@ impl NbdService {
             self.connections[key].state = State::Draining;
             return;
         }
-        let (size, read_only, structured) = (c.size, c.read_only, c.structured);
+        // The volume's size now, not at attach: a resize applies to open connections too.
+        let (size, read_only, structured) = (c._attachment.0.size(), c.read_only, c.structured);
         let in_range = h
             .offset
             .checked_add(h.length as u64)
@@ -807,7 +807,6 @@ impl CoreService for NbdService {
             fd: new.fd,
             peer: new.peer,
             volume: volume.id,
-            size: volume.size(),
             read_only: volume.read_only,
             structured: n.structured,
             meta_allocation: n.meta_allocation,

@@ -227,6 +227,9 @@ fn open_connections(
     Ok((sockets, info.expect("at least one connection")))
 }
 
+/// How often the monitor asks torusd for the volume's size.
+const SIZE_CHECK: Duration = Duration::from_secs(3);
+
 /// Leaves a process behind (its own session) that replaces dead connections of device
 /// `index` while it stays connected, and exits when the device is disconnected.
 fn spawn_monitor(
@@ -251,6 +254,8 @@ fn spawn_monitor(
     unsafe { libc::setsid() };
     let tag = format!("torusblk[{}] /dev/nbd{index}", std::process::id());
     let mut last_check = Instant::now();
+    let mut last_size_check = Instant::now();
+    let mut size = cfg.size;
     loop {
         let dead = match nl.dead_links(Duration::from_secs(1)) {
             Ok(d) => d,
@@ -281,6 +286,22 @@ fn spawn_monitor(
                     Err(e) => {
                         eprintln!("{tag}: giving up reconnecting: {e:#}");
                         break;
+                    }
+                }
+            }
+        }
+        // A resized volume: tell the kernel (new connections to torusd see the new size; the
+        // device would not without this).
+        if last_size_check.elapsed() >= SIZE_CHECK {
+            last_size_check = Instant::now();
+            if let Ok(now) = address.probe_size(&volume) {
+                if now != size {
+                    match nl.resize(index, &cfg.backend, now) {
+                        Ok(()) => {
+                            eprintln!("{tag}: volume {volume} is now {now} bytes (was {size}); device resized");
+                            size = now;
+                        }
+                        Err(e) => eprintln!("{tag}: resize to {now} bytes: {e}"),
                     }
                 }
             }
