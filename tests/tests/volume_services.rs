@@ -207,10 +207,17 @@ fn resize_and_trim_give_space_and_size() {
     // may write past the old end at once); data below the old end is intact.
     qemu_io(&uri, &["write -P 0x6b 0 8M", "write -P 0x6c 504M 8M"]);
     let mut open = torus_tests::nbd::Client::connect(node.nbd_port, "v").unwrap();
-    assert_ne!(open.write(600 * MIB, &[7u8; 4096], 0).unwrap(), 0, "past the end before the resize");
+    assert_ne!(
+        open.write(600 * MIB, &[7u8; 4096], 0).unwrap(),
+        0,
+        "past the end before the resize"
+    );
     ctl(&node, &["volume", "resize", "v", "1G"]);
     assert_eq!(open.write(600 * MIB, &[7u8; 4096], 0).unwrap(), 0);
-    assert_eq!(open.read(600 * MIB, 4096).unwrap().unwrap(), vec![7u8; 4096]);
+    assert_eq!(
+        open.read(600 * MIB, 4096).unwrap().unwrap(),
+        vec![7u8; 4096]
+    );
     open.disconnect();
     qemu_io(&uri, &["discard 600M 4K"]);
     let info = run_ok(Command::new("nbdinfo").args(["--size", &uri]), T);
