@@ -327,11 +327,7 @@ impl Metadata for EtcdMetadata {
         name: &str,
         fill: &mut dyn FnMut(&VolumeRecord) -> Result<(), String>,
     ) -> Result<VolumeRecord, MetadataError> {
-        if name.contains('@') {
-            crate::metadata::split_snapshot(name)?;
-        } else {
-            validate_name(name)?;
-        }
+        crate::metadata::validate_member_name(name)?;
         let etcd = &self.etcd;
         loop {
             let o = self

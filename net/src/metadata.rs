@@ -105,6 +105,15 @@ pub trait Metadata: Send + Sync {
 /// Members (snapshots and clones) a family can have over its lifetime: ids hold 8 bits for it.
 pub const FAMILY_MEMBERS_MAX: u32 = 255;
 
+/// A snapshot's (`VOLUME@SNAPSHOT`) or a clone's (a plain volume name) name is valid.
+pub fn validate_member_name(name: &str) -> Result<(), MetadataError> {
+    if name.contains('@') {
+        split_snapshot(name).map(drop)
+    } else {
+        validate_name(name)
+    }
+}
+
 /// `VOLUME@SNAPSHOT` → (VOLUME, SNAPSHOT), both valid names.
 pub fn split_snapshot(name: &str) -> Result<(&str, &str), MetadataError> {
     match name.split_once('@') {
@@ -222,6 +231,22 @@ impl EmbeddedMetadata {
         Ok(())
     }
 
+    /// Changes one volume's record.
+    fn update_volume(
+        &self,
+        name: &str,
+        change: impl FnOnce(&mut VolumeRecord),
+    ) -> Result<VolumeRecord, MetadataError> {
+        self.update(|s| {
+            let v = s
+                .volumes
+                .get_mut(name)
+                .ok_or_else(|| MetadataError::NotFound(name.to_owned()))?;
+            change(v);
+            Ok(v.clone())
+        })
+    }
+
     fn update<T>(
         &self,
         change: impl FnOnce(&mut State) -> Result<T, MetadataError>,
@@ -305,11 +330,7 @@ impl Metadata for EmbeddedMetadata {
         name: &str,
         fill: &mut dyn FnMut(&VolumeRecord) -> Result<(), String>,
     ) -> Result<VolumeRecord, MetadataError> {
-        if name.contains('@') {
-            split_snapshot(name)?;
-        } else {
-            validate_name(name)?;
-        }
+        validate_member_name(name)?;
         self.update(|s| {
             if s.volumes.contains_key(name) {
                 return Err(MetadataError::Exists(name.to_owned()));
@@ -336,26 +357,12 @@ impl Metadata for EmbeddedMetadata {
     }
 
     fn set_quota(&self, name: &str, quota: Option<u64>) -> Result<VolumeRecord, MetadataError> {
-        self.update(|s| {
-            let v = s
-                .volumes
-                .get_mut(name)
-                .ok_or_else(|| MetadataError::NotFound(name.to_owned()))?;
-            v.quota_bytes = quota;
-            Ok(v.clone())
-        })
+        self.update_volume(name, |v| v.quota_bytes = quota)
     }
 
     fn resize_volume(&self, name: &str, size_bytes: u64) -> Result<VolumeRecord, MetadataError> {
         validate_size(size_bytes)?;
-        self.update(|s| {
-            let v = s
-                .volumes
-                .get_mut(name)
-                .ok_or_else(|| MetadataError::NotFound(name.to_owned()))?;
-            v.size_bytes = size_bytes;
-            Ok(v.clone())
-        })
+        self.update_volume(name, |v| v.size_bytes = size_bytes)
     }
 }
 

@@ -641,3 +641,40 @@ pub fn fio_verify(uri: &str, args: &[&str]) -> serde_json::Value {
     assert_eq!(job["error"], 0, "fio reported an error: {job}");
     job.clone()
 }
+
+/// Runs qemu-io commands on an NBD URI (read-only for a snapshot, `VOLUME@SNAPSHOT`), asserting
+/// that every one succeeded and every pattern matched; returns its output.
+pub fn qemu_io(uri: &str, cmds: &[&str]) -> String {
+    let mut c = Command::new(require_tool("qemu-io", "qemu-utils"));
+    if uri.contains('@') {
+        c.arg("-r");
+    }
+    c.args(["-f", "raw", uri]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    let out = run(&mut c, Duration::from_secs(300));
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !text.contains("failed"),
+        "qemu-io {uri} {cmds:?}: {text}"
+    );
+    text
+}
+
+/// sha256 of what `producer` writes to stdout; the producer must succeed.
+pub fn sha256_of_output(producer: &mut Command) -> String {
+    let mut child = producer.stdout(Stdio::piped()).spawn().unwrap();
+    let out = Command::new("sha256sum")
+        .stdin(child.stdout.take().unwrap())
+        .output()
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "{producer:?} failed");
+    String::from_utf8_lossy(&out.stdout)[..64].to_string()
+}
+
+/// sha256 of a whole export, read with nbdcopy.
+pub fn sha256_over_nbd(uri: &str) -> String {
+    sha256_of_output(Command::new(require_tool("nbdcopy", "libnbd-bin")).args([uri, "-"]))
+}

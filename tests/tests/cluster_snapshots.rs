@@ -5,7 +5,7 @@
 //! resize and quotas work through any node; deleting everything frees the space on every
 //! node.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 use torus_tests::*;
 
@@ -22,38 +22,6 @@ fn ctl(node: &Torusd, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn io(uri: &str, cmds: &[&str]) {
-    let mut c = Command::new(require_tool("qemu-io", "qemu-utils"));
-    if uri.contains('@') {
-        c.arg("-r");
-    }
-    c.args(["-f", "raw", uri]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    let out = run(&mut c, T);
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && !text.contains("failed"),
-        "{uri} {cmds:?}: {text}"
-    );
-}
-
-fn sha256(uri: &str) -> String {
-    let mut copy = Command::new(require_tool("nbdcopy", "libnbd-bin"))
-        .args([uri, "-"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = Command::new("sha256sum")
-        .stdin(copy.stdout.take().unwrap())
-        .output()
-        .unwrap();
-    assert!(copy.wait().unwrap().success(), "nbdcopy {uri}");
-    String::from_utf8_lossy(&out.stdout)[..64].to_string()
-}
-
 #[test]
 fn cluster_snapshots_are_identical_on_every_replica() {
     let etcd = Etcd::start();
@@ -66,16 +34,16 @@ fn cluster_snapshots_are_identical_on_every_replica() {
     };
     wait_clean(&a, Duration::from_secs(60));
     ctl(&a, &["volume", "create", "vol", "256M", "--replicas", "3"]);
-    io(&a.uri("vol"), &["write -P 0xaa 0 64M"]);
+    qemu_io(&a.uri("vol"), &["write -P 0xaa 0 64M"]);
 
     // No writer: taken by the node asked.
     ctl(&b, &["snapshot", "create", "vol@s0"]);
-    io(&a.uri("vol"), &["write -P 0xbb 0 32M"]);
+    qemu_io(&a.uri("vol"), &["write -P 0xbb 0 32M"]);
     for uri in nodes(&a, &b, &c, "vol@s0") {
-        io(&uri, &["read -P 0xaa 0 64M"]);
+        qemu_io(&uri, &["read -P 0xaa 0 64M"]);
     }
     for uri in nodes(&a, &b, &c, "vol") {
-        io(&uri, &["read -P 0xbb 0 32M", "read -P 0xaa 32M 32M"]);
+        qemu_io(&uri, &["read -P 0xbb 0 32M", "read -P 0xaa 32M 32M"]);
     }
 
     // While fio writes through a, a snapshot asked of b is taken by a (the writer), with its
@@ -109,7 +77,7 @@ fn cluster_snapshots_are_identical_on_every_replica() {
     writer.join().unwrap();
     let sums: Vec<String> = nodes(&a, &b, &c, "vol@live")
         .iter()
-        .map(|u| sha256(u))
+        .map(|u| sha256_over_nbd(u))
         .collect();
     assert!(
         sums.iter().all(|s| *s == sums[0]),
@@ -118,26 +86,26 @@ fn cluster_snapshots_are_identical_on_every_replica() {
 
     // A clone of s0, written through c, read through a; s0 unchanged.
     ctl(&c, &["clone", "vol@s0", "c0"]);
-    io(&c.uri("c0"), &["write -P 0xcc 0 1M"]);
-    io(&a.uri("c0"), &["read -P 0xcc 0 1M", "read -P 0xaa 1M 63M"]);
-    io(&b.uri("vol@s0"), &["read -P 0xaa 0 64M"]);
+    qemu_io(&c.uri("c0"), &["write -P 0xcc 0 1M"]);
+    qemu_io(&a.uri("c0"), &["read -P 0xcc 0 1M", "read -P 0xaa 1M 63M"]);
+    qemu_io(&b.uri("vol@s0"), &["read -P 0xaa 0 64M"]);
 
     // Restore through b: every node reads A again.
     ctl(&b, &["snapshot", "restore", "vol@s0"]);
     for uri in nodes(&a, &b, &c, "vol") {
-        io(&uri, &["read -P 0xaa 0 64M"]);
+        qemu_io(&uri, &["read -P 0xaa 0 64M"]);
     }
 
     // c is down while s2 is taken; it copies s2 when it catches up.
-    io(&a.uri("vol"), &["write -P 0xdd 0 8M"]);
+    qemu_io(&a.uri("vol"), &["write -P 0xdd 0 8M"]);
     c.kill9();
     ctl(&a, &["snapshot", "create", "vol@s2"]);
-    io(&a.uri("vol"), &["write -P 0xee 0 8M"]);
-    let want = sha256(&a.uri("vol@s2"));
+    qemu_io(&a.uri("vol"), &["write -P 0xee 0 8M"]);
+    let want = sha256_over_nbd(&a.uri("vol@s2"));
     c.spawn();
     wait_clean(&a, Duration::from_secs(120));
-    assert_eq!(sha256(&c.uri("vol@s2")), want);
-    io(
+    assert_eq!(sha256_over_nbd(&c.uri("vol@s2")), want);
+    qemu_io(
         &c.uri("vol@s2"),
         &["read -P 0xdd 0 8M", "read -P 0xaa 8M 56M"],
     );
@@ -147,8 +115,11 @@ fn cluster_snapshots_are_identical_on_every_replica() {
     let img = dirs[0].path().join("vol.img");
     ctl(&b, &["dump", "vol", img.to_str().unwrap()]);
     ctl(&c, &["load", img.to_str().unwrap(), "copy"]);
-    assert_eq!(sha256(&a.uri("copy")), sha256(&a.uri("vol")));
-    io(&a.uri("copy"), &["discard 0 256M"]);
+    assert_eq!(
+        sha256_over_nbd(&a.uri("copy")),
+        sha256_over_nbd(&a.uri("vol"))
+    );
+    qemu_io(&a.uri("copy"), &["discard 0 256M"]);
     ctl(&c, &["volume", "resize", "vol", "512M"]);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -162,7 +133,7 @@ fn cluster_snapshots_are_identical_on_every_replica() {
         assert!(Instant::now() < deadline, "a still sees {size}");
         std::thread::sleep(Duration::from_millis(200));
     }
-    io(
+    qemu_io(
         &a.uri("vol"),
         &["read -P 0xee 0 8M", "write -P 0x99 300M 1M"],
     );
@@ -170,7 +141,7 @@ fn cluster_snapshots_are_identical_on_every_replica() {
     // A quota holds on every node: writes through b past it answer ENOSPC.
     ctl(&a, &["volume", "create", "qv", "64M", "--quota", "8M"]);
     std::thread::sleep(Duration::from_millis(1500)); // every node's poller applies it
-    io(&b.uri("qv"), &["write -P 0x12 0 8M"]);
+    qemu_io(&b.uri("qv"), &["write -P 0x12 0 8M"]);
     let out = run(
         Command::new("qemu-io").args(["-f", "raw", &b.uri("qv"), "-c", "write -P 0x13 32M 4K"]),
         T,
@@ -178,7 +149,7 @@ fn cluster_snapshots_are_identical_on_every_replica() {
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(text.contains("No space left on device"), "{text}");
-    io(&c.uri("qv"), &["read -P 0x12 0 8M", "read -P 0 32M 4K"]);
+    qemu_io(&c.uri("qv"), &["read -P 0x12 0 8M", "read -P 0 32M 4K"]);
 
     // Deleting everything frees the space on every node.
     for s in ["vol@s0", "vol@live", "vol@s2"] {

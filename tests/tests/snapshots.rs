@@ -10,32 +10,6 @@ use torus_tests::*;
 
 const T: Duration = Duration::from_secs(60);
 
-fn io(uri: &str, cmds: &[&str]) -> String {
-    let mut c = Command::new("qemu-io");
-    if uri.contains('@') {
-        c.arg("-r"); // snapshots are read-only exports
-    }
-    c.args(["-f", "raw", uri]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    let out = run(&mut c, T);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        !text.contains("Pattern verification failed"),
-        "{uri} {cmds:?}: {text}"
-    );
-    assert!(
-        out.status.success() && !text.contains("failed"),
-        "{uri} {cmds:?}: {text}"
-    );
-    text
-}
-
 fn ctl(node: &Torusd, args: &[&str]) -> String {
     let out = node.torusctl(args);
     assert!(
@@ -90,21 +64,21 @@ fn snapshot_clone_restore_and_space() {
     let mut node = Torusd::start(dir.path(), &[]);
     ctl(&node, &["volume", "create", "db", "256M"]);
     let db = node.uri("db");
-    io(&db, &["write -P 0xaa 0 64M"]);
+    qemu_io(&db, &["write -P 0xaa 0 64M"]);
     let base = used(&node);
     assert!(base >= 64 * MIB, "used {base}");
 
     let out = ctl(&node, &["snapshot", "create", "db@a"]);
     assert!(out.contains("db@a"), "{out}");
     assert_eq!(used(&node), base, "a snapshot must cost no space");
-    io(&db, &["write -P 0xbb 0 32M"]);
+    qemu_io(&db, &["write -P 0xbb 0 32M"]);
     assert_eq!(used(&node), base + 32 * MIB);
     // The snapshot alone holds the 32 MiB of A the volume overwrote.
     assert_eq!(held(&node, "db@a"), 32 * MIB);
 
     let snap = node.uri("db@a");
-    io(&db, &["read -P 0xbb 0 32M", "read -P 0xaa 32M 32M"]);
-    io(&snap, &["read -P 0xaa 0 64M"]);
+    qemu_io(&db, &["read -P 0xbb 0 32M", "read -P 0xaa 32M 32M"]);
+    qemu_io(&snap, &["read -P 0xaa 0 64M"]);
     // Read-only: the export says so, and qemu-io cannot open it for writing.
     let mut c = Command::new("qemu-io");
     c.args(["-f", "raw", &snap, "-c", "write -P 0xcc 0 4K"]);
@@ -115,29 +89,29 @@ fn snapshot_clone_restore_and_space() {
         "{text}"
     );
     assert!(text.contains("Permission denied"), "{text}");
-    io(&snap, &["read -P 0xaa 0 4K"]);
+    qemu_io(&snap, &["read -P 0xaa 0 4K"]);
 
     // Clone: writable, starts as the snapshot, does not change it.
     ctl(&node, &["clone", "db@a", "db-test"]);
     let clone = node.uri("db-test");
-    io(&clone, &["read -P 0xaa 0 64M", "write -P 0xcc 0 1M"]);
-    io(&clone, &["read -P 0xcc 0 1M", "read -P 0xaa 1M 63M"]);
-    io(&snap, &["read -P 0xaa 0 64M"]);
+    qemu_io(&clone, &["read -P 0xaa 0 64M", "write -P 0xcc 0 1M"]);
+    qemu_io(&clone, &["read -P 0xcc 0 1M", "read -P 0xaa 1M 63M"]);
+    qemu_io(&snap, &["read -P 0xaa 0 64M"]);
 
     // Everything survives a clean restart (checkpoint) and a kill -9 (journal replay).
     node.restart();
-    io(&db, &["read -P 0xbb 0 32M", "read -P 0xaa 32M 32M"]);
-    io(&snap, &["read -P 0xaa 0 64M"]);
+    qemu_io(&db, &["read -P 0xbb 0 32M", "read -P 0xaa 32M 32M"]);
+    qemu_io(&snap, &["read -P 0xaa 0 64M"]);
     ctl(&node, &["snapshot", "create", "db@b"]);
-    io(&db, &["write -P 0xdd 0 4M"]);
+    qemu_io(&db, &["write -P 0xdd 0 4M"]);
     node.kill9();
     node.spawn();
-    io(
+    qemu_io(
         &node.uri("db@b"),
         &["read -P 0xbb 0 32M", "read -P 0xaa 32M 32M"],
     );
-    io(&db, &["read -P 0xdd 0 4M", "read -P 0xbb 4M 28M"]);
-    io(&clone, &["read -P 0xcc 0 1M", "read -P 0xaa 1M 63M"]);
+    qemu_io(&db, &["read -P 0xdd 0 4M", "read -P 0xbb 4M 28M"]);
+    qemu_io(&clone, &["read -P 0xcc 0 1M", "read -P 0xaa 1M 63M"]);
 
     // Listing and refusals.
     let list = ctl(&node, &["snapshot", "list", "db"]);
@@ -165,7 +139,7 @@ fn snapshot_clone_restore_and_space() {
     drop(_c);
     std::thread::sleep(Duration::from_millis(300));
     ctl(&node, &["snapshot", "restore", "db@a"]);
-    io(&db, &["read -P 0xaa 0 64M"]);
+    qemu_io(&db, &["read -P 0xaa 0 64M"]);
 
     // Space: deleting a snapshot frees exactly what it alone held.
     let before = used(&node);
@@ -178,8 +152,8 @@ fn snapshot_clone_restore_and_space() {
     assert_eq!(held(&node, "db@a"), 0);
     ctl(&node, &["snapshot", "delete", "db@a"]);
     assert_eq!(used(&node), before);
-    io(&db, &["read -P 0xaa 0 64M"]);
-    io(&clone, &["read -P 0xcc 0 1M", "read -P 0xaa 1M 63M"]);
+    qemu_io(&db, &["read -P 0xaa 0 64M"]);
+    qemu_io(&clone, &["read -P 0xcc 0 1M", "read -P 0xaa 1M 63M"]);
     ctl(&node, &["volume", "delete", "db"]);
     ctl(&node, &["volume", "delete", "db-test"]);
     assert_eq!(used(&node), 0);

@@ -39,39 +39,6 @@ fn bytes_read(node: &Torusd) -> u64 {
         .sum()
 }
 
-/// sha256 of what `producer` writes to stdout; the producer must succeed.
-fn sha256_of_output(producer: &mut Command) -> String {
-    let mut child = producer.stdout(Stdio::piped()).spawn().unwrap();
-    let out = Command::new("sha256sum")
-        .stdin(child.stdout.take().unwrap())
-        .output()
-        .unwrap();
-    assert!(child.wait().unwrap().success(), "{producer:?} failed");
-    String::from_utf8_lossy(&out.stdout)[..64].to_string()
-}
-
-fn sha256_over_nbd(uri: &str) -> String {
-    sha256_of_output(Command::new("nbdcopy").args([uri, "-"]))
-}
-
-fn qemu_io(uri: &str, cmds: &[&str]) {
-    let mut c = Command::new("qemu-io");
-    if uri.contains('@') {
-        c.arg("-r");
-    }
-    c.args(["-f", "raw", uri]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    let out = run(&mut c, T);
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && !text.contains("failed"),
-        "{cmds:?}: {text}"
-    );
-}
-
 #[test]
 fn dump_and_load_skip_holes_and_round_trip() {
     require_tool("qemu-io", "qemu-utils");

@@ -162,6 +162,15 @@ pub enum Stream {
     Unix(std::os::unix::net::UnixStream),
 }
 
+impl Stream {
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_read_timeout(t),
+            Stream::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+}
+
 impl Read for Stream {
     fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
         match self {
@@ -369,21 +378,7 @@ pub enum Address {
 impl Address {
     /// The export's current size, asked with `OPT_INFO` (no attachment), then `OPT_ABORT`.
     pub fn probe_size(&self, export: &str) -> io::Result<u64> {
-        let mut s = match self {
-            Address::Tcp(a) => {
-                let addr = std::net::ToSocketAddrs::to_socket_addrs(a)?
-                    .next()
-                    .ok_or_else(|| bad(format!("{a}: no address")))?;
-                let s = std::net::TcpStream::connect_timeout(&addr, STEP_TIMEOUT)?;
-                s.set_read_timeout(Some(STEP_TIMEOUT))?;
-                Stream::Tcp(s)
-            }
-            Address::Unix(p) => {
-                let s = std::os::unix::net::UnixStream::connect(p)?;
-                s.set_read_timeout(Some(STEP_TIMEOUT))?;
-                Stream::Unix(s)
-            }
-        };
+        let mut s = self.connect()?;
         if read_u64(&mut s)? != NBDMAGIC || read_u64(&mut s)? != IHAVEOPT {
             return Err(bad("not an NBD server"));
         }
@@ -417,32 +412,10 @@ impl Address {
 
     /// Connects and negotiates structured replies and `base:allocation` too.
     pub fn session(&self, export: &str) -> io::Result<Session> {
-        let mut s = match self {
-            Address::Tcp(a) => {
-                let addr = std::net::ToSocketAddrs::to_socket_addrs(a)?
-                    .next()
-                    .ok_or_else(|| bad(format!("{a}: no address")))?;
-                let s = std::net::TcpStream::connect_timeout(&addr, STEP_TIMEOUT)
-                    .map_err(|e| io::Error::new(e.kind(), format!("connect to {a}: {e}")))?;
-                s.set_nodelay(true)?;
-                s.set_read_timeout(Some(STEP_TIMEOUT))?;
-                Stream::Tcp(s)
-            }
-            Address::Unix(p) => {
-                let s = std::os::unix::net::UnixStream::connect(p).map_err(|e| {
-                    io::Error::new(e.kind(), format!("connect to {}: {e}", p.display()))
-                })?;
-                s.set_read_timeout(Some(STEP_TIMEOUT))?;
-                Stream::Unix(s)
-            }
-        };
+        let mut s = self.connect()?;
         let (info, meta) = negotiate_with(&mut s, export, true)?;
         // Requests of 32 MiB can take a while on a busy node; a dead one still ends the run.
-        let long = Some(Duration::from_secs(120));
-        match &s {
-            Stream::Tcp(t) => t.set_read_timeout(long)?,
-            Stream::Unix(u) => u.set_read_timeout(long)?,
-        }
+        s.set_read_timeout(Some(Duration::from_secs(120)))?;
         Ok(Session {
             s,
             info,
@@ -461,27 +434,35 @@ impl Address {
 
     /// Connects and negotiates; returns the socket, ready for transmission.
     pub fn open(&self, export: &str) -> io::Result<(std::os::fd::OwnedFd, ExportInfo)> {
+        let mut s = self.connect()?;
+        let info = negotiate(&mut s, export)?;
+        s.set_read_timeout(None)?;
+        let fd = match s {
+            Stream::Tcp(t) => t.into(),
+            Stream::Unix(u) => u.into(),
+        };
+        Ok((fd, info))
+    }
+
+    /// A connected stream with a per-step read timeout (TCP without Nagle's delay).
+    fn connect(&self) -> io::Result<Stream> {
         match self {
             Address::Tcp(a) => {
                 let addr = std::net::ToSocketAddrs::to_socket_addrs(a)?
                     .next()
                     .ok_or_else(|| bad(format!("{a}: no address")))?;
-                let mut s = std::net::TcpStream::connect_timeout(&addr, STEP_TIMEOUT)
+                let s = std::net::TcpStream::connect_timeout(&addr, STEP_TIMEOUT)
                     .map_err(|e| io::Error::new(e.kind(), format!("connect to {a}: {e}")))?;
                 s.set_nodelay(true)?;
                 s.set_read_timeout(Some(STEP_TIMEOUT))?;
-                let info = negotiate(&mut s, export)?;
-                s.set_read_timeout(None)?;
-                Ok((s.into(), info))
+                Ok(Stream::Tcp(s))
             }
             Address::Unix(p) => {
-                let mut s = std::os::unix::net::UnixStream::connect(p).map_err(|e| {
+                let s = std::os::unix::net::UnixStream::connect(p).map_err(|e| {
                     io::Error::new(e.kind(), format!("connect to {}: {e}", p.display()))
                 })?;
                 s.set_read_timeout(Some(STEP_TIMEOUT))?;
-                let info = negotiate(&mut s, export)?;
-                s.set_read_timeout(None)?;
-                Ok((s.into(), info))
+                Ok(Stream::Unix(s))
             }
         }
     }
