@@ -1,0 +1,2 @@
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| torus_tests::fuzzing::nbd_handshake(data));
