@@ -7,8 +7,8 @@ use torus_tests::fuzzing::TARGETS;
 use torus_tests::*;
 
 /// Mutations per seed input, and random inputs per target.
-const MUTATIONS: usize = 3000;
-const RANDOM: usize = 2000;
+const MUTATIONS: usize = 20000;
+const RANDOM: usize = 10000;
 
 fn option(code: u32, data: &[u8]) -> Vec<u8> {
     let mut b = 0x4948_4156_454F_5054u64.to_be_bytes().to_vec();
