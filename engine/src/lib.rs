@@ -310,6 +310,25 @@ impl Engine {
         out
     }
 
+    /// Per volume, the blocks no other volume (snapshot, clone) shares, over every core: the
+    /// space deleting it would free. Walks every core's map.
+    pub fn exclusive_blocks(&self) -> std::collections::HashMap<u32, u64> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        for m in &self.shared.mailboxes {
+            m.send(Message::ExclusiveBlocks(tx.clone()));
+        }
+        let mut out = std::collections::HashMap::new();
+        for _ in 0..self.cores() {
+            let Ok(per_core) = rx.recv_timeout(Duration::from_secs(10)) else {
+                break;
+            };
+            for (volume, blocks) in per_core {
+                *out.entry(volume).or_insert(0) += blocks;
+            }
+        }
+        out
+    }
+
     /// Sends one message to every core and waits for every answer; the first error wins.
     /// A core that is gone (shutting down) counts as `ShuttingDown`.
     fn broadcast(&self, message: impl Fn(ReplyTo) -> Message) -> Result<(), BlockError> {

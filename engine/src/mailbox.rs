@@ -31,6 +31,9 @@ pub enum Message {
     /// Start counting a volume's blocks against its (new) quota.
     CountQuota(u32, ReplyTo),
     Stats(Sender<crate::metrics::CoreStats>),
+    /// Per volume, blocks no other volume shares (walks the core's whole map: asked only by
+    /// `snapshot list`, never by the periodic stats).
+    ExclusiveBlocks(Sender<Vec<(u32, u64)>>),
     /// Every mapped block of this core in the placement groups flagged in `pgs` (indexed by
     /// PG), as (volume, block, crc32c), sorted; the answer goes to `reply` on the core's thread.
     ListBlocks {

@@ -24,8 +24,6 @@ pub struct CoreStats {
     pub mapped_blocks: u64,
     /// (volume id, blocks mapped on this core)
     pub volumes: Vec<(u32, u64)>,
-    /// Per volume, blocks no other volume shares: what deleting it would free.
-    pub exclusive: Vec<(u32, u64)>,
     pub latency_read_us: Histogram<u64>,
     pub latency_write_us: Histogram<u64>,
     pub poisoned: bool,

@@ -429,6 +429,9 @@ impl Reactor {
                 Message::Stats(sender) => {
                     let _ = sender.send(self.stats());
                 }
+                Message::ExclusiveBlocks(sender) => {
+                    let _ = sender.send(self.ctx.store.exclusive_blocks());
+                }
                 Message::ListBlocks { pgs, reply } => {
                     let pg_count = self.ctx.shared.geometry.pg_count;
                     reply(self.ctx.store.list_blocks(&pgs, pg_count));
@@ -502,7 +505,6 @@ impl Reactor {
             slots_total: s.slots_total(),
             slots_free: s.slots_free(),
             mapped_blocks: map.mapped_blocks(),
-            exclusive: s.exclusive_blocks(),
             volumes: map
                 .volumes()
                 .into_iter()

@@ -705,6 +705,31 @@ impl Store {
         self.quotas.get(volume).filter(|q| q.counting(self.core))
     }
 
+    /// Reserves, against the volume's quota, the blocks a write will newly map. The blocks are
+    /// locked, so which of them are new cannot change before it completes; a write waiting
+    /// for space keeps its reservation. False: that would pass the quota.
+    fn reserve_quota(&mut self, tid: usize) -> bool {
+        let t = &self.tasks[tid];
+        if t.reserved > 0 {
+            return true;
+        }
+        let (volume, first, count) = (t.arrived.piece.volume, t.first_block, t.block_count);
+        let Some(q) = self.quota(volume) else {
+            return true;
+        };
+        let new = (0..count as u64)
+            .filter(|i| self.map.get(volume, first + i).is_none())
+            .count() as u64;
+        if new == 0 {
+            return true;
+        }
+        if !q.reserve(new) {
+            return false;
+        }
+        self.tasks[tid].reserved = new;
+        true
+    }
+
     fn fail_task(&mut self, io: &mut impl IoSubmit, tid: usize, e: BlockError) {
         self.unlock(io, tid);
         let t = self.tasks.remove(tid);
@@ -733,21 +758,9 @@ impl Store {
             self.zero_blocks(io, tid);
             return;
         }
-        // The blocks are locked: which of them this write newly maps cannot change before it
-        // completes. Past the volume's quota it is refused before anything is written.
-        if t.reserved == 0 {
-            if let Some(q) = self.quotas.get(volume).filter(|q| q.counting(self.core)) {
-                let new = (0..t.block_count as u64)
-                    .filter(|i| self.map.get(volume, t.first_block + i).is_none())
-                    .count() as u64;
-                if new > 0 {
-                    if !q.reserve(new) {
-                        self.fail_task(io, tid, BlockError::NoSpace);
-                        return;
-                    }
-                    self.tasks[tid].reserved = new;
-                }
-            }
+        if !self.reserve_quota(tid) {
+            self.fail_task(io, tid, BlockError::NoSpace);
+            return;
         }
         let t = &mut self.tasks[tid];
         let piece = &t.arrived.piece;
@@ -936,7 +949,7 @@ impl Store {
         }
         let reserved = std::mem::take(&mut t.reserved);
         if reserved != mapped_new {
-            if let Some(q) = self.quotas.get(volume).filter(|q| q.counting(self.core)) {
+            if let Some(q) = self.quota(volume) {
                 q.add(mapped_new);
                 q.sub(reserved);
             }

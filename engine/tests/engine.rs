@@ -250,11 +250,7 @@ fn snapshots_share_blocks_survive_reopen_and_free_only_their_own_space() {
     drop(e);
     let e = Engine::open(&config(&dir), |_| Box::new(NoService)).unwrap();
     check(&e);
-    let exclusive: u64 = e
-        .stats()
-        .iter()
-        .flat_map(|s| s.exclusive.iter().filter(|(v, _)| *v == snap).map(|x| x.1))
-        .sum();
+    let exclusive = e.exclusive_blocks()[&snap];
     // Only one block of A is held by the snapshot alone (the volume overwrote A's first half,
     // the clone shares all of it but the block it overwrote).
     assert_eq!(exclusive, 1);

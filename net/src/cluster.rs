@@ -138,6 +138,12 @@ struct Pause {
     parked: Vec<(Piece, ReplyTo)>,
 }
 
+/// The node named by a writer lock's value (`writer_value`: "NODE LEASE").
+fn holder_node(value: &[u8]) -> String {
+    let v = String::from_utf8_lossy(value);
+    v.split(' ').next().unwrap_or("").to_string()
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -683,10 +689,9 @@ impl Cluster {
                 }
                 Ok((holder, _)) => {
                     if Instant::now() >= deadline {
-                        let who = String::from_utf8_lossy(&holder);
-                        let node = who.split(' ').next().unwrap_or("?");
                         return Err(format!(
-                            "volume is open for writing on node {node}; a volume has one writing node at a time"
+                            "volume is open for writing on node {}; a volume has one writing node at a time",
+                            holder_node(&holder)
                         ));
                     }
                     std::thread::sleep(Duration::from_millis(250));
@@ -1992,13 +1997,7 @@ impl Cluster {
         let got = self
             .block_on(self.etcd.get(&format!("writers/{volume}")))
             .map_err(|e| format!("read the writer lock: {e}"))?;
-        Ok(got.map(|(v, _)| {
-            String::from_utf8_lossy(&v)
-                .split(' ')
-                .next()
-                .unwrap_or("")
-                .to_string()
-        }))
+        Ok(got.map(|(v, _)| holder_node(&v)))
     }
 
     pub fn block_on<T>(&self, f: impl std::future::Future<Output = T>) -> T {

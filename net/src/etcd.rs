@@ -342,14 +342,7 @@ impl Metadata for EtcdMetadata {
                 Some((v, rev)) => (parse::<u32>(&fkey, &v).map_err(unavailable)?, rev),
                 None => (1, 0),
             };
-            if next > crate::metadata::FAMILY_MEMBERS_MAX {
-                return Err(MetadataError::Unsupported(format!(
-                    "volume family of {origin:?} has had {} snapshots and clones, the most it can have",
-                    crate::metadata::FAMILY_MEMBERS_MAX
-                )));
-            }
-            let mut record = VolumeRecord::new(name, family | next << 24, o.size_bytes, o.replicas);
-            record.origin = Some(origin.to_owned());
+            let record = VolumeRecord::member(name, &o, next)?;
             // The blocks first: a record is never published for blocks that are not there. If
             // the publication loses a race, the blocks made under this id are orphans, freed
             // by every node's volume poller (their member number is below the family's next).

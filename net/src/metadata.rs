@@ -94,12 +94,7 @@ pub trait Metadata: Send + Sync {
         origin: &str,
         name: &str,
         fill: &mut dyn FnMut(&VolumeRecord) -> Result<(), String>,
-    ) -> Result<VolumeRecord, MetadataError> {
-        let _ = (origin, name, fill);
-        Err(MetadataError::Unsupported(
-            "snapshots and clones on a cluster are not in this build".into(),
-        ))
-    }
+    ) -> Result<VolumeRecord, MetadataError>;
 }
 
 /// Members (snapshots and clones) a family can have over its lifetime: ids hold 8 bits for it.
@@ -261,6 +256,25 @@ impl EmbeddedMetadata {
 }
 
 impl VolumeRecord {
+    /// The record of `name`, member number `number` of `origin`'s family (a snapshot or a
+    /// clone), created now; refused past `FAMILY_MEMBERS_MAX`.
+    pub fn member(
+        name: &str,
+        origin: &VolumeRecord,
+        number: u32,
+    ) -> Result<VolumeRecord, MetadataError> {
+        if number > FAMILY_MEMBERS_MAX {
+            return Err(MetadataError::Unsupported(format!(
+                "volume family of {:?} has had {FAMILY_MEMBERS_MAX} snapshots and clones, the most it can have",
+                origin.name
+            )));
+        }
+        let id = torus_engine::layout::family(origin.id) | number << 24;
+        let mut record = VolumeRecord::new(name, id, origin.size_bytes, origin.replicas);
+        record.origin = Some(origin.name.clone());
+        Ok(record)
+    }
+
     /// A record for a volume created now.
     pub fn new(name: &str, id: u32, size_bytes: u64, replicas: u32) -> VolumeRecord {
         VolumeRecord {
@@ -342,13 +356,7 @@ impl Metadata for EmbeddedMetadata {
                 .clone();
             let family = torus_engine::layout::family(o.id);
             let next = s.family_next.get(&family).copied().unwrap_or(1);
-            if next > FAMILY_MEMBERS_MAX {
-                return Err(MetadataError::Unsupported(format!(
-                    "volume family of {origin:?} has had {FAMILY_MEMBERS_MAX} snapshots and clones, the most it can have"
-                )));
-            }
-            let mut record = VolumeRecord::new(name, family | next << 24, o.size_bytes, o.replicas);
-            record.origin = Some(origin.to_owned());
+            let record = VolumeRecord::member(name, &o, next)?;
             fill(&record).map_err(MetadataError::Unsupported)?;
             s.family_next.insert(family, next + 1);
             s.volumes.insert(name.to_owned(), record.clone());

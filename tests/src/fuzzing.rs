@@ -4,10 +4,8 @@
 //! TARGET`); `tests/tests/fuzz_corpora.rs` runs them on stable over valid seeds, thousands of
 //! seeded mutations of them, and every file saved in `tests/fuzz/corpus/TARGET/`.
 
-use std::io::{self, Cursor, Read, Write};
-use std::time::Duration;
 use torus_frontend::exports::{Exports, Volume};
-use torus_frontend::nbd::handshake::{negotiate, HandshakeStream};
+use torus_frontend::nbd::handshake::{negotiate, Script};
 
 /// A fuzz target: its name (the libFuzzer binary's) and its body.
 pub type Target = (&'static str, fn(&[u8]));
@@ -20,36 +18,12 @@ pub const TARGETS: &[Target] = &[
     ("superblock", superblock),
 ];
 
-/// A client that sends `input` and whose replies go nowhere.
-struct Script(Cursor<Vec<u8>>);
-
-impl Read for Script {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.read(buf)
-    }
-}
-
-impl Write for Script {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl HandshakeStream for Script {
-    fn set_read_deadline(&self, _: Duration) -> io::Result<()> {
-        Ok(())
-    }
-}
-
 /// The NBD server's handshake (option haggling) with a client that sends `data`.
 pub fn nbd_handshake(data: &[u8]) {
     let exports = Exports::default();
     exports.insert(Volume::new("default", 1, 1 << 30, false));
     exports.insert(Volume::new("db@snap", 2 | 1 << 24, 1 << 20, true));
-    let mut s = Script(Cursor::new(data.to_vec()));
+    let mut s = Script::new(data.to_vec());
     let _ = negotiate(&mut s, &exports);
 }
 

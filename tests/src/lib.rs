@@ -285,6 +285,18 @@ impl Torusd {
             .output()
             .expect("run torusctl")
     }
+
+    /// Runs torusctl against this node, asserting it succeeded; returns its stdout.
+    pub fn torusctl_ok(&self, args: &[&str]) -> String {
+        let out = self.torusctl(args);
+        assert!(
+            out.status.success(),
+            "torusctl {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
 }
 
 impl Drop for Torusd {

@@ -23,19 +23,8 @@ fn fio(uri: &str, offset: &str, size: &str, extra: &[&str]) -> serde_json::Value
     fio_verify(uri, &args)
 }
 
-fn ctl_ok(node: &Torusd, args: &[&str]) -> String {
-    let out = node.torusctl(args);
-    assert!(
-        out.status.success(),
-        "torusctl {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn peers(node: &Torusd) -> serde_json::Value {
-    serde_json::from_str(&ctl_ok(node, &["peers", "--json"])).unwrap()
+    serde_json::from_str(&node.torusctl_ok(&["peers", "--json"])).unwrap()
 }
 
 #[test]
@@ -52,8 +41,8 @@ fn node_loss_failover_catch_up_and_read_from_the_survivor() {
     // More replicas than nodes is a clear error.
     let out = a.torusctl(&["volume", "create", "too", "1G", "--replicas", "4"]);
     assert!(!out.status.success());
-    ctl_ok(&a, &["volume", "create", "vol", "1G"]);
-    let vols = ctl_ok(&b, &["volume", "list", "--json"]);
+    a.torusctl_ok(&["volume", "create", "vol", "1G"]);
+    let vols = b.torusctl_ok(&["volume", "list", "--json"]);
     assert!(
         vols.contains("\"replicas\": 3"),
         "default is 3 replicas: {vols}"
@@ -108,7 +97,7 @@ fn a_fourth_node_joins_under_load_and_takes_a_quarter() {
     let _b = cluster_node(dirs[1].path(), &etcd, "b", 1);
     let _c = cluster_node(dirs[2].path(), &etcd, "c", 1);
     wait_clean(&a, Duration::from_secs(60));
-    ctl_ok(&a, &["volume", "create", "vol", "1G", "--replicas", "3"]);
+    a.torusctl_ok(&["volume", "create", "vol", "1G", "--replicas", "3"]);
     fio(&a.uri("vol"), "0", "128M", &["--end_fsync=1"]);
     // Writes keep running while d joins and catches up.
     let uri = a.uri("vol");
@@ -142,7 +131,7 @@ fn a_fourth_node_joins_under_load_and_takes_a_quarter() {
     fio(&d.uri("vol"), "256M", "128M", &["--verify_only=1"]);
 
     // Draining a node moves its share to the others; it leaves the map when it holds nothing.
-    ctl_ok(&d, &["peer", "remove", "a"]);
+    d.torusctl_ok(&["peer", "remove", "a"]);
     let out = d.torusctl(&["peer", "remove", "b"]);
     assert!(
         !out.status.success(),
@@ -171,7 +160,7 @@ fn a_fourth_node_joins_under_load_and_takes_a_quarter() {
     fio(&d.uri("vol"), "256M", "128M", &["--verify_only=1"]);
 
     // Deleting the volume frees its blocks on every node.
-    ctl_ok(&d, &["volume", "delete", "vol"]);
+    d.torusctl_ok(&["volume", "delete", "vol"]);
     let t = Instant::now();
     loop {
         let list = peers(&d);
@@ -215,7 +204,7 @@ fn bad_peer_frames_close_the_connection_and_harm_nothing() {
     let dir = TempDir::new("peer-bad");
     let a = cluster_node(dir.path(), &etcd, "solo", 1);
     wait_clean(&a, Duration::from_secs(60));
-    ctl_ok(&a, &["volume", "create", "vol", "64M", "--replicas", "1"]);
+    a.torusctl_ok(&["volume", "create", "vol", "64M", "--replicas", "1"]);
     let p = peers(&a);
     let addr = p[0]["peer_addr"].as_str().unwrap().to_owned();
     let mut hello_body = vec![0u8; 48];
@@ -301,8 +290,8 @@ fn one_writing_node_per_volume_and_stale_writers_are_fenced() {
     let a = cluster_node(dirs[0].path(), &etcd, "a", 1);
     let b = cluster_node(dirs[1].path(), &etcd, "b", 1);
     wait_clean(&a, Duration::from_secs(60));
-    ctl_ok(&a, &["volume", "create", "vol", "64M"]);
-    let vols = ctl_ok(&a, &["volume", "list", "--json"]);
+    a.torusctl_ok(&["volume", "create", "vol", "64M"]);
+    let vols = a.torusctl_ok(&["volume", "list", "--json"]);
     assert!(vols.contains("\"replicas\": 2"), "{vols}");
     let mut writer = torus_tests::nbd::Client::connect(a.nbd_port, "vol").unwrap();
     for i in 0..64u64 {
@@ -412,7 +401,7 @@ fn a_node_cut_off_acknowledges_nothing_and_converges_when_back() {
     );
     let c_uri = |v: &str| format!("nbd+unix:///{v}?socket={}", sock.display());
     wait_clean(&a, Duration::from_secs(60));
-    ctl_ok(&a, &["volume", "create", "vol", "512M", "--replicas", "3"]);
+    a.torusctl_ok(&["volume", "create", "vol", "512M", "--replicas", "3"]);
     fio(&a.uri("vol"), "0", "64M", &["--end_fsync=1"]);
 
     // A client of c holds the volume, then c is cut off and the client writes.
@@ -436,10 +425,7 @@ fn a_node_cut_off_acknowledges_nothing_and_converges_when_back() {
     writeln!(late.stdin.as_mut().unwrap()).unwrap();
     // Meanwhile the majority side goes on; a cannot write the volume while c's client holds
     // it, so it writes another volume.
-    ctl_ok(
-        &a,
-        &["volume", "create", "other", "256M", "--replicas", "3"],
-    );
+    a.torusctl_ok(&["volume", "create", "other", "256M", "--replicas", "3"]);
     let t = Instant::now();
     fio(&a.uri("other"), "0", "32M", &["--end_fsync=1"]);
     eprintln!("majority side wrote 32 MiB {:?} after the cut", t.elapsed());
@@ -487,7 +473,7 @@ fn partial_writes_during_catch_up_leave_the_replica_exact() {
     );
     let mut c = cluster_node(dirs[2].path(), &etcd, "c", 1);
     wait_clean(&a, Duration::from_secs(60));
-    ctl_ok(&a, &["volume", "create", "vol", "128M", "--replicas", "3"]);
+    a.torusctl_ok(&["volume", "create", "vol", "128M", "--replicas", "3"]);
     let mut model = vec![0u8; REGION];
     rng.fill(&mut model);
     let mut client = Client::connect(a.nbd_port, "vol").unwrap();
@@ -558,7 +544,7 @@ fn a_corrupt_local_copy_is_answered_from_another_replica() {
     let _b = cluster_node(dirs[1].path(), &etcd, "b", 1);
     let _c = cluster_node(dirs[2].path(), &etcd, "c", 1);
     wait_clean(&a, Duration::from_secs(60));
-    ctl_ok(&a, &["volume", "create", "vol", "256M", "--replicas", "3"]);
+    a.torusctl_ok(&["volume", "create", "vol", "256M", "--replicas", "3"]);
     fio(&a.uri("vol"), "0", "32M", &["--end_fsync=1"]);
     let metrics = run_ok(
         Command::new(require_tool("curl", "curl")).args(["-s", &format!("{}/metrics", a.admin())]),
@@ -612,7 +598,7 @@ fn a_corrupt_local_copy_is_answered_from_another_replica() {
 
     // A scrub finds the bad copies (each flip is in a different slot; flips in slots no
     // longer mapped harm nothing) and rewrites them from the other replicas.
-    let out = ctl_ok(&a, &["scrub", "vol"]);
+    let out = a.torusctl_ok(&["scrub", "vol"]);
     eprintln!("{out}");
     let row = out.lines().find(|l| l.starts_with("a ")).expect("a's row");
     let cols: Vec<u64> = row

@@ -11,17 +11,6 @@ use torus_tests::*;
 
 const T: Duration = Duration::from_secs(300);
 
-fn ctl(node: &Torusd, args: &[&str]) -> String {
-    let out = node.torusctl(args);
-    assert!(
-        out.status.success(),
-        "torusctl {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[test]
 fn cluster_snapshots_are_identical_on_every_replica() {
     let etcd = Etcd::start();
@@ -33,11 +22,11 @@ fn cluster_snapshots_are_identical_on_every_replica() {
         vec![a.uri(v), b.uri(v), c.uri(v)]
     };
     wait_clean(&a, Duration::from_secs(60));
-    ctl(&a, &["volume", "create", "vol", "256M", "--replicas", "3"]);
+    a.torusctl_ok(&["volume", "create", "vol", "256M", "--replicas", "3"]);
     qemu_io(&a.uri("vol"), &["write -P 0xaa 0 64M"]);
 
     // No writer: taken by the node asked.
-    ctl(&b, &["snapshot", "create", "vol@s0"]);
+    b.torusctl_ok(&["snapshot", "create", "vol@s0"]);
     qemu_io(&a.uri("vol"), &["write -P 0xbb 0 32M"]);
     for uri in nodes(&a, &b, &c, "vol@s0") {
         qemu_io(&uri, &["read -P 0xaa 0 64M"]);
@@ -72,7 +61,7 @@ fn cluster_snapshots_are_identical_on_every_replica() {
     });
     std::thread::sleep(Duration::from_secs(2));
     let t = Instant::now();
-    ctl(&b, &["snapshot", "create", "vol@live"]);
+    b.torusctl_ok(&["snapshot", "create", "vol@live"]);
     eprintln!("snapshot under load took {:?}", t.elapsed());
     writer.join().unwrap();
     let sums: Vec<String> = nodes(&a, &b, &c, "vol@live")
@@ -85,13 +74,13 @@ fn cluster_snapshots_are_identical_on_every_replica() {
     );
 
     // A clone of s0, written through c, read through a; s0 unchanged.
-    ctl(&c, &["clone", "vol@s0", "c0"]);
+    c.torusctl_ok(&["clone", "vol@s0", "c0"]);
     qemu_io(&c.uri("c0"), &["write -P 0xcc 0 1M"]);
     qemu_io(&a.uri("c0"), &["read -P 0xcc 0 1M", "read -P 0xaa 1M 63M"]);
     qemu_io(&b.uri("vol@s0"), &["read -P 0xaa 0 64M"]);
 
     // Restore through b: every node reads A again.
-    ctl(&b, &["snapshot", "restore", "vol@s0"]);
+    b.torusctl_ok(&["snapshot", "restore", "vol@s0"]);
     for uri in nodes(&a, &b, &c, "vol") {
         qemu_io(&uri, &["read -P 0xaa 0 64M"]);
     }
@@ -99,7 +88,7 @@ fn cluster_snapshots_are_identical_on_every_replica() {
     // c is down while s2 is taken; it copies s2 when it catches up.
     qemu_io(&a.uri("vol"), &["write -P 0xdd 0 8M"]);
     c.kill9();
-    ctl(&a, &["snapshot", "create", "vol@s2"]);
+    a.torusctl_ok(&["snapshot", "create", "vol@s2"]);
     qemu_io(&a.uri("vol"), &["write -P 0xee 0 8M"]);
     let want = sha256_over_nbd(&a.uri("vol@s2"));
     c.spawn();
@@ -113,14 +102,14 @@ fn cluster_snapshots_are_identical_on_every_replica() {
     // Dump through b, load through c, the same through a; TRIM gives the space back on every
     // node; resize through c is seen through a.
     let img = dirs[0].path().join("vol.img");
-    ctl(&b, &["dump", "vol", img.to_str().unwrap()]);
-    ctl(&c, &["load", img.to_str().unwrap(), "copy"]);
+    b.torusctl_ok(&["dump", "vol", img.to_str().unwrap()]);
+    c.torusctl_ok(&["load", img.to_str().unwrap(), "copy"]);
     assert_eq!(
         sha256_over_nbd(&a.uri("copy")),
         sha256_over_nbd(&a.uri("vol"))
     );
     qemu_io(&a.uri("copy"), &["discard 0 256M"]);
-    ctl(&c, &["volume", "resize", "vol", "512M"]);
+    c.torusctl_ok(&["volume", "resize", "vol", "512M"]);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let size = run_ok(
@@ -139,7 +128,7 @@ fn cluster_snapshots_are_identical_on_every_replica() {
     );
 
     // A quota holds on every node: writes through b past it answer ENOSPC.
-    ctl(&a, &["volume", "create", "qv", "64M", "--quota", "8M"]);
+    a.torusctl_ok(&["volume", "create", "qv", "64M", "--quota", "8M"]);
     std::thread::sleep(Duration::from_millis(1500)); // every node's poller applies it
     qemu_io(&b.uri("qv"), &["write -P 0x12 0 8M"]);
     let out = run(
@@ -153,14 +142,15 @@ fn cluster_snapshots_are_identical_on_every_replica() {
 
     // Deleting everything frees the space on every node.
     for s in ["vol@s0", "vol@live", "vol@s2"] {
-        ctl(&b, &["snapshot", "delete", s]);
+        b.torusctl_ok(&["snapshot", "delete", s]);
     }
     for v in ["c0", "vol", "copy", "qv"] {
-        ctl(&a, &["volume", "delete", v]);
+        a.torusctl_ok(&["volume", "delete", v]);
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let p: serde_json::Value = serde_json::from_str(&ctl(&a, &["peers", "--json"])).unwrap();
+        let p: serde_json::Value =
+            serde_json::from_str(&a.torusctl_ok(&["peers", "--json"])).unwrap();
         let used: Vec<u64> = p
             .as_array()
             .unwrap()

@@ -10,16 +10,6 @@ use torus_tests::*;
 
 const T: Duration = Duration::from_secs(60);
 
-fn ctl(node: &Torusd, args: &[&str]) -> String {
-    let out = node.torusctl(args);
-    assert!(
-        out.status.success(),
-        "torusctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn ctl_fails(node: &Torusd, args: &[&str], expect: &str) {
     let out = node.torusctl(args);
     let err = String::from_utf8_lossy(&out.stderr);
@@ -43,7 +33,7 @@ fn used(node: &Torusd) -> u64 {
 }
 
 fn held(node: &Torusd, snap: &str) -> u64 {
-    let out = ctl(node, &["snapshot", "list", "--json"]);
+    let out = node.torusctl_ok(&["snapshot", "list", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     v.as_array()
         .unwrap()
@@ -62,13 +52,13 @@ fn snapshot_clone_restore_and_space() {
     require_tool("curl", "curl");
     let dir = TempDir::new("snapshots");
     let mut node = Torusd::start(dir.path(), &[]);
-    ctl(&node, &["volume", "create", "db", "256M"]);
+    node.torusctl_ok(&["volume", "create", "db", "256M"]);
     let db = node.uri("db");
     qemu_io(&db, &["write -P 0xaa 0 64M"]);
     let base = used(&node);
     assert!(base >= 64 * MIB, "used {base}");
 
-    let out = ctl(&node, &["snapshot", "create", "db@a"]);
+    let out = node.torusctl_ok(&["snapshot", "create", "db@a"]);
     assert!(out.contains("db@a"), "{out}");
     assert_eq!(used(&node), base, "a snapshot must cost no space");
     qemu_io(&db, &["write -P 0xbb 0 32M"]);
@@ -92,7 +82,7 @@ fn snapshot_clone_restore_and_space() {
     qemu_io(&snap, &["read -P 0xaa 0 4K"]);
 
     // Clone: writable, starts as the snapshot, does not change it.
-    ctl(&node, &["clone", "db@a", "db-test"]);
+    node.torusctl_ok(&["clone", "db@a", "db-test"]);
     let clone = node.uri("db-test");
     qemu_io(&clone, &["read -P 0xaa 0 64M", "write -P 0xcc 0 1M"]);
     qemu_io(&clone, &["read -P 0xcc 0 1M", "read -P 0xaa 1M 63M"]);
@@ -102,7 +92,7 @@ fn snapshot_clone_restore_and_space() {
     node.restart();
     qemu_io(&db, &["read -P 0xbb 0 32M", "read -P 0xaa 32M 32M"]);
     qemu_io(&snap, &["read -P 0xaa 0 64M"]);
-    ctl(&node, &["snapshot", "create", "db@b"]);
+    node.torusctl_ok(&["snapshot", "create", "db@b"]);
     qemu_io(&db, &["write -P 0xdd 0 4M"]);
     node.kill9();
     node.spawn();
@@ -114,9 +104,9 @@ fn snapshot_clone_restore_and_space() {
     qemu_io(&clone, &["read -P 0xcc 0 1M", "read -P 0xaa 1M 63M"]);
 
     // Listing and refusals.
-    let list = ctl(&node, &["snapshot", "list", "db"]);
+    let list = node.torusctl_ok(&["snapshot", "list", "db"]);
     assert!(list.contains("db@a") && list.contains("db@b"), "{list}");
-    let vols = ctl(&node, &["volume", "list"]);
+    let vols = node.torusctl_ok(&["volume", "list"]);
     assert!(vols.contains("db-test") && !vols.contains("db@a"), "{vols}");
     ctl_fails(&node, &["snapshot", "create", "db@a"], "already exists");
     ctl_fails(
@@ -138,24 +128,24 @@ fn snapshot_clone_restore_and_space() {
     );
     drop(_c);
     std::thread::sleep(Duration::from_millis(300));
-    ctl(&node, &["snapshot", "restore", "db@a"]);
+    node.torusctl_ok(&["snapshot", "restore", "db@a"]);
     qemu_io(&db, &["read -P 0xaa 0 64M"]);
 
     // Space: deleting a snapshot frees exactly what it alone held.
     let before = used(&node);
     let held_b = held(&node, "db@b");
     assert!(held_b >= 28 * MIB, "db@b holds {held_b}");
-    ctl(&node, &["snapshot", "delete", "db@b"]);
+    node.torusctl_ok(&["snapshot", "delete", "db@b"]);
     assert_eq!(used(&node), before - held_b);
     // db@a is shared with the restored volume and the clone: deleting it frees nothing.
     let before = used(&node);
     assert_eq!(held(&node, "db@a"), 0);
-    ctl(&node, &["snapshot", "delete", "db@a"]);
+    node.torusctl_ok(&["snapshot", "delete", "db@a"]);
     assert_eq!(used(&node), before);
     qemu_io(&db, &["read -P 0xaa 0 64M"]);
     qemu_io(&clone, &["read -P 0xcc 0 1M", "read -P 0xaa 1M 63M"]);
-    ctl(&node, &["volume", "delete", "db"]);
-    ctl(&node, &["volume", "delete", "db-test"]);
+    node.torusctl_ok(&["volume", "delete", "db"]);
+    node.torusctl_ok(&["volume", "delete", "db-test"]);
     assert_eq!(used(&node), 0);
     node.stop();
 }

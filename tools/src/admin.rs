@@ -308,12 +308,7 @@ impl Node {
     }
 
     fn snapshot_views(&self, volume: Option<&str>) -> Vec<SnapshotView> {
-        let mut held = std::collections::HashMap::new();
-        for s in self.engine.stats() {
-            for &(v, blocks) in &s.exclusive {
-                *held.entry(v).or_insert(0u64) += blocks * torus_engine::BLOCK_SIZE as u64;
-            }
-        }
+        let held = self.engine.exclusive_blocks();
         self.metadata
             .volumes()
             .into_iter()
@@ -321,7 +316,7 @@ impl Node {
             .filter(|v| volume.is_none_or(|name| v.origin.as_deref() == Some(name)))
             .map(|v| SnapshotView {
                 volume: v.origin.clone().unwrap_or_default(),
-                held_bytes: held.get(&v.id).copied().unwrap_or(0),
+                held_bytes: held.get(&v.id).copied().unwrap_or(0) * torus_engine::BLOCK_SIZE as u64,
                 name: v.name,
                 id: v.id,
                 size_bytes: v.size_bytes,
@@ -451,13 +446,9 @@ impl Node {
                     .post(&url)
                     .send_json(serde_json::json!({ "name": name }))
                 {
-                    Ok(r) => Answer {
+                    // The writer's answer, success or error, is this request's answer.
+                    Ok(r) | Err(ureq::Error::Status(_, r)) => Answer {
                         code: r.status(),
-                        body: r.into_string().unwrap_or_default(),
-                        content_type: "application/json",
-                    },
-                    Err(ureq::Error::Status(code, r)) => Answer {
-                        code,
                         body: r.into_string().unwrap_or_default(),
                         content_type: "application/json",
                     },

@@ -38,6 +38,44 @@ impl HandshakeStream for std::os::unix::net::UnixStream {
     }
 }
 
+/// A client that sends `input` and records what the server wrote: the handshake's own tests
+/// and its fuzz target drive `negotiate` with it.
+pub struct Script {
+    input: io::Cursor<Vec<u8>>,
+    pub output: Vec<u8>,
+}
+
+impl Script {
+    pub fn new(input: Vec<u8>) -> Script {
+        Script {
+            input: io::Cursor::new(input),
+            output: Vec::new(),
+        }
+    }
+}
+
+impl Read for Script {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.input.read(buf)
+    }
+}
+
+impl Write for Script {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.output.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl HandshakeStream for Script {
+    fn set_read_deadline(&self, _: Duration) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// What the client chose.
 #[derive(Debug)]
 pub struct Negotiated {
@@ -401,35 +439,6 @@ pub fn negotiate<S: HandshakeStream>(stream: &mut S, exports: &Exports) -> Outco
 mod tests {
     use super::*;
     use crate::exports::Volume;
-    use std::io::Cursor;
-
-    /// A client that sends `input` and records what the server wrote.
-    struct Script {
-        input: Cursor<Vec<u8>>,
-        output: Vec<u8>,
-    }
-
-    impl Read for Script {
-        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            self.input.read(buf)
-        }
-    }
-
-    impl Write for Script {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.output.extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl HandshakeStream for Script {
-        fn set_read_deadline(&self, _: Duration) -> io::Result<()> {
-            Ok(())
-        }
-    }
 
     fn exports() -> Exports {
         let e = Exports::default();
@@ -457,10 +466,7 @@ mod tests {
         let mut input = 3u32.to_be_bytes().to_vec();
         input.extend(option(OPT_STRUCTURED_REPLY, &[]));
         input.extend(go(""));
-        let mut s = Script {
-            input: Cursor::new(input),
-            output: Vec::new(),
-        };
+        let mut s = Script::new(input);
         match negotiate(&mut s, &exports()) {
             Outcome::Transmission(n) => {
                 assert!(n.structured);
@@ -508,10 +514,7 @@ mod tests {
                     }
                 }
             }
-            let mut s = Script {
-                input: Cursor::new(input),
-                output: Vec::new(),
-            };
+            let mut s = Script::new(input);
             if let Outcome::Transmission(_) = negotiate(&mut s, &e) {
                 reached += 1;
             }

@@ -182,14 +182,18 @@ pub fn pieces(offset: u64, length: u64) -> impl Iterator<Item = (u64, u32)> {
     })
 }
 
-/// Length of piece `i` of [offset, offset+length), as `pieces` cuts it, in O(1).
-fn piece_len(offset: u64, length: u64, i: usize) -> usize {
-    let first_end = (offset / CHUNK_SIZE + 1) * CHUNK_SIZE;
-    let start = if i == 0 {
+/// Start of piece `i` of a request at `offset`, as `pieces` cuts it, in O(1).
+pub fn piece_start(offset: u64, i: usize) -> u64 {
+    if i == 0 {
         offset
     } else {
-        first_end + (i as u64 - 1) * CHUNK_SIZE
-    };
+        (offset / CHUNK_SIZE + i as u64) * CHUNK_SIZE
+    }
+}
+
+/// Length of piece `i` of [offset, offset+length), as `pieces` cuts it, in O(1).
+pub fn piece_len(offset: u64, length: u64, i: usize) -> usize {
+    let start = piece_start(offset, i);
     let end = ((start / CHUNK_SIZE + 1) * CHUNK_SIZE).min(offset + length);
     debug_assert!(start < end, "piece {i} of {length} bytes at {offset}");
     (end - start) as usize

@@ -11,7 +11,7 @@
 
 use super::sys;
 use crate::exports::Attachment;
-use crate::nbd::transmission::pieces;
+use crate::nbd::transmission::{piece_len, piece_start, pieces};
 use io_uring::{opcode, types};
 use slab::Slab;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -327,7 +327,7 @@ impl UblkService {
     }
 
     pub fn on_completion(&mut self, ctx: &mut CoreContext, completion: Completion, kind: u64) {
-        let (key, tag, _piece) = untoken(completion.token);
+        let (key, tag, piece) = untoken(completion.token);
         let Some(queue) = self.queues.get_mut(key) else {
             return;
         };
@@ -336,13 +336,10 @@ impl UblkService {
         };
         match completion.output {
             Ok(Output::Read { data, head }) => {
-                // The piece's place in the request follows from where its data starts.
-                let _ = head;
-                let piece_offset = completion_offset(t.offset, _piece);
-                let n = piece_len_at(t.offset, t.len as u64, piece_offset);
+                let at = (piece_start(t.offset, piece) - t.offset) as usize;
+                let n = piece_len(t.offset, t.len as u64, piece);
                 match Arc::get_mut(&mut t.buf) {
                     Some(buf) => {
-                        let at = (piece_offset - t.offset) as usize;
                         buf[at..at + n].copy_from_slice(&data[head..head + n]);
                     }
                     None => {
@@ -381,23 +378,6 @@ impl UblkService {
     }
 }
 
-/// Start of piece `i` of a request at `offset` (pieces are cut at chunk boundaries).
-fn completion_offset(offset: u64, i: usize) -> u64 {
-    use torus_engine::CHUNK_SIZE;
-    if i == 0 {
-        offset
-    } else {
-        (offset / CHUNK_SIZE + i as u64) * CHUNK_SIZE
-    }
-}
-
-/// Length of the piece starting at `at` of [offset, offset+len).
-fn piece_len_at(offset: u64, len: u64, at: u64) -> usize {
-    use torus_engine::CHUNK_SIZE;
-    let end = ((at / CHUNK_SIZE + 1) * CHUNK_SIZE).min(offset + len);
-    (end - at) as usize
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -411,8 +391,8 @@ mod tests {
             (3 * CHUNK_SIZE + 7 * 512, 2 * CHUNK_SIZE),
         ] {
             for (i, (at, n)) in pieces(offset, len).enumerate() {
-                assert_eq!(completion_offset(offset, i), at);
-                assert_eq!(piece_len_at(offset, len, at), n as usize);
+                assert_eq!(piece_start(offset, i), at);
+                assert_eq!(piece_len(offset, len, i), n as usize);
             }
         }
     }
