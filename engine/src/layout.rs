@@ -82,7 +82,7 @@ impl Region {
     }
 }
 
-fn checkpoint_pages_for(slots: u64) -> u64 {
+pub(crate) fn checkpoint_pages_for(slots: u64) -> u64 {
     1 + (slots * CHECKPOINT_ENTRY_SIZE).div_ceil(PAGE_SIZE as u64)
 }
 

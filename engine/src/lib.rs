@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod quota;
 pub mod reactor;
 pub mod request;
+pub mod sim;
 pub mod slot_allocator;
 mod store;
 

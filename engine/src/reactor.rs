@@ -12,7 +12,7 @@ use crate::layout::{placement_group, Geometry, CHUNK_SIZE};
 use crate::mailbox::{Mailbox, Message};
 use crate::metrics::CoreStats;
 use crate::request::{Arrived, Completion, Piece, PieceKind, ReplyTo, Router};
-use crate::store::{IoSubmit, Store, StoreIo};
+use crate::store::{DiskOp, IoSubmit, Store, StoreIo};
 use crossbeam_channel::Receiver;
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use slab::Slab;
@@ -123,8 +123,8 @@ impl Io {
 }
 
 impl IoSubmit for Io {
-    fn submit_store(&mut self, entry: squeue::Entry, io: StoreIo) {
-        self.push(entry, Op::Store(io));
+    fn submit_store(&mut self, op: DiskOp, io: StoreIo) {
+        self.push(op.entry(), Op::Store(io));
     }
 }
 

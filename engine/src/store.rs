@@ -33,6 +33,21 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+std::thread_local! {
+    /// Set by the simulator, which injects faults by the thousand: the store's log lines about
+    /// them would drown its report.
+    pub(crate) static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// A line on stderr about this store (damage found, a poisoned region), unless `QUIET`.
+macro_rules! log {
+    ($($arg:tt)*) => {
+        if !QUIET.with(|q| q.get()) {
+            eprintln!($($arg)*);
+        }
+    };
+}
+
 /// A commit is started at once when this many records wait (about 48 journal pages).
 const PENDING_RECORDS_COMMIT: usize = 8192;
 /// Journal pages used since the last checkpoint beyond which a commit writes a checkpoint
@@ -72,9 +87,69 @@ pub(crate) enum StoreIo {
     },
 }
 
-/// Submission of io_uring operations, implemented by the reactor.
+/// One operation on the backing store as the store asks for it. The reactor turns it into an
+/// io_uring entry on the registered backing file; the simulator (`sim`) performs it on a
+/// simulated disk. Whatever memory it points at stays valid until its completion.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum DiskOp {
+    /// `fixed`: the buffer lies in the registered read pool (buffer index 0).
+    Read {
+        offset: u64,
+        ptr: *mut u8,
+        len: u32,
+        fixed: bool,
+    },
+    Write {
+        offset: u64,
+        ptr: *const u8,
+        len: u32,
+    },
+    Writev {
+        offset: u64,
+        iovecs: *const libc::iovec,
+        count: u32,
+    },
+    /// `fdatasync` of the backing store.
+    SyncData,
+}
+
+impl DiskOp {
+    /// The io_uring entry for this operation on the ring's registered backing file.
+    pub(crate) fn entry(self) -> squeue::Entry {
+        match self {
+            DiskOp::Read {
+                offset,
+                ptr,
+                len,
+                fixed: true,
+            } => opcode::ReadFixed::new(BACKING_FILE, ptr, len, 0)
+                .offset(offset)
+                .build(),
+            DiskOp::Read {
+                offset, ptr, len, ..
+            } => opcode::Read::new(BACKING_FILE, ptr, len)
+                .offset(offset)
+                .build(),
+            DiskOp::Write { offset, ptr, len } => opcode::Write::new(BACKING_FILE, ptr, len)
+                .offset(offset)
+                .build(),
+            DiskOp::Writev {
+                offset,
+                iovecs,
+                count,
+            } => opcode::Writev::new(BACKING_FILE, iovecs, count)
+                .offset(offset)
+                .build(),
+            DiskOp::SyncData => opcode::Fsync::new(BACKING_FILE)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
+        }
+    }
+}
+
+/// Submission of backing-store operations: the reactor's ring, or the simulator.
 pub(crate) trait IoSubmit {
-    fn submit_store(&mut self, entry: squeue::Entry, io: StoreIo);
+    fn submit_store(&mut self, op: DiskOp, io: StoreIo);
 }
 
 /// A data write waiting for the end of the loop iteration, when writes to consecutive slots
@@ -247,7 +322,7 @@ impl Store {
             let header = pread_aligned(file, start * PAGE_SIZE as u64, PAGE_SIZE, path)?;
             match checkpoint::decode_header(&header, max_entries) {
                 Some(h) => candidates.push((h, name, start)),
-                None => eprintln!("torus: core {core}: checkpoint copy {name} is damaged or unwritten; using the other copy"),
+                None => log!("torus: core {core}: checkpoint copy {name} is damaged or unwritten; using the other copy"),
             }
         }
         candidates.sort_by_key(|(h, _, _)| std::cmp::Reverse(h.seq));
@@ -264,7 +339,7 @@ impl Store {
                     chosen = Some((h, entries));
                     break;
                 }
-                None => eprintln!("torus: core {core}: checkpoint copy {name} (seq {}) fails its checksum; trying the other copy", h.seq),
+                None => log!("torus: core {core}: checkpoint copy {name} (seq {}) fails its checksum; trying the other copy", h.seq),
             }
         }
         let (header, entries) = chosen.ok_or_else(|| {
@@ -304,7 +379,7 @@ impl Store {
             a
         });
         if repaired_from_b > 0 {
-            eprintln!("torus: core {core}: {repaired_from_b} journal page(s) damaged in ring A were read from ring B");
+            log!("torus: core {core}: {repaired_from_b} journal page(s) damaged in ring A were read from ring B");
         }
         if let ScanEnd::Damaged { bad_seq, later_seq } = end {
             return Err(damaged(format!(
@@ -365,7 +440,7 @@ impl Store {
             }
         }
         if let ScanEnd::TornTail { first_bad_seq } = end {
-            eprintln!("torus: core {core}: journal ends in a torn commit at page {first_bad_seq}; dropped its unacknowledged tail");
+            log!("torus: core {core}: journal ends in a torn commit at page {first_bad_seq}; dropped its unacknowledged tail");
         }
         // Start the next journal a whole lap later, so that no page left from before the crash
         // can ever be taken for a page of the new run.
@@ -462,6 +537,11 @@ impl Store {
         self.commit.is_some()
     }
 
+    /// Test-only fault (the simulator's canary): answer FLUSH before committing.
+    pub(crate) fn set_ack_flush_early(&mut self, on: bool) {
+        self.ack_flush_early = on;
+    }
+
     fn reply(&mut self, reply: ReplyTo, output: Result<Output, BlockError>) {
         let token = reply.token();
         self.out.push((reply, Completion { token, output }));
@@ -486,7 +566,7 @@ impl Store {
                     return;
                 }
                 if self.ack_flush_early {
-                    eprintln!("torus: core {}: TORUS_TESTING_ACK_FLUSH_EARLY is set: this FLUSH is acknowledged before it is durable", self.core);
+                    log!("torus: core {}: TORUS_TESTING_ACK_FLUSH_EARLY is set: this FLUSH is acknowledged before it is durable", self.core);
                     self.reply(arrived.reply, Ok(Output::Done));
                     return;
                 }
@@ -568,15 +648,11 @@ impl Store {
             // SAFETY: the buffer lives in the task until every operation on it has completed.
             let ptr = unsafe { buf.as_mut_ptr().add(i as usize * BLOCK_SIZE) };
             let offset = self.region.slot_byte_offset(e.slot);
-            let entry = if fixed {
-                // Registered buffer index 0 is the whole pool.
-                opcode::ReadFixed::new(BACKING_FILE, ptr, count * BLOCK_SIZE as u32, 0)
-                    .offset(offset)
-                    .build()
-            } else {
-                opcode::Read::new(BACKING_FILE, ptr, count * BLOCK_SIZE as u32)
-                    .offset(offset)
-                    .build()
+            let entry = DiskOp::Read {
+                offset,
+                ptr,
+                len: count * BLOCK_SIZE as u32,
+                fixed,
             };
             io.submit_store(
                 entry,
@@ -635,7 +711,7 @@ impl Store {
             let crc = crc32c::crc32c(data);
             if crc != e.crc {
                 self.counters.checksum_errors += 1;
-                eprintln!(
+                log!(
                     "torus: core {}: volume {volume} block {}: checksum mismatch in slot {} of {} (stored {:08x}, read {:08x}); answering EIO",
                     self.core,
                     t.first_block + k as u64,
@@ -649,7 +725,7 @@ impl Store {
         }
         if result != (count as usize * BLOCK_SIZE) as i32 {
             self.counters.io_errors += 1;
-            eprintln!(
+            log!(
                 "torus: core {}: read of {count} blocks of volume {volume} failed: {}",
                 self.core,
                 describe_result(result)
@@ -787,9 +863,12 @@ impl Store {
                 t.expected[index as usize] = Some(e);
                 // SAFETY: the buffer lives in the task until the read completes.
                 let ptr = unsafe { buf.as_mut_ptr().add(index as usize * BLOCK_SIZE) };
-                let entry = opcode::Read::new(BACKING_FILE, ptr, BLOCK_SIZE as u32)
-                    .offset(self.region.slot_byte_offset(e.slot))
-                    .build();
+                let entry = DiskOp::Read {
+                    offset: self.region.slot_byte_offset(e.slot),
+                    ptr,
+                    len: BLOCK_SIZE as u32,
+                    fixed: false,
+                };
                 io.submit_store(entry, StoreIo::EdgeRead { task: tid, index });
                 ops += 1;
             }
@@ -812,7 +891,7 @@ impl Store {
             let data = &buf[index as usize * BLOCK_SIZE..(index as usize + 1) * BLOCK_SIZE];
             if crc32c::crc32c(data) != e.crc {
                 self.counters.checksum_errors += 1;
-                eprintln!(
+                log!(
                     "torus: core {}: volume {} block {}: checksum mismatch in slot {} during read-modify-write; answering EIO",
                     self.core,
                     t.arrived.piece.volume,
@@ -913,7 +992,7 @@ impl Store {
     fn write_done(&mut self, io: &mut impl IoSubmit, tid: usize, expected: u32, result: i32) {
         let t = &mut self.tasks[tid];
         if result != expected as i32 {
-            eprintln!(
+            log!(
                 "torus: core {}: data write to {} failed: {}; region poisoned, refusing further writes",
                 self.core,
                 self.path.display(),
@@ -1119,10 +1198,7 @@ impl Store {
         let c = self.commit.as_mut().expect("commit running");
         c.stage = stage;
         c.outstanding = 1;
-        let entry = opcode::Fsync::new(BACKING_FILE)
-            .flags(types::FsyncFlags::DATASYNC)
-            .build();
-        io.submit_store(entry, StoreIo::Commit { expected: 0 });
+        io.submit_store(DiskOp::SyncData, StoreIo::Commit { expected: 0 });
     }
 
     fn commit_write_checkpoint(&mut self, io: &mut impl IoSubmit, stage: Stage, start_page: u64) {
@@ -1130,9 +1206,11 @@ impl Store {
         c.stage = stage;
         c.outstanding = 1;
         let buf = c.buf.as_ref().expect("checkpoint buffer");
-        let entry = opcode::Write::new(BACKING_FILE, buf.as_ptr(), buf.len() as u32)
-            .offset(start_page * PAGE_SIZE as u64)
-            .build();
+        let entry = DiskOp::Write {
+            offset: start_page * PAGE_SIZE as u64,
+            ptr: buf.as_ptr(),
+            len: buf.len() as u32,
+        };
         io.submit_store(
             entry,
             StoreIo::Commit {
@@ -1165,9 +1243,7 @@ impl Store {
                 self.region.journal_byte_offset(seq),
                 self.region.journal_b_byte_offset(seq),
             ] {
-                let entry = opcode::Write::new(BACKING_FILE, ptr, len)
-                    .offset(offset)
-                    .build();
+                let entry = DiskOp::Write { offset, ptr, len };
                 io.submit_store(entry, StoreIo::Commit { expected: len });
                 ops += 1;
             }
@@ -1184,7 +1260,7 @@ impl Store {
             result == expected as i32
         };
         if !ok {
-            eprintln!(
+            log!(
                 "torus: core {}: commit step {:?} on {} failed: {}; region poisoned, refusing further writes",
                 self.core,
                 c.stage,
@@ -1286,9 +1362,11 @@ impl Store {
             let offset = self.region.slot_byte_offset(writes[i].slot);
             if n == 1 {
                 let w = &writes[i];
-                let entry = opcode::Write::new(BACKING_FILE, w.ptr, w.len)
-                    .offset(offset)
-                    .build();
+                let entry = DiskOp::Write {
+                    offset,
+                    ptr: w.ptr,
+                    len: w.len,
+                };
                 io.submit_store(
                     entry,
                     StoreIo::DataWrite {
@@ -1313,10 +1391,11 @@ impl Store {
                 let b = &self.batches[key];
                 // SAFETY: the iovecs live in `batches` and every buffer they point at lives in
                 // its task, until this write completes.
-                let entry =
-                    opcode::Writev::new(BACKING_FILE, b.iovecs.as_ptr(), b.iovecs.len() as u32)
-                        .offset(offset)
-                        .build();
+                let entry = DiskOp::Writev {
+                    offset,
+                    iovecs: b.iovecs.as_ptr(),
+                    count: b.iovecs.len() as u32,
+                };
                 io.submit_store(entry, StoreIo::BatchWrite { batch: key });
             }
             i += n;
