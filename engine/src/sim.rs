@@ -880,14 +880,16 @@ impl Sim {
                         }
                         return Ok(());
                     }
-                    other => return Err(format!(
+                    other => {
+                        return Err(format!(
                         "read of volume {volume} sectors {first}+{sectors} answered {other:?}{}",
                         if self.damaged {
                             ""
                         } else {
                             " with no damage injected"
                         }
-                    )),
+                    ))
+                    }
                 };
                 self.report.reads_checked += 1;
                 for (i, allowed) in allowed.iter().enumerate() {

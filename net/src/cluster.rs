@@ -1131,6 +1131,8 @@ impl Cluster {
                 ));
             }
         }
+        self.compare_replicas(&map, &vol, volume, &pgs, &mut report)
+            .await;
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.flush_local(Box::new(move |s| {
             let _ = tx.send(s);
@@ -1145,6 +1147,137 @@ impl Cluster {
             rec.remove(&pg);
         }
         report
+    }
+
+    /// The scrub's second half: this node's block list (volume, block, crc32c) for the PGs it
+    /// scrubs against each other clean holder's. A block whose crc here differs from what most
+    /// holders have (with two holders: from the PG primary's) is rewritten from one of them,
+    /// or unmapped when they hold zeroes; an unmapped block reads as zeroes, so it equals a
+    /// mapped block of zeroes. Blocks written during the scrub are left alone.
+    async fn compare_replicas(
+        &self,
+        map: &ClusterMap,
+        vol: &VolumeRecord,
+        volume: u32,
+        pgs: &[u32],
+        report: &mut ScrubReport,
+    ) {
+        let zero_crc = crc32c::crc32c(&[0u8; BLOCK_SIZE]);
+        let pg_count = map.pg_count as usize;
+        let mut bitmap = vec![false; pg_count];
+        for &pg in pgs {
+            bitmap[pg as usize] = true;
+        }
+        let of_volume = |list: Vec<(u32, u64, u32)>| -> BTreeMap<u64, u32> {
+            list.into_iter()
+                .filter(|(v, _, _)| *v == volume)
+                .map(|(_, b, crc)| (b, crc))
+                .collect()
+        };
+        let here = of_volume(self.list_local(&bitmap).await);
+        // Each other node that is a clean holder of some of these PGs, with its list for them.
+        let mut others: Vec<(String, Vec<bool>, BTreeMap<u64, u32>)> = Vec::new();
+        for node in map.nodes.keys().filter(|n| **n != self.me) {
+            let mut theirs = vec![false; pg_count];
+            let mut any = false;
+            for &pg in pgs {
+                if map.clean_holder(pg, vol.replicas, node) {
+                    theirs[pg as usize] = true;
+                    any = true;
+                }
+            }
+            if !any {
+                continue;
+            }
+            match self.list_remote(map, node, &theirs).await {
+                Ok(list) => others.push((node.clone(), theirs, of_volume(list))),
+                Err(e) => report.problems.push(format!(
+                    "could not compare with {node}: {e}; its copies were not checked against these"
+                )),
+            }
+        }
+        let mut blocks: std::collections::BTreeSet<u64> = here.keys().copied().collect();
+        for (_, _, list) in &others {
+            blocks.extend(list.keys().copied());
+        }
+        for b in blocks {
+            let pg = self.pg_of(volume, b * BLOCK_SIZE as u64);
+            if !bitmap[pg as usize] {
+                continue;
+            }
+            let mine = here.get(&b).copied().unwrap_or(zero_crc);
+            let holders: Vec<(&String, u32)> = others
+                .iter()
+                .filter(|(_, pgs, _)| pgs[pg as usize])
+                .map(|(n, _, list)| (n, list.get(&b).copied().unwrap_or(zero_crc)))
+                .collect();
+            if holders.iter().all(|(_, crc)| *crc == mine) {
+                continue;
+            }
+            if self
+                .dirty
+                .lock()
+                .get(&pg)
+                .is_some_and(|d| d.contains(&(volume, b)))
+            {
+                continue; // written during the scrub: the write itself went to every replica
+            }
+            // The value most holders (this one included) have; on a tie, the primary's.
+            let agree = |crc: u32| 1 + holders.iter().filter(|(_, c)| *c == crc).count();
+            let mut best = mine;
+            for (_, crc) in &holders {
+                if agree(*crc) > agree(best) {
+                    best = *crc;
+                }
+            }
+            if agree(best) * 2 == holders.len() + 1 {
+                let primary = map.targets(pg, vol.replicas).primary;
+                if let Some((_, crc)) = holders.iter().find(|(n, _)| Some(*n) == primary.as_ref()) {
+                    best = *crc;
+                } else {
+                    best = mine;
+                }
+            }
+            if best == mine {
+                continue; // the other holder is the odd one out: its own scrub repairs it
+            }
+            report.diverged += 1;
+            let fixed = if best == zero_crc {
+                self.unmap_local(volume, b).await
+            } else {
+                let source = holders
+                    .iter()
+                    .find(|(_, c)| *c == best)
+                    .map(|(n, _)| (*n).clone())
+                    .expect("a holder has the chosen value");
+                self.copy_run(map, &source, volume, b, 1).await.is_ok()
+            };
+            if fixed {
+                report.repaired += 1;
+                eprintln!("torusd: scrub: volume {volume} block {b} differed from the other replicas here; rewritten from them");
+            } else {
+                report.problems.push(format!(
+                    "block {b}: differs from the other replicas and could not be rewritten"
+                ));
+            }
+        }
+    }
+
+    /// Unmaps one block here (reads as zeroes); false when the engine refused.
+    async fn unmap_local(&self, volume: u32, block: u64) -> bool {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send_local(
+            Piece {
+                volume,
+                offset: block * BLOCK_SIZE as u64,
+                len: BLOCK_SIZE as u32,
+                kind: PieceKind::Zero { fua: false },
+            },
+            sink(move |c| {
+                let _ = tx.send(c.output.is_ok());
+            }),
+        );
+        rx.await.unwrap_or(false)
     }
 
     /// True when a local read of `n` blocks from `block` passes its checksums.
@@ -1796,6 +1929,9 @@ impl Handler for ClusterHandler {
                 if c.fenced(e.volume, e.writer) {
                     return respond.reply(status::FENCED, None);
                 }
+                if data.is_some() && testing_replica_drops_this_write() {
+                    return respond.reply(status::OK, None);
+                }
                 let kind = match data {
                     Some(d) => PieceKind::Write {
                         data: d.buf,
@@ -1872,12 +2008,29 @@ impl Handler for ClusterHandler {
     }
 }
 
+/// Test-only fault (TORUS_TESTING_REPLICA_DROPS_WRITES=N): as a replica, acknowledge every Nth
+/// write without applying it, a replica whose disk lies, so that tests can show the scrub's
+/// comparison of replicas finds and repairs the difference.
+fn testing_replica_drops_this_write() -> bool {
+    static EVERY: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    let every = *EVERY.get_or_init(|| {
+        let n = std::env::var("TORUS_TESTING_REPLICA_DROPS_WRITES").ok()?.parse().ok()?;
+        eprintln!("torusd: TORUS_TESTING_REPLICA_DROPS_WRITES={n}: this node acknowledges every {n}th replica write without applying it");
+        Some(n)
+    });
+    every.is_some_and(|n: u64| (COUNT.fetch_add(1, Ordering::Relaxed) + 1) % n.max(1) == 0)
+}
+
 /// What a scrub found on one node.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ScrubReport {
     pub node: String,
     pub blocks_checked: u64,
     pub bad_found: u64,
+    /// Blocks whose crc32c here differed from the other replicas'.
+    #[serde(default)]
+    pub diverged: u64,
     pub repaired: u64,
     pub problems: Vec<String>,
 }

@@ -514,6 +514,21 @@ pub fn cluster_node_with(
     wrapper: &[&str],
     extra: &[&str],
 ) -> Torusd {
+    cluster_node_env(dir, etcd_url, name, cores, peer_ip, wrapper, extra, &[])
+}
+
+/// `cluster_node_with`, with environment variables for torusd (test-only faults).
+#[allow(clippy::too_many_arguments)]
+pub fn cluster_node_env(
+    dir: &Path,
+    etcd_url: &str,
+    name: &str,
+    cores: u32,
+    peer_ip: &str,
+    wrapper: &[&str],
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Torusd {
     let peer = format!("{peer_ip}:{}", free_port());
     let cores = cores.to_string();
     let mut args = vec![
@@ -529,7 +544,7 @@ pub fn cluster_node_with(
         &cores,
     ];
     args.extend_from_slice(extra);
-    Torusd::start_wrapped(dir, &args, &[], wrapper)
+    Torusd::start_wrapped(dir, &args, env, wrapper)
 }
 
 /// A network namespace joined to the host by a veth pair: host end `10.N.0.1`, namespace end

@@ -611,7 +611,8 @@ fn a_corrupt_local_copy_is_answered_from_another_replica() {
         "a checked every block of the 32 MiB written: {out}"
     );
     assert!(cols[1] >= answered as u64 && cols[1] <= 64, "{out}");
-    assert_eq!(cols[1], cols[2], "every bad block repaired: {out}");
+    assert_eq!(cols[2], 0, "no replica diverged: {out}");
+    assert_eq!(cols[1], cols[3], "every bad block repaired: {out}");
     // Repaired for real: with b and c gone, a alone serves every block.
     drop(_b);
     drop(_c);
@@ -622,4 +623,62 @@ fn a_corrupt_local_copy_is_answered_from_another_replica() {
         before,
         "a still needed other replicas after the scrub"
     );
+}
+
+/// A replica that acknowledged writes it never applied (a lying disk, injected with
+/// TORUS_TESTING_REPLICA_DROPS_WRITES) is found by the scrub's comparison of replicas and
+/// rewritten from the others; afterwards it alone serves every block right.
+#[test]
+fn a_replica_that_lost_writes_is_found_and_repaired_by_scrub() {
+    let etcd = Etcd::start();
+    let dirs: Vec<TempDir> = ["a", "b", "c"].iter().map(|n| TempDir::new(n)).collect();
+    let mut a = cluster_node(dirs[0].path(), &etcd, "a", 1);
+    let mut b = cluster_node(dirs[1].path(), &etcd, "b", 1);
+    let c = cluster_node_env(
+        dirs[2].path(),
+        &etcd.url,
+        "c",
+        1,
+        "127.0.0.1",
+        &[],
+        &[],
+        &[("TORUS_TESTING_REPLICA_DROPS_WRITES", "9")],
+    );
+    wait_clean(&a, Duration::from_secs(60));
+    a.torusctl_ok(&["volume", "create", "vol", "256M", "--replicas", "3"]);
+    fio(&a.uri("vol"), "0", "16M", &["--end_fsync=1"]);
+
+    let rows = |out: &str| -> Vec<(String, Vec<u64>)> {
+        out.lines()
+            .skip(1)
+            .filter(|l| !l.starts_with(' '))
+            .map(|l| {
+                let mut w = l.split_whitespace();
+                let node = w.next().unwrap().to_string();
+                (node, w.map(|v| v.parse().unwrap()).collect())
+            })
+            .collect()
+    };
+    let out = a.torusctl(&["scrub", "vol"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    eprintln!("{text}");
+    assert!(out.status.success(), "every difference repaired: {text}");
+    for (node, cols) in rows(&text) {
+        let (bad, diverged, repaired) = (cols[1], cols[2], cols[3]);
+        assert_eq!(bad, 0, "{text}");
+        assert_eq!(diverged, repaired, "{text}");
+        if node == "c" {
+            assert!(diverged > 50, "c's lost writes found: {text}");
+        } else {
+            assert_eq!(diverged, 0, "only c lost writes: {text}");
+        }
+    }
+    let again = a.torusctl_ok(&["scrub", "vol"]);
+    for (_, cols) in rows(&again) {
+        assert_eq!(cols[2], 0, "replicas identical after the repair: {again}");
+    }
+    // c alone now serves every block right.
+    a.kill9();
+    b.kill9();
+    fio(&c.uri("vol"), "0", "16M", &["--verify_only=1"]);
 }

@@ -302,18 +302,18 @@ fn run(args: Args) -> Result<i32> {
             )?)?;
             let mut clean = true;
             println!(
-                "{:<12} {:>12} {:>8} {:>9}",
-                "NODE", "CHECKED", "BAD", "REPAIRED"
+                "{:<12} {:>12} {:>8} {:>9} {:>9}",
+                "NODE", "CHECKED", "BAD", "DIVERGED", "REPAIRED"
             );
             for r in &reports {
                 println!(
-                    "{:<12} {:>12} {:>8} {:>9}",
-                    r.node, r.blocks_checked, r.bad_found, r.repaired
+                    "{:<12} {:>12} {:>8} {:>9} {:>9}",
+                    r.node, r.blocks_checked, r.bad_found, r.diverged, r.repaired
                 );
                 for p in &r.problems {
                     println!("  problem: {p}");
                 }
-                clean &= r.problems.is_empty() && r.repaired == r.bad_found;
+                clean &= r.problems.is_empty() && r.repaired == r.bad_found + r.diverged;
             }
             return Ok(if clean { 0 } else { 2 });
         }
