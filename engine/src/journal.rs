@@ -193,20 +193,22 @@ pub fn scan(
                 pages.push(p);
                 seq += 1;
             }
-            Some(p) if p.seq < seq => return (pages, ScanEnd::Clean), // an older lap: the end
+            Some(p) if p.seq > seq => {
+                // A page claiming a later sequence in this position is damage.
+                return (
+                    pages,
+                    ScanEnd::Damaged {
+                        bad_seq: seq,
+                        later_seq: p.seq,
+                    },
+                );
+            }
             other => {
-                // Invalid (or a sequence from the future, which cannot be ours): look ahead.
+                // Unwritten, invalid, or a page of an older lap: normally the end. Look ahead:
+                // a page of a later commit in this lap means this page was made durable and
+                // then lost (damaged, or its write went elsewhere in both rings).
                 let bad_seq = seq;
-                if let Some(p) = other {
-                    // A page claiming a later sequence in this position is damage.
-                    return (
-                        pages,
-                        ScanEnd::Damaged {
-                            bad_seq,
-                            later_seq: p.seq,
-                        },
-                    );
-                }
+                let older_lap = other.is_some();
                 let mut look = seq + 1;
                 while look - start_seq < ring_pages {
                     match decode_page(&read_page(look)) {
@@ -225,7 +227,7 @@ pub fn scan(
                         _ => break,
                     }
                 }
-                let end = if !written && look == seq + 1 {
+                let end = if (older_lap || !written) && look == seq + 1 {
                     ScanEnd::Clean
                 } else {
                     ScanEnd::TornTail {
@@ -310,6 +312,30 @@ mod tests {
         let (pages, end) = scan(7, 4, |s| r[(s % 4) as usize].clone());
         assert_eq!(pages.iter().map(|p| p.seq).collect::<Vec<_>>(), vec![7, 8]);
         assert_eq!(end, ScanEnd::Clean);
+    }
+
+    #[test]
+    fn a_page_lost_in_both_rings_before_a_later_commit_is_damage() {
+        // Position 1 should hold page 9 (commit 9) but still holds page 5 of the lap before:
+        // page 10 of a later commit shows page 9 was durable, so this is no clean end.
+        let r = ring_with(
+            &[
+                (5, 4, vec![rec(2)]),
+                (7, 6, vec![]),
+                (8, 8, vec![]),
+                (10, 10, vec![rec(3)]),
+            ],
+            4,
+        );
+        let (pages, end) = scan(7, 4, |s| r[(s % 4) as usize].clone());
+        assert_eq!(pages.iter().map(|p| p.seq).collect::<Vec<_>>(), vec![7, 8]);
+        assert_eq!(
+            end,
+            ScanEnd::Damaged {
+                bad_seq: 9,
+                later_seq: 10
+            }
+        );
     }
 
     #[test]

@@ -929,6 +929,21 @@ impl Sim {
         }
     }
 
+    fn trace_fault(&self, what: &str, offset: u64, len: usize) {
+        if self.trace {
+            let page = offset / PAGE_SIZE as u64;
+            let r = &self.region;
+            let area = if page < r.journal {
+                "checkpoint"
+            } else if page < r.slots {
+                "journal"
+            } else {
+                "slots"
+            };
+            eprintln!("[{}] {what} at page {page} ({area}) len {len}", self.step);
+        }
+    }
+
     /// Completes one disk operation, maybe with a fault.
     fn complete_disk_op(&mut self, index: usize, faults_on: bool) -> Result<(), SimFailure> {
         let f = if faults_on {
@@ -944,6 +959,7 @@ impl Sim {
             } => {
                 if f.read_error && self.rng.chance(0.004) {
                     self.report.read_errors += 1;
+                    self.trace_fault("read error", offset, len as usize);
                     self.damaged = true;
                     -libc::EIO
                 } else {
@@ -962,6 +978,7 @@ impl Sim {
                 if f.write_error && self.rng.chance(0.002) {
                     // Some sectors may have reached the disk before it failed.
                     self.report.write_errors += 1;
+                    self.trace_fault("write error", offset, data.len());
                     self.damaged = true;
                     let part = self.rng.below(data.len() as u64 / SECTOR as u64 + 1) as usize;
                     if part > 0 {
@@ -970,9 +987,11 @@ impl Sim {
                     -libc::EIO
                 } else if f.device_full && self.rng.chance(0.002) {
                     self.report.device_full += 1;
+                    self.trace_fault("device full", offset, data.len());
                     -libc::ENOSPC
                 } else if f.misdirect && self.rng.chance(0.002) {
                     self.report.misdirected_writes += 1;
+                    self.trace_fault("misdirected write", offset, data.len());
                     self.damaged = true;
                     let pages = (self.disk.size - data.len() as u64) / PAGE_SIZE as u64;
                     let to = self.rng.below(pages + 1) * PAGE_SIZE as u64;
@@ -987,6 +1006,7 @@ impl Sim {
                 if f.sync_error && self.rng.chance(0.004) {
                     // Linux marks the pages clean anyway: some dirty data is simply gone.
                     self.report.sync_errors += 1;
+                    self.trace_fault("fdatasync error", 0, 0);
                     self.damaged = true;
                     let mut kept = Vec::new();
                     for d in std::mem::take(&mut self.disk.dirty) {
@@ -1237,6 +1257,7 @@ impl Sim {
                     self.report.bit_flips += 1;
                     self.damaged = true;
                     let at = self.rng.below(self.disk.size);
+                    self.trace_fault("bit flip", at, 1);
                     let bit = 1u8 << self.rng.below(8);
                     for file in [&self.disk.durable, &self.disk.current] {
                         let mut b = [0u8];
