@@ -1189,7 +1189,16 @@ impl Cluster {
             if !any {
                 continue;
             }
-            match self.list_remote(map, node, &theirs).await {
+            // A link torn down a moment ago (the node restarted) answers RETRY once.
+            let mut listed = self.list_remote(map, node, &theirs).await;
+            for _ in 0..10 {
+                if listed.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                listed = self.list_remote(map, node, &theirs).await;
+            }
+            match listed {
                 Ok(list) => others.push((node.clone(), theirs, of_volume(list))),
                 Err(e) => report.problems.push(format!(
                     "could not compare with {node}: {e}; its copies were not checked against these"
@@ -1412,10 +1421,28 @@ impl Cluster {
 
     fn install_map(&self, map: ClusterMap) {
         let mut cur = self.map.write();
-        if map.epoch > cur.epoch {
+        let newer = map.epoch > cur.epoch;
+        if newer {
             *cur = Arc::new(map);
         }
         drop(cur);
+        if newer {
+            // Requests waiting on a node that is no longer up fail now and are sent again
+            // under this map, instead of waiting for the link's timeout (a stopped or cut-off
+            // node keeps its TCP connections open).
+            let map = self.map();
+            let mut links = self.links.lock();
+            let gone: Vec<String> = links.keys().filter(|n| !map.up(n)).cloned().collect();
+            for node in gone {
+                for link in links
+                    .remove(&node)
+                    .into_iter()
+                    .flat_map(|l| l.into_values())
+                {
+                    link.close();
+                }
+            }
+        }
         // Forget dirty blocks of PGs that are clean here and not being caught up.
         let map = self.map();
         let recovering = self.recovering.lock().clone();
@@ -2019,7 +2046,7 @@ fn testing_replica_drops_this_write() -> bool {
         eprintln!("torusd: TORUS_TESTING_REPLICA_DROPS_WRITES={n}: this node acknowledges every {n}th replica write without applying it");
         Some(n)
     });
-    every.is_some_and(|n: u64| (COUNT.fetch_add(1, Ordering::Relaxed) + 1) % n.max(1) == 0)
+    every.is_some_and(|n: u64| (COUNT.fetch_add(1, Ordering::Relaxed) + 1).is_multiple_of(n.max(1)))
 }
 
 /// What a scrub found on one node.

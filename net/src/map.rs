@@ -118,7 +118,7 @@ impl ClusterMap {
         }
     }
 
-    fn up(&self, node: &str) -> bool {
+    pub fn up(&self, node: &str) -> bool {
         self.nodes.get(node).is_some_and(|n| n.up)
     }
 

@@ -83,6 +83,7 @@ fn retry() -> Reply {
 pub struct Link {
     tx: mpsc::UnboundedSender<Outgoing>,
     dead: Arc<AtomicBool>,
+    kill: Arc<tokio::sync::Notify>,
 }
 
 type Pending = Arc<parking_lot::Mutex<HashMap<u64, (Callback, Instant)>>>;
@@ -92,8 +93,16 @@ impl Link {
     pub fn open(rt: &tokio::runtime::Handle, addr: String, me: String, core: u32) -> Link {
         let (tx, rx) = mpsc::unbounded_channel();
         let dead = Arc::new(AtomicBool::new(false));
-        rt.spawn(run_link(addr, me, core, rx, dead.clone()));
-        Link { tx, dead }
+        let kill = Arc::new(tokio::sync::Notify::new());
+        rt.spawn(run_link(addr, me, core, rx, dead.clone(), kill.clone()));
+        Link { tx, dead, kill }
+    }
+
+    /// Tears the link down now: every request it holds fails with `RETRY` (the peer left the
+    /// map; its requests go elsewhere rather than wait for `OP_TIMEOUT`).
+    pub fn close(&self) {
+        self.dead.store(true, Ordering::Release);
+        self.kill.notify_one();
     }
 
     pub fn dead(&self) -> bool {
@@ -120,6 +129,7 @@ async fn run_link(
     core: u32,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     dead: Arc<AtomicBool>,
+    kill: Arc<tokio::sync::Notify>,
 ) {
     let pending: Pending = Arc::new(parking_lot::Mutex::new(HashMap::new()));
     let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr)).await {
@@ -161,6 +171,7 @@ async fn run_link(
                         cb(Reply { status: e.status, data });
                     }
                 }
+                _ = kill.notified() => break,
                 _ = tick.tick() => {
                     let overdue = reader_pending
                         .lock()

@@ -175,9 +175,13 @@ impl Torusd {
         let mut args = vec![
             "--nbd-listen".to_string(),
             format!("127.0.0.1:{}", self.nbd_port),
-            "--admin-listen".to_string(),
-            format!("127.0.0.1:{}", self.admin_port),
         ];
+        if !self.extra.iter().any(|a| a == "--admin-listen") {
+            args.extend([
+                "--admin-listen".to_string(),
+                format!("127.0.0.1:{}", self.admin_port),
+            ]);
+        }
         if !self.extra.iter().any(|a| a == "--size") {
             args.extend(["--size".to_string(), "2G".to_string()]);
         }
@@ -240,7 +244,10 @@ impl Torusd {
     }
 
     pub fn admin(&self) -> String {
-        format!("http://127.0.0.1:{}", self.admin_port)
+        match self.extra.iter().position(|a| a == "--admin-listen") {
+            Some(i) => format!("http://{}", self.extra[i + 1]),
+            None => format!("http://127.0.0.1:{}", self.admin_port),
+        }
     }
 
     pub fn pid(&self) -> i32 {
