@@ -101,6 +101,12 @@ impl NbdServer {
         }
     }
 
+    /// Negotiates on a connected stream (one end of a socket pair: `torusd --nbd-stdin`) on
+    /// this thread and hands it to a core like an accepted socket.
+    pub fn serve_stream(&self, stream: std::os::unix::net::UnixStream, peer: &str) {
+        self.negotiate_and_hand_off(Accepted::Unix(stream, peer.to_string()));
+    }
+
     /// Accepts connections until `stop_accepting`; runs on its own thread.
     pub fn serve(self: &Arc<Self>, listener: Listener) -> JoinHandle<()> {
         let server = self.clone();

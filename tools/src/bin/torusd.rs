@@ -54,6 +54,12 @@ struct Args {
     /// Also serve NBD on this Unix socket.
     #[arg(long, value_name = "PATH")]
     nbd_socket: Option<PathBuf>,
+    /// Serve one NBD connection on stdin and stdout (like `nbdkit -s`) instead of listening
+    /// on --nbd-listen, and exit once it closes, with every acknowledged write durable. For
+    /// fuzzers that drive the whole connection from a file, and inetd-style launchers. Log
+    /// lines (the ready line too) go to stderr. Not with --etcd.
+    #[arg(long, conflicts_with = "etcd")]
+    nbd_stdin: bool,
     /// Address of the admin HTTP API (torusctl) and of /metrics (Prometheus).
     #[arg(long, default_value = "127.0.0.1:4321", value_name = "ADDR")]
     admin_listen: String,
@@ -392,9 +398,18 @@ fn run(args: Args) -> Result<()> {
         exports.insert(Volume::new(&v.name, v.id, v.size_bytes, v.is_snapshot()));
     }
 
-    let tcp = std::net::TcpListener::bind(&args.nbd_listen)
-        .with_context(|| format!("listen for NBD on {}", args.nbd_listen))?;
-    let nbd_addr = tcp.local_addr()?.to_string();
+    let tcp = if args.nbd_stdin {
+        None
+    } else {
+        Some(
+            std::net::TcpListener::bind(&args.nbd_listen)
+                .with_context(|| format!("listen for NBD on {}", args.nbd_listen))?,
+        )
+    };
+    let nbd_addr = match &tcp {
+        Some(l) => l.local_addr()?.to_string(),
+        None => "stdin".to_string(),
+    };
     let cluster = match (&args.etcd, etcd, &runtime, peer_listener) {
         (Some(urls), Some(etcd), Some(rt), Some(listener)) => {
             let peer_addr = listener.local_addr()?.to_string();
@@ -432,9 +447,14 @@ fn run(args: Args) -> Result<()> {
         _ => None,
     };
     let server = NbdServer::new(exports.clone(), engine.shared().clone());
-    let mut nbd_urls = vec![format!("nbd://{nbd_addr}/")];
-    let mut accept_threads = vec![server.serve(Listener::Tcp(tcp))];
-    let mut poke_addrs = vec![nbd_addr.clone()];
+    let mut nbd_urls = Vec::new();
+    let mut accept_threads = Vec::new();
+    let mut poke_addrs = Vec::new();
+    if let Some(tcp) = tcp {
+        nbd_urls.push(format!("nbd://{nbd_addr}/"));
+        accept_threads.push(server.serve(Listener::Tcp(tcp)));
+        poke_addrs.push(nbd_addr.clone());
+    }
     if let Some(sock) = &args.nbd_socket {
         let _ = std::fs::remove_file(sock);
         let l = std::os::unix::net::UnixListener::bind(sock)
@@ -475,30 +495,18 @@ fn run(args: Args) -> Result<()> {
         signal_hook::consts::SIGTERM,
     ])
     .context("install signal handlers")?;
-    let volumes = metadata.volumes();
-    let shown = volumes
-        .iter()
-        .find(|v| v.name == "default")
-        .or(volumes.first());
-    match shown {
-        Some(v) => println!(
-            "torusd: serving volume '{}' ({}) at nbd://{nbd_addr}/{} ; try: nbdinfo nbd://{nbd_addr}/{} ; admin API on http://{}",
-            v.name,
-            human(v.size_bytes),
-            v.name,
-            v.name,
-            args.admin_listen
-        ),
-        None => println!("torusd: serving NBD on {nbd_addr} (no volumes yet: torusctl volume create NAME SIZE) ; admin API on http://{}", args.admin_listen),
+    let signal = if args.nbd_stdin {
+        serve_stdin(&server, signals)?
+    } else {
+        print_ready(&metadata, &nbd_addr, &args.admin_listen);
+        signals.forever().next()
+    };
+    match signal {
+        Some(signal) => {
+            eprintln!("torusd: signal {signal} received: finishing requests in flight, flushing")
+        }
+        None => eprintln!("torusd: the stdin connection closed: flushing"),
     }
-    use std::io::Write;
-    let _ = std::io::stdout().flush();
-
-    let signal = signals.forever().next();
-    eprintln!(
-        "torusd: signal {} received: finishing requests in flight, flushing",
-        signal.unwrap_or(0)
-    );
     server.stop_accepting();
     for a in &poke_addrs {
         poke(a);
@@ -518,4 +526,72 @@ fn run(args: Args) -> Result<()> {
     stopped.map_err(|e| anyhow::anyhow!("final flush failed: {e}"))?;
     eprintln!("torusd: stopped cleanly");
     Ok(())
+}
+
+/// --nbd-stdin: the connection's bytes come from stdin and its replies go to stdout, through
+/// a socket pair whose other end is negotiated and handed to a core like any accepted socket.
+/// Returns when the connection closed (None) or a signal came.
+fn serve_stdin(
+    server: &Arc<NbdServer>,
+    mut signals: signal_hook::iterator::Signals,
+) -> Result<Option<i32>> {
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().context("socket pair")?;
+    let (done_tx, done_rx) = std::sync::mpsc::sync_channel::<Option<i32>>(2);
+    let mut to_server = ours.try_clone().context("socket pair")?;
+    std::thread::Builder::new()
+        .name("torus-stdin".into())
+        .spawn(move || {
+            let _ = std::io::copy(&mut std::io::stdin().lock(), &mut to_server);
+            let _ = to_server.shutdown(std::net::Shutdown::Write);
+        })
+        .context("spawn the stdin thread")?;
+    let closed = done_tx.clone();
+    std::thread::Builder::new()
+        .name("torus-stdout".into())
+        .spawn(move || {
+            use std::io::{Read, Write};
+            // Stdout is line-buffered: each reply goes out whole, flushed, at once.
+            let mut from_server = ours;
+            let mut out = std::io::stdout().lock();
+            let mut buf = vec![0u8; 256 << 10];
+            while let Ok(n) = from_server.read(&mut buf) {
+                if n == 0 || out.write_all(&buf[..n]).and_then(|_| out.flush()).is_err() {
+                    break;
+                }
+            }
+            let _ = closed.send(None);
+        })
+        .context("spawn the stdout thread")?;
+    std::thread::Builder::new()
+        .name("torus-signals".into())
+        .spawn(move || {
+            if let Some(s) = signals.forever().next() {
+                let _ = done_tx.send(Some(s));
+            }
+        })
+        .context("spawn the signal thread")?;
+    eprintln!("torusd: serving one NBD connection on stdin/stdout");
+    server.serve_stream(theirs, "stdin");
+    Ok(done_rx.recv().unwrap_or(None))
+}
+
+fn print_ready(metadata: &Arc<dyn Metadata>, nbd_addr: &str, admin_listen: &str) {
+    let volumes = metadata.volumes();
+    let shown = volumes
+        .iter()
+        .find(|v| v.name == "default")
+        .or(volumes.first());
+    match shown {
+        Some(v) => println!(
+            "torusd: serving volume '{}' ({}) at nbd://{nbd_addr}/{} ; try: nbdinfo nbd://{nbd_addr}/{} ; admin API on http://{}",
+            v.name,
+            human(v.size_bytes),
+            v.name,
+            v.name,
+            admin_listen
+        ),
+        None => println!("torusd: serving NBD on {nbd_addr} (no volumes yet: torusctl volume create NAME SIZE) ; admin API on http://{admin_listen}"),
+    }
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
 }
