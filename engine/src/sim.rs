@@ -180,6 +180,8 @@ pub struct SimReport {
     pub writes_acked: u64,
     pub bytes_acked: u64,
     pub flushes_acked: u64,
+    /// Flushes answered EIO (a write or fdatasync had failed: never acknowledged).
+    pub flushes_failed: u64,
     pub reads_checked: u64,
     pub bytes_verified: u64,
     /// Reads answered EIO because injected damage hit their data (detected, not served).
@@ -207,6 +209,7 @@ impl SimReport {
         self.writes_acked += o.writes_acked;
         self.bytes_acked += o.bytes_acked;
         self.flushes_acked += o.flushes_acked;
+        self.flushes_failed += o.flushes_failed;
         self.reads_checked += o.reads_checked;
         self.bytes_verified += o.bytes_verified;
         self.reads_eio += o.reads_eio;
@@ -856,7 +859,7 @@ impl Sim {
                             }
                         }
                     }
-                    Err(BlockError::Io) if self.disk_failed() => {}
+                    Err(BlockError::Io) if self.disk_failed() => self.report.flushes_failed += 1,
                     other => return Err(format!("flush answered {other:?}")),
                 }
                 Ok(())

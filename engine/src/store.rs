@@ -1284,6 +1284,9 @@ impl Store {
             for tid in waiters {
                 self.fail_task(io, tid, BlockError::Io);
             }
+            // Flushes that arrived while it ran fail too (kick_commit answers them EIO now);
+            // left waiting for the next commit they would never be answered.
+            self.kick_commit(io);
             return;
         }
         let (stage, checkpoint, has_buf) = (c.stage, c.checkpoint, c.buf.is_some());

@@ -613,6 +613,9 @@ fn a_corrupt_local_copy_is_answered_from_another_replica() {
     assert!(cols[1] >= answered as u64 && cols[1] <= 64, "{out}");
     assert_eq!(cols[2], 0, "no replica diverged: {out}");
     assert_eq!(cols[1], cols[3], "every bad block repaired: {out}");
+    // fio verifies through every node.
+    fio(&_b.uri("vol"), "0", "32M", &["--verify_only=1"]);
+    fio(&_c.uri("vol"), "0", "32M", &["--verify_only=1"]);
     // Repaired for real: with b and c gone, a alone serves every block.
     drop(_b);
     drop(_c);
