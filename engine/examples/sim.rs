@@ -115,11 +115,12 @@ fn print_report(r: &SimReport, faults: Faults, steps: u32, took: std::time::Dura
         r.crashes, r.torn_writes, r.misdirected_writes, r.read_errors, r.bit_flips, r.write_errors, r.sync_errors, r.device_full, r.clean_restarts
     );
     println!(
-        "writes acknowledged {} ({} MiB), flushes acknowledged {} (answered EIO after a disk error {}), reads checked {} ({} MiB verified); wrong-data reads 0, stale reads 0",
+        "writes acknowledged {} ({} MiB), flushes acknowledged {} (answered EIO after a disk error {}), snapshots and deletions acknowledged {}, reads checked {} ({} MiB verified); wrong-data reads 0, stale reads 0",
         r.writes_acked,
         r.bytes_acked >> 20,
         r.flushes_acked,
         r.flushes_failed,
+        r.volume_ops_acked,
         r.reads_checked,
         r.bytes_verified >> 20
     );

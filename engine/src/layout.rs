@@ -72,6 +72,10 @@ impl Region {
         debug_assert!((slot as u64) < self.slot_count);
         (self.slots + slot as u64) * PAGE_SIZE as u64
     }
+    /// Most block map entries a checkpoint copy holds (its pages after the header).
+    pub fn checkpoint_entries_max(&self) -> u64 {
+        (self.checkpoint_pages - 1) * PAGE_SIZE as u64 / CHECKPOINT_ENTRY_SIZE
+    }
     /// Where the page with this sequence number lives in ring A.
     pub fn journal_byte_offset(&self, page_seq: u64) -> u64 {
         (self.journal + page_seq % self.journal_pages) * PAGE_SIZE as u64

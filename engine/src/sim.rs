@@ -39,7 +39,11 @@ const SECTOR: usize = 512;
 const ZERO_FLAG: u64 = 1 << 63;
 /// A sector whose contents were lost to detected damage: any well-formed content or EIO.
 const UNKNOWN: u64 = u64::MAX;
-const VOLUMES: [u32; 2] = [1, 2];
+/// A snapshot/clone of volume 1 (same family: low 24 bits) takes and drops its blocks.
+const CLONE: u32 = (1 << 24) | 1;
+const VOLUMES: [u32; 3] = [1, 2, CLONE];
+/// Tags of clone and drop operations (a write's tag is its version).
+const OP_TAG: u64 = 1 << 62;
 /// Client requests in flight at most.
 const QUEUE_DEPTH: usize = 12;
 
@@ -180,6 +184,8 @@ pub struct SimReport {
     pub writes_acked: u64,
     pub bytes_acked: u64,
     pub flushes_acked: u64,
+    /// Snapshots (clone of volume 1 onto its family member) and deletions acknowledged.
+    pub volume_ops_acked: u64,
     /// Flushes answered EIO (a write or fdatasync had failed: never acknowledged).
     pub flushes_failed: u64,
     pub reads_checked: u64,
@@ -210,6 +216,7 @@ impl SimReport {
         self.bytes_acked += o.bytes_acked;
         self.flushes_acked += o.flushes_acked;
         self.flushes_failed += o.flushes_failed;
+        self.volume_ops_acked += o.volume_ops_acked;
         self.reads_checked += o.reads_checked;
         self.bytes_verified += o.bytes_verified;
         self.reads_eio += o.reads_eio;
@@ -377,6 +384,8 @@ impl SimDisk {
 #[derive(Debug, Clone, Copy)]
 struct Rec {
     version: u64,
+    /// The operation that wrote it: a write's version, or a clone's or drop's OP_TAG | token.
+    tag: u64,
     submitted: u64,
     /// When it was answered (acknowledged or failed); None while in flight.
     ended: Option<u64>,
@@ -395,6 +404,7 @@ impl Sector {
     fn known(version: u64) -> Sector {
         Sector(vec![Rec {
             version,
+            tag: 0,
             submitted: 0,
             ended: Some(0),
             acked: true,
@@ -470,11 +480,14 @@ fn fill_sector(out: &mut [u8], version: u64, volume: u32, sector: u64) {
     }
 }
 
-fn decode_sector(bytes: &[u8], volume: u32, sector: u64) -> Content {
+/// What a sector read at `sector` of any volume holds (a clone holds its origin's sectors, so
+/// the volume written is taken from the bytes; a version names one write, hence one volume).
+fn decode_sector(bytes: &[u8], sector: u64) -> Content {
     if bytes.iter().all(|&b| b == 0) {
         return Content::Zero;
     }
     let version = u64::from_le_bytes(bytes[0..8].try_into().expect("8 bytes"));
+    let volume = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
     let mut expect = [0u8; SECTOR];
     fill_sector(&mut expect, version, volume, sector);
     if expect[..] == bytes[..] {
@@ -510,6 +523,11 @@ enum Request {
     },
     Flush {
         mark: u64,
+    },
+    /// `clone_volume(1, CLONE)` or `drop_volume(CLONE)`: every sector of CLONE got a version
+    /// tagged `tag`; answered once durable.
+    Volume {
+        tag: u64,
     },
 }
 
@@ -628,6 +646,76 @@ impl Sim {
         }
     }
 
+    /// Clones volume 1 onto CLONE, or drops CLONE; only while nothing else writes either, and
+    /// (for a clone) while every sector of volume 1 has one version a read could return.
+    fn submit_volume_op(&mut self, clone: bool) {
+        let busy = self.requests.values().any(|r| match r {
+            Request::Write { volume, .. } => *volume == 1 || *volume == CLONE,
+            Request::Volume { .. } => true,
+            _ => false,
+        });
+        if busy {
+            return;
+        }
+        let versions: Vec<u64> = if clone {
+            let mut v = Vec::with_capacity(self.volume_sectors as usize);
+            for sector in &self.sectors[&1] {
+                match sector.readable()[..] {
+                    [one] => v.push(one),
+                    _ => return,
+                }
+            }
+            v
+        } else {
+            let zero = self.next_version | ZERO_FLAG;
+            self.next_version += 1;
+            vec![zero; self.volume_sectors as usize]
+        };
+        self.now += 1;
+        let token = self.next_token;
+        self.next_token += 1;
+        let tag = OP_TAG | token;
+        let now = self.now;
+        for (sector, version) in self
+            .sectors
+            .get_mut(&CLONE)
+            .expect("clone volume")
+            .iter_mut()
+            .zip(versions)
+        {
+            sector.0.push(Rec {
+                version,
+                tag,
+                submitted: now,
+                ended: None,
+                acked: false,
+                durable: false,
+            });
+        }
+        if self.trace {
+            eprintln!(
+                "[{}] submit {} (tag {tag:#x})",
+                self.step,
+                if clone {
+                    "clone 1 -> CLONE"
+                } else {
+                    "drop CLONE"
+                }
+            );
+        }
+        self.requests.insert(token, Request::Volume { tag });
+        let reply = ReplyTo::Channel {
+            sender: self.reply.clone(),
+            token,
+        };
+        let store = self.store.as_mut().expect("store open");
+        if clone {
+            store.clone_volume(&mut self.disk, 1, CLONE, reply);
+        } else {
+            store.drop_volume(&mut self.disk, CLONE, reply);
+        }
+    }
+
     fn submit(&mut self, piece: Piece, request: Request) {
         if self.trace && !matches!(request, Request::Read { .. }) {
             eprintln!("[{}] submit {request:?}", self.step);
@@ -680,6 +768,7 @@ impl Sim {
                 .0
                 .push(Rec {
                     version,
+                    tag: version,
                     submitted: self.now,
                     ended: None,
                     acked: false,
@@ -829,7 +918,7 @@ impl Sim {
                     let i = sector
                         .0
                         .iter()
-                        .position(|r| r.version == version)
+                        .position(|r| r.tag == version)
                         .expect("write in the sector's versions");
                     match acked {
                         // ENOSPC harms nothing: the write never happened.
@@ -844,6 +933,36 @@ impl Sim {
                                 r.durable = true;
                                 sector.prune();
                             }
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Request::Volume { tag } => {
+                self.now += 1;
+                let now = self.now;
+                let acked = match output {
+                    Ok(Output::Done) => true,
+                    Err(BlockError::Io) if self.disk_failed() || self.damaged => false,
+                    // No room in the block map for the clone: nothing happened.
+                    Err(BlockError::NoSpace) => {
+                        self.report.writes_enospc += 1;
+                        for sector in self.sectors.get_mut(&CLONE).expect("clone volume") {
+                            sector.0.retain(|r| r.tag != tag);
+                        }
+                        return Ok(());
+                    }
+                    other => return Err(format!("clone or drop answered {other:?}")),
+                };
+                self.report.volume_ops_acked += acked as u64;
+                for sector in self.sectors.get_mut(&CLONE).expect("clone volume") {
+                    if let Some(r) = sector.0.iter_mut().find(|r| r.tag == tag) {
+                        r.ended = Some(now);
+                        r.acked = acked;
+                        // Answered once its journal record is durable.
+                        r.durable = acked;
+                        if acked {
+                            sector.prune();
                         }
                     }
                 }
@@ -898,7 +1017,7 @@ impl Sim {
                 for (i, allowed) in allowed.iter().enumerate() {
                     let s = first + i as u64;
                     let at = head + i * SECTOR;
-                    let got = decode_sector(&data[at..at + SECTOR], volume, s);
+                    let got = decode_sector(&data[at..at + SECTOR], s);
                     let ok = match &got {
                         Content::Garbage => false,
                         _ if allowed.contains(&UNKNOWN) => true,
@@ -1230,11 +1349,13 @@ impl Sim {
                     match self.rng.below(100) {
                         0..=44 => self.submit_write(false),
                         45..=51 => self.submit_write(true),
-                        52..=89 => {
+                        52..=87 => {
                             let (volume, first, n) = self.random_range();
                             self.submit_read(volume, first, n, false);
                         }
-                        _ => self.submit_flush(),
+                        88..=95 => self.submit_flush(),
+                        96..=97 => self.submit_volume_op(true),
+                        _ => self.submit_volume_op(false),
                     }
                     self.collect()?;
                     true

@@ -188,6 +188,9 @@ struct Task {
     locked: bool,
     /// Blocks reserved against the volume's quota (settled when the write completes).
     reserved: u64,
+    /// Block map entries this write may add (its blocks unmapped when it was issued), counted
+    /// in `entries_pending` until it completes.
+    entries: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -255,6 +258,13 @@ pub(crate) struct Store {
     checkpoint_journal_start: u64,
     retain_from: u64,
     poisoned: bool,
+    /// Most block map entries a checkpoint of this region can hold. Snapshots and clones share
+    /// slots, so the map can hold more entries than there are slots; a write of new blocks or
+    /// a clone that would pass this answers ENOSPC instead of writing a checkpoint that
+    /// overflows its pages.
+    entries_max: u64,
+    /// Entries that writes in flight may still add.
+    entries_pending: u64,
     /// Test-only fault (TORUS_TESTING_ACK_FLUSH_EARLY=1): answer FLUSH before committing, so
     /// the durability test's canary can prove that it detects lost writes.
     ack_flush_early: bool,
@@ -316,7 +326,7 @@ impl Store {
         region: Region,
     ) -> Result<Store, EngineError> {
         let damaged = |what: String| EngineError::Damaged { core, what };
-        let max_entries = region.slot_count;
+        let max_entries = region.checkpoint_entries_max();
         let mut candidates = Vec::new();
         for (name, start) in [("A", region.checkpoint_a), ("B", region.checkpoint_b)] {
             let header = pread_aligned(file, start * PAGE_SIZE as u64, PAGE_SIZE, path)?;
@@ -482,6 +492,8 @@ impl Store {
             checkpoint_journal_start: next_seq,
             retain_from: next_seq,
             poisoned: false,
+            entries_max: region.checkpoint_entries_max(),
+            entries_pending: 0,
             ack_flush_early: std::env::var_os("TORUS_TESTING_ACK_FLUSH_EARLY").is_some(),
             timer_armed: false,
             out: Vec::new(),
@@ -596,6 +608,7 @@ impl Store {
             failed: None,
             locked: false,
             reserved: 0,
+            entries: 0,
         };
         let tid = self.tasks.insert(task);
         if matches!(self.tasks[tid].arrived.piece.kind, PieceKind::Read) {
@@ -950,7 +963,22 @@ impl Store {
             }
             return;
         }
+        let t = &self.tasks[tid];
+        let volume = t.arrived.piece.volume;
+        let new_entries = (0..count as u64)
+            .filter(|i| self.map.get(volume, t.first_block + i).is_none())
+            .count() as u64;
+        if self.map.mapped_blocks() + self.entries_pending + new_entries > self.entries_max {
+            for s in slots {
+                self.alloc.release(s);
+            }
+            log!("torus: core {}: the block map is full ({} entries: snapshots share slots, and a checkpoint holds no more); answering ENOSPC", self.core, self.entries_max);
+            self.fail_task(io, tid, BlockError::NoSpace);
+            return;
+        }
+        self.entries_pending += new_entries;
         let t = &mut self.tasks[tid];
+        t.entries = new_entries;
         let source: *const u8 = match (&t.buf, &t.arrived.piece.kind) {
             (Some(b), _) => b.as_ptr(),
             // SAFETY: data_offset + len is inside the buffer (checked by the frontend), and the
@@ -1006,6 +1034,8 @@ impl Store {
         if t.outstanding > 0 {
             return;
         }
+        self.entries_pending -= std::mem::take(&mut t.entries);
+        let t = &mut self.tasks[tid];
         if let Some(e) = t.failed {
             // The new slots stay allocated: the region is poisoned and their contents unknown.
             self.fail_task(io, tid, e);
@@ -1100,6 +1130,14 @@ impl Store {
         to: u32,
         reply: ReplyTo,
     ) {
+        let after = self.map.mapped_blocks() - self.map.mapped_blocks_of(to)
+            + self.map.mapped_blocks_of(from)
+            + self.entries_pending;
+        if after > self.entries_max {
+            log!("torus: core {}: a clone of volume {from} would need {after} block map entries, more than a checkpoint holds ({}); answering ENOSPC", self.core, self.entries_max);
+            self.reply(reply, Err(BlockError::NoSpace));
+            return;
+        }
         let dropped = self.map.drop_volume(to);
         let shared = self.map.clone_volume(from, to);
         if let Some(q) = self.quota(to) {
