@@ -366,14 +366,14 @@ fn a_block_map_that_snapshots_would_overflow_answers_enospc_and_the_store_opens(
     let e = Engine::open(&config(&dir), |_| Box::new(NoService)).unwrap();
     let capacity = e.capacity_bytes();
     let (big, big_snap) = (5, 5 | 1 << 24);
-    let written = fill(&e, big, 0, capacity * 6 / 10 >> 20 << 20, 1);
+    let _written = fill(&e, big, 0, ((capacity * 6 / 10) >> 20) << 20, 1);
     assert_eq!(e.clone_volume(big, big_snap), Err(BlockError::NoSpace));
     e.drop_volume(big_snap).unwrap();
     e.drop_volume(big).unwrap();
     // 40 % written: the snapshot fits (80 % of the entries); new blocks then run out of map
     // entries while slots are still free.
     let (vol, snap) = (6, 6 | 1 << 24);
-    let part = capacity * 4 / 10 >> 20 << 20;
+    let part = ((capacity * 4 / 10) >> 20) << 20;
     assert_eq!(fill(&e, vol, 0, part, 2), part);
     e.clone_volume(vol, snap).unwrap();
     let more = fill(&e, vol, part, capacity, 3);
@@ -393,7 +393,6 @@ fn a_block_map_that_snapshots_would_overflow_answers_enospc_and_the_store_opens(
         pattern(3, 1 << 20),
         "the new blocks written before ENOSPC survive"
     );
-    let _ = written;
     e.stop().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
