@@ -638,7 +638,9 @@ impl Sim {
                 Ok(true)
             }
             Err(EngineError::Damaged { what, .. }) if self.damaged => {
-                let _ = what;
+                if self.trace {
+                    eprintln!("[{}] the store refused to open: {what}", self.step);
+                }
                 self.report.refused_opens += 1;
                 Ok(false)
             }

@@ -225,6 +225,12 @@ impl UblkService {
         // SAFETY: tag < depth, inside the mapping; the kernel wrote the descriptor before
         // completing the fetch.
         let desc = unsafe { std::ptr::read_volatile(queue.descs.add(tag as usize)) };
+        if self.shutting_down {
+            // Not started: the kernel keeps the request, and after this process exits the
+            // device is quiesced and a restarted torusd gets it reissued (user recovery).
+            // Taking it would let a busy writer keep the core from ever finishing.
+            return;
+        }
         self.handle(ctx, key, tag, desc, kind);
     }
 
