@@ -167,14 +167,18 @@ impl Drop for Target {
             // SAFETY: signalling our own child.
             unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
             let deadline = Instant::now() + Duration::from_secs(30);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
+            let mut exited = false;
+            while !exited && Instant::now() < deadline {
+                exited = matches!(c.try_wait(), Ok(Some(_)));
+                if !exited {
+                    std::thread::sleep(Duration::from_millis(50));
                 }
-                std::thread::sleep(Duration::from_millis(50));
             }
-            let _ = c.kill();
-            let _ = c.wait();
+            // (It returned after the first child before: the others were left running.)
+            if !exited {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
         }
     }
 }
