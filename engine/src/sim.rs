@@ -674,8 +674,7 @@ impl Sim {
             vec![zero; self.volume_sectors as usize]
         };
         self.now += 1;
-        let token = self.next_token;
-        self.next_token += 1;
+        let (token, reply) = self.new_reply();
         let tag = OP_TAG | token;
         let now = self.now;
         for (sector, version) in self
@@ -706,10 +705,6 @@ impl Sim {
             );
         }
         self.requests.insert(token, Request::Volume { tag });
-        let reply = ReplyTo::Channel {
-            sender: self.reply.clone(),
-            token,
-        };
         let store = self.store.as_mut().expect("store open");
         if clone {
             store.clone_volume(&mut self.disk, 1, CLONE, reply);
@@ -718,18 +713,24 @@ impl Sim {
         }
     }
 
+    /// A token for a new request, and where the store sends its answer.
+    fn new_reply(&mut self) -> (u64, ReplyTo) {
+        let token = self.next_token;
+        self.next_token += 1;
+        let reply = ReplyTo::Channel {
+            sender: self.reply.clone(),
+            token,
+        };
+        (token, reply)
+    }
+
     fn submit(&mut self, piece: Piece, request: Request) {
         if self.trace && !matches!(request, Request::Read { .. }) {
             eprintln!("[{}] submit {request:?}", self.step);
         }
         self.now += 1;
-        let token = self.next_token;
-        self.next_token += 1;
+        let (token, reply) = self.new_reply();
         self.requests.insert(token, request);
-        let reply = ReplyTo::Channel {
-            sender: self.reply.clone(),
-            token,
-        };
         let arrived = Arrived {
             piece,
             reply,
@@ -1295,15 +1296,10 @@ impl Sim {
     /// Everything answered, then a checkpoint (what a clean shutdown does), then reopen.
     fn clean_restart(&mut self) -> Result<bool, SimFailure> {
         self.drain(false)?;
-        let token = self.next_token;
-        self.next_token += 1;
+        let (token, reply) = self.new_reply();
         self.now += 1;
         let mark = self.now;
         self.requests.insert(token, Request::Flush { mark });
-        let reply = ReplyTo::Channel {
-            sender: self.reply.clone(),
-            token,
-        };
         let store = self.store.as_mut().expect("store open");
         store.checkpoint_now(&mut self.disk, reply);
         self.collect()?;

@@ -1272,20 +1272,29 @@ impl Cluster {
         }
     }
 
-    /// Unmaps one block here (reads as zeroes); false when the engine refused.
+    /// Unmaps one block here (it reads as zeroes) for a catch-up or a scrub, unless a write
+    /// reached it since they began: checked and sent under the dirty lock, so a write cannot
+    /// slip in between and be undone. False when the engine refused.
     async fn unmap_local(&self, volume: u32, block: u64) -> bool {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.send_local(
-            Piece {
-                volume,
-                offset: block * BLOCK_SIZE as u64,
-                len: BLOCK_SIZE as u32,
-                kind: PieceKind::Zero { fua: false },
-            },
-            sink(move |c| {
-                let _ = tx.send(c.output.is_ok());
-            }),
-        );
+        {
+            let dirty = self.dirty.lock();
+            let pg = self.pg_of(volume, block * BLOCK_SIZE as u64);
+            if dirty.get(&pg).is_some_and(|d| d.contains(&(volume, block))) {
+                return true;
+            }
+            self.send_local(
+                Piece {
+                    volume,
+                    offset: block * BLOCK_SIZE as u64,
+                    len: BLOCK_SIZE as u32,
+                    kind: PieceKind::Zero { fua: false },
+                },
+                sink(move |c| {
+                    let _ = tx.send(c.output.is_ok());
+                }),
+            );
+        }
         rx.await.unwrap_or(false)
     }
 
@@ -1677,26 +1686,7 @@ impl Cluster {
             return Err("a read from the source failed".into());
         }
         for (v, b) in unmap {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            {
-                let dirty = self.dirty.lock();
-                let pg = self.pg_of(v, b * BLOCK_SIZE as u64);
-                if dirty.get(&pg).is_some_and(|d| d.contains(&(v, b))) {
-                    continue;
-                }
-                self.send_local(
-                    Piece {
-                        volume: v,
-                        offset: b * BLOCK_SIZE as u64,
-                        len: BLOCK_SIZE as u32,
-                        kind: PieceKind::Zero { fua: false },
-                    },
-                    sink(move |c| {
-                        let _ = tx.send(c.output.is_ok());
-                    }),
-                );
-            }
-            if !rx.await.unwrap_or(false) {
+            if !self.unmap_local(v, b).await {
                 return Err(format!("unmapping volume {v} block {b} failed"));
             }
         }

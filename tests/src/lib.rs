@@ -554,6 +554,19 @@ pub fn cluster_node_env(
     Torusd::start_wrapped(dir, &args, env, wrapper)
 }
 
+/// A one-core cluster node run inside `ns`: its peer address is the namespace end of the veth
+/// pair, and it reaches `etcd` (started with `Etcd::start_on(&[&ns.host_ip])`) at the host end.
+pub fn ns_cluster_node(dir: &Path, etcd: &Etcd, ns: &NetNs, name: &str, extra: &[&str]) -> Torusd {
+    let etcd_url = format!(
+        "http://{}:{}",
+        ns.host_ip,
+        etcd.url.rsplit(':').next().expect("etcd url has a port")
+    );
+    let wrapper = ns.wrapper();
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    cluster_node_with(dir, &etcd_url, name, 1, &ns.ns_ip, &wrapper, extra)
+}
+
 /// A network namespace joined to the host by a veth pair: host end `10.N.0.1`, namespace end
 /// `10.N.0.2`. Deleted when dropped.
 pub struct NetNs {

@@ -26,6 +26,7 @@ pub const CMD_WRITE: u16 = 1;
 pub const CMD_DISC: u16 = 2;
 pub const CMD_FLUSH: u16 = 3;
 pub const CMD_TRIM: u16 = 4;
+pub const CMD_WRITE_ZEROES: u16 = 6;
 pub const CMD_BLOCK_STATUS: u16 = 7;
 pub const FLAG_FUA: u16 = 1;
 pub const EPERM: u32 = 1;
@@ -93,6 +94,26 @@ pub fn go_data(name: &str) -> Vec<u8> {
     d
 }
 
+/// One transmission request's bytes: header, then `payload`.
+pub fn request(
+    command: u16,
+    flags: u16,
+    cookie: u64,
+    offset: u64,
+    length: u32,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut b = Vec::with_capacity(28 + payload.len());
+    b.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    b.extend_from_slice(&flags.to_be_bytes());
+    b.extend_from_slice(&command.to_be_bytes());
+    b.extend_from_slice(&cookie.to_be_bytes());
+    b.extend_from_slice(&offset.to_be_bytes());
+    b.extend_from_slice(&length.to_be_bytes());
+    b.extend_from_slice(payload);
+    b
+}
+
 impl Client {
     /// Fixed newstyle, OPT_GO, simple replies.
     pub fn connect(port: u16, export: &str) -> io::Result<Client> {
@@ -131,15 +152,8 @@ impl Client {
         length: u32,
         payload: &[u8],
     ) -> io::Result<()> {
-        let mut b = Vec::with_capacity(28 + payload.len());
-        b.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        b.extend_from_slice(&flags.to_be_bytes());
-        b.extend_from_slice(&command.to_be_bytes());
-        b.extend_from_slice(&cookie.to_be_bytes());
-        b.extend_from_slice(&offset.to_be_bytes());
-        b.extend_from_slice(&length.to_be_bytes());
-        b.extend_from_slice(payload);
-        self.s.write_all(&b)
+        self.s
+            .write_all(&request(command, flags, cookie, offset, length, payload))
     }
 
     /// Reads one simple reply header: (error, cookie).

@@ -320,39 +320,21 @@ fn one_nemesis_at_a_time_loses_nothing() {
     let mut rng = Rng(seed());
     let ns = NetNs::create("k");
     let etcd = Etcd::start_on(&[&ns.host_ip]);
-    let host_etcd = format!(
-        "http://{}:{}",
-        ns.host_ip,
-        etcd.url.rsplit(':').next().unwrap()
-    );
     let dirs: Vec<TempDir> = ["a", "b", "c"].iter().map(|n| TempDir::new(n)).collect();
     let a = cluster_node_with(dirs[0].path(), &etcd.url, "a", 1, &ns.host_ip, &[], &[]);
     let mut b = cluster_node_with(dirs[1].path(), &etcd.url, "b", 1, &ns.host_ip, &[], &[]);
-    let wrapper = ns.wrapper();
-    let wrapper: Vec<&str> = wrapper.iter().map(|s| s.as_str()).collect();
     // c's admin API listens on its namespace address, so the scrub can reach it.
     let c_admin = format!("{}:{}", ns.ns_ip, free_port());
-    let mut c = cluster_node_with(
+    let mut c = ns_cluster_node(
         dirs[2].path(),
-        &host_etcd,
+        &etcd,
+        &ns,
         "c",
-        1,
-        &ns.ns_ip,
-        &wrapper,
         &["--admin-listen", &c_admin],
     );
     wait_clean(&a, Duration::from_secs(60));
     a.torusctl_ok(&["volume", "create", "vol", "256M", "--replicas", "3"]);
-    let port: u16 = a
-        .uri("vol")
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let port = a.nbd_port;
     let model = Arc::new(Mutex::new(Model::new()));
     let mut outcomes = Vec::new();
     let mut fio_regions = Vec::new();

@@ -379,24 +379,15 @@ fn a_node_cut_off_acknowledges_nothing_and_converges_when_back() {
     use std::io::BufRead;
     let ns = NetNs::create("c");
     let etcd = Etcd::start_on(&[&ns.host_ip]);
-    let host_etcd = format!(
-        "http://{}:{}",
-        ns.host_ip,
-        etcd.url.rsplit(':').next().unwrap()
-    );
     let dirs: Vec<TempDir> = ["a", "b", "c"].iter().map(|n| TempDir::new(n)).collect();
     let a = cluster_node_with(dirs[0].path(), &etcd.url, "a", 1, &ns.host_ip, &[], &[]);
     let mut b = cluster_node_with(dirs[1].path(), &etcd.url, "b", 1, &ns.host_ip, &[], &[]);
     let sock = dirs[2].path().join("c.sock");
-    let wrapper = ns.wrapper();
-    let wrapper: Vec<&str> = wrapper.iter().map(|s| s.as_str()).collect();
-    let c = cluster_node_with(
+    let c = ns_cluster_node(
         dirs[2].path(),
-        &host_etcd,
+        &etcd,
+        &ns,
         "c",
-        1,
-        &ns.ns_ip,
-        &wrapper,
         &["--nbd-socket", sock.to_str().unwrap()],
     );
     let c_uri = |v: &str| format!("nbd+unix:///{v}?socket={}", sock.display());

@@ -8,6 +8,10 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
+use torus_tests::nbd::{
+    go_data, request, CMD_DISC, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES,
+    IHAVEOPT, OPT_GO,
+};
 use torus_tests::*;
 
 fn torusd_stdin(dir: &std::path::Path) -> Command {
@@ -63,33 +67,19 @@ fn run_session(dir: &std::path::Path, input: &[u8]) -> (bool, Vec<u8>, String) {
     out
 }
 
-fn request(kind: u16, flags: u16, cookie: u64, offset: u64, len: u32, payload: &[u8]) -> Vec<u8> {
-    let mut b = Vec::new();
-    b.extend_from_slice(&0x2560_9513u32.to_be_bytes());
-    b.extend_from_slice(&flags.to_be_bytes());
-    b.extend_from_slice(&kind.to_be_bytes());
-    b.extend_from_slice(&cookie.to_be_bytes());
-    b.extend_from_slice(&offset.to_be_bytes());
-    b.extend_from_slice(&len.to_be_bytes());
-    b.extend_from_slice(payload);
-    b
-}
-
 /// Fixed newstyle, OPT_GO "default", then `requests`, then disconnect.
 fn session(requests: &[Vec<u8>]) -> Vec<u8> {
+    let go = go_data("default");
     let mut b = Vec::new();
     b.extend_from_slice(&3u32.to_be_bytes()); // FIXED_NEWSTYLE | NO_ZEROES
-    b.extend_from_slice(&0x4948_4156_454F_5054u64.to_be_bytes());
-    b.extend_from_slice(&7u32.to_be_bytes()); // OPT_GO
-    let name = b"default";
-    b.extend_from_slice(&(4 + name.len() as u32 + 2).to_be_bytes());
-    b.extend_from_slice(&(name.len() as u32).to_be_bytes());
-    b.extend_from_slice(name);
-    b.extend_from_slice(&0u16.to_be_bytes());
+    b.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    b.extend_from_slice(&OPT_GO.to_be_bytes());
+    b.extend_from_slice(&(go.len() as u32).to_be_bytes());
+    b.extend_from_slice(&go);
     for r in requests {
         b.extend_from_slice(r);
     }
-    b.extend(request(2, 0, 99, 0, 0, &[])); // DISC
+    b.extend(request(CMD_DISC, 0, 99, 0, 0, &[]));
     b
 }
 
@@ -97,16 +87,16 @@ fn session(requests: &[Vec<u8>]) -> Vec<u8> {
 /// together are not ordered (NBD), so what the write left is read by the next session.
 fn writing_session(payload: &[u8]) -> Vec<u8> {
     session(&[
-        request(1, 0, 1, 1 << 20, payload.len() as u32, payload), // WRITE
-        request(4, 0, 3, 2 << 20, 8192, &[]),                     // TRIM
-        request(6, 0, 4, 3 << 20, 4096, &[]),                     // WRITE_ZEROES
-        request(3, 0, 5, 0, 0, &[]),                              // FLUSH
-        request(0, 0, 6, 64 << 20, 4096, &[]),                    // READ past the end
+        request(CMD_WRITE, 0, 1, 1 << 20, payload.len() as u32, payload),
+        request(CMD_TRIM, 0, 3, 2 << 20, 8192, &[]),
+        request(CMD_WRITE_ZEROES, 0, 4, 3 << 20, 4096, &[]),
+        request(CMD_FLUSH, 0, 5, 0, 0, &[]),
+        request(CMD_READ, 0, 6, 64 << 20, 4096, &[]), // past the end
     ])
 }
 
 fn reading_session(len: u32) -> Vec<u8> {
-    session(&[request(0, 0, 2, 1 << 20, len, &[])])
+    session(&[request(CMD_READ, 0, 2, 1 << 20, len, &[])])
 }
 
 #[test]
