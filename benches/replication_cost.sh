@@ -43,4 +43,5 @@ for i in 1 2; do
   echo "node $i: requests sent per frame $(awk "BEGIN {printf \"%.1f\", $(metric $i torus_peer_entries_sent_total) / $(metric $i torus_peer_frames_sent_total)}")"
   calls=$(awk '$NF == "total" {print $4}' "$W/s$i.txt")
   echo "node $i: $calls syscalls for $writes writes under strace: $(awk "BEGIN {printf \"%.1f\", $calls / $writes}") per write"
+  awk -v w="$writes" '$NF != "total" && $4 ~ /^[0-9]+$/ && $4 > w / 20 {printf "    %-16s %5.2f per write\n", $NF, $4 / w}' "$W/s$i.txt"
 done

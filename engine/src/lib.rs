@@ -26,7 +26,7 @@ pub use error::{BlockError, EngineError};
 pub use layout::{Geometry, Superblock, BLOCK_SIZE, CHUNK_SIZE};
 pub use mailbox::Message;
 pub use metrics::CoreStats;
-pub use reactor::{CoreContext, CoreService, NoService, Shared};
+pub use reactor::{current_core, CoreContext, CoreService, NoService, Shared};
 pub use request::{Completion, CompletionSink, Output, Piece, PieceKind, ReplyTo, Router, Sink};
 
 use layout::{SuperblockDecode, PAGE_SIZE, SUPERBLOCK_COPIES};

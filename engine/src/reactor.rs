@@ -24,6 +24,8 @@ use std::time::{Duration, Instant};
 const RING_ENTRIES: u32 = 1024;
 /// Messages taken from the mailbox per loop iteration, so completions are not starved.
 const MAILBOX_BATCH_MAX: usize = 256;
+/// Extra rounds of the mailbox per loop iteration for messages the iteration itself produced.
+const SELF_MESSAGE_ROUNDS: usize = 4;
 /// Delay after which journal records that no flush asked for are committed anyway.
 const BACKGROUND_COMMIT_DELAY: Duration = Duration::from_millis(100);
 
@@ -38,7 +40,14 @@ pub trait CoreService: Send + 'static {
     fn on_shutdown(&mut self, core: &mut CoreContext);
     /// True while the service still has requests or connections open.
     fn busy(&self) -> bool;
+    /// Called once per loop iteration, before the ring is submitted: what the iteration
+    /// queued can go out as one batch.
+    fn end_of_iteration(&mut self, _core: &mut CoreContext) {}
 }
+
+/// The low 4 bits of a service's io tag say whose operation it is when several services share
+/// a core: the NBD connections use 1 and 2, the ublk queues 3, the peer connections this.
+pub const TAG_KIND_PEER: u64 = 4;
 
 /// A service for cores that serve no frontend (tests, tools).
 pub struct NoService;
@@ -67,6 +76,16 @@ impl Shared {
         let pg = placement_group(volume, offset / CHUNK_SIZE, self.geometry.pg_count);
         (pg % self.geometry.cores) as usize
     }
+}
+
+thread_local! {
+    static CURRENT_CORE: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// The core whose thread this is, if any. A message a core sends to its own mailbox costs no
+/// system call and no wake-up, so code that may run anywhere can prefer the current core.
+pub fn current_core() -> Option<usize> {
+    CURRENT_CORE.with(|c| c.get())
 }
 
 /// user_data of the CQE another core posts into this ring with MSG_RING to wake it.
@@ -279,16 +298,29 @@ impl Reactor {
     }
 
     pub(crate) fn run(mut self) {
+        CURRENT_CORE.with(|c| c.set(Some(self.ctx.index)));
         let spin_limit = std::env::var("TORUS_POLL_US")
             .ok()
             .and_then(|v| v.parse().ok())
             .map(Duration::from_micros)
             .unwrap_or(POLL_BEFORE_SLEEP_DEFAULT);
         let mut last_work = Instant::now();
+        let mut skipped = 0;
         loop {
             let mut work = self.reap();
+            // Set when this iteration must be followed by another one whatever happens.
+            let mut must_loop = false;
             work |= self.take_messages();
             self.route();
+            // What this core sent itself meanwhile (a cluster's piece for its own store, a
+            // reply for its own connection) is taken now, not after another trip through
+            // io_uring_enter.
+            for _ in 0..SELF_MESSAGE_ROUNDS {
+                if self.receiver.is_empty() {
+                    break;
+                }
+                self.take_messages();
+            }
             if self.ctx.store.has_pending_records()
                 && !self.ctx.store.timer_armed
                 && !self.ctx.store.commit_running()
@@ -316,6 +348,7 @@ impl Reactor {
                     self.ctx.store.checkpoint_now(&mut self.ctx.io, reply);
                     self.route();
                     work = true;
+                    must_loop = true;
                 } else if self.ctx.store.idle() {
                     if !self.ctx.store.has_pending_records() {
                         return;
@@ -323,15 +356,31 @@ impl Reactor {
                     // Something changed after the checkpoint began: commit it before leaving.
                     self.ctx.store.kick_commit(&mut self.ctx.io);
                     work = true;
+                    must_loop = true;
                 }
             }
+            self.service.end_of_iteration(&mut self.ctx);
             self.ctx.store.flush_writes(&mut self.ctx.io);
             if work {
                 last_work = Instant::now();
             }
             let spin = !work && last_work.elapsed() < spin_limit;
+            let submitting = !self.ctx.io.ring.submission().is_empty();
+            if work && !submitting && skipped < 8 {
+                // Nothing to submit and more to look at: another round without a system call
+                // (a few at most: completions are only gathered by io_uring_enter).
+                skipped += 1;
+                continue;
+            }
+            skipped = 0;
+            // After work that submitted something, everything it led to is either in the
+            // submission queue or in the mailbox: when the mailbox is empty, submitting and
+            // waiting for the first completion is one system call instead of two. (The
+            // submissions' own completions, inline or not, end the wait.)
             let mailbox = &self.ctx.shared.mailboxes[self.ctx.index];
-            let sleep = !work && !spin && mailbox.prepare_sleep(&self.receiver);
+            let sleep = (!work || (submitting && !must_loop))
+                && !spin
+                && mailbox.prepare_sleep(&self.receiver);
             let result = self.ctx.io.ring.submit_and_wait(if sleep { 1 } else { 0 });
             if sleep {
                 self.ctx.shared.mailboxes[self.ctx.index].awake();

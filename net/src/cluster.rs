@@ -25,6 +25,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use torus_engine::current_core;
 use torus_engine::layout::placement_group;
 use torus_engine::{
     AlignedBuf, BlockError, Completion, CompletionSink, Message, Output, Piece, PieceKind, ReplyTo,
@@ -434,7 +435,7 @@ impl Cluster {
         rt.spawn(async move {
             loop {
                 if let Ok((stream, _)) = listener.accept().await {
-                    tokio::spawn(peer::serve_connection(stream, handler.clone()));
+                    tokio::spawn(peer::accept(stream, handler.clone(), shared.clone()));
                 }
             }
         });
@@ -497,6 +498,7 @@ impl Cluster {
         }
         let l = Arc::new(Link::open(
             &self.rt,
+            &self.shared,
             n.info.peer_addr.clone(),
             self.me.clone(),
             core,
@@ -525,6 +527,14 @@ impl Cluster {
     }
 
     fn submit(self: &Arc<Self>, req: Request) {
+        // Everything about a PG is decided on the core that owns it: its writes reach the local
+        // store and each replica's connection in one order, so replicas apply overlapping
+        // writes in the order the primary did.
+        let owner = self.shared.core_for(req.piece.volume, req.piece.offset);
+        if current_core() != Some(owner) {
+            let me = self.clone();
+            return peer::run_on_core(&self.shared, owner, Box::new(move || me.submit(req)));
+        }
         let Some(vol) = self.volume(req.piece.volume) else {
             if req.from_peer || Instant::now() >= req.deadline {
                 return (req.done)(Err(status::NOVOLUME));

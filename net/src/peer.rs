@@ -1,46 +1,75 @@
-//! Connections between nodes. A `Link` is this node's connection to one core of another node:
-//! requests go out batched (everything queued while the previous send ran goes out as one
-//! frame in one write), replies come back in any order and are matched by id. A link that
-//! fails — refused, reset, a bad frame, or a reply overdue by `OP_TIMEOUT` — fails every request
-//! it holds with `RETRY` and is replaced on next use.
+//! Connections between nodes, owned by the cores' rings like NBD connections.
 //!
-//! `serve_connection` is the other end: it decodes frames and hands each entry to a handler
-//! with a way to reply; replies are batched the same way.
+//! A `Link` names one core of another node. Each core of this node that sends on a link has
+//! its own TCP connection for it, received and sent through that core's io_uring: a request
+//! leaves from the core that made it, and the reply's callback runs on that same core, so a
+//! replicated write wakes no thread but the cores involved. Requests go out batched
+//! (everything queued while the previous send ran goes out as one frame in one send), replies
+//! come back in any order and are matched by id. A connection that fails — refused, reset, a
+//! bad frame, or a reply overdue by `OP_TIMEOUT` — fails every request it holds with `RETRY`;
+//! the next request on the link connects again.
+//!
+//! The other end: the peer listener (tokio, off the cores) reads the hello that names the core
+//! a connection wants and hands the socket to that core, whose `PeerService` decodes frames
+//! and hands each entry to the node's `Handler` with a `Responder`. Replies are batched the
+//! same way.
+//!
+//! Memory per connection: a 64 KiB receive buffer, the frame being received (at most
+//! `wire::BODY_MAX`), the frame being sent, and on a served connection at most
+//! `SERVE_IN_FLIGHT` requests plus one frame's worth (`wire::COUNT_MAX`) in flight.
 
-use crate::wire::{self, status, Data, Entry, Op};
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use crate::wire::{self, status, Data, Entry, Header, Op, HEADER_LEN};
+use io_uring::{opcode, types};
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use torus_engine::reactor::TAG_KIND_PEER;
+use torus_engine::{
+    current_core, AlignedBuf, Completion, CoreContext, CoreService, Message, Shared,
+};
 
-/// A request with no reply within this long tears its link down.
+/// A request with no reply within this long tears its connection down.
 pub const OP_TIMEOUT: Duration = Duration::from_secs(8);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// A frame is cut at this many entries or bytes of data.
 const BATCH_ENTRIES: usize = 1024;
 const BATCH_BYTES: usize = 8 << 20;
-/// Requests one incoming connection may have in flight on this node.
+/// Requests one incoming connection may have in flight on this node before it is not read.
 pub const SERVE_IN_FLIGHT: usize = 2048;
+/// Receive buffer per connection; a frame larger than what it holds is received straight into
+/// the frame's own buffer.
+const RECV_BUFFER: usize = 64 * 1024;
+/// How often a core with requests out looks for overdue ones.
+const TICK: Duration = Duration::from_millis(500);
+
+const OP_RECV: u64 = 1;
+const OP_SEND: u64 = 2;
+const OP_TICK: u64 = 3;
+
+fn tag(op: u64, conn: u64) -> u64 {
+    TAG_KIND_PEER | op << 4 | conn << 8
+}
 
 /// Frames and entries this process sent and received over peer connections (both directions
 /// of every link): entries per frame is the batching factor.
 pub struct Counters {
-    pub frames_sent: std::sync::atomic::AtomicU64,
-    pub entries_sent: std::sync::atomic::AtomicU64,
-    pub bytes_sent: std::sync::atomic::AtomicU64,
-    pub frames_received: std::sync::atomic::AtomicU64,
-    pub entries_received: std::sync::atomic::AtomicU64,
+    pub frames_sent: AtomicU64,
+    pub entries_sent: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub frames_received: AtomicU64,
+    pub entries_received: AtomicU64,
 }
 
 pub static COUNTERS: Counters = Counters {
-    frames_sent: std::sync::atomic::AtomicU64::new(0),
-    entries_sent: std::sync::atomic::AtomicU64::new(0),
-    bytes_sent: std::sync::atomic::AtomicU64::new(0),
-    frames_received: std::sync::atomic::AtomicU64::new(0),
-    entries_received: std::sync::atomic::AtomicU64::new(0),
+    frames_sent: AtomicU64::new(0),
+    entries_sent: AtomicU64::new(0),
+    bytes_sent: AtomicU64::new(0),
+    frames_received: AtomicU64::new(0),
+    entries_received: AtomicU64::new(0),
 };
 
 fn count_sent(entries: usize, bytes: usize) {
@@ -65,6 +94,7 @@ pub struct Reply {
     pub data: Option<Data>,
 }
 
+/// Runs on the core that sent the request (or wherever the link failed it).
 pub type Callback = Box<dyn FnOnce(Reply) + Send>;
 
 pub struct Outgoing {
@@ -80,215 +110,159 @@ fn retry() -> Reply {
     }
 }
 
-pub struct Link {
-    tx: mpsc::UnboundedSender<Outgoing>,
-    dead: Arc<AtomicBool>,
-    kill: Arc<tokio::sync::Notify>,
+struct LinkInner {
+    id: u64,
+    addr: String,
+    me: String,
+    /// The core on the other node.
+    core: u32,
+    closed: AtomicBool,
+    shared: Arc<Shared>,
+    rt: tokio::runtime::Handle,
 }
 
-type Pending = Arc<parking_lot::Mutex<HashMap<u64, (Callback, Instant)>>>;
+/// This node's way to one core of another node.
+pub struct Link(Arc<LinkInner>);
+
+static NEXT_LINK: AtomicU64 = AtomicU64::new(1);
 
 impl Link {
-    /// Starts connecting to `addr` (core `core` there) on the runtime; requests queue meanwhile.
-    pub fn open(rt: &tokio::runtime::Handle, addr: String, me: String, core: u32) -> Link {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let dead = Arc::new(AtomicBool::new(false));
-        let kill = Arc::new(tokio::sync::Notify::new());
-        rt.spawn(run_link(addr, me, core, rx, dead.clone(), kill.clone()));
-        Link { tx, dead, kill }
+    /// A link to core `core` of the node listening at `addr`; cores connect on first use.
+    pub fn open(
+        rt: &tokio::runtime::Handle,
+        shared: &Arc<Shared>,
+        addr: String,
+        me: String,
+        core: u32,
+    ) -> Link {
+        Link(Arc::new(LinkInner {
+            id: NEXT_LINK.fetch_add(1, Ordering::Relaxed),
+            addr,
+            me,
+            core,
+            closed: AtomicBool::new(false),
+            shared: shared.clone(),
+            rt: rt.clone(),
+        }))
     }
 
     /// Tears the link down now: every request it holds fails with `RETRY` (the peer left the
     /// map; its requests go elsewhere rather than wait for `OP_TIMEOUT`).
     pub fn close(&self) {
-        self.dead.store(true, Ordering::Release);
-        self.kill.notify_one();
+        if self.0.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        for m in &self.0.shared.mailboxes {
+            m.send(Message::Service(Box::new(PeerMsg::Close(self.0.id))));
+        }
     }
 
     pub fn dead(&self) -> bool {
-        self.dead.load(Ordering::Acquire) || self.tx.is_closed()
+        self.0.closed.load(Ordering::Acquire)
     }
 
+    /// Queues a request. On a core it leaves through that core's connection (no thread is
+    /// woken); elsewhere through the core with the peer core's index.
     pub fn send(&self, o: Outgoing) {
-        if let Err(mpsc::error::SendError(o)) = self.tx.send(o) {
-            (o.done)(retry());
+        if self.dead() {
+            return (o.done)(retry());
         }
+        let cores = self.0.shared.mailboxes.len();
+        let core = current_core()
+            .filter(|c| *c < cores)
+            .unwrap_or(self.0.core as usize % cores);
+        self.0.shared.mailboxes[core]
+            .send(Message::Service(Box::new(PeerMsg::Send(self.0.clone(), o))));
     }
 }
 
-fn fail_all(pending: &Pending) {
-    let all: Vec<(Callback, Instant)> = pending.lock().drain().map(|(_, v)| v).collect();
-    for (cb, _) in all {
-        cb(retry());
-    }
+/// What the cores' peer services are told through their mailboxes.
+enum PeerMsg {
+    Send(Arc<LinkInner>, Outgoing),
+    Close(u64),
+    /// A connection this core asked for is up (with the hello sent), or failed (`None`).
+    Connected {
+        conn: u64,
+        fd: Option<std::net::TcpStream>,
+    },
+    /// A connection from another node, its hello read.
+    Serve {
+        fd: std::net::TcpStream,
+        from: String,
+        handler: Arc<dyn Handler>,
+    },
+    Reply {
+        conn: u64,
+        entry: Entry,
+        data: Option<Data>,
+    },
+    Run(Box<dyn FnOnce() + Send>),
 }
 
-async fn run_link(
-    addr: String,
-    me: String,
-    core: u32,
-    mut rx: mpsc::UnboundedReceiver<Outgoing>,
-    dead: Arc<AtomicBool>,
-    kill: Arc<tokio::sync::Notify>,
-) {
-    let pending: Pending = Arc::new(parking_lot::Mutex::new(HashMap::new()));
-    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr)).await {
-        Ok(Ok(s)) => s,
-        _ => {
-            dead.store(true, Ordering::Release);
-            rx.close();
-            while let Some(o) = rx.recv().await {
-                (o.done)(retry());
-            }
-            return;
-        }
-    };
-    let _ = stream.set_nodelay(true);
-    // Closing a dead link resets it: nothing still queued in the kernel is delivered later.
-    let _ = stream.set_zero_linger();
-    let (mut rd, mut wr) = stream.into_split();
-    let gone = Arc::new(tokio::sync::Notify::new());
-    let reader_gone = gone.clone();
-    let reader_pending = pending.clone();
-    let reader_dead = dead.clone();
-    let reader = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
-        loop {
-            tokio::select! {
-                frame = wire::read_frame(&mut rd) => {
-                    let Ok(frame) = frame else { break };
-                    count_received(frame.entries.len());
-                    for (e, start) in &frame.entries {
-                        if e.op != Op::Reply as u8 {
-                            continue;
-                        }
-                        let Some((cb, _)) = reader_pending.lock().remove(&e.id) else { continue };
-                        let data = (e.data_len > 0).then(|| Data {
-                            buf: frame.body.clone(),
-                            start: *start,
-                            len: e.data_len as usize,
-                        });
-                        cb(Reply { status: e.status, data });
-                    }
-                }
-                _ = kill.notified() => break,
-                _ = tick.tick() => {
-                    let overdue = reader_pending
-                        .lock()
-                        .values()
-                        .any(|(_, at)| at.elapsed() > OP_TIMEOUT);
-                    if overdue {
-                        break;
-                    }
-                }
-            }
-        }
-        reader_dead.store(true, Ordering::Release);
-        fail_all(&reader_pending);
-        reader_gone.notify_one();
-    });
-    let mut next_id: u64 = 1;
-    let mut buf = Vec::new();
-    let hello = Entry {
-        op: Op::Hello as u8,
-        volume: core,
-        ..Entry::default()
-    };
-    let name = Arc::new(name_buf(&me));
-    wire::encode_frame(
-        &mut [(
-            hello,
-            Some(Data {
-                len: me.len(),
-                buf: name,
-                start: 0,
-            }),
-        )],
-        &mut buf,
-    );
-    let mut ok = wr.write_all(&buf).await.is_ok();
-    let mut batch: Vec<(Entry, Option<Data>)> = Vec::new();
-    while ok {
-        let first = tokio::select! {
-            o = rx.recv() => o,
-            _ = gone.notified() => None,
-        };
-        let Some(first) = first else { break };
-        let mut take = |o: Outgoing, batch: &mut Vec<(Entry, Option<Data>)>| -> usize {
-            let mut e = o.entry;
-            e.id = next_id;
-            next_id += 1;
-            pending.lock().insert(e.id, (o.done, Instant::now()));
-            let n = o.data.as_ref().map_or(0, |d| d.len);
-            batch.push((e, o.data));
-            n
-        };
-        let mut bytes = take(first, &mut batch);
-        while batch.len() < BATCH_ENTRIES && bytes < BATCH_BYTES {
-            match rx.try_recv() {
-                Ok(o) => bytes += take(o, &mut batch),
-                Err(_) => break,
-            }
-        }
-        wire::encode_frame(&mut batch, &mut buf);
-        count_sent(batch.len(), buf.len());
-        batch.clear();
-        if dead.load(Ordering::Acquire) || wr.write_all(&buf).await.is_err() {
-            ok = false;
-        }
+/// Runs `f` on core `core`'s thread (right away when called there).
+pub fn run_on_core(shared: &Shared, core: usize, f: Box<dyn FnOnce() + Send>) {
+    if current_core() == Some(core) {
+        return f();
     }
-    dead.store(true, Ordering::Release);
-    reader.abort();
-    let _ = reader.await;
-    drop(wr);
-    fail_all(&pending);
-    rx.close();
-    while let Ok(o) = rx.try_recv() {
-        (o.done)(retry());
-    }
+    shared.mailboxes[core].send(Message::Service(Box::new(PeerMsg::Run(f))));
 }
 
-fn name_buf(name: &str) -> torus_engine::AlignedBuf {
-    let mut b = torus_engine::AlignedBuf::zeroed(name.len().div_ceil(4096).max(1) * 4096);
-    b[..name.len()].copy_from_slice(name.as_bytes());
-    b
-}
-
-/// How a served connection answers one request.
+/// How a served connection answers one request. Dropped without a reply, it answers `RETRY`.
 pub struct Responder {
-    tx: mpsc::UnboundedSender<(Entry, Option<Data>)>,
+    shared: Arc<Shared>,
+    core: usize,
+    conn: u64,
     id: u64,
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    replied: bool,
 }
 
 impl Responder {
-    pub fn reply(self, status: u16, data: Option<Data>) {
-        let e = Entry {
+    pub fn reply(mut self, status: u16, data: Option<Data>) {
+        self.replied = true;
+        self.send(status, data);
+    }
+
+    fn send(&self, status: u16, data: Option<Data>) {
+        let entry = Entry {
             op: Op::Reply as u8,
             status,
             id: self.id,
             ..Entry::default()
         };
-        let _ = self.tx.send((e, data));
+        self.shared.mailboxes[self.core].send(Message::Service(Box::new(PeerMsg::Reply {
+            conn: self.conn,
+            entry,
+            data,
+        })));
     }
 }
 
-/// What a node does with one request from a peer.
+impl Drop for Responder {
+    fn drop(&mut self) {
+        if !self.replied {
+            self.send(status::RETRY, None);
+        }
+    }
+}
+
+/// What a node does with one request from a peer. Called on the core the connection belongs
+/// to (the core index the caller asked for).
 pub trait Handler: Send + Sync + 'static {
     fn handle(&self, from: &str, core: u32, entry: Entry, data: Option<Data>, respond: Responder);
     fn cores(&self) -> u32;
 }
 
-/// Serves one incoming peer connection until it closes or misbehaves.
-pub async fn serve_connection(stream: TcpStream, handler: Arc<dyn Handler>) {
+/// Reads an incoming connection's hello (which names the caller and the core it wants) and
+/// hands the socket to that core. A bad or missing hello closes it.
+pub async fn accept(stream: TcpStream, handler: Arc<dyn Handler>, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
     let peer = stream
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
-    let (mut rd, mut wr) = stream.into_split();
-    // The first frame says who is calling and which core it wants.
-    let hello = match tokio::time::timeout(CONNECT_TIMEOUT * 5, wire::read_frame(&mut rd)).await {
+    let mut stream = stream;
+    let hello = match tokio::time::timeout(CONNECT_TIMEOUT * 5, wire::read_frame(&mut stream)).await
+    {
         Ok(Ok(f)) => f,
         Ok(Err(e)) => {
             eprintln!("torusd: peer connection from {peer}: {e}; closed");
@@ -299,66 +273,605 @@ pub async fn serve_connection(stream: TcpStream, handler: Arc<dyn Handler>) {
     let Some(&(e, start)) = hello.entries.first() else {
         return;
     };
-    if e.op != Op::Hello as u8 || e.volume >= handler.cores() || e.data_len as usize > 256 {
+    if e.op != Op::Hello as u8
+        || e.volume >= handler.cores()
+        || e.volume as usize >= shared.mailboxes.len()
+        || e.data_len as usize > 256
+    {
         eprintln!("torusd: peer connection from {peer}: bad hello; closed");
         return;
     }
     let from =
         String::from_utf8_lossy(&hello.body[start..start + e.data_len as usize]).into_owned();
-    let core = e.volume;
-    let (tx, mut rx) = mpsc::unbounded_channel::<(Entry, Option<Data>)>();
-    let writer = tokio::spawn(async move {
-        let mut buf = Vec::new();
-        let mut batch = Vec::new();
-        while let Some(first) = rx.recv().await {
-            let mut bytes = first.1.as_ref().map_or(0, |d| d.len);
-            batch.push(first);
-            while batch.len() < BATCH_ENTRIES && bytes < BATCH_BYTES {
-                match rx.try_recv() {
-                    Ok(r) => {
-                        bytes += r.1.as_ref().map_or(0, |d| d.len);
-                        batch.push(r);
-                    }
-                    Err(_) => break,
-                }
-            }
-            wire::encode_frame(&mut batch, &mut buf);
-            count_sent(batch.len(), buf.len());
-            batch.clear();
-            if wr.write_all(&buf).await.is_err() {
-                break;
-            }
-        }
-    });
-    let permits = Arc::new(tokio::sync::Semaphore::new(SERVE_IN_FLIGHT));
-    loop {
-        let frame = match wire::read_frame(&mut rd).await {
-            Ok(f) => f,
-            Err(e) => {
-                if e.kind() == std::io::ErrorKind::InvalidData {
-                    eprintln!("torusd: peer {from} ({peer}): {e}; connection closed");
-                }
-                break;
-            }
-        };
-        count_received(frame.entries.len());
-        for (e, start) in &frame.entries {
-            let Ok(permit) = permits.clone().acquire_owned().await else {
-                break;
-            };
-            let data = (e.data_len > 0).then(|| Data {
-                buf: frame.body.clone(),
-                start: *start,
-                len: e.data_len as usize,
-            });
-            let r = Responder {
-                tx: tx.clone(),
-                id: e.id,
-                _permit: permit,
-            };
-            handler.handle(&from, core, *e, data, r);
+    let Ok(std) = stream.into_std() else { return };
+    if std.set_nonblocking(false).is_err() {
+        return;
+    }
+    shared.mailboxes[e.volume as usize].send(Message::Service(Box::new(PeerMsg::Serve {
+        fd: std,
+        from,
+        handler,
+    })));
+}
+
+/// Connects for a core (off the core: the connect and the hello may block) and tells it.
+async fn connect(link: Arc<LinkInner>, core: usize, conn: u64) {
+    let fd = async {
+        let s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&link.addr))
+            .await
+            .ok()?
+            .ok()?;
+        let _ = s.set_nodelay(true);
+        // Closing a dead connection resets it: nothing still queued in the kernel is
+        // delivered later.
+        let _ = s.set_zero_linger();
+        let mut s = s;
+        let mut hello = Vec::new();
+        let name = Arc::new(name_buf(&link.me));
+        wire::encode_frame(
+            &mut [(
+                Entry {
+                    op: Op::Hello as u8,
+                    volume: link.core,
+                    ..Entry::default()
+                },
+                Some(Data {
+                    len: link.me.len(),
+                    buf: name,
+                    start: 0,
+                }),
+            )],
+            &mut hello,
+        );
+        tokio::time::timeout(CONNECT_TIMEOUT, s.write_all(&hello))
+            .await
+            .ok()?
+            .ok()?;
+        let std = s.into_std().ok()?;
+        std.set_nonblocking(false).ok()?;
+        Some(std)
+    }
+    .await;
+    link.shared.mailboxes[core].send(Message::Service(Box::new(PeerMsg::Connected { conn, fd })));
+}
+
+fn name_buf(name: &str) -> AlignedBuf {
+    let mut b = AlignedBuf::zeroed(name.len().div_ceil(4096).max(1) * 4096);
+    b[..name.len()].copy_from_slice(name.as_bytes());
+    b
+}
+
+enum Role {
+    /// This core's connection on a link: requests out, replies in.
+    Client {
+        link: Arc<LinkInner>,
+        next_id: u64,
+        queue: VecDeque<Outgoing>,
+        pending: HashMap<u64, (Callback, Instant)>,
+    },
+    /// A connection from another node: requests in, replies out.
+    Served {
+        from: String,
+        handler: Arc<dyn Handler>,
+        in_flight: usize,
+        replies: VecDeque<(Entry, Option<Data>)>,
+    },
+}
+
+struct Conn {
+    /// None while connecting.
+    fd: Option<std::net::TcpStream>,
+    role: Role,
+    rbuf: Box<[u8]>,
+    rstart: usize,
+    rend: usize,
+    /// The frame whose body is being received, and how much of it has arrived.
+    body: Option<(Header, AlignedBuf, usize)>,
+    recv_armed: bool,
+    recv_into_body: bool,
+    out: Vec<u8>,
+    sent: usize,
+    send_armed: bool,
+    closing: bool,
+}
+
+impl Conn {
+    fn new(fd: Option<std::net::TcpStream>, role: Role) -> Conn {
+        Conn {
+            fd,
+            role,
+            rbuf: vec![0u8; RECV_BUFFER].into_boxed_slice(),
+            rstart: 0,
+            rend: 0,
+            body: None,
+            recv_armed: false,
+            recv_into_body: false,
+            out: Vec::new(),
+            sent: 0,
+            send_armed: false,
+            closing: false,
         }
     }
-    drop(tx);
-    let _ = writer.await;
+
+    fn who(&self) -> String {
+        match &self.role {
+            Role::Client { link, .. } => format!("{} (core {})", link.addr, link.core),
+            Role::Served { from, .. } => format!("node {from}"),
+        }
+    }
+}
+
+/// The peer connections one core owns.
+pub struct PeerService {
+    core: usize,
+    conns: HashMap<u64, Conn>,
+    /// Link id → the connection this core has for it.
+    links: HashMap<u64, u64>,
+    next_conn: u64,
+    tick: Option<Box<types::Timespec>>,
+    /// Connections with something queued: sent at the end of the loop iteration, so what
+    /// one iteration queued goes out as one frame.
+    to_send: Vec<u64>,
+}
+
+impl PeerService {
+    pub fn new(core: usize) -> PeerService {
+        PeerService {
+            core,
+            conns: HashMap::new(),
+            links: HashMap::new(),
+            next_conn: 1,
+            tick: None,
+            to_send: Vec::new(),
+        }
+    }
+
+    fn add(&mut self, conn: Conn) -> u64 {
+        let id = self.next_conn;
+        self.next_conn += 1;
+        self.conns.insert(id, conn);
+        id
+    }
+
+    fn send_on(&mut self, ctx: &mut CoreContext, link: Arc<LinkInner>, o: Outgoing) {
+        if link.closed.load(Ordering::Acquire) {
+            return (o.done)(retry());
+        }
+        let id = match self.links.get(&link.id) {
+            Some(&id) => id,
+            None => {
+                let role = Role::Client {
+                    link: link.clone(),
+                    next_id: 1,
+                    queue: VecDeque::new(),
+                    pending: HashMap::new(),
+                };
+                let id = self.add(Conn::new(None, role));
+                self.links.insert(link.id, id);
+                link.rt.spawn(connect(link.clone(), self.core, id));
+                id
+            }
+        };
+        if let Some(Role::Client { queue, .. }) = self.conns.get_mut(&id).map(|c| &mut c.role) {
+            queue.push_back(o);
+        }
+        self.to_send.push(id);
+        self.arm_tick(ctx);
+    }
+
+    fn arm_tick(&mut self, ctx: &mut CoreContext) {
+        if self.tick.is_some() {
+            return;
+        }
+        let waiting = self.conns.values().any(|c| match &c.role {
+            Role::Client { pending, queue, .. } => !pending.is_empty() || !queue.is_empty(),
+            Role::Served { .. } => false,
+        });
+        if !waiting {
+            return;
+        }
+        let ts = Box::new(types::Timespec::from(TICK));
+        ctx.submit_io(opcode::Timeout::new(&*ts).build(), tag(OP_TICK, 0));
+        self.tick = Some(ts);
+    }
+
+    fn on_tick(&mut self, ctx: &mut CoreContext) {
+        self.tick = None;
+        let overdue: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| match &c.role {
+                Role::Client { pending, .. } => {
+                    pending.values().any(|(_, at)| at.elapsed() > OP_TIMEOUT)
+                }
+                Role::Served { .. } => false,
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in overdue {
+            let who = self.conns[&id].who();
+            eprintln!(
+                "torusd: peer {who}: no reply within {OP_TIMEOUT:?}; connection closed, requests retried"
+            );
+            self.close(id);
+        }
+        self.arm_tick(ctx);
+    }
+
+    /// Fails what the connection holds and closes it once no operation is in flight on it.
+    fn close(&mut self, id: u64) {
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        if c.closing {
+            return;
+        }
+        c.closing = true;
+        let mut failed = Vec::new();
+        match &mut c.role {
+            Role::Client {
+                link,
+                queue,
+                pending,
+                ..
+            } => {
+                if self.links.get(&link.id) == Some(&id) {
+                    self.links.remove(&link.id);
+                }
+                failed.extend(queue.drain(..).map(|o| o.done));
+                failed.extend(pending.drain().map(|(_, (cb, _))| cb));
+            }
+            Role::Served { replies, .. } => replies.clear(),
+        }
+        if let Some(s) = &c.fd {
+            // Completes an armed receive or send.
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        self.maybe_remove(id);
+        for cb in failed {
+            cb(retry());
+        }
+    }
+
+    fn maybe_remove(&mut self, id: u64) {
+        if let Some(c) = self.conns.get(&id) {
+            if c.closing && !c.recv_armed && !c.send_armed {
+                self.conns.remove(&id);
+            }
+        }
+    }
+
+    fn arm_recv(&mut self, ctx: &mut CoreContext, id: u64) {
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        if c.recv_armed || c.closing {
+            return;
+        }
+        let Some(fd) = c.fd.as_ref().map(|f| f.as_raw_fd()) else {
+            return;
+        };
+        if let Role::Served { in_flight, .. } = &c.role {
+            if *in_flight >= SERVE_IN_FLIGHT {
+                return;
+            }
+        }
+        let entry = match &mut c.body {
+            // The receive buffer is empty while a body is pending (parse moved all of it).
+            Some((h, buf, got)) if *got < h.len => {
+                c.recv_into_body = true;
+                // SAFETY (for the kernel's write): the buffer is owned by the connection,
+                // which is kept until this receive completes (maybe_remove).
+                opcode::Recv::new(
+                    types::Fd(fd),
+                    buf[*got..].as_mut_ptr(),
+                    (h.len - *got) as u32,
+                )
+                .flags(libc::MSG_WAITALL)
+                .build()
+            }
+            _ => {
+                c.recv_into_body = false;
+                if c.rstart == c.rend {
+                    c.rstart = 0;
+                    c.rend = 0;
+                } else if c.rstart > 0 {
+                    c.rbuf.copy_within(c.rstart..c.rend, 0);
+                    c.rend -= c.rstart;
+                    c.rstart = 0;
+                }
+                opcode::Recv::new(
+                    types::Fd(fd),
+                    c.rbuf[c.rend..].as_mut_ptr(),
+                    (c.rbuf.len() - c.rend) as u32,
+                )
+                .build()
+            }
+        };
+        c.recv_armed = true;
+        ctx.submit_io(entry, tag(OP_RECV, id));
+    }
+
+    fn on_recv(&mut self, ctx: &mut CoreContext, id: u64, result: i32) {
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        c.recv_armed = false;
+        if c.closing {
+            return self.maybe_remove(id);
+        }
+        if result <= 0 {
+            return self.close(id);
+        }
+        let n = result as usize;
+        if c.recv_into_body {
+            if let Some((_, _, got)) = &mut c.body {
+                *got += n;
+            }
+        } else {
+            c.rend += n;
+        }
+        if let Err(e) = self.parse(ctx, id) {
+            if let Some(c) = self.conns.get(&id) {
+                eprintln!("torusd: peer {}: {e}; connection closed", c.who());
+            }
+            return self.close(id);
+        }
+        self.arm_recv(ctx, id);
+    }
+
+    /// Decodes every whole frame received so far and acts on it.
+    fn parse(&mut self, ctx: &mut CoreContext, id: u64) -> Result<(), wire::FrameError> {
+        loop {
+            let Some(c) = self.conns.get_mut(&id) else {
+                return Ok(());
+            };
+            if c.closing {
+                return Ok(());
+            }
+            if let Some((h, buf, got)) = &mut c.body {
+                let take = (h.len - *got).min(c.rend - c.rstart);
+                buf[*got..*got + take].copy_from_slice(&c.rbuf[c.rstart..c.rstart + take]);
+                c.rstart += take;
+                *got += take;
+                if *got < h.len {
+                    return Ok(());
+                }
+                let (h, buf, _) = c.body.take().expect("checked");
+                let frame = wire::decode_body(&h, buf)?;
+                self.dispatch(ctx, id, frame);
+                continue;
+            }
+            if c.rend - c.rstart < HEADER_LEN {
+                return Ok(());
+            }
+            let raw: [u8; HEADER_LEN] = c.rbuf[c.rstart..c.rstart + HEADER_LEN]
+                .try_into()
+                .expect("header length");
+            let h = wire::decode_header(&raw)?;
+            c.rstart += HEADER_LEN;
+            let buf = AlignedBuf::zeroed(h.len.div_ceil(4096).max(1) * 4096);
+            c.body = Some((h, buf, 0));
+        }
+    }
+
+    fn dispatch(&mut self, ctx: &mut CoreContext, id: u64, frame: wire::Frame) {
+        count_received(frame.entries.len());
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let data_of = |e: &Entry, start: usize| {
+            (e.data_len > 0).then(|| Data {
+                buf: frame.body.clone(),
+                start,
+                len: e.data_len as usize,
+            })
+        };
+        match &mut c.role {
+            Role::Client { pending, .. } => {
+                let mut done = Vec::with_capacity(frame.entries.len());
+                for (e, start) in &frame.entries {
+                    if e.op != Op::Reply as u8 {
+                        continue;
+                    }
+                    if let Some((cb, _)) = pending.remove(&e.id) {
+                        done.push((cb, e.status, data_of(e, *start)));
+                    }
+                }
+                for (cb, status, data) in done {
+                    cb(Reply { status, data });
+                }
+            }
+            Role::Served {
+                from,
+                handler,
+                in_flight,
+                ..
+            } => {
+                let (from, handler) = (from.clone(), handler.clone());
+                *in_flight += frame.entries.len();
+                for (e, start) in &frame.entries {
+                    let respond = Responder {
+                        shared: ctx.shared().clone(),
+                        core: self.core,
+                        conn: id,
+                        id: e.id,
+                        replied: false,
+                    };
+                    handler.handle(&from, self.core as u32, *e, data_of(e, *start), respond);
+                }
+            }
+        }
+    }
+
+    /// Sends what is queued as one frame, unless a send is already in flight.
+    fn try_send(&mut self, ctx: &mut CoreContext, id: u64) {
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        if c.send_armed || c.closing {
+            return;
+        }
+        let Some(fd) = c.fd.as_ref().map(|f| f.as_raw_fd()) else {
+            return;
+        };
+        let mut batch: Vec<(Entry, Option<Data>)> = Vec::new();
+        let mut bytes = 0usize;
+        match &mut c.role {
+            Role::Client {
+                next_id,
+                queue,
+                pending,
+                ..
+            } => {
+                while batch.len() < BATCH_ENTRIES && bytes < BATCH_BYTES {
+                    let Some(o) = queue.pop_front() else { break };
+                    let mut e = o.entry;
+                    e.id = *next_id;
+                    *next_id += 1;
+                    pending.insert(e.id, (o.done, Instant::now()));
+                    bytes += o.data.as_ref().map_or(0, |d| d.len);
+                    batch.push((e, o.data));
+                }
+            }
+            Role::Served { replies, .. } => {
+                while batch.len() < BATCH_ENTRIES && bytes < BATCH_BYTES {
+                    let Some(r) = replies.pop_front() else { break };
+                    bytes += r.1.as_ref().map_or(0, |d| d.len);
+                    batch.push(r);
+                }
+            }
+        }
+        if batch.is_empty() {
+            return;
+        }
+        wire::encode_frame(&mut batch, &mut c.out);
+        count_sent(batch.len(), c.out.len());
+        c.sent = 0;
+        submit_send(ctx, id, c, fd);
+    }
+
+    fn on_send(&mut self, ctx: &mut CoreContext, id: u64, result: i32) {
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        c.send_armed = false;
+        if c.closing {
+            return self.maybe_remove(id);
+        }
+        if result <= 0 {
+            return self.close(id);
+        }
+        c.sent += result as usize;
+        if c.sent < c.out.len() {
+            let fd = c.fd.as_ref().map(|f| f.as_raw_fd()).expect("sending");
+            return submit_send(ctx, id, c, fd);
+        }
+        self.try_send(ctx, id);
+    }
+}
+
+fn submit_send(ctx: &mut CoreContext, id: u64, c: &mut Conn, fd: i32) {
+    let rest = &c.out[c.sent..];
+    // The frame stays in `c.out`, untouched until this send completes.
+    let entry = opcode::Send::new(types::Fd(fd), rest.as_ptr(), rest.len() as u32)
+        .flags(libc::MSG_NOSIGNAL)
+        .build();
+    c.send_armed = true;
+    ctx.submit_io(entry, tag(OP_SEND, id));
+}
+
+impl CoreService for PeerService {
+    fn on_message(&mut self, ctx: &mut CoreContext, message: Box<dyn std::any::Any + Send>) {
+        let Ok(m) = message.downcast::<PeerMsg>() else {
+            return;
+        };
+        match *m {
+            PeerMsg::Send(link, o) => self.send_on(ctx, link, o),
+            PeerMsg::Close(link) => {
+                if let Some(id) = self.links.remove(&link) {
+                    self.close(id);
+                }
+            }
+            PeerMsg::Connected { conn, fd } => {
+                let Some(c) = self.conns.get_mut(&conn) else {
+                    return; // closed meanwhile; the socket is dropped
+                };
+                if c.closing {
+                    return;
+                }
+                match fd {
+                    Some(fd) => {
+                        c.fd = Some(fd);
+                        self.arm_recv(ctx, conn);
+                        self.try_send(ctx, conn);
+                    }
+                    None => self.close(conn),
+                }
+            }
+            PeerMsg::Serve { fd, from, handler } => {
+                let role = Role::Served {
+                    from,
+                    handler,
+                    in_flight: 0,
+                    replies: VecDeque::new(),
+                };
+                let id = self.add(Conn::new(Some(fd), role));
+                self.arm_recv(ctx, id);
+            }
+            PeerMsg::Run(f) => f(),
+            PeerMsg::Reply { conn, entry, data } => {
+                let Some(c) = self.conns.get_mut(&conn) else {
+                    return;
+                };
+                if let Role::Served {
+                    in_flight, replies, ..
+                } = &mut c.role
+                {
+                    *in_flight = in_flight.saturating_sub(1);
+                    if !c.closing {
+                        replies.push_back((entry, data));
+                    }
+                }
+                self.to_send.push(conn);
+                self.arm_recv(ctx, conn);
+            }
+        }
+    }
+
+    fn on_io(&mut self, ctx: &mut CoreContext, tag: u64, result: i32, _flags: u32) {
+        let id = tag >> 8;
+        match (tag >> 4) & 0xF {
+            OP_RECV => self.on_recv(ctx, id, result),
+            OP_SEND => self.on_send(ctx, id, result),
+            OP_TICK => self.on_tick(ctx),
+            _ => {}
+        }
+    }
+
+    fn on_completion(&mut self, _ctx: &mut CoreContext, _completion: Completion) {}
+
+    /// Peer connections stay up while the node drains: the requests its frontends still have
+    /// in flight need them, and so may other nodes' writes.
+    fn on_shutdown(&mut self, _ctx: &mut CoreContext) {}
+
+    fn busy(&self) -> bool {
+        false
+    }
+
+    fn end_of_iteration(&mut self, ctx: &mut CoreContext) {
+        if self.to_send.is_empty() {
+            return;
+        }
+        let mut ids = std::mem::take(&mut self.to_send);
+        ids.sort_unstable();
+        ids.dedup();
+        for &id in &ids {
+            self.try_send(ctx, id);
+        }
+        ids.clear();
+        if self.to_send.is_empty() {
+            self.to_send = ids;
+        }
+    }
 }

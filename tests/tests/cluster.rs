@@ -261,6 +261,30 @@ fn bad_peer_frames_close_the_connection_and_harm_nothing() {
             "{what}: no close within 15 s"
         );
     }
+    // After a valid hello the connection belongs to a core, which decodes the frames: a bad
+    // one there closes it just the same.
+    let mut write = vec![0u8; 48];
+    write[0] = 2;
+    let mut magic_after_hello = frame(1, 48, 1, &write, true);
+    magic_after_hello[0] ^= 0xff;
+    let mut body_after_hello = frame(1, 48, 1, &write, true);
+    body_after_hello[40] ^= 1;
+    for (what, bytes) in [
+        ("bad magic after the hello", magic_after_hello),
+        ("body checksum after the hello", body_after_hello),
+    ] {
+        let mut s = TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        s.write_all(&hello).unwrap();
+        let _ = s.write_all(&bytes);
+        let mut buf = [0u8; 64];
+        let r = std::io::Read::read(&mut s, &mut buf);
+        assert!(
+            matches!(r, Ok(0))
+                || matches!(&r, Err(e) if e.kind() != std::io::ErrorKind::WouldBlock && e.kind() != std::io::ErrorKind::TimedOut),
+            "{what}: connection still open ({r:?})"
+        );
+    }
     // A valid hello followed by garbage entries: answered or closed, never a crash.
     let mut s = TcpStream::connect(&addr).unwrap();
     s.write_all(&hello).unwrap();
@@ -273,6 +297,10 @@ fn bad_peer_frames_close_the_connection_and_harm_nothing() {
     let log = a.log_text();
     assert!(
         log.contains("bad magic") && log.contains("checksum"),
+        "{log}"
+    );
+    assert!(
+        log.contains("peer node evil: bad magic") && log.contains("peer node evil: body checksum"),
         "{log}"
     );
     // Still serving.

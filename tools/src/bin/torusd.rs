@@ -17,6 +17,7 @@ use torus_frontend::ublk::UblkTarget;
 use torus_net::cluster::{Cluster, ClusterConfig, Local};
 use torus_net::etcd::{Etcd, EtcdMetadata};
 use torus_net::metadata::{EmbeddedMetadata, Metadata};
+use torus_net::peer::PeerService;
 use torus_tools::admin::{self, Node};
 use torus_tools::size::{human, parse_size};
 
@@ -343,13 +344,21 @@ fn run(args: Args) -> Result<()> {
     let started = Instant::now();
     // Sized for the most regions a store can have; an existing store keeps its own count.
     let frontend = Arc::new(FrontendStats::new(MAX_CORES as usize));
+    let clustered = etcd.is_some();
     let engine = Engine::open(
         &EngineConfig {
             path: path.clone(),
             create_size: size,
             cores,
         },
-        |core| Box::new(FrontendService::new(core, frontend.clone())),
+        |core| {
+            let service = FrontendService::new(core, frontend.clone());
+            Box::new(if clustered {
+                service.with_peer(Box::new(PeerService::new(core)))
+            } else {
+                service
+            })
+        },
     )
     .with_context(|| format!("open backing store {}", path.display()))?;
     if engine.cores() != cores as usize && args.cores.is_some() {
