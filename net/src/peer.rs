@@ -669,17 +669,18 @@ impl PeerService {
         };
         match &mut c.role {
             Role::Client { pending, .. } => {
-                let mut done = Vec::with_capacity(frame.entries.len());
+                // A callback reaches this service only through the mailbox, so it can run
+                // while the connection is borrowed (no list of them is gathered first).
                 for (e, start) in &frame.entries {
                     if e.op != Op::Reply as u8 {
                         continue;
                     }
                     if let Some((cb, _)) = pending.remove(&e.id) {
-                        done.push((cb, e.status, data_of(e, *start)));
+                        cb(Reply {
+                            status: e.status,
+                            data: data_of(e, *start),
+                        });
                     }
-                }
-                for (cb, status, data) in done {
-                    cb(Reply { status, data });
                 }
             }
             Role::Served {
@@ -863,6 +864,7 @@ impl CoreService for PeerService {
         if self.to_send.is_empty() {
             return;
         }
+        // try_send queues nothing here, so the list (and its allocation) is put back empty.
         let mut ids = std::mem::take(&mut self.to_send);
         ids.sort_unstable();
         ids.dedup();
@@ -870,8 +872,6 @@ impl CoreService for PeerService {
             self.try_send(ctx, id);
         }
         ids.clear();
-        if self.to_send.is_empty() {
-            self.to_send = ids;
-        }
+        self.to_send = ids;
     }
 }
