@@ -15,9 +15,10 @@
 //! holding stale slots copies from each PG's primary only the blocks whose checksums differ.
 
 use crate::etcd::{Etcd, EtcdError};
-use crate::map::{min_size, ClusterMap, NodeInfo, PgHealth, SlotState};
+use crate::map::{ClusterMap, NodeInfo, PgHealth};
 use crate::metadata::VolumeRecord;
 use crate::peer::{self, Handler, Link, Outgoing, Responder};
+use crate::replication::{self, worse, Fence, Route, Tally, Wanted, WritePlan};
 use crate::wire::{self, status, Data, Entry, Op};
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
@@ -41,8 +42,6 @@ const RETRY_DELAY: Duration = Duration::from_millis(100);
 const MAP_POLL: Duration = Duration::from_millis(200);
 const VOLUME_POLL: Duration = Duration::from_secs(1);
 const LEADER_TICK: Duration = Duration::from_millis(500);
-/// PGs caught up per round (one block listing each way per round).
-const RECOVERY_PGS_PER_ROUND: usize = 64;
 /// Reads of a catch-up round in flight at once.
 const RECOVERY_READS_IN_FLIGHT: usize = 32;
 
@@ -114,7 +113,7 @@ pub struct Cluster {
     lease: AtomicU64,
     lease_ok: Mutex<Instant>,
     /// Highest writer epoch seen per volume; older writers are fenced.
-    writers: Mutex<HashMap<u32, u64>>,
+    fence: Mutex<Fence>,
     /// Writer locks this node holds: volume → epoch.
     writing: Mutex<HashMap<u32, u64>>,
     /// Blocks written by replica writes while this node is not clean for their PG: catch-up
@@ -317,20 +316,6 @@ fn full_blocks(p: &Piece) -> std::ops::Range<u64> {
     first..end.max(first)
 }
 
-/// Orders outcomes of one replicated write: any hard error wins over "ask again".
-fn worse(a: u16, b: u16) -> u16 {
-    let rank = |s: u16| match s {
-        status::OK => 0,
-        status::RETRY => 1,
-        _ => 2,
-    };
-    if rank(b) > rank(a) {
-        b
-    } else {
-        a
-    }
-}
-
 impl Cluster {
     /// Joins (or creates) the cluster: registers this node on a lease, installs the router,
     /// listens for peers and starts the control loops.
@@ -404,7 +389,7 @@ impl Cluster {
             links: Mutex::new(HashMap::new()),
             lease: AtomicU64::new(lease as u64),
             lease_ok: Mutex::new(Instant::now()),
-            writers: Mutex::new(HashMap::new()),
+            fence: Mutex::new(Fence::default()),
             writing: Mutex::new(HashMap::new()),
             dirty: Mutex::new(HashMap::new()),
             inflight: Mutex::new(BTreeMap::new()),
@@ -555,35 +540,25 @@ impl Cluster {
         }
         let map = self.map();
         let pg = self.pg_of(req.piece.volume, req.piece.offset);
-        let t = map.targets(pg, vol.replicas);
-        let Some(primary) = t.primary.clone() else {
-            return self.retry_later(req);
-        };
-        // The map must know this process (not an earlier one that was clean before a crash).
-        let current = map
-            .nodes
-            .get(&self.me)
-            .is_some_and(|n| n.up && n.info.incarnation == self.incarnation);
-        let clean_here = current && map.clean_holder(pg, vol.replicas, &self.me);
         let is_write = matches!(
             req.piece.kind,
             PieceKind::Write { .. } | PieceKind::Zero { .. }
         );
-        // Reads: any clean holder has every acknowledged write (a write is acknowledged only
-        // when every replica that is up has it). Writes: the node holding the volume's writer
-        // lock coordinates them itself when it is a clean holder, so a write costs one round
-        // trip to the other replicas, not two; otherwise the PG's primary does.
-        let here = if is_write {
-            (primary == self.me && current)
-                || (clean_here && !req.from_peer && self.writer_epoch(vol.id) > 0)
-        } else {
-            clean_here
-        };
-        if !here {
-            if req.from_peer {
-                return (req.done)(Err(status::RETRY));
-            }
-            return self.forward(req, &map, &primary, pg);
+        let route = replication::route(
+            &map,
+            &self.me,
+            self.incarnation,
+            pg,
+            vol.replicas,
+            is_write,
+            req.from_peer,
+            self.writer_epoch(vol.id) > 0,
+        );
+        match route {
+            Route::Here => {}
+            Route::Retry => return self.retry_later(req),
+            Route::Refuse => return (req.done)(Err(status::RETRY)),
+            Route::Forward(primary) => return self.forward(req, &map, &primary, pg),
         }
         match req.piece.kind {
             PieceKind::Read => {
@@ -615,14 +590,10 @@ impl Cluster {
                 self.send_local(req.piece, sink(move |c| done(c.output.map_err(status_of))));
             }
             PieceKind::Write { .. } | PieceKind::Zero { .. } => {
-                if t.clean_up < min_size(vol.replicas) {
-                    return self.retry_later(req);
+                match replication::write_plan(&map, &self.me, pg, vol.replicas) {
+                    Some(plan) => self.coordinate(req, map.epoch, plan, pg),
+                    None => self.retry_later(req),
                 }
-                let stale_target = map.pgs[pg as usize]
-                    .iter()
-                    .take(vol.replicas as usize)
-                    .any(|s| s.state == SlotState::Stale);
-                self.coordinate(req, map.epoch, t.write, pg, stale_target);
             }
             PieceKind::Flush => (req.done)(Err(status::EINVAL)),
         }
@@ -760,45 +731,26 @@ impl Cluster {
         });
     }
 
-    /// The primary's write: local and every replica in `targets`; answers when all have it.
-    fn coordinate(
-        self: &Arc<Self>,
-        req: Request,
-        epoch: u64,
-        targets: Vec<String>,
-        pg: u32,
-        stale_target: bool,
-    ) {
+    /// The coordinator's write: local and every replica in `plan`; answers when all have it.
+    fn coordinate(self: &Arc<Self>, req: Request, epoch: u64, plan: WritePlan, pg: u32) {
         *self.inflight.lock().entry(epoch).or_insert(0) += 1;
-        struct Coord {
-            req: Option<Request>,
-            remaining: usize,
-            worst: u16,
-        }
-        let remote: Vec<String> = targets.iter().filter(|n| **n != self.me).cloned().collect();
+        let remote = plan.remote;
         let writer = req.writer;
         let local_piece = clone_piece(&req.piece);
         // A replica catching up needs whole blocks (it cannot merge a partial write into a
         // block it has not copied yet): send what the primary holds after its own write.
-        let read_back = stale_target && is_partial(&req.piece) && !remote.is_empty();
-        let state = Arc::new(Mutex::new(Coord {
-            req: Some(req),
-            // The local write and one per remote replica.
-            remaining: remote.len() + 1,
-            worst: status::OK,
-        }));
+        let read_back = plan.stale_target && is_partial(&req.piece) && !remote.is_empty();
+        // The local write and one per remote replica.
+        let state = Arc::new(Mutex::new((Tally::new(remote.len() + 1), Some(req))));
         let call: Arc<dyn Fn(u16) + Send + Sync> = {
             let me = self.clone();
             let state = state.clone();
             Arc::new(move |s: u16| {
                 let mut st = state.lock();
-                st.worst = worse(st.worst, s);
-                st.remaining -= 1;
-                if st.remaining > 0 {
+                let Some(worst) = st.0.add(s) else {
                     return;
-                }
-                let worst = st.worst;
-                let req = st.req.take().expect("finished once");
+                };
+                let req = st.1.take().expect("finished once");
                 drop(st);
                 me.inflight_done(epoch);
                 match worst {
@@ -997,17 +949,14 @@ impl Cluster {
             }
         });
         let pg = self.pg_of(piece.volume, piece.offset);
-        let clean = {
-            let map = self.map.read();
-            // A newer map than ours may already say we are stale: count as not clean.
-            map.epoch >= epoch
-                && map.pgs.get(pg as usize).is_some_and(|slots| {
-                    slots
-                        .iter()
-                        .any(|s| s.node == self.me && s.state == SlotState::Clean)
-                })
-                && !self.recovering.lock().contains(&pg)
-        };
+        // A newer map than ours may already say we are stale: count as not clean.
+        let clean = replication::replica_is_clean(
+            &self.map.read(),
+            epoch,
+            pg,
+            &self.me,
+            self.recovering.lock().contains(&pg),
+        );
         if clean {
             return self.send_local(piece, reply);
         }
@@ -1358,16 +1307,6 @@ impl Cluster {
         Ok(vol)
     }
 
-    fn fenced(&self, volume: u32, writer: u64) -> bool {
-        let mut w = self.writers.lock();
-        let seen = w.entry(volume).or_insert(0);
-        if writer < *seen {
-            return true;
-        }
-        *seen = writer;
-        false
-    }
-
     async fn refresh_volumes(&self) -> Result<(), EtcdError> {
         let list = self.etcd.volumes().await?;
         let changed = {
@@ -1466,12 +1405,7 @@ impl Cluster {
         let map = self.map();
         let recovering = self.recovering.lock().clone();
         self.dirty.lock().retain(|pg, _| {
-            recovering.contains(pg)
-                || map.pgs.get(*pg as usize).is_some_and(|slots| {
-                    slots
-                        .iter()
-                        .any(|s| s.node == self.me && s.state == SlotState::Stale)
-                })
+            replication::keep_dirty(&map, *pg, &self.me, recovering.contains(pg))
         });
     }
 
@@ -1541,24 +1475,11 @@ impl Cluster {
             if !me.up || me.info.incarnation != self.incarnation || !self.lease_fresh() {
                 continue;
             }
-            let stale = map.stale_slots(&self.me);
-            self.recovery.lock().pgs_stale = stale.len() as u64;
-            if stale.is_empty() {
-                continue;
-            }
+            self.recovery.lock().pgs_stale = map.stale_slots(&self.me).len() as u64;
             // One source (the PG's primary) per round.
-            let mut by_source: BTreeMap<String, Vec<(u32, usize)>> = BTreeMap::new();
-            for (pg, slot) in stale {
-                if let Some(p) = map.targets(pg, map.replicas_max).primary {
-                    if p != self.me {
-                        by_source.entry(p).or_default().push((pg, slot));
-                    }
-                }
-            }
-            let Some((source, pgs)) = by_source.into_iter().next() else {
+            let Some((source, pgs)) = replication::recovery_round(&map, &self.me) else {
                 continue;
             };
-            let pgs: Vec<(u32, usize)> = pgs.into_iter().take(RECOVERY_PGS_PER_ROUND).collect();
             match self.clone().catch_up(&map, &source, &pgs).await {
                 Ok(()) => {
                     let list: Vec<u32> = pgs.iter().map(|p| p.0).collect();
@@ -1605,55 +1526,18 @@ impl Cluster {
                 dirty.entry(*pg).or_default();
             }
         }
-        // Which volumes each PG's slot here must hold: replicas > max(my slot, source slot).
-        let slot_limit: HashMap<u32, usize> = pgs
-            .iter()
-            .map(|(pg, mine)| (*pg, (*mine).max(map.slot_of(*pg, source).unwrap_or(0))))
-            .collect();
         let volumes: HashMap<u32, u32> = self
             .volumes
             .read()
             .values()
             .map(|v| (v.id, v.replicas))
             .collect();
-        let wanted = |volume: u32, block: u64| -> bool {
-            let pg = placement_group(volume, block * BLOCK_SIZE as u64 / CHUNK_SIZE, map.pg_count);
-            volumes
-                .get(&volume)
-                .is_some_and(|&r| r as usize > slot_limit.get(&pg).copied().unwrap_or(usize::MAX))
-        };
+        let wanted = Wanted::new(map, source, pgs, volumes);
         let remote = self.list_remote(map, source, &bitmap).await?;
         let local = self.list_local(&bitmap).await;
-        let local_map: HashMap<(u32, u64), u32> =
-            local.iter().map(|&(v, b, c)| ((v, b), c)).collect();
-        let remote_set: HashSet<(u32, u64)> = remote.iter().map(|&(v, b, _)| (v, b)).collect();
-        let mut fetch: Vec<(u32, u64)> = Vec::new();
-        for &(v, b, crc) in &remote {
-            if wanted(v, b) && local_map.get(&(v, b)) != Some(&crc) {
-                fetch.push((v, b));
-            }
-        }
-        let unmap: Vec<(u32, u64)> = local
-            .iter()
-            .filter(|&&(v, b, _)| wanted(v, b) && !remote_set.contains(&(v, b)))
-            .map(|&(v, b, _)| (v, b))
-            .collect();
+        let (fetch, unmap) = replication::catch_up_plan(&remote, &local, &wanted);
         self.recovery.lock().blocks_compared += remote.len() as u64;
-        // Runs of consecutive blocks within one chunk: one read each.
-        let mut runs: Vec<(u32, u64, u32)> = Vec::new();
-        let chunk_blocks = CHUNK_SIZE / BLOCK_SIZE as u64;
-        for (v, b) in fetch {
-            if let Some(last) = runs.last_mut() {
-                if last.0 == v
-                    && last.1 + last.2 as u64 == b
-                    && last.1 / chunk_blocks == b / chunk_blocks
-                {
-                    last.2 += 1;
-                    continue;
-                }
-            }
-            runs.push((v, b, 1));
-        }
+        let runs = replication::copy_runs(&fetch);
         let started = Instant::now();
         let sem = Arc::new(tokio::sync::Semaphore::new(RECOVERY_READS_IN_FLIGHT));
         let failed = Arc::new(AtomicBool::new(false));
@@ -1747,16 +1631,10 @@ impl Cluster {
         {
             let dirty = self.dirty.lock();
             let set = dirty.get(&pg);
-            let mut i = 0u32;
-            while i < n {
-                if set.is_some_and(|s| s.contains(&(volume, block + i as u64))) {
-                    i += 1;
-                    continue;
-                }
-                let mut j = i + 1;
-                while j < n && !set.is_some_and(|s| s.contains(&(volume, block + j as u64))) {
-                    j += 1;
-                }
+            let spans = replication::clean_spans(n, |i| {
+                set.is_some_and(|s| s.contains(&(volume, block + i as u64)))
+            });
+            for (i, j) in spans {
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 self.send_local(
                     Piece {
@@ -1774,7 +1652,6 @@ impl Cluster {
                     }),
                 );
                 waits.push(rx);
-                i = j;
             }
         }
         for w in waits {
@@ -1863,13 +1740,8 @@ impl Cluster {
             .collect();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let ready = self.map().epoch >= e.epoch
-                && self
-                    .inflight
-                    .lock()
-                    .keys()
-                    .next()
-                    .is_none_or(|&oldest| oldest >= e.epoch);
+            let oldest = self.inflight.lock().keys().next().copied();
+            let ready = replication::list_ready(self.map().epoch, e.epoch, oldest);
             if ready {
                 break;
             }
@@ -1950,11 +1822,16 @@ impl Handler for ClusterHandler {
                 if let Err(s) = c.validate(&e, &data) {
                     return respond.reply(s, None);
                 }
-                if e.epoch < c.map().epoch {
-                    return respond.reply(status::RETRY, None);
-                }
-                if c.fenced(e.volume, e.writer) {
-                    return respond.reply(status::FENCED, None);
+                let map_epoch = c.map().epoch;
+                let admitted = replication::admit_write(
+                    map_epoch,
+                    e.epoch,
+                    &mut c.fence.lock(),
+                    e.volume,
+                    e.writer,
+                );
+                if let Err(s) = admitted {
+                    return respond.reply(s, None);
                 }
                 if data.is_some() && testing_replica_drops_this_write() {
                     return respond.reply(status::OK, None);
@@ -2002,11 +1879,21 @@ impl Handler for ClusterHandler {
                 // Sent under an older map: the sender may have been cut off since (a request
                 // delivered late by TCP after a partition healed). It asks again with a fresh
                 // map if it is still alive.
-                if e.epoch < c.map().epoch {
+                let map_epoch = c.map().epoch;
+                if e.epoch < map_epoch {
                     return respond.reply(status::RETRY, None);
                 }
-                if matches!(op, Op::CWrite | Op::CZero) && c.fenced(e.volume, e.writer) {
-                    return respond.reply(status::FENCED, None);
+                if matches!(op, Op::CWrite | Op::CZero) {
+                    let admitted = replication::admit_write(
+                        map_epoch,
+                        e.epoch,
+                        &mut c.fence.lock(),
+                        e.volume,
+                        e.writer,
+                    );
+                    if let Err(s) = admitted {
+                        return respond.reply(s, None);
+                    }
                 }
                 let kind = match op {
                     Op::CRead => PieceKind::Read,

@@ -9,4 +9,5 @@ pub mod etcd;
 pub mod map;
 pub mod metadata;
 pub mod peer;
+pub mod replication;
 pub mod wire;

@@ -1,0 +1,365 @@
+//! The replication protocol's decisions, free of I/O. `cluster` (sockets, tokio, the cores)
+//! and the deterministic simulator (`sim`, one thread, one seed, a simulated network) both
+//! call these, so what the simulator checks is what the cluster does:
+//!
+//! - `route`: who decides a piece (this node, the PG's primary, or nobody yet);
+//! - `write_plan`: which nodes must have a write before it is acknowledged;
+//! - `Tally`: one write's outcome from its copies' answers;
+//! - `admit_replica_write` and `Fence`: what a replica refuses (an older map, a fenced writer);
+//! - `replica_is_clean`: whether a replica's write must be remembered as dirty so catch-up
+//!   leaves it alone;
+//! - `list_ready`: when a catch-up listing may be answered (no write of an older map still in
+//!   flight here);
+//! - `recovery_round`, `Wanted`, `catch_up_plan`, `copy_runs` and `clean_spans`: what a stale
+//!   replica copies, unmaps and skips.
+
+use crate::map::{min_size, ClusterMap, SlotState};
+use crate::wire::status;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use torus_engine::layout::placement_group;
+use torus_engine::{BLOCK_SIZE, CHUNK_SIZE};
+
+/// PGs caught up per round (one block listing each way per round).
+pub const RECOVERY_PGS_PER_ROUND: usize = 64;
+
+/// Where a piece is decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// This node reads it, or coordinates the write.
+    Here,
+    /// Sent to the PG's primary on another node.
+    Forward(String),
+    /// No replica of the PG is up under this map: ask again later.
+    Retry,
+    /// A peer sent it here but this node does not decide it: the peer asks again.
+    Refuse,
+}
+
+/// Decides where a piece of `pg` goes. Reads: any clean holder has every acknowledged write (a
+/// write is acknowledged only when every replica that is up has it). Writes: the node holding
+/// the volume's writer lock coordinates them itself when it is a clean holder, so a write
+/// costs one round trip to the other replicas, not two; otherwise the PG's primary does.
+/// `incarnation` must be the one the map knows (not an earlier process, clean before a crash).
+#[allow(clippy::too_many_arguments)]
+pub fn route(
+    map: &ClusterMap,
+    me: &str,
+    incarnation: u64,
+    pg: u32,
+    replicas: u32,
+    is_write: bool,
+    from_peer: bool,
+    holds_writer: bool,
+) -> Route {
+    let Some(primary) = map.targets(pg, replicas).primary else {
+        return Route::Retry;
+    };
+    let current = map
+        .nodes
+        .get(me)
+        .is_some_and(|n| n.up && n.info.incarnation == incarnation);
+    let clean_here = current && map.clean_holder(pg, replicas, me);
+    let here = if is_write {
+        (primary == me && current) || (clean_here && !from_peer && holds_writer)
+    } else {
+        clean_here
+    };
+    match (here, from_peer) {
+        (true, _) => Route::Here,
+        (false, true) => Route::Refuse,
+        (false, false) => Route::Forward(primary),
+    }
+}
+
+/// The copies a write coordinated here must reach.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WritePlan {
+    /// Every other node that is up and holds a slot (clean or catching up).
+    pub remote: Vec<String>,
+    /// A target is catching up: a partial-block write must be sent as whole blocks (it
+    /// cannot merge into a block it has not copied yet).
+    pub stale_target: bool,
+}
+
+/// `None` while fewer than `min_size` clean replicas are up (the write waits).
+pub fn write_plan(map: &ClusterMap, me: &str, pg: u32, replicas: u32) -> Option<WritePlan> {
+    let t = map.targets(pg, replicas);
+    if t.clean_up < min_size(replicas) {
+        return None;
+    }
+    let stale_target = map.pgs[pg as usize]
+        .iter()
+        .take(replicas as usize)
+        .any(|s| s.state == SlotState::Stale);
+    Some(WritePlan {
+        remote: t.write.into_iter().filter(|n| n != me).collect(),
+        stale_target,
+    })
+}
+
+/// Orders outcomes of one replicated write: any hard error wins over "ask again".
+pub fn worse(a: u16, b: u16) -> u16 {
+    let rank = |s: u16| match s {
+        status::OK => 0,
+        status::RETRY => 1,
+        _ => 2,
+    };
+    if rank(b) > rank(a) {
+        b
+    } else {
+        a
+    }
+}
+
+/// One write's copies (local and remote) answering: done when all have.
+#[derive(Debug)]
+pub struct Tally {
+    remaining: usize,
+    worst: u16,
+}
+
+impl Tally {
+    pub fn new(copies: usize) -> Tally {
+        Tally {
+            remaining: copies,
+            worst: status::OK,
+        }
+    }
+
+    /// Counts one answer; the write's outcome once every copy has answered.
+    pub fn add(&mut self, s: u16) -> Option<u16> {
+        self.worst = worse(self.worst, s);
+        self.remaining = self.remaining.checked_sub(1)?;
+        (self.remaining == 0).then_some(self.worst)
+    }
+}
+
+/// The highest writer epoch a replica has seen per volume: a write carrying a lower one comes
+/// from a writer that has been replaced, and is refused.
+#[derive(Debug, Default)]
+pub struct Fence(HashMap<u32, u64>);
+
+impl Fence {
+    /// True when `writer` may write `volume` (and remembers it as the newest seen).
+    pub fn admit(&mut self, volume: u32, writer: u64) -> bool {
+        let seen = self.0.entry(volume).or_insert(0);
+        if writer < *seen {
+            return false;
+        }
+        *seen = writer;
+        true
+    }
+}
+
+/// What a replica answers a write (plain or coordinated) sent under map `epoch`: an older map
+/// than this node's means the sender may have been cut off since, so it asks again with a
+/// fresh one; a replaced writer is fenced.
+pub fn admit_write(
+    map_epoch: u64,
+    epoch: u64,
+    fence: &mut Fence,
+    volume: u32,
+    writer: u64,
+) -> Result<(), u16> {
+    if epoch < map_epoch {
+        return Err(status::RETRY);
+    }
+    if !fence.admit(volume, writer) {
+        return Err(status::FENCED);
+    }
+    Ok(())
+}
+
+/// True when this node holds `pg` cleanly under a map at least as new as the write's
+/// `epoch` and is not catching it up: otherwise the write's blocks are remembered as dirty
+/// (newer than anything catch-up may copy).
+pub fn replica_is_clean(map: &ClusterMap, epoch: u64, pg: u32, me: &str, recovering: bool) -> bool {
+    map.epoch >= epoch
+        && map.pgs.get(pg as usize).is_some_and(|slots| {
+            slots
+                .iter()
+                .any(|s| s.node == me && s.state == SlotState::Clean)
+        })
+        && !recovering
+}
+
+/// Dirty blocks of a PG are kept while the PG is being caught up here or holds a stale slot
+/// of this node.
+pub fn keep_dirty(map: &ClusterMap, pg: u32, me: &str, recovering: bool) -> bool {
+    recovering
+        || map.pgs.get(pg as usize).is_some_and(|slots| {
+            slots
+                .iter()
+                .any(|s| s.node == me && s.state == SlotState::Stale)
+        })
+}
+
+/// A block listing asked under map `asked` is answered once this node has that map and no
+/// write started under an older one is still in flight here (coordinated or applied as a
+/// replica; later ones are refused for their old epoch): the listing then holds every write
+/// the asking node did not receive itself.
+pub fn list_ready(map_epoch: u64, asked: u64, oldest_in_flight: Option<u64>) -> bool {
+    map_epoch >= asked && oldest_in_flight.is_none_or(|oldest| oldest >= asked)
+}
+
+/// This round of catch-up: the PGs (with this node's slot) to copy from one source, the
+/// first PG's primary, at most `RECOVERY_PGS_PER_ROUND`.
+pub fn recovery_round(map: &ClusterMap, me: &str) -> Option<(String, Vec<(u32, usize)>)> {
+    let mut by_source: BTreeMap<String, Vec<(u32, usize)>> = BTreeMap::new();
+    for (pg, slot) in map.stale_slots(me) {
+        if let Some(p) = map.targets(pg, map.replicas_max).primary {
+            if p != me {
+                by_source.entry(p).or_default().push((pg, slot));
+            }
+        }
+    }
+    let (source, mut pgs) = by_source.into_iter().next()?;
+    pgs.truncate(RECOVERY_PGS_PER_ROUND);
+    Some((source, pgs))
+}
+
+/// Which blocks a catch-up round is about: those of the round's PGs whose volume has a
+/// replica in this node's slot and in the source's (replicas > both slot indices).
+pub struct Wanted {
+    slot_limit: HashMap<u32, usize>,
+    /// volume id → replicas.
+    volumes: HashMap<u32, u32>,
+    pg_count: u32,
+}
+
+impl Wanted {
+    pub fn new(
+        map: &ClusterMap,
+        source: &str,
+        pgs: &[(u32, usize)],
+        volumes: HashMap<u32, u32>,
+    ) -> Wanted {
+        let slot_limit = pgs
+            .iter()
+            .map(|(pg, mine)| (*pg, (*mine).max(map.slot_of(*pg, source).unwrap_or(0))))
+            .collect();
+        Wanted {
+            slot_limit,
+            volumes,
+            pg_count: map.pg_count,
+        }
+    }
+
+    pub fn contains(&self, volume: u32, block: u64) -> bool {
+        let pg = placement_group(volume, block * BLOCK_SIZE as u64 / CHUNK_SIZE, self.pg_count);
+        self.volumes.get(&volume).is_some_and(|&r| {
+            r as usize > self.slot_limit.get(&pg).copied().unwrap_or(usize::MAX)
+        })
+    }
+}
+
+/// From the source's listing and this node's (volume, block, crc32c), sorted: the blocks to
+/// copy (missing here or different) and those to unmap (here but not at the source).
+#[allow(clippy::type_complexity)]
+pub fn catch_up_plan(
+    remote: &[(u32, u64, u32)],
+    local: &[(u32, u64, u32)],
+    wanted: &Wanted,
+) -> (Vec<(u32, u64)>, Vec<(u32, u64)>) {
+    let local_map: HashMap<(u32, u64), u32> = local.iter().map(|&(v, b, c)| ((v, b), c)).collect();
+    let remote_set: HashSet<(u32, u64)> = remote.iter().map(|&(v, b, _)| (v, b)).collect();
+    let fetch = remote
+        .iter()
+        .filter(|&&(v, b, crc)| wanted.contains(v, b) && local_map.get(&(v, b)) != Some(&crc))
+        .map(|&(v, b, _)| (v, b))
+        .collect();
+    let unmap = local
+        .iter()
+        .filter(|&&(v, b, _)| wanted.contains(v, b) && !remote_set.contains(&(v, b)))
+        .map(|&(v, b, _)| (v, b))
+        .collect();
+    (fetch, unmap)
+}
+
+/// Runs of consecutive blocks within one chunk (volume, first block, count): one read each.
+pub fn copy_runs(blocks: &[(u32, u64)]) -> Vec<(u32, u64, u32)> {
+    let chunk_blocks = CHUNK_SIZE / BLOCK_SIZE as u64;
+    let mut runs: Vec<(u32, u64, u32)> = Vec::new();
+    for &(v, b) in blocks {
+        if let Some(last) = runs.last_mut() {
+            if last.0 == v && last.1 + last.2 as u64 == b && last.1 / chunk_blocks == b / chunk_blocks
+            {
+                last.2 += 1;
+                continue;
+            }
+        }
+        runs.push((v, b, 1));
+    }
+    runs
+}
+
+/// The spans `[i, j)` of a copied run of `n` blocks to write here: every block but those a
+/// newer write reached meanwhile (`dirty(i)`).
+pub fn clean_spans(n: u32, dirty: impl Fn(u32) -> bool) -> Vec<(u32, u32)> {
+    let mut spans = Vec::new();
+    let mut i = 0;
+    while i < n {
+        if dirty(i) {
+            i += 1;
+            continue;
+        }
+        let mut j = i + 1;
+        while j < n && !dirty(j) {
+            j += 1;
+        }
+        spans.push((i, j));
+        i = j;
+    }
+    spans
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tally_finishes_once_with_the_worst_answer() {
+        let mut t = Tally::new(3);
+        assert_eq!(t.add(status::OK), None);
+        assert_eq!(t.add(status::RETRY), None);
+        assert_eq!(t.add(status::OK), Some(status::RETRY));
+        let mut t = Tally::new(2);
+        assert_eq!(t.add(status::RETRY), None);
+        assert_eq!(t.add(status::EIO), Some(status::EIO));
+        assert_eq!(t.add(status::OK), None, "an extra answer is ignored");
+    }
+
+    #[test]
+    fn fence_refuses_an_older_writer() {
+        let mut f = Fence::default();
+        assert!(f.admit(1, 5));
+        assert!(f.admit(1, 5));
+        assert!(!f.admit(1, 4));
+        assert!(f.admit(2, 1), "per volume");
+        assert_eq!(admit_write(3, 2, &mut f, 1, 6), Err(status::RETRY));
+        assert_eq!(admit_write(3, 3, &mut f, 1, 4), Err(status::FENCED));
+        assert_eq!(admit_write(3, 4, &mut f, 1, 6), Ok(()));
+    }
+
+    #[test]
+    fn spans_skip_dirty_blocks() {
+        assert_eq!(clean_spans(5, |i| i == 1 || i == 2), vec![(0, 1), (3, 5)]);
+        assert_eq!(clean_spans(2, |_| true), vec![]);
+        assert_eq!(clean_spans(3, |_| false), vec![(0, 3)]);
+    }
+
+    #[test]
+    fn runs_stop_at_gaps_and_chunks() {
+        let cb = CHUNK_SIZE / BLOCK_SIZE as u64;
+        let runs = copy_runs(&[(1, 0), (1, 1), (1, 3), (1, cb - 1), (1, cb), (2, cb + 1)]);
+        assert_eq!(runs, vec![(1, 0, 2), (1, 3, 1), (1, cb - 1, 1), (1, cb, 1), (2, cb + 1, 1)]);
+    }
+
+    #[test]
+    fn list_waits_for_older_writes() {
+        assert!(!list_ready(4, 5, None), "map older than the asker's");
+        assert!(!list_ready(5, 5, Some(4)), "a write of map 4 in flight");
+        assert!(list_ready(5, 5, Some(5)));
+        assert!(list_ready(6, 5, None));
+    }
+}
