@@ -45,6 +45,10 @@ const LEADER_TICK: Duration = Duration::from_millis(500);
 /// Reads of a catch-up round in flight at once.
 const RECOVERY_READS_IN_FLIGHT: usize = 32;
 
+/// Blocks (volume, block) of one PG written while it was not clean here, with the map epoch
+/// of each write.
+type DirtyBlocks = HashMap<(u32, u64), u64>;
+
 #[derive(Clone, Debug)]
 pub struct ClusterConfig {
     pub node_name: String,
@@ -118,7 +122,11 @@ pub struct Cluster {
     writing: Mutex<HashMap<u32, u64>>,
     /// Blocks written by replica writes while this node is not clean for their PG: catch-up
     /// must not overwrite them with what it copies.
-    dirty: Mutex<HashMap<u32, HashSet<(u32, u64)>>>,
+    /// Per PG, the blocks written here while it was not clean or being scrubbed, each with
+    /// the map epoch of the write (see `replication::dirty_void`).
+    dirty: Mutex<HashMap<u32, DirtyBlocks>>,
+    /// This node's `up_since` in the last map installed (see `replication::dirty_void`).
+    up_since: Mutex<u64>,
     /// Coordinated writes in flight, by the map epoch they started under.
     inflight: Mutex<BTreeMap<u64, u64>>,
     recovery: Mutex<Recovery>,
@@ -392,6 +400,7 @@ impl Cluster {
             fence: Mutex::new(Fence::default()),
             writing: Mutex::new(HashMap::new()),
             dirty: Mutex::new(HashMap::new()),
+            up_since: Mutex::new(0),
             inflight: Mutex::new(BTreeMap::new()),
             recovery: Mutex::new(Recovery::default()),
             recovering: Mutex::new(HashSet::new()),
@@ -500,8 +509,13 @@ impl Cluster {
         self.shared.mailboxes[core].send(Message::Piece(piece, reply));
     }
 
+    /// Asks again after a moment, until the request's deadline. A request forwarded by a peer
+    /// is tried once and answered "ask again": the peer owns its retries. (Were it retried
+    /// here too, a write the peer had given up on and sent again elsewhere could land after a
+    /// newer write to the same block.)
     fn retry_later(self: &Arc<Self>, req: Request) {
-        if Instant::now() >= req.deadline || self.stopping.load(Ordering::Acquire) {
+        if req.from_peer || Instant::now() >= req.deadline || self.stopping.load(Ordering::Acquire)
+        {
             return (req.done)(Err(status::RETRY));
         }
         let me = self.clone();
@@ -733,6 +747,22 @@ impl Cluster {
 
     /// The coordinator's write: local and every replica in `plan`; answers when all have it.
     fn coordinate(self: &Arc<Self>, req: Request, epoch: u64, plan: WritePlan, pg: u32) {
+        // The local copy is fenced like the others: a request of a replaced writer (still
+        // being retried here after its client moved to another node) must not overwrite
+        // newer data here while every replica refuses it.
+        let admitted = replication::admit_write(
+            epoch,
+            epoch,
+            &mut self.fence.lock(),
+            req.piece.volume,
+            Some(pg),
+            req.writer,
+        );
+        match admitted {
+            Ok(()) => {}
+            Err(status::RETRY) => return self.retry_later(req),
+            Err(s) => return (req.done)(Err(s)),
+        }
         *self.inflight.lock().entry(epoch).or_insert(0) += 1;
         let remote = plan.remote;
         let writer = req.writer;
@@ -840,6 +870,7 @@ impl Cluster {
         let call_local = call.clone();
         self.send_local_tracked(
             clone_piece(&local_piece),
+            epoch,
             sink(move |c| call_local(c.output.map_or_else(status_of, |_| status::OK))),
         );
         send_remote(&local_piece, &remote);
@@ -965,21 +996,21 @@ impl Cluster {
         let mut dirty = self.dirty.lock();
         let set = dirty.entry(pg).or_default();
         for b in full_blocks(&piece) {
-            set.insert((piece.volume, b));
+            set.insert((piece.volume, b), epoch);
         }
         self.send_local(piece, reply);
     }
 
     /// A coordinated local write: while its PG is being scrubbed here, the blocks it touches
     /// are remembered so the scrub does not overwrite them with a replica's older copy.
-    fn send_local_tracked(&self, piece: Piece, reply: ReplyTo) {
+    fn send_local_tracked(&self, piece: Piece, epoch: u64, reply: ReplyTo) {
         let pg = self.pg_of(piece.volume, piece.offset);
         let mut dirty = self.dirty.lock();
         if let Some(set) = dirty.get_mut(&pg) {
             let first = piece.offset / BLOCK_SIZE as u64;
             let end = (piece.offset + piece.len as u64).div_ceil(BLOCK_SIZE as u64);
             for b in first..end {
-                set.insert((piece.volume, b));
+                set.insert((piece.volume, b), epoch);
             }
         }
         self.send_local(piece, reply);
@@ -1076,7 +1107,7 @@ impl Cluster {
                 .collect();
             let mut fixed = false;
             for node in others {
-                if self.copy_run(&map, &node, volume, b, 1).await.is_ok() {
+                if self.copy_run(&map, &node, volume, b, 1, 0).await.is_ok() {
                     fixed = true;
                     break;
                 }
@@ -1186,7 +1217,7 @@ impl Cluster {
                 .dirty
                 .lock()
                 .get(&pg)
-                .is_some_and(|d| d.contains(&(volume, b)))
+                .is_some_and(|d| d.contains_key(&(volume, b)))
             {
                 continue; // written during the scrub: the write itself went to every replica
             }
@@ -1218,7 +1249,7 @@ impl Cluster {
                     .find(|(_, c)| *c == best)
                     .map(|(n, _)| (*n).clone())
                     .expect("a holder has the chosen value");
-                self.copy_run(map, &source, volume, b, 1).await.is_ok()
+                self.copy_run(map, &source, volume, b, 1, 0).await.is_ok()
             };
             if fixed {
                 report.repaired += 1;
@@ -1239,7 +1270,10 @@ impl Cluster {
         {
             let dirty = self.dirty.lock();
             let pg = self.pg_of(volume, block * BLOCK_SIZE as u64);
-            if dirty.get(&pg).is_some_and(|d| d.contains(&(volume, block))) {
+            if dirty
+                .get(&pg)
+                .is_some_and(|d| d.contains_key(&(volume, block)))
+            {
                 return true;
             }
             self.send_local(
@@ -1401,12 +1435,19 @@ impl Cluster {
                 }
             }
         }
-        // Forget dirty blocks of PGs that are clean here and not being caught up.
+        // Forget dirty blocks of PGs that are clean here and not being caught up, and all of
+        // them when this node was down in a map since they were recorded (it missed writes:
+        // a block it holds is not newer than its source's just because it was written here).
         let map = self.map();
         let recovering = self.recovering.lock().clone();
-        self.dirty.lock().retain(|pg, _| {
-            replication::keep_dirty(&map, *pg, &self.me, recovering.contains(pg))
-        });
+        let up_since = map.nodes.get(&self.me).map_or(0, |n| n.up_since);
+        let mut dirty = self.dirty.lock();
+        if replication::dirty_void(&mut self.up_since.lock(), up_since) {
+            for set in dirty.values_mut() {
+                set.retain(|_, epoch| *epoch >= up_since);
+            }
+        }
+        dirty.retain(|pg, _| replication::keep_dirty(&map, *pg, &self.me, recovering.contains(pg)));
     }
 
     async fn map_loop(self: Arc<Self>) {
@@ -1476,10 +1517,33 @@ impl Cluster {
                 continue;
             }
             self.recovery.lock().pgs_stale = map.stale_slots(&self.me).len() as u64;
+            let reviving = map.reviving(&self.me, self.incarnation);
+            if !reviving.is_empty() {
+                match self.clone().revive(&map, &reviving).await {
+                    Ok(()) => {
+                        let list: Vec<u32> = reviving.iter().map(|p| p.0).collect();
+                        let (me, inc) = (self.me.clone(), self.incarnation);
+                        if let Ok(Some(m)) = self
+                            .etcd
+                            .update_map(self.cfg.replicas_max, |m| m.mark_revived(&me, inc, &list))
+                            .await
+                        {
+                            eprintln!("torusd: {} placement groups lost with every clean holder are clean here again", list.len());
+                            self.install_map(m);
+                            busy = true;
+                        }
+                    }
+                    Err(why) => {
+                        eprintln!("torusd: reviving lost placement groups: {why}; retrying")
+                    }
+                }
+                continue;
+            }
             // One source (the PG's primary) per round.
             let Some((source, pgs)) = replication::recovery_round(&map, &self.me) else {
                 continue;
             };
+            let listed_at = map.epoch;
             match self.clone().catch_up(&map, &source, &pgs).await {
                 Ok(()) => {
                     let list: Vec<u32> = pgs.iter().map(|p| p.0).collect();
@@ -1487,7 +1551,9 @@ impl Cluster {
                     let me = self.me.clone();
                     if let Ok(Some(m)) = self
                         .etcd
-                        .update_map(self.cfg.replicas_max, |m| m.mark_clean(&me, inc, &list))
+                        .update_map(self.cfg.replicas_max, |m| {
+                            m.mark_clean(&me, inc, listed_at, &list)
+                        })
                         .await
                     {
                         {
@@ -1506,6 +1572,40 @@ impl Cluster {
                 rec.remove(pg);
             }
         }
+    }
+
+    /// A restarted last clean holder of lost PGs copies, from each holder that stayed up since
+    /// the loss, the blocks that holder wrote while catching up (see `map::LostPg`); a holder
+    /// that is down now is skipped (it held nothing it had flushed that this node lacks).
+    async fn revive(
+        self: Arc<Self>,
+        map: &ClusterMap,
+        pgs: &[(u32, Vec<String>)],
+    ) -> Result<(), String> {
+        let mut by_source: BTreeMap<&str, Vec<bool>> = BTreeMap::new();
+        for (pg, from) in pgs {
+            for source in from.iter().filter(|s| map.up(s)) {
+                by_source
+                    .entry(source)
+                    .or_insert_with(|| vec![false; map.pg_count as usize])[*pg as usize] = true;
+            }
+        }
+        for (source, bitmap) in by_source {
+            let dirty = self.list_remote_op(map, source, &bitmap, Op::Dirty).await?;
+            let blocks: Vec<(u32, u64)> = dirty.iter().map(|&(v, b, _)| (v, b)).collect();
+            for (v, b, n) in replication::copy_runs(&blocks) {
+                self.copy_run(map, source, v, b, n, wire::FLAG_DIRTY)
+                    .await?;
+            }
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.flush_local(Box::new(move |s| {
+            let _ = tx.send(s);
+        }));
+        if rx.await.unwrap_or(status::EIO) != status::OK {
+            return Err("local flush failed".into());
+        }
+        Ok(())
     }
 
     /// Copies into this node what it lacks of `pgs` from `source`, comparing checksums.
@@ -1566,7 +1666,7 @@ impl Cluster {
             let map = map.clone();
             tasks.push(tokio::spawn(async move {
                 let _permit = permit;
-                if let Err(e) = me.copy_run(&map, &source, v, b, n).await {
+                if let Err(e) = me.copy_run(&map, &source, v, b, n, 0).await {
                     if !failed.swap(true, Ordering::AcqRel) {
                         eprintln!("torusd: catch-up read of volume {v} block {b}: {e}");
                     }
@@ -1594,6 +1694,8 @@ impl Cluster {
         Ok(())
     }
 
+    /// Copies `n` blocks from `source` (read with `flags`), leaving alone those a newer write
+    /// reached here meanwhile.
     async fn copy_run(
         &self,
         map: &ClusterMap,
@@ -1601,6 +1703,7 @@ impl Cluster {
         volume: u32,
         block: u64,
         n: u32,
+        flags: u8,
     ) -> Result<(), String> {
         let pg = self.pg_of(volume, block * BLOCK_SIZE as u64);
         let link = self.link(map, source, pg).ok_or("source left the map")?;
@@ -1608,6 +1711,7 @@ impl Cluster {
         link.send(Outgoing {
             entry: Entry {
                 op: Op::Read as u8,
+                flags,
                 volume,
                 offset: block * BLOCK_SIZE as u64,
                 len: n * BLOCK_SIZE as u32,
@@ -1632,7 +1736,7 @@ impl Cluster {
             let dirty = self.dirty.lock();
             let set = dirty.get(&pg);
             let spans = replication::clean_spans(n, |i| {
-                set.is_some_and(|s| s.contains(&(volume, block + i as u64)))
+                set.is_some_and(|s| s.contains_key(&(volume, block + i as u64)))
             });
             for (i, j) in spans {
                 let (tx, rx) = tokio::sync::oneshot::channel();
@@ -1671,6 +1775,18 @@ impl Cluster {
         source: &str,
         bitmap: &[bool],
     ) -> Result<Vec<(u32, u64, u32)>, String> {
+        self.list_remote_op(map, source, bitmap, Op::List).await
+    }
+
+    /// A listing of the PGs in `bitmap` from `source`: its blocks (`Op::List`) or the blocks
+    /// it wrote while catching up (`Op::Dirty`).
+    async fn list_remote_op(
+        &self,
+        map: &ClusterMap,
+        source: &str,
+        bitmap: &[bool],
+        op: Op,
+    ) -> Result<Vec<(u32, u64, u32)>, String> {
         let link = self.link(map, source, 0).ok_or("source left the map")?;
         let mut buf = AlignedBuf::zeroed(bitmap.len().div_ceil(4096) * 4096);
         for (i, &b) in bitmap.iter().enumerate() {
@@ -1679,7 +1795,7 @@ impl Cluster {
         let (tx, rx) = tokio::sync::oneshot::channel();
         link.send(Outgoing {
             entry: Entry {
-                op: Op::List as u8,
+                op: op as u8,
                 epoch: map.epoch,
                 len: bitmap.len() as u32,
                 ..Entry::default()
@@ -1750,26 +1866,83 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        let pgs = (0..bitmap.len() as u32).filter(|&pg| bitmap[pg as usize]);
+        if !replication::serves_copies(&self.map(), &self.me, self.incarnation, pgs) {
+            return respond.reply(status::RETRY, None);
+        }
         let list = self.list_local(&bitmap).await;
-        let bytes = list.len() * 16;
-        if bytes > wire::BODY_MAX - (64 << 10) {
+        match encode_list(&list) {
+            Ok(data) => respond.reply(status::OK, data),
+            Err(s) => respond.reply(s, None),
+        }
+    }
+
+    /// The valid dirty blocks of `pg` here: written while catching up, under a map in which
+    /// this node had been up without a break since.
+    fn valid_dirty(&self, pg: u32) -> Vec<(u32, u64)> {
+        let up_since = *self.up_since.lock();
+        let dirty = self.dirty.lock();
+        let mut out: Vec<(u32, u64)> = dirty
+            .get(&pg)
+            .into_iter()
+            .flatten()
+            .filter(|(_, epoch)| **epoch >= up_since)
+            .map(|(k, _)| *k)
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// True when every block of the byte range is a valid dirty block here (`Op::Dirty`).
+    fn holds_dirty(&self, pg: u32, volume: u32, offset: u64, len: u32) -> bool {
+        let dirty = self.valid_dirty(pg);
+        let first = offset / BLOCK_SIZE as u64;
+        let end = (offset + len as u64).div_ceil(BLOCK_SIZE as u64);
+        offset.is_multiple_of(BLOCK_SIZE as u64)
+            && (first..end).all(|b| dirty.binary_search(&(volume, b)).is_ok())
+    }
+
+    /// Answers `Op::Dirty`: the valid dirty blocks of the PGs in the bitmap.
+    fn serve_dirty(&self, data: Option<Data>, respond: Responder) {
+        let Some(d) = data else {
+            return respond.reply(status::EINVAL, None);
+        };
+        if d.len != self.shared.geometry.pg_count as usize {
             return respond.reply(status::EINVAL, None);
         }
-        let mut buf = AlignedBuf::zeroed(bytes.div_ceil(4096).max(1) * 4096);
-        for (i, (v, b, c)) in list.iter().enumerate() {
-            buf[i * 16..i * 16 + 4].copy_from_slice(&v.to_le_bytes());
-            buf[i * 16 + 4..i * 16 + 12].copy_from_slice(&b.to_le_bytes());
-            buf[i * 16 + 12..i * 16 + 16].copy_from_slice(&c.to_le_bytes());
+        let mut list = Vec::new();
+        for (pg, &on) in d.buf[d.start..d.start + d.len].iter().enumerate() {
+            if on != 0 {
+                list.extend(
+                    self.valid_dirty(pg as u32)
+                        .into_iter()
+                        .map(|(v, b)| (v, b, 0)),
+                );
+            }
         }
-        respond.reply(
-            status::OK,
-            (bytes > 0).then(|| Data {
-                buf: Arc::new(buf),
-                start: 0,
-                len: bytes,
-            }),
-        );
+        match encode_list(&list) {
+            Ok(data) => respond.reply(status::OK, data),
+            Err(s) => respond.reply(s, None),
+        }
     }
+}
+
+fn encode_list(list: &[(u32, u64, u32)]) -> Result<Option<Data>, u16> {
+    let bytes = list.len() * 16;
+    if bytes > wire::BODY_MAX - (64 << 10) {
+        return Err(status::EINVAL);
+    }
+    let mut buf = AlignedBuf::zeroed(bytes.div_ceil(4096).max(1) * 4096);
+    for (i, (v, b, c)) in list.iter().enumerate() {
+        buf[i * 16..i * 16 + 4].copy_from_slice(&v.to_le_bytes());
+        buf[i * 16 + 4..i * 16 + 12].copy_from_slice(&b.to_le_bytes());
+        buf[i * 16 + 12..i * 16 + 16].copy_from_slice(&c.to_le_bytes());
+    }
+    Ok((bytes > 0).then(|| Data {
+        buf: Arc::new(buf),
+        start: 0,
+        len: bytes,
+    }))
 }
 
 fn decode_list(b: &[u8]) -> Vec<(u32, u64, u32)> {
@@ -1823,11 +1996,13 @@ impl Handler for ClusterHandler {
                     return respond.reply(s, None);
                 }
                 let map_epoch = c.map().epoch;
+                let pg = c.pg_of(e.volume, e.offset);
                 let admitted = replication::admit_write(
                     map_epoch,
                     e.epoch,
                     &mut c.fence.lock(),
                     e.volume,
+                    Some(pg),
                     e.writer,
                 );
                 if let Err(s) = admitted {
@@ -1856,6 +2031,15 @@ impl Handler for ClusterHandler {
                 if let Err(s) = c.validate(&e, &data) {
                     return respond.reply(s, None);
                 }
+                let pg = c.pg_of(e.volume, e.offset);
+                let serves = if op == Op::Read && e.flags & wire::FLAG_DIRTY != 0 {
+                    c.holds_dirty(pg, e.volume, e.offset, e.len)
+                } else {
+                    replication::serves_copies(&c.map(), &c.me, c.incarnation, [pg].into_iter())
+                };
+                if !serves {
+                    return respond.reply(status::RETRY, None);
+                }
                 let kind = if op == Op::Read {
                     PieceKind::Read
                 } else {
@@ -1872,6 +2056,7 @@ impl Handler for ClusterHandler {
                 let me = c.clone();
                 c.rt.spawn(me.serve_list(e, data, respond));
             }
+            Op::Dirty => c.serve_dirty(data, respond),
             Op::CWrite | Op::CZero | Op::CRead | Op::CStatus => {
                 if let Err(s) = c.validate(&e, &data) {
                     return respond.reply(s, None);
@@ -1889,6 +2074,7 @@ impl Handler for ClusterHandler {
                         e.epoch,
                         &mut c.fence.lock(),
                         e.volume,
+                        None,
                         e.writer,
                     );
                     if let Err(s) = admitted {

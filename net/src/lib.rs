@@ -10,4 +10,5 @@ pub mod map;
 pub mod metadata;
 pub mod peer;
 pub mod replication;
+pub mod sim;
 pub mod wire;

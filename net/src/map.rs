@@ -38,6 +38,12 @@ pub struct MapNode {
     pub up: bool,
     /// Being drained by `torusctl peer remove`: gets no new PGs, leaves when it holds none.
     pub removing: bool,
+    /// The epoch since which this node (this incarnation) has been up without a break: every
+    /// write of a later map reached it. A catch-up whose listing is older cannot make it
+    /// clean (it may have missed writes in between), and what it remembered as dirty before
+    /// is void.
+    #[serde(default)]
+    pub up_since: u64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -65,6 +71,36 @@ pub struct ClusterMap {
     /// process is not taken back in; the node rejoins when it is started again.
     #[serde(default)]
     pub removed: BTreeMap<String, u64>,
+    /// PGs that lost their last clean holder (see `LostPg`). Without this a PG whose holders
+    /// all went down at once (a power loss of the whole cluster) would stay down for good.
+    #[serde(default)]
+    pub last_clean: BTreeMap<u32, LostPg>,
+}
+
+/// A PG with no clean holder up: the holders that were clean when it was lost, and the epoch
+/// of the map that lost it. The first of them back up is made clean again, and the others
+/// catch up from it. If it is the same process (cut off, not restarted) it has every
+/// acknowledged write — none can be acknowledged without it — and is clean at once. A
+/// restarted one may have lost writes it had not flushed; any holder that has been up since
+/// before the loss (catching up then) received every write since it came up, and remembers
+/// which blocks they touched. So the restarted holder first copies those blocks from each
+/// such holder (`reviving`), then is made clean (`mark_revived`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LostPg {
+    /// (node, incarnation at the loss).
+    pub holders: Vec<(String, u64)>,
+    pub epoch: u64,
+    #[serde(default)]
+    pub reviving: Option<Reviving>,
+}
+
+/// A restarted last clean holder copying what the holders up since the loss wrote meanwhile.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Reviving {
+    pub node: String,
+    pub incarnation: u64,
+    /// Holders up since before the loss, to copy from.
+    pub from: Vec<String>,
 }
 
 /// Where a piece of one PG goes under one map.
@@ -115,6 +151,7 @@ impl ClusterMap {
             nodes: BTreeMap::new(),
             pgs: vec![Vec::new(); PG_COUNT as usize],
             removed: BTreeMap::new(),
+            last_clean: BTreeMap::new(),
         }
     }
 
@@ -240,11 +277,15 @@ impl ClusterMap {
                             info: info.clone(),
                             up: true,
                             removing: false,
+                            up_since: before.epoch + 1,
                         },
                     );
                 }
                 Some(n) => {
                     let restarted = n.info.incarnation != info.incarnation;
+                    if restarted || !n.up {
+                        n.up_since = before.epoch + 1;
+                    }
                     n.info = info.clone();
                     n.up = true;
                     if restarted {
@@ -263,6 +304,7 @@ impl ClusterMap {
             self.nodes.get_mut(&name).expect("listed").up = false;
             self.mark_stale(&name);
         }
+        self.revive_lost_pgs(&before);
         for pg in 0..self.pg_count {
             let targets = self.target_nodes(pg);
             let slots = &mut self.pgs[pg as usize];
@@ -342,10 +384,157 @@ impl ClusterMap {
         changed
     }
 
-    /// Marks the slots of `node` clean in the given PGs (its catch-up finished). Only for the
-    /// incarnation that did the catching up: a node that restarted since must start over.
-    pub fn mark_clean(&mut self, node: &str, incarnation: u64, pgs: &[u32]) -> bool {
-        if self.nodes.get(node).map(|n| n.info.incarnation) != Some(incarnation) {
+    /// Clean holders of a PG that are up (the previous holder of a moving slot counts).
+    fn clean_holders(&self, pg: u32) -> Vec<String> {
+        let mut out = Vec::new();
+        for s in self.pgs.get(pg as usize).into_iter().flatten() {
+            let clean = [
+                (s.state == SlotState::Clean).then_some(&s.node),
+                s.prev.as_ref(),
+            ];
+            for n in clean.into_iter().flatten() {
+                if self.up(n) && !out.contains(n) {
+                    out.push(n.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// Records the PGs that lost their last clean holder in this step (`before` is the map
+    /// before it), and makes one of a lost PG's last clean holders clean again once it is up.
+    fn revive_lost_pgs(&mut self, before: &ClusterMap) {
+        for pg in 0..self.pg_count {
+            if !self.clean_holders(pg).is_empty() {
+                self.last_clean.remove(&pg);
+                continue;
+            }
+            let was = before.clean_holders(pg);
+            if !was.is_empty() {
+                let holders = was
+                    .into_iter()
+                    .map(|n| {
+                        let inc = before.nodes[&n].info.incarnation;
+                        (n, inc)
+                    })
+                    .collect();
+                let lost = LostPg {
+                    holders,
+                    epoch: before.epoch + 1,
+                    reviving: None,
+                };
+                self.last_clean.insert(pg, lost);
+            }
+            let Some(lost) = self.last_clean.get(&pg) else {
+                continue;
+            };
+            let running = |n: &str, inc: u64| {
+                self.nodes
+                    .get(n)
+                    .is_some_and(|m| m.up && m.info.incarnation == inc)
+            };
+            if let Some(r) = &lost.reviving {
+                if running(&r.node, r.incarnation) {
+                    continue; // under way
+                }
+            }
+            // Holders up since before the loss: they have every write since they came up.
+            let from: Vec<String> = self.pgs[pg as usize]
+                .iter()
+                .flat_map(|s| std::iter::once(&s.node).chain(s.prev.as_ref()))
+                .filter(|n| !lost.holders.iter().any(|(h, _)| h == *n))
+                .filter(|n| {
+                    self.nodes
+                        .get(*n)
+                        .is_some_and(|m| m.up && m.up_since < lost.epoch)
+                })
+                .cloned()
+                .collect();
+            let same = lost.holders.iter().find(|(n, inc)| running(n, *inc));
+            let restarted = lost.holders.iter().find(|(n, _)| self.up(n));
+            let (back, reviving) = match (same, restarted) {
+                (Some((n, _)), _) => (n.clone(), None),
+                (None, Some((n, _))) if from.is_empty() => (n.clone(), None),
+                (None, Some((n, _))) => {
+                    let incarnation = self.nodes[n].info.incarnation;
+                    let r = Reviving {
+                        node: n.clone(),
+                        incarnation,
+                        from,
+                    };
+                    (n.clone(), Some(r))
+                }
+                (None, None) => continue,
+            };
+            if let Some(r) = reviving {
+                self.last_clean.get_mut(&pg).expect("listed").reviving = Some(r);
+                continue;
+            }
+            let slots = &mut self.pgs[pg as usize];
+            if let Some(s) = slots.iter_mut().find(|s| s.node == back) {
+                s.state = SlotState::Clean;
+                self.last_clean.remove(&pg);
+            }
+        }
+    }
+
+    /// PGs this process is reviving (see `LostPg`), with the holders to copy from.
+    pub fn reviving(&self, node: &str, incarnation: u64) -> Vec<(u32, Vec<String>)> {
+        self.last_clean
+            .iter()
+            .filter_map(|(pg, l)| {
+                let r = l.reviving.as_ref()?;
+                (r.node == node && r.incarnation == incarnation).then(|| (*pg, r.from.clone()))
+            })
+            .collect()
+    }
+
+    /// A reviving holder copied what the others wrote: its slot in `pgs` is clean again.
+    pub fn mark_revived(&mut self, node: &str, incarnation: u64, pgs: &[u32]) -> bool {
+        if !self
+            .nodes
+            .get(node)
+            .is_some_and(|n| n.up && n.info.incarnation == incarnation)
+        {
+            return false;
+        }
+        let mut changed = false;
+        for pg in pgs {
+            let ours = self.last_clean.get(pg).is_some_and(|l| {
+                l.reviving
+                    .as_ref()
+                    .is_some_and(|r| r.node == node && r.incarnation == incarnation)
+            });
+            if !ours {
+                continue;
+            }
+            if let Some(s) = self.pgs[*pg as usize].iter_mut().find(|s| s.node == node) {
+                s.state = SlotState::Clean;
+                self.last_clean.remove(pg);
+                changed = true;
+            }
+        }
+        if changed {
+            self.epoch += 1;
+        }
+        changed
+    }
+
+    /// Marks the slots of `node` clean in the given PGs (its catch-up, whose block listing
+    /// was taken under map `listed_at`, finished). Only for the incarnation that did the
+    /// catching up, and only if it has been up without a break since the listing: a node that
+    /// restarted or was cut off since may have missed writes and must start over.
+    pub fn mark_clean(
+        &mut self,
+        node: &str,
+        incarnation: u64,
+        listed_at: u64,
+        pgs: &[u32],
+    ) -> bool {
+        let Some(n) = self.nodes.get(node) else {
+            return false;
+        };
+        if n.info.incarnation != incarnation || !n.up || n.up_since > listed_at {
             return false;
         }
         let mut changed = false;
@@ -428,7 +617,7 @@ mod tests {
             .collect();
         for (n, inc) in names {
             let pgs: Vec<u32> = (0..m.pg_count).collect();
-            m.mark_clean(&n, inc, &pgs);
+            m.mark_clean(&n, inc, m.epoch, &pgs);
         }
         m.reconcile(&live_of(m));
     }
@@ -480,7 +669,7 @@ mod tests {
             assert_ne!(t.primary.as_deref(), Some("b"));
         }
         assert!(
-            !m.mark_clean("b", 1, &[0]),
+            !m.mark_clean("b", 1, m.epoch, &[0]),
             "an old incarnation cannot mark clean"
         );
         all_clean(&mut m);
@@ -489,6 +678,100 @@ mod tests {
         m.reconcile(&live(&[]));
         assert_eq!(m.health().down, PG_COUNT);
         assert_eq!(m.targets(3, 3).primary, None);
+    }
+
+    #[test]
+    fn a_pg_whose_holders_all_went_down_comes_back_with_the_last_clean_one() {
+        let mut m = ClusterMap::new(3);
+        m.reconcile(&live(&[("a", 1), ("b", 1), ("c", 1)]));
+        all_clean(&mut m);
+        // The whole cluster restarts at once: every holder was clean, the first back serves.
+        m.reconcile(&live(&[("a", 2), ("b", 2), ("c", 2)]));
+        assert_eq!(m.health().down, 0, "{:?}", m.health());
+        for pg in 0..PG_COUNT {
+            let t = m.targets(pg, 3);
+            assert_eq!(
+                t.clean_up, 1,
+                "one holder clean, the others catch up from it"
+            );
+        }
+        assert!(m.last_clean.is_empty());
+        all_clean(&mut m);
+        // c restarts (catching up from a and b, it takes every new write), then a and b
+        // restart: they may have lost writes c holds. The PG stays down rather than serve
+        // without them.
+        m.reconcile(&live(&[("a", 2), ("b", 2), ("c", 3)]));
+        m.reconcile(&live(&[("a", 3), ("b", 3), ("c", 3)]));
+        assert_eq!(m.health().down, PG_COUNT, "{:?}", m.health());
+        // So one of them revives each PG: it first copies what c wrote meanwhile.
+        let r = m.reviving("a", 3);
+        let r2 = m.reviving("b", 3);
+        assert_eq!(r.len() + r2.len(), PG_COUNT as usize);
+        assert!(r
+            .iter()
+            .chain(&r2)
+            .all(|(_, from)| from == &vec!["c".to_string()]));
+        assert!(
+            !m.mark_revived("a", 2, &[r[0].0]),
+            "only the reviving process"
+        );
+        let pgs: Vec<u32> = r.iter().map(|p| p.0).collect();
+        assert!(m.mark_revived("a", 3, &pgs));
+        let pgs: Vec<u32> = r2.iter().map(|p| p.0).collect();
+        assert!(m.mark_revived("b", 3, &pgs));
+        assert_eq!(m.health().down, 0);
+        all_clean(&mut m);
+        // A node cut off (not restarted) comes back: it has every acknowledged write.
+        let mut m = ClusterMap::new(3);
+        m.reconcile(&live(&[("a", 1), ("b", 1), ("c", 1)]));
+        all_clean(&mut m);
+        m.reconcile(&live(&[("c", 1)]));
+        assert_eq!(m.health().down, 0);
+        m.reconcile(&live(&[]));
+        assert_eq!(m.health().down, PG_COUNT);
+        m.reconcile(&live(&[("a", 1), ("c", 1)]));
+        assert_eq!(m.health().down, 0, "c was cut off, not restarted");
+        for pg in 0..PG_COUNT {
+            assert_eq!(m.targets(pg, 3).primary.as_deref(), Some("c"));
+        }
+        let mut m = ClusterMap::new(3);
+        m.reconcile(&live(&[("a", 1), ("b", 1), ("c", 1)]));
+        all_clean(&mut m);
+        // b goes first and misses writes; then a and c go together. b alone must not serve.
+        m.reconcile(&live(&[("a", 1), ("c", 1)]));
+        m.reconcile(&live(&[]));
+        assert_eq!(m.health().down, PG_COUNT);
+        m.reconcile(&live(&[("b", 3)]));
+        assert_eq!(
+            m.health().down,
+            PG_COUNT,
+            "b missed writes: it is not made clean"
+        );
+        m.reconcile(&live(&[("b", 3), ("c", 3)]));
+        assert_eq!(m.health().down, 0);
+        for pg in 0..PG_COUNT {
+            assert_eq!(m.targets(pg, 3).primary.as_deref(), Some("c"));
+        }
+        assert!(m.last_clean.is_empty());
+    }
+
+    #[test]
+    fn a_catch_up_listed_before_a_break_cannot_mark_clean() {
+        let mut m = ClusterMap::new(3);
+        m.reconcile(&live(&[("a", 1), ("b", 1), ("c", 1)]));
+        all_clean(&mut m);
+        m.reconcile(&live(&[("a", 1), ("c", 1)]));
+        m.reconcile(&live(&[("a", 1), ("b", 1), ("c", 1)]));
+        let listed = m.epoch; // b lists its source under this map
+                              // b is cut off (its lease expires) and comes back with the same process.
+        m.reconcile(&live(&[("a", 1), ("c", 1)]));
+        m.reconcile(&live(&[("a", 1), ("b", 1), ("c", 1)]));
+        assert!(m.nodes["b"].up_since > listed);
+        assert!(
+            !m.mark_clean("b", 1, listed, &[0, 1]),
+            "it missed writes meanwhile"
+        );
+        assert!(m.mark_clean("b", 1, m.epoch, &[0, 1]));
     }
 
     #[test]

@@ -134,15 +134,20 @@ impl Tally {
     }
 }
 
-/// The highest writer epoch a replica has seen per volume: a write carrying a lower one comes
-/// from a writer that has been replaced, and is refused.
+/// What a node has seen of the writes it applied: the highest writer epoch per volume (a write
+/// carrying a lower one comes from a writer that has been replaced, and is refused) and the
+/// highest map epoch per PG (a copy coordinated under an older map than one already applied
+/// here may have been overtaken by a newer write of another coordinator, and is refused).
 #[derive(Debug, Default)]
-pub struct Fence(HashMap<u32, u64>);
+pub struct Fence {
+    writers: HashMap<u32, u64>,
+    pgs: HashMap<u32, u64>,
+}
 
 impl Fence {
     /// True when `writer` may write `volume` (and remembers it as the newest seen).
     pub fn admit(&mut self, volume: u32, writer: u64) -> bool {
-        let seen = self.0.entry(volume).or_insert(0);
+        let seen = self.writers.entry(volume).or_insert(0);
         if writer < *seen {
             return false;
         }
@@ -151,21 +156,28 @@ impl Fence {
     }
 }
 
-/// What a replica answers a write (plain or coordinated) sent under map `epoch`: an older map
-/// than this node's means the sender may have been cut off since, so it asks again with a
-/// fresh one; a replaced writer is fenced.
+/// What a node answers a write sent under map `epoch`: an older map than this node's, or than
+/// a write of the same PG applied here (`pg`, for a copy about to be applied), means the
+/// sender may have been cut off or overtaken since, so it asks again with a fresh map; a
+/// replaced writer is fenced. Under one map a PG's writes have one coordinator, whose
+/// connections keep their order, so these two checks order every copy a replica applies.
 pub fn admit_write(
     map_epoch: u64,
     epoch: u64,
     fence: &mut Fence,
     volume: u32,
+    pg: Option<u32>,
     writer: u64,
 ) -> Result<(), u16> {
-    if epoch < map_epoch {
+    let seen = pg.map_or(0, |pg| fence.pgs.get(&pg).copied().unwrap_or(0));
+    if epoch < map_epoch.max(seen) {
         return Err(status::RETRY);
     }
     if !fence.admit(volume, writer) {
         return Err(status::FENCED);
+    }
+    if let Some(pg) = pg {
+        fence.pgs.insert(pg, epoch);
     }
     Ok(())
 }
@@ -192,6 +204,34 @@ pub fn keep_dirty(map: &ClusterMap, pg: u32, me: &str, recovering: bool) -> bool
                 .iter()
                 .any(|s| s.node == me && s.state == SlotState::Stale)
         })
+}
+
+/// True when some of what this node remembered as dirty may be void: the map says it has been
+/// up only since a later epoch than the last map seen (`seen`, updated), so it was down in
+/// between and may have missed writes. A block written here under an older map than
+/// `up_since` is then no longer known to be newer than its source's copy and must be
+/// forgotten; one written under `up_since` or later stays (every later write reached it).
+pub fn dirty_void(seen: &mut u64, up_since: u64) -> bool {
+    let void = up_since > *seen;
+    *seen = (*seen).max(up_since);
+    void
+}
+
+/// True when this process may answer another node's plain read or block listing of `pgs`
+/// (catch-up, scrub, a read repaired from a replica): the map knows this incarnation, up, as a
+/// clean holder of each. A process that restarted and lost unflushed writes, before the leader
+/// marked it stale, is not one, although the map still names its previous incarnation clean.
+pub fn serves_copies(
+    map: &ClusterMap,
+    me: &str,
+    incarnation: u64,
+    mut pgs: impl Iterator<Item = u32>,
+) -> bool {
+    let current = map
+        .nodes
+        .get(me)
+        .is_some_and(|n| n.up && n.info.incarnation == incarnation);
+    current && pgs.all(|pg| map.clean_holder(pg, map.replicas_max, me))
 }
 
 /// A block listing asked under map `asked` is answered once this node has that map and no
@@ -246,10 +286,14 @@ impl Wanted {
     }
 
     pub fn contains(&self, volume: u32, block: u64) -> bool {
-        let pg = placement_group(volume, block * BLOCK_SIZE as u64 / CHUNK_SIZE, self.pg_count);
-        self.volumes.get(&volume).is_some_and(|&r| {
-            r as usize > self.slot_limit.get(&pg).copied().unwrap_or(usize::MAX)
-        })
+        let pg = placement_group(
+            volume,
+            block * BLOCK_SIZE as u64 / CHUNK_SIZE,
+            self.pg_count,
+        );
+        self.volumes
+            .get(&volume)
+            .is_some_and(|&r| r as usize > self.slot_limit.get(&pg).copied().unwrap_or(usize::MAX))
     }
 }
 
@@ -282,7 +326,9 @@ pub fn copy_runs(blocks: &[(u32, u64)]) -> Vec<(u32, u64, u32)> {
     let mut runs: Vec<(u32, u64, u32)> = Vec::new();
     for &(v, b) in blocks {
         if let Some(last) = runs.last_mut() {
-            if last.0 == v && last.1 + last.2 as u64 == b && last.1 / chunk_blocks == b / chunk_blocks
+            if last.0 == v
+                && last.1 + last.2 as u64 == b
+                && last.1 / chunk_blocks == b / chunk_blocks
             {
                 last.2 += 1;
                 continue;
@@ -336,9 +382,12 @@ mod tests {
         assert!(f.admit(1, 5));
         assert!(!f.admit(1, 4));
         assert!(f.admit(2, 1), "per volume");
-        assert_eq!(admit_write(3, 2, &mut f, 1, 6), Err(status::RETRY));
-        assert_eq!(admit_write(3, 3, &mut f, 1, 4), Err(status::FENCED));
-        assert_eq!(admit_write(3, 4, &mut f, 1, 6), Ok(()));
+        assert_eq!(admit_write(3, 2, &mut f, 1, None, 6), Err(status::RETRY));
+        assert_eq!(admit_write(3, 3, &mut f, 1, None, 4), Err(status::FENCED));
+        assert_eq!(admit_write(3, 4, &mut f, 1, Some(7), 6), Ok(()));
+        // A copy of PG 7 coordinated under map 3 after one under map 4 was applied here.
+        assert_eq!(admit_write(3, 3, &mut f, 1, Some(7), 6), Err(status::RETRY));
+        assert_eq!(admit_write(3, 3, &mut f, 1, Some(8), 6), Ok(()), "per PG");
     }
 
     #[test]
@@ -352,7 +401,16 @@ mod tests {
     fn runs_stop_at_gaps_and_chunks() {
         let cb = CHUNK_SIZE / BLOCK_SIZE as u64;
         let runs = copy_runs(&[(1, 0), (1, 1), (1, 3), (1, cb - 1), (1, cb), (2, cb + 1)]);
-        assert_eq!(runs, vec![(1, 0, 2), (1, 3, 1), (1, cb - 1, 1), (1, cb, 1), (2, cb + 1, 1)]);
+        assert_eq!(
+            runs,
+            vec![
+                (1, 0, 2),
+                (1, 3, 1),
+                (1, cb - 1, 1),
+                (1, cb, 1),
+                (2, cb + 1, 1)
+            ]
+        );
     }
 
     #[test]

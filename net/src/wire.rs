@@ -42,6 +42,9 @@ pub enum Op {
     Read = 5,
     Status = 6,
     List = 7,
+    /// The blocks of the PGs in the body's bitmap written here while catching up (they are
+    /// newer here than anywhere): a restarted holder reviving a lost PG copies them.
+    Dirty = 8,
     CWrite = 10,
     CZero = 11,
     CRead = 12,
@@ -59,6 +62,7 @@ impl Op {
             5 => Op::Read,
             6 => Op::Status,
             7 => Op::List,
+            8 => Op::Dirty,
             10 => Op::CWrite,
             11 => Op::CZero,
             12 => Op::CRead,
@@ -70,6 +74,9 @@ impl Op {
 }
 
 pub const FLAG_FUA: u8 = 1;
+/// On `Read`: a block this node wrote while catching up (see `Op::Dirty`), served although
+/// the node is not a clean holder.
+pub const FLAG_DIRTY: u8 = 2;
 
 /// Reply status codes.
 pub mod status {
