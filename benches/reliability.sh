@@ -1,11 +1,11 @@
 #!/bin/bash
 # The long forms of the reliability tests (the README's reliability figures); the short forms
 # run in `cargo test`. Writes benches/results/DATE/reliability.txt.
-#   bash benches/reliability.sh                # everything, ~15 minutes on 2 cores
-#   SEEDS=500 ROUNDS=1 RUNS=300 bash benches/reliability.sh   # quicker
+#   bash benches/reliability.sh                # everything, ~22 minutes on 2 cores
+#   SEEDS=500 ROUNDS=1 RUNS=300 CLUSTER_SEEDS=2000 bash benches/reliability.sh   # quicker
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SEEDS=${SEEDS:-3000}; ROUNDS=${ROUNDS:-3}; RUNS=${RUNS:-2000}
+SEEDS=${SEEDS:-3000}; ROUNDS=${ROUNDS:-3}; RUNS=${RUNS:-2000}; CLUSTER_SEEDS=${CLUSTER_SEEDS:-20000}
 out=benches/results/$(date +%F)/reliability.txt
 mkdir -p "$(dirname "$out")"
 cargo build --release -q --workspace --examples
@@ -20,6 +20,12 @@ cargo build --release -q --workspace --examples
   echo
   echo "## canary: flushes acknowledged before they are durable (must be caught)"
   target/release/examples/sim --seeds 50 --faults crash --canary | tail -1
+  echo
+  echo "## deterministic simulation of replication: 3 and 4 nodes, network and node faults ($CLUSTER_SEEDS seeds)"
+  target/release/examples/cluster_sim --seeds "$CLUSTER_SEEDS"
+  echo
+  echo "## canary: nodes acknowledge flushes without syncing (must be caught)"
+  target/release/examples/cluster_sim --seeds 50 --canary | tail -1
   echo
   echo "## process-level fault campaign ($ROUNDS rounds of 7 nemeses)"
   TORUS_CAMPAIGN_ROUNDS=$ROUNDS cargo test --release -q -p torus-tests --test campaign -- --nocapture 2>&1 \

@@ -116,6 +116,8 @@ pub struct Cluster {
     links: Mutex<HashMap<String, HashMap<u32, Arc<Link>>>>,
     lease: AtomicU64,
     lease_ok: Mutex<Instant>,
+    /// When the last map fetch that succeeded was sent (see `lease_fresh`).
+    map_ok: Mutex<Instant>,
     /// Highest writer epoch seen per volume; older writers are fenced.
     fence: Mutex<Fence>,
     /// Writer locks this node holds: volume → epoch.
@@ -397,6 +399,7 @@ impl Cluster {
             links: Mutex::new(HashMap::new()),
             lease: AtomicU64::new(lease as u64),
             lease_ok: Mutex::new(Instant::now()),
+            map_ok: Mutex::new(Instant::now()),
             fence: Mutex::new(Fence::default()),
             writing: Mutex::new(HashMap::new()),
             dirty: Mutex::new(HashMap::new()),
@@ -409,6 +412,7 @@ impl Cluster {
             pause: Mutex::new(Pause::default()),
         });
         rt.block_on(cluster.refresh_volumes())?;
+        rt.block_on(cluster.load_fences())?;
         let _ = shared
             .router
             .set(Arc::new(ClusterRouter(cluster.clone())) as Arc<dyn Router>);
@@ -467,10 +471,14 @@ impl Cluster {
         self.map().health()
     }
 
-    /// True while this node's lease is surely alive in etcd: `lease_ok` is when the last
-    /// successful keep-alive was sent, and a margin covers clock rate differences.
+    /// True while this node's lease is surely alive in etcd and its map is current: `lease_ok`
+    /// is when the last successful keep-alive was sent, `map_ok` when the last map fetch that
+    /// succeeded was; a margin covers clock rate differences. (A node back from a partition
+    /// renews its lease before it fetches the map that says it is down; until then its old
+    /// map would have it serve reads from data that missed writes.)
     fn lease_fresh(&self) -> bool {
-        self.lease_ok.lock().elapsed() < self.cfg.lease_ttl.mul_f64(0.8)
+        let limit = self.cfg.lease_ttl.mul_f64(0.8);
+        self.lease_ok.lock().elapsed() < limit && self.map_ok.lock().elapsed() < limit
     }
 
     fn volume(&self, id: u32) -> Option<VolumeRecord> {
@@ -514,6 +522,15 @@ impl Cluster {
     /// here too, a write the peer had given up on and sent again elsewhere could land after a
     /// newer write to the same block.)
     fn retry_later(self: &Arc<Self>, req: Request) {
+        // A write whose writer lock this node no longer holds (its client left, or took the
+        // lock again under a new epoch) is not sent again: replicas would fence it anyway.
+        let is_write = matches!(
+            req.piece.kind,
+            PieceKind::Write { .. } | PieceKind::Zero { .. }
+        );
+        if is_write && !req.from_peer && self.writer_epoch(req.piece.volume) != req.writer {
+            return (req.done)(Err(status::FENCED));
+        }
         if req.from_peer || Instant::now() >= req.deadline || self.stopping.load(Ordering::Acquire)
         {
             return (req.done)(Err(status::RETRY));
@@ -679,6 +696,18 @@ impl Cluster {
             let mine = self.writer_value();
             match self.block_on(self.etcd.acquire(&key, mine.clone(), lease)) {
                 Ok((holder, epoch)) if holder == mine => {
+                    // Recorded for good (the lock's key goes with its lease): a node that
+                    // restarts fences every older writer from the start (`load_fences`).
+                    let recorded = self.block_on(self.etcd.put(
+                        &format!("fence/{volume}"),
+                        epoch.to_string().into_bytes(),
+                        None,
+                    ));
+                    if let Err(e) = recorded {
+                        self.block_on(async { self.etcd.release(&key, mine).await.ok() });
+                        return Err(format!("cannot record the volume's writer epoch: {e}"));
+                    }
+                    self.fence.lock().admit(volume, epoch as u64);
                     self.writing.lock().insert(volume, epoch as u64);
                     return Ok(epoch as u64);
                 }
@@ -1341,6 +1370,27 @@ impl Cluster {
         Ok(vol)
     }
 
+    /// A starting node's fence: the last writer epoch recorded per volume (and that of any
+    /// writer lock held now), so a request of a replaced writer that arrives after a restart
+    /// is refused here as on every other replica.
+    async fn load_fences(&self) -> Result<(), EtcdError> {
+        let recorded = self.etcd.list("fence/").await?;
+        let held = self.etcd.list("writers/").await?;
+        let mut fence = self.fence.lock();
+        for (k, v, _) in recorded {
+            let epoch = String::from_utf8_lossy(&v).parse::<u64>().ok();
+            if let (Ok(volume), Some(epoch)) = (k.parse::<u32>(), epoch) {
+                fence.admit(volume, epoch);
+            }
+        }
+        for (k, _, created) in held {
+            if let Ok(volume) = k.parse::<u32>() {
+                fence.admit(volume, created as u64);
+            }
+        }
+        Ok(())
+    }
+
     async fn refresh_volumes(&self) -> Result<(), EtcdError> {
         let list = self.etcd.volumes().await?;
         let changed = {
@@ -1414,10 +1464,18 @@ impl Cluster {
     fn install_map(&self, map: ClusterMap) {
         let mut cur = self.map.write();
         let newer = map.epoch > cur.epoch;
+        let lost = newer && replication::lost_a_node(&cur, &map);
         if newer {
             *cur = Arc::new(map);
         }
         drop(cur);
+        if lost {
+            self.flush_local(Box::new(|s| {
+                if s != status::OK {
+                    eprintln!("torusd: flush after a node left the map failed (status {s})");
+                }
+            }));
+        }
         if newer {
             // Requests waiting on a node that is no longer up fail now and are sent again
             // under this map, instead of waiting for the link's timeout (a stopped or cut-off
@@ -1452,8 +1510,10 @@ impl Cluster {
 
     async fn map_loop(self: Arc<Self>) {
         loop {
+            let sent = Instant::now();
             if let Ok((Some(map), _)) = self.etcd.map().await {
                 self.install_map(map);
+                *self.map_ok.lock() = sent;
             }
             tokio::time::sleep(MAP_POLL).await;
         }
@@ -1501,6 +1561,7 @@ impl Cluster {
 
     async fn recovery_loop(self: Arc<Self>) {
         let mut busy = false;
+        let mut turn = 0;
         loop {
             if !busy {
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -1540,7 +1601,8 @@ impl Cluster {
                 continue;
             }
             // One source (the PG's primary) per round.
-            let Some((source, pgs)) = replication::recovery_round(&map, &self.me) else {
+            turn += 1;
+            let Some((source, pgs)) = replication::recovery_round(&map, &self.me, turn) else {
                 continue;
             };
             let listed_at = map.epoch;

@@ -242,9 +242,15 @@ pub fn list_ready(map_epoch: u64, asked: u64, oldest_in_flight: Option<u64>) -> 
     map_epoch >= asked && oldest_in_flight.is_none_or(|oldest| oldest >= asked)
 }
 
-/// This round of catch-up: the PGs (with this node's slot) to copy from one source, the
-/// first PG's primary, at most `RECOVERY_PGS_PER_ROUND`.
-pub fn recovery_round(map: &ClusterMap, me: &str) -> Option<(String, Vec<(u32, usize)>)> {
+/// This round of catch-up: the PGs (with this node's slot) to copy from one source, at most
+/// `RECOVERY_PGS_PER_ROUND`. The source is each PG's primary; rounds take the sources in
+/// turn (`turn` counts rounds), so one source that cannot answer does not hold up the PGs of
+/// the others.
+pub fn recovery_round(
+    map: &ClusterMap,
+    me: &str,
+    turn: usize,
+) -> Option<(String, Vec<(u32, usize)>)> {
     let mut by_source: BTreeMap<String, Vec<(u32, usize)>> = BTreeMap::new();
     for (pg, slot) in map.stale_slots(me) {
         if let Some(p) = map.targets(pg, map.replicas_max).primary {
@@ -253,9 +259,22 @@ pub fn recovery_round(map: &ClusterMap, me: &str) -> Option<(String, Vec<(u32, u
             }
         }
     }
-    let (source, mut pgs) = by_source.into_iter().next()?;
+    let n = by_source.len();
+    let (source, mut pgs) = by_source.into_iter().nth(turn % n.max(1))?;
     pgs.truncate(RECOVERY_PGS_PER_ROUND);
     Some((source, pgs))
+}
+
+/// True when `new` lost a holder `old` had: a node up in `old` is down or restarted in `new`.
+/// The holders left then flush, so acknowledged writes that only they hold are durable before
+/// another of them can fail (one replica lost must not leave such writes in volatile state).
+pub fn lost_a_node(old: &ClusterMap, new: &ClusterMap) -> bool {
+    old.nodes.iter().any(|(name, n)| {
+        n.up && new
+            .nodes
+            .get(name)
+            .is_none_or(|m| !m.up || m.info.incarnation != n.info.incarnation)
+    })
 }
 
 /// Which blocks a catch-up round is about: those of the round's PGs whose volume has a
@@ -410,6 +429,50 @@ mod tests {
                 (1, cb, 1),
                 (2, cb + 1, 1)
             ]
+        );
+    }
+
+    fn node(name: &str, inc: u64) -> (String, crate::map::NodeInfo) {
+        let info = crate::map::NodeInfo {
+            name: name.into(),
+            peer_addr: String::new(),
+            admin_addr: String::new(),
+            nbd_addr: String::new(),
+            cores: 1,
+            capacity_bytes: 1 << 30,
+            incarnation: inc,
+        };
+        (name.to_string(), info)
+    }
+
+    #[test]
+    fn losing_a_node_is_seen_and_sources_take_turns() {
+        let mut a = ClusterMap::new(3);
+        a.reconcile(
+            &[node("x", 1), node("y", 1), node("z", 1)]
+                .into_iter()
+                .collect(),
+        );
+        let mut b = a.clone();
+        b.reconcile(&[node("x", 1), node("y", 1)].into_iter().collect());
+        assert!(lost_a_node(&a, &b), "z went down");
+        let mut c = b.clone();
+        c.reconcile(
+            &[node("x", 1), node("y", 2), node("z", 1)]
+                .into_iter()
+                .collect(),
+        );
+        assert!(lost_a_node(&b, &c), "y restarted");
+        assert!(!lost_a_node(&c, &c));
+        // z catches up: its stale PGs have primaries x and y; rounds alternate between them.
+        let all: Vec<u32> = (0..c.pg_count).collect();
+        let epoch = c.epoch;
+        assert!(c.mark_clean("y", 2, epoch, &all));
+        let first = recovery_round(&c, "z", 0).map(|r| r.0);
+        let second = recovery_round(&c, "z", 1).map(|r| r.0);
+        assert!(
+            first.is_some() && second.is_some() && first != second,
+            "{first:?} {second:?}"
         );
     }
 

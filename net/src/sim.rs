@@ -339,6 +339,7 @@ enum Cont {
     FlushPart(u64),
     List(u64),
     DirtyList(u64),
+    Nothing,
     CopyRead(u64, u64, u32),
     RoundFlush(u64),
 }
@@ -380,6 +381,7 @@ struct Node {
     inc: u64,
     map: ClusterMap,
     lease_ok: u64,
+    map_ok: u64,
     lease: u64,
     fence: Fence,
     writer: u64,
@@ -480,6 +482,8 @@ struct Etcd {
     leases: BTreeMap<String, (u64, u64, u64)>,
     /// The writer lock (a key on the holder's lease): holder node, lease id.
     writer: Option<(String, u64)>,
+    /// The last writer epoch, recorded for good (`fence/VOLUME`).
+    fence: u64,
     revision: u64,
 }
 
@@ -542,6 +546,7 @@ impl Sim {
                 inc: 1,
                 map: small_map(),
                 lease_ok: 0,
+                map_ok: 0,
                 lease: i as u64 + 1,
                 fence: Fence::default(),
                 writer: 0,
@@ -577,6 +582,7 @@ impl Sim {
             map: small_map(),
             leases: BTreeMap::new(),
             writer: None,
+            fence: 0,
             revision: 100,
         };
         // The cluster starts formed and clean, as after `torusd` started on every node.
@@ -809,7 +815,9 @@ impl Sim {
     }
 
     fn lease_fresh(&self, i: usize) -> bool {
-        self.now.saturating_sub(self.nodes[i].lease_ok) < LEASE_TTL * 8 / 10
+        let n = &self.nodes[i];
+        let limit = LEASE_TTL * 8 / 10;
+        self.now.saturating_sub(n.lease_ok) < limit && self.now.saturating_sub(n.map_ok) < limit
     }
 
     fn inflight_done(&mut self, i: usize, epoch: u64) {
@@ -825,6 +833,10 @@ impl Sim {
     // ---- the data path (cluster.rs: submit, forward, coordinate, read_elsewhere) ----
 
     fn retry_later(&mut self, i: usize, req: Req) {
+        let zombie = matches!(req.kind, Kind::Write(_)) && self.nodes[i].writer != req.writer;
+        if !req.from_peer && zombie {
+            return self.done(i, req, answer(status::FENCED));
+        }
         if req.from_peer || self.now >= req.deadline {
             return self.done(i, req, answer(status::RETRY));
         }
@@ -1003,6 +1015,7 @@ impl Sim {
             }
             Cont::List(id) => self.round_listed(i, id, a),
             Cont::DirtyList(id) => self.revive_listed(i, id, a),
+            Cont::Nothing => {}
             Cont::CopyRead(id, block, n) => self.round_copied(i, id, block, n, a),
             Cont::RoundFlush(id) => self.round_flushed(i, id, a),
         }
@@ -1204,6 +1217,9 @@ impl Sim {
             self.trace(None, || {
                 format!("n{i} installs map {} {:?}", map.epoch, map.health())
             });
+            if replication::lost_a_node(&self.nodes[i].map, &map) {
+                self.local_flush(i, Cont::Nothing);
+            }
             self.nodes[i].map = map;
             // Requests waiting on a node no longer up fail now (their links are closed).
             for k in 0..self.nodes.len() {
@@ -1255,7 +1271,8 @@ impl Sim {
         if !reviving.is_empty() {
             return self.revive(i, reviving);
         }
-        let Some((source, pgs)) = replication::recovery_round(&n.map, &n.name) else {
+        let turn = self.report.catch_up_rounds as usize;
+        let Some((source, pgs)) = replication::recovery_round(&n.map, &n.name, turn) else {
             return;
         };
         let Some(s) = self.node_index(&source) else {
@@ -1514,6 +1531,8 @@ impl Sim {
         self.etcd.revision += 1;
         let epoch = self.etcd.revision;
         self.etcd.writer = Some((name, lease));
+        self.etcd.fence = epoch;
+        self.nodes[i].fence.admit(VOLUME, epoch);
         self.nodes[i].writer = epoch;
         self.client.at = Some((i, inc));
     }
@@ -1694,6 +1713,7 @@ impl Sim {
         n.alive = true;
         n.inc += 1;
         n.fence = Fence::default();
+        n.fence.admit(VOLUME, self.etcd.fence);
         n.writer = 0;
         n.map = small_map();
         n.up_since = 0;
@@ -1843,6 +1863,7 @@ impl Sim {
                     if self.reaches_etcd(i) {
                         let m = self.etcd.map.clone();
                         self.install_map(i, m);
+                        self.nodes[i].map_ok = self.now;
                     }
                     self.at(MAP_POLL, Event::MapPoll(i, inc));
                 }
