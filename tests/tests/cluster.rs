@@ -83,6 +83,25 @@ fn node_loss_failover_catch_up_and_read_from_the_survivor() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    // Now b goes too: every node is down. a and c come back first: they missed what b alone
+    // holds, so no PG may be made clean from them. With b back, each PG comes back from b (its
+    // last clean holder) and a and c catch up from it.
+    b.kill9();
+    a.spawn();
+    c.spawn();
+    std::thread::sleep(Duration::from_secs(8));
+    let out = a.torusctl(&["status"]);
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success()
+            && status.contains("256 total: 0 clean, 0 degraded, 0 recovering, 256 down"),
+        "without b every PG stays down: {status}"
+    );
+    b.spawn();
+    let revived = wait_clean(&a, Duration::from_secs(120));
+    eprintln!("every node down, then back: clean in {revived:?} after b returned");
+    fio(&a.uri("vol"), "0", "256M", &["--verify_only=1"]);
+    fio(&c.uri("vol"), "512M", "64M", &["--verify_only=1"]);
     b.stop();
 }
 
