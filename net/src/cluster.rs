@@ -173,7 +173,7 @@ impl CompletionSink for FnSink {
     }
 }
 
-fn sink(f: impl FnOnce(Completion) + Send + 'static) -> ReplyTo {
+pub(crate) fn sink(f: impl FnOnce(Completion) + Send + 'static) -> ReplyTo {
     ReplyTo::Sink {
         sink: Sink(Arc::new(FnSink(Mutex::new(Some(Box::new(f)))))),
         token: 0,

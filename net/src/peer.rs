@@ -29,7 +29,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use torus_engine::reactor::TAG_KIND_PEER;
 use torus_engine::{
-    current_core, AlignedBuf, Completion, CoreContext, CoreService, Message, Shared,
+    current_core, AlignedBuf, Completion, CoreContext, CoreService, Message, Piece, PieceKind,
+    Shared,
 };
 
 /// A request with no reply within this long tears its connection down.
@@ -601,6 +602,7 @@ impl PeerService {
             return self.maybe_remove(id);
         }
         if result <= 0 {
+            flush_every_core(ctx.shared());
             return self.close(id);
         }
         let n = result as usize;
@@ -761,6 +763,7 @@ impl PeerService {
             return self.maybe_remove(id);
         }
         if result <= 0 {
+            flush_every_core(ctx.shared());
             return self.close(id);
         }
         c.sent += result as usize;
@@ -769,6 +772,22 @@ impl PeerService {
             return submit_send(ctx, id, c, fd);
         }
         self.try_send(ctx, id);
+    }
+}
+
+/// A peer closed or reset a connection: it may have died, and with it its copies of writes
+/// acknowledged but not yet flushed that this node holds too. They are flushed here now, not
+/// seconds later when the map says the peer is gone, so that another failure meanwhile cannot
+/// lose them.
+fn flush_every_core(shared: &Arc<Shared>) {
+    for m in &shared.mailboxes {
+        let flush = Piece {
+            volume: 0,
+            offset: 0,
+            len: 0,
+            kind: PieceKind::Flush,
+        };
+        m.send(Message::Piece(flush, crate::cluster::sink(|_| {})));
     }
 }
 

@@ -1705,6 +1705,16 @@ impl Sim {
             *self.conns.entry((i, k)).or_insert(0) += 1;
             self.reset(k, i);
         }
+        // Its peers see their connections to it close and flush (peer.rs, flush_every_core).
+        for k in 0..self.nodes.len() {
+            let talked = self
+                .last
+                .keys()
+                .any(|&(from, to, _, _)| (from, to) == (k, i) || (from, to) == (i, k));
+            if k != i && self.nodes[k].alive && talked {
+                self.local_flush(k, Cont::Nothing);
+            }
+        }
     }
 
     fn restart(&mut self, i: usize) {
