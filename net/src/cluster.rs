@@ -1957,11 +1957,15 @@ impl Cluster {
 
     /// True when every block of the byte range is a valid dirty block here (`Op::Dirty`).
     fn holds_dirty(&self, pg: u32, volume: u32, offset: u64, len: u32) -> bool {
-        let dirty = self.valid_dirty(pg);
+        let up_since = *self.up_since.lock();
+        let dirty = self.dirty.lock();
+        let Some(set) = dirty.get(&pg) else {
+            return false;
+        };
         let first = offset / BLOCK_SIZE as u64;
         let end = (offset + len as u64).div_ceil(BLOCK_SIZE as u64);
         offset.is_multiple_of(BLOCK_SIZE as u64)
-            && (first..end).all(|b| dirty.binary_search(&(volume, b)).is_ok())
+            && (first..end).all(|b| set.get(&(volume, b)).is_some_and(|e| *e >= up_since))
     }
 
     /// Answers `Op::Dirty`: the valid dirty blocks of the PGs in the bitmap.
