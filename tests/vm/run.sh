@@ -86,7 +86,7 @@ while kill -0 $QEMU 2>/dev/null; do
   sleep 0.2
 done
 wait $QEMU || true
-grep -a -E '^T\+|RESULT|FIGURE' guest.log
+grep -a -E '^T\+|RESULT|FIGURE' guest.log || { echo "vm: the guest printed no progress; the end of its log:"; tail -60 guest.log; exit 1; }
 grep -a '^FIGURE' guest.log > figures.txt || true
 kill -TERM $SRV; wait $SRV || { echo "vm: torusd did not exit cleanly"; cat data/torusd.log; exit 1; }
 grep -a -q '^RESULT: PASS' guest.log || { echo "vm: guest test failed; log in $W/guest.log"; exit 1; }
