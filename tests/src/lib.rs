@@ -78,12 +78,22 @@ pub fn flip_bits(f: &std::fs::File, at: u64, mask: u8) {
     f.write_all_at(&[b[0] ^ mask], at).unwrap();
 }
 
+/// A port free now, never handed out before by this process: the kernel may give a port it
+/// just released again, and a node's admin and peer ports once came out the same.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 pub struct TempDir(pub PathBuf);
