@@ -173,7 +173,35 @@ impl CompletionSink for FnSink {
     }
 }
 
-pub(crate) fn sink(f: impl FnOnce(Completion) + Send + 'static) -> ReplyTo {
+/// Flushes every core of a node; `done` gets the worst status.
+pub(crate) fn flush_cores(shared: &Shared, done: Box<dyn FnOnce(u16) + Send>) {
+    let cores = shared.mailboxes.len();
+    let state = Arc::new(Mutex::new((Tally::new(cores), Some(done))));
+    for m in &shared.mailboxes {
+        let state = state.clone();
+        let flush = Piece {
+            volume: 0,
+            offset: 0,
+            len: 0,
+            kind: PieceKind::Flush,
+        };
+        m.send(Message::Piece(
+            flush,
+            sink(move |c| {
+                let mut st = state.lock();
+                let Some(worst) = st.0.add(c.output.map_or_else(status_of, |_| status::OK)) else {
+                    return;
+                };
+                if let Some(done) = st.1.take() {
+                    drop(st);
+                    done(worst);
+                }
+            }),
+        ));
+    }
+}
+
+fn sink(f: impl FnOnce(Completion) + Send + 'static) -> ReplyTo {
     ReplyTo::Sink {
         sink: Sink(Arc::new(FnSink(Mutex::new(Some(Box::new(f)))))),
         token: 0,
@@ -586,7 +614,8 @@ impl Cluster {
             self.writer_epoch(vol.id) > 0,
         );
         match route {
-            Route::Here => {}
+            Route::Read => {}
+            Route::Write(plan) => return self.coordinate(req, map.epoch, plan, pg),
             Route::Retry => return self.retry_later(req),
             Route::Refuse => return (req.done)(Err(status::RETRY)),
             Route::Forward(primary) => return self.forward(req, &map, &primary, pg),
@@ -620,13 +649,8 @@ impl Cluster {
                 let done = req.done;
                 self.send_local(req.piece, sink(move |c| done(c.output.map_err(status_of))));
             }
-            PieceKind::Write { .. } | PieceKind::Zero { .. } => {
-                match replication::write_plan(&map, &self.me, pg, vol.replicas) {
-                    Some(plan) => self.coordinate(req, map.epoch, plan, pg),
-                    None => self.retry_later(req),
-                }
-            }
-            PieceKind::Flush => (req.done)(Err(status::EINVAL)),
+            // Writes were planned by `route`; a flush is not routed to one PG.
+            _ => (req.done)(Err(status::EINVAL)),
         }
     }
 
@@ -967,33 +991,16 @@ impl Cluster {
 
     /// Flushes every core of this node; `done` gets the worst status.
     fn flush_local(&self, done: Box<dyn FnOnce(u16) + Send>) {
-        let cores = self.shared.mailboxes.len();
-        let state = Arc::new(Mutex::new((cores, status::OK, Some(done))));
-        for core in 0..cores {
-            let state = state.clone();
-            self.shared.mailboxes[core].send(Message::Piece(
-                Piece {
-                    volume: 0,
-                    offset: 0,
-                    len: 0,
-                    kind: PieceKind::Flush,
-                },
-                sink(move |c| {
-                    let mut st = state.lock();
-                    st.0 -= 1;
-                    if let Err(e) = c.output {
-                        st.1 = worse(st.1, status_of(e));
-                    }
-                    if st.0 == 0 {
-                        let s = st.1;
-                        if let Some(done) = st.2.take() {
-                            drop(st);
-                            done(s);
-                        }
-                    }
-                }),
-            ));
-        }
+        flush_cores(&self.shared, done);
+    }
+
+    /// Flushes every core of this node and waits: true when all succeeded.
+    async fn flushed_here(&self) -> bool {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.flush_local(Box::new(move |s| {
+            let _ = tx.send(s);
+        }));
+        rx.await.unwrap_or(status::EIO) == status::OK
     }
 
     /// A replica write from a coordinator whose map had `epoch`. It counts as in flight under
@@ -1152,11 +1159,7 @@ impl Cluster {
         }
         self.compare_replicas(&map, &vol, volume, &pgs, &mut report)
             .await;
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.flush_local(Box::new(move |s| {
-            let _ = tx.send(s);
-        }));
-        if rx.await.unwrap_or(status::EIO) != status::OK {
+        if !self.flushed_here().await {
             report
                 .problems
                 .push("flush after the repairs failed".into());
@@ -1660,11 +1663,7 @@ impl Cluster {
                     .await?;
             }
         }
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.flush_local(Box::new(move |s| {
-            let _ = tx.send(s);
-        }));
-        if rx.await.unwrap_or(status::EIO) != status::OK {
+        if !self.flushed_here().await {
             return Err("local flush failed".into());
         }
         Ok(())
@@ -1746,11 +1745,7 @@ impl Cluster {
                 return Err(format!("unmapping volume {v} block {b} failed"));
             }
         }
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.flush_local(Box::new(move |s| {
-            let _ = tx.send(s);
-        }));
-        if rx.await.unwrap_or(status::EIO) != status::OK {
+        if !self.flushed_here().await {
             return Err("local flush failed".into());
         }
         Ok(())
@@ -2134,18 +2129,9 @@ impl Handler for ClusterHandler {
                 if e.epoch < map_epoch {
                     return respond.reply(status::RETRY, None);
                 }
-                if matches!(op, Op::CWrite | Op::CZero) {
-                    let admitted = replication::admit_write(
-                        map_epoch,
-                        e.epoch,
-                        &mut c.fence.lock(),
-                        e.volume,
-                        None,
-                        e.writer,
-                    );
-                    if let Err(s) = admitted {
-                        return respond.reply(s, None);
-                    }
+                let is_write = matches!(op, Op::CWrite | Op::CZero);
+                if is_write && !c.fence.lock().admit(e.volume, e.writer) {
+                    return respond.reply(status::FENCED, None);
                 }
                 let kind = match op {
                     Op::CRead => PieceKind::Read,

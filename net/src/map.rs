@@ -622,6 +622,14 @@ mod tests {
         m.reconcile(&live_of(m));
     }
 
+    /// Nodes a, b and c (incarnation 1), every PG clean.
+    fn clean_abc() -> ClusterMap {
+        let mut m = ClusterMap::new(3);
+        m.reconcile(&live(&[("a", 1), ("b", 1), ("c", 1)]));
+        all_clean(&mut m);
+        m
+    }
+
     fn live_of(m: &ClusterMap) -> BTreeMap<String, NodeInfo> {
         m.nodes
             .iter()
@@ -648,9 +656,7 @@ mod tests {
 
     #[test]
     fn a_lost_node_goes_stale_and_comes_back_through_catch_up() {
-        let mut m = ClusterMap::new(3);
-        m.reconcile(&live(&[("a", 1), ("b", 1), ("c", 1)]));
-        all_clean(&mut m);
+        let mut m = clean_abc();
         let e = m.epoch;
         assert!(m.reconcile(&live(&[("a", 1), ("c", 1)])));
         assert!(m.epoch > e);
@@ -682,9 +688,7 @@ mod tests {
 
     #[test]
     fn a_pg_whose_holders_all_went_down_comes_back_with_the_last_clean_one() {
-        let mut m = ClusterMap::new(3);
-        m.reconcile(&live(&[("a", 1), ("b", 1), ("c", 1)]));
-        all_clean(&mut m);
+        let mut m = clean_abc();
         // The whole cluster restarts at once: every holder was clean, the first back serves.
         m.reconcile(&live(&[("a", 2), ("b", 2), ("c", 2)]));
         assert_eq!(m.health().down, 0, "{:?}", m.health());
@@ -722,9 +726,7 @@ mod tests {
         assert_eq!(m.health().down, 0);
         all_clean(&mut m);
         // A node cut off (not restarted) comes back: it has every acknowledged write.
-        let mut m = ClusterMap::new(3);
-        m.reconcile(&live(&[("a", 1), ("b", 1), ("c", 1)]));
-        all_clean(&mut m);
+        let mut m = clean_abc();
         m.reconcile(&live(&[("c", 1)]));
         assert_eq!(m.health().down, 0);
         m.reconcile(&live(&[]));
@@ -734,9 +736,7 @@ mod tests {
         for pg in 0..PG_COUNT {
             assert_eq!(m.targets(pg, 3).primary.as_deref(), Some("c"));
         }
-        let mut m = ClusterMap::new(3);
-        m.reconcile(&live(&[("a", 1), ("b", 1), ("c", 1)]));
-        all_clean(&mut m);
+        let mut m = clean_abc();
         // b goes first and misses writes; then a and c go together. b alone must not serve.
         m.reconcile(&live(&[("a", 1), ("c", 1)]));
         m.reconcile(&live(&[]));
@@ -757,9 +757,7 @@ mod tests {
 
     #[test]
     fn a_catch_up_listed_before_a_break_cannot_mark_clean() {
-        let mut m = ClusterMap::new(3);
-        m.reconcile(&live(&[("a", 1), ("b", 1), ("c", 1)]));
-        all_clean(&mut m);
+        let mut m = clean_abc();
         m.reconcile(&live(&[("a", 1), ("c", 1)]));
         m.reconcile(&live(&[("a", 1), ("b", 1), ("c", 1)]));
         let listed = m.epoch; // b lists its source under this map
@@ -776,18 +774,14 @@ mod tests {
 
     #[test]
     fn a_restart_within_the_lease_still_forces_catch_up() {
-        let mut m = ClusterMap::new(3);
-        m.reconcile(&live(&[("a", 1), ("b", 1), ("c", 1)]));
-        all_clean(&mut m);
+        let mut m = clean_abc();
         m.reconcile(&live(&[("a", 1), ("b", 9), ("c", 1)]));
         assert_eq!(m.stale_slots("b").len(), PG_COUNT as usize);
     }
 
     #[test]
     fn a_fourth_node_moves_about_a_quarter_and_keeps_the_old_holder_until_clean() {
-        let mut m = ClusterMap::new(3);
-        m.reconcile(&live(&[("a", 1), ("b", 1), ("c", 1)]));
-        all_clean(&mut m);
+        let mut m = clean_abc();
         m.reconcile(&live(&[("a", 1), ("b", 1), ("c", 1), ("d", 1)]));
         let moved = m.stale_slots("d").len();
         // 3 of 4 nodes hold each PG: d enters 3/4 of the PGs, one slot each, i.e. a quarter

@@ -29,8 +29,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use torus_engine::reactor::TAG_KIND_PEER;
 use torus_engine::{
-    current_core, AlignedBuf, Completion, CoreContext, CoreService, Message, Piece, PieceKind,
-    Shared,
+    current_core, AlignedBuf, Completion, CoreContext, CoreService, Message, Shared,
 };
 
 /// A request with no reply within this long tears its connection down.
@@ -779,16 +778,8 @@ impl PeerService {
 /// acknowledged but not yet flushed that this node holds too. They are flushed here now, not
 /// seconds later when the map says the peer is gone, so that another failure meanwhile cannot
 /// lose them.
-fn flush_every_core(shared: &Arc<Shared>) {
-    for m in &shared.mailboxes {
-        let flush = Piece {
-            volume: 0,
-            offset: 0,
-            len: 0,
-            kind: PieceKind::Flush,
-        };
-        m.send(Message::Piece(flush, crate::cluster::sink(|_| {})));
-    }
+fn flush_every_core(shared: &Shared) {
+    crate::cluster::flush_cores(shared, Box::new(|_| {}));
 }
 
 fn submit_send(ctx: &mut CoreContext, id: u64, c: &mut Conn, fd: i32) {

@@ -13,7 +13,7 @@
 //! - `recovery_round`, `Wanted`, `catch_up_plan`, `copy_runs` and `clean_spans`: what a stale
 //!   replica copies, unmaps and skips.
 
-use crate::map::{min_size, ClusterMap, SlotState};
+use crate::map::{min_size, ClusterMap, SlotState, Targets};
 use crate::wire::status;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use torus_engine::layout::placement_group;
@@ -25,11 +25,14 @@ pub const RECOVERY_PGS_PER_ROUND: usize = 64;
 /// Where a piece is decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
-    /// This node reads it, or coordinates the write.
-    Here,
+    /// This node reads it (a read or status).
+    Read,
+    /// This node coordinates the write, to these copies.
+    Write(WritePlan),
     /// Sent to the PG's primary on another node.
     Forward(String),
-    /// No replica of the PG is up under this map: ask again later.
+    /// No replica of the PG is up under this map, or (a write) fewer than `min_size` clean
+    /// ones: ask again later.
     Retry,
     /// A peer sent it here but this node does not decide it: the peer asks again.
     Refuse,
@@ -38,7 +41,8 @@ pub enum Route {
 /// Decides where a piece of `pg` goes. Reads: any clean holder has every acknowledged write (a
 /// write is acknowledged only when every replica that is up has it). Writes: the node holding
 /// the volume's writer lock coordinates them itself when it is a clean holder, so a write
-/// costs one round trip to the other replicas, not two; otherwise the PG's primary does.
+/// costs one round trip to the other replicas, not two; otherwise the PG's primary does; it
+/// waits while fewer than `min_size` clean replicas are up.
 /// `incarnation` must be the one the map knows (not an earlier process, clean before a crash).
 #[allow(clippy::too_many_arguments)]
 pub fn route(
@@ -51,7 +55,8 @@ pub fn route(
     from_peer: bool,
     holds_writer: bool,
 ) -> Route {
-    let Some(primary) = map.targets(pg, replicas).primary else {
+    let t = map.targets(pg, replicas);
+    let Some(primary) = t.primary.clone() else {
         return Route::Retry;
     };
     let current = map
@@ -65,7 +70,8 @@ pub fn route(
         clean_here
     };
     match (here, from_peer) {
-        (true, _) => Route::Here,
+        (true, _) if !is_write => Route::Read,
+        (true, _) => write_plan(map, t, me, pg, replicas).map_or(Route::Retry, Route::Write),
         (false, true) => Route::Refuse,
         (false, false) => Route::Forward(primary),
     }
@@ -82,8 +88,7 @@ pub struct WritePlan {
 }
 
 /// `None` while fewer than `min_size` clean replicas are up (the write waits).
-pub fn write_plan(map: &ClusterMap, me: &str, pg: u32, replicas: u32) -> Option<WritePlan> {
-    let t = map.targets(pg, replicas);
+fn write_plan(map: &ClusterMap, t: Targets, me: &str, pg: u32, replicas: u32) -> Option<WritePlan> {
     if t.clean_up < min_size(replicas) {
         return None;
     }

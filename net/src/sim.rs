@@ -34,6 +34,7 @@ use crate::replication::{self, Fence, Route, Tally, Wanted};
 use crate::wire::status;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use torus_engine::layout::placement_group;
+use torus_engine::sim::Rng;
 use torus_engine::{BLOCK_SIZE, CHUNK_SIZE};
 
 /// Simulated time is in microseconds.
@@ -160,27 +161,6 @@ pub struct SimFailure {
 impl std::fmt::Display for SimFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}\nreplay: {}", self.message, self.replay)
-    }
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn chance(&mut self, p: f64) -> bool {
-        ((self.next() >> 11) as f64 / (1u64 << 53) as f64) < p
-    }
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo + 1)
     }
 }
 
@@ -358,7 +338,8 @@ struct FlushAll {
 
 struct Round {
     id: u64,
-    source: String,
+    /// The node copied from.
+    source: usize,
     pgs: Vec<(u32, usize)>,
     map: ClusterMap,
     waiting: usize,
@@ -370,7 +351,6 @@ struct Round {
 
 struct Pending {
     server: usize,
-    gen: u64,
     sent: u64,
     cont: Cont,
 }
@@ -732,7 +712,6 @@ impl Sim {
             id,
             Pending {
                 server: to,
-                gen,
                 sent: self.now,
                 cont,
             },
@@ -893,19 +872,16 @@ impl Sim {
                 };
                 self.request(i, p, body, Cont::Forwarded(req));
             }
-            Route::Here => match req.kind {
-                Kind::Read => {
-                    let block = req.block;
-                    self.local_read(i, block, 1, Cont::LocalRead(req));
-                }
-                Kind::Write(version) => {
-                    let n = &self.nodes[i];
-                    match replication::write_plan(&n.map, &n.name, pg, REPLICAS) {
-                        None => self.retry_later(i, req),
-                        Some(plan) => self.coordinate(i, req, version, plan.remote),
-                    }
-                }
-            },
+            Route::Read => {
+                let block = req.block;
+                self.local_read(i, block, 1, Cont::LocalRead(req));
+            }
+            Route::Write(plan) => {
+                let Kind::Write(version) = req.kind else {
+                    unreachable!("route plans writes only")
+                };
+                self.coordinate(i, req, version, plan.remote);
+            }
         }
     }
 
@@ -962,11 +938,8 @@ impl Sim {
 
     fn cont(&mut self, i: usize, cont: Cont, a: Answer) {
         match cont {
-            Cont::Forwarded(req) => match a.status {
-                status::OK => self.done(i, req, a),
-                status::RETRY => self.retry_later(i, req),
-                _ => self.done(i, req, a),
-            },
+            Cont::Forwarded(req) if a.status == status::RETRY => self.retry_later(i, req),
+            Cont::Forwarded(req) => self.done(i, req, a),
             Cont::Copy(id) => {
                 let Some(c) = self.nodes[i].coords.get_mut(&id) else {
                     return;
@@ -1025,20 +998,18 @@ impl Sim {
         let ups: Vec<usize> = (0..self.nodes.len())
             .filter(|&k| self.nodes[i].map.up(&self.nodes[k].name))
             .collect();
-        let id = self.nodes[i].next;
-        self.nodes[i].next += 1;
-        self.nodes[i].flushes.insert(
-            id,
-            FlushAll {
-                tally: Tally::new(ups.len()),
-                op,
-                deadline,
-            },
-        );
         if ups.is_empty() {
-            self.nodes[i].flushes.remove(&id);
             return self.flush_done(i, op, answer(status::OK));
         }
+        let id = self.nodes[i].next;
+        self.nodes[i].next += 1;
+        let tally = Tally::new(ups.len());
+        let f = FlushAll {
+            tally,
+            op,
+            deadline,
+        };
+        self.nodes[i].flushes.insert(id, f);
         for k in ups {
             if k == i {
                 self.local_flush(i, Cont::FlushPart(id));
@@ -1131,13 +1102,13 @@ impl Sim {
                 self.submit(i, req);
             }
             Body::Read { block, n, dirty } => {
-                let n_ = &self.nodes[i];
                 let pg = pg_of(block);
                 let serves = if dirty {
                     let valid = self.valid_dirty(i, pg);
                     (block..block + n as u64).all(|b| valid.contains(&b))
                 } else {
-                    replication::serves_copies(&n_.map, &n_.name, n_.inc, [pg].into_iter())
+                    let me = &self.nodes[i];
+                    replication::serves_copies(&me.map, &me.name, me.inc, [pg].into_iter())
                 };
                 if !serves {
                     return self.respond(r, answer(status::RETRY));
@@ -1290,7 +1261,7 @@ impl Sim {
         let epoch = map.epoch;
         n.round = Some(Round {
             id,
-            source,
+            source: s,
             pgs,
             map,
             waiting: 0,
@@ -1323,7 +1294,7 @@ impl Sim {
         self.report.revivals += 1;
         self.nodes[i].round = Some(Round {
             id,
-            source: String::new(),
+            source: i,
             pgs,
             map,
             waiting: 0,
@@ -1335,12 +1306,11 @@ impl Sim {
     }
 
     fn revive_next(&mut self, i: usize, id: u64) {
-        let name_of = |k: usize| format!("n{k}");
         let round = self.nodes[i].round.as_mut().expect("a round");
         let Some(source) = round.revive.as_mut().and_then(|s| s.pop()) else {
             return self.round_unmap(i);
         };
-        round.source = name_of(source);
+        round.source = source;
         let pgs: BTreeSet<u32> = round.pgs.iter().map(|p| p.0).collect();
         self.request(i, source, Body::Dirty { pgs }, Cont::DirtyList(id));
     }
@@ -1354,9 +1324,9 @@ impl Sim {
         }
         let blocks: Vec<(u32, u64)> = a.list.iter().map(|&(v, b, _)| (v, b)).collect();
         let runs = replication::copy_runs(&blocks);
-        let source = self.node_index(&self.nodes[i].round.as_ref().expect("checked").source);
-        let source = source.expect("a node");
-        self.nodes[i].round.as_mut().expect("checked").waiting = runs.len();
+        let round = self.nodes[i].round.as_mut().expect("checked");
+        round.waiting = runs.len();
+        let source = round.source;
         if runs.is_empty() {
             return self.revive_next(i, id);
         }
@@ -1393,7 +1363,7 @@ impl Sim {
         let set: BTreeSet<u32> = round.pgs.iter().map(|p| p.0).collect();
         let wanted = Wanted::new(
             &round.map,
-            &round.source,
+            &self.nodes[round.source].name,
             &round.pgs,
             HashMap::from([(VOLUME, REPLICAS)]),
         );
@@ -1402,11 +1372,11 @@ impl Sim {
         let runs = replication::copy_runs(&fetch);
         self.trace(None, || {
             format!(
-                "n{i} catch-up round {id} from {} PGs {:?}: listed {} here {}, fetch {:?} unmap {:?} dirty {:?}",
+                "n{i} catch-up round {id} from n{} PGs {:?}: listed {} here {}, fetch {:?} unmap {:?} dirty {:?}",
                 round.source, round.pgs, a.list.len(), local.len(), fetch, unmap, self.nodes[i].dirty
             )
         });
-        let source = self.node_index(&round.source).expect("a node");
+        let source = round.source;
         let round = self.nodes[i].round.as_mut().expect("checked");
         round.unmap = unmap.into_iter().map(|(_, b)| b).collect();
         round.waiting = runs.len();
@@ -1827,7 +1797,6 @@ impl Sim {
                             return true;
                         }
                         if let Some(p) = self.nodes[to].pending.remove(&r.id) {
-                            debug_assert_eq!(p.gen, r.gen);
                             self.cont(to, p.cont, a);
                         }
                     }

@@ -676,6 +676,23 @@ pub fn wait_clean(node: &Torusd, limit: Duration) -> Duration {
     }
 }
 
+/// Waits until `torusctl status` through `node` prints `says` (whatever its exit code).
+pub fn wait_status_says(node: &Torusd, says: &str, limit: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let out = node.torusctl(&["status"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        if text.contains(says) {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "status did not say {says:?} within {limit:?}:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// fio's nbd engine writing (or, with `--verify_only=1`, checking) 4 KiB random blocks at QD32
 /// with crc32c verification, plus `args`; returns the job's JSON, after asserting no error.
 pub fn fio_verify(uri: &str, args: &[&str]) -> serde_json::Value {

@@ -744,19 +744,7 @@ fn a_lost_placement_group_comes_back_with_what_the_catching_up_node_wrote() {
     fio(&a.uri("vol"), "0", "64M", &["--end_fsync=1"]);
     c.spawn();
     // c is back and stale (64 MiB to copy at 64 KiB/s): it takes every new write.
-    let t = Instant::now();
-    loop {
-        let out = a.torusctl(&["status"]);
-        let s = String::from_utf8_lossy(&out.stdout).to_string();
-        if s.contains("recovering:  c:") {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "c is not catching up: {s}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_status_says(&a, "recovering:  c:", Duration::from_secs(30));
     // Not flushed: a and b may lose these writes when they are killed; c, catching up, holds
     // them and remembers them as dirty.
     fio(&a.uri("vol"), "128M", "32M", &[]);
@@ -770,16 +758,7 @@ fn a_lost_placement_group_comes_back_with_what_the_catching_up_node_wrote() {
     std::thread::sleep(Duration::from_secs(5));
     b.spawn();
     a.spawn();
-    let t = Instant::now();
-    loop {
-        let out = a.torusctl(&["status"]);
-        let s = String::from_utf8_lossy(&out.stdout).to_string();
-        if s.contains(" 0 down") {
-            break;
-        }
-        assert!(t.elapsed() < Duration::from_secs(60), "PGs still down: {s}");
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    wait_status_says(&a, " 0 down", Duration::from_secs(60));
     let logs = a.log_text() + &b.log_text();
     assert!(
         logs.contains("placement groups lost with every clean holder are clean here again"),
