@@ -45,6 +45,75 @@ pub struct EngineConfig {
     pub create_size: u64,
     /// Regions (and reactor threads) for a new store; an existing store keeps its own count.
     pub cores: u32,
+    /// How a new backing file's blocks are prepared (ignored for a device or an existing store).
+    pub fill: Fill,
+}
+
+/// How the blocks of a new backing file are prepared before the store is formatted on it.
+#[derive(Clone, Copy, Debug)]
+pub enum Fill {
+    /// Reserved with `fallocate` and never written: ready at once. On ext4 and xfs each block
+    /// is then an unwritten extent until its first write, and that first write costs an extent
+    /// conversion (a journal transaction, completed by a kernel worker): slower writes until
+    /// the store has been written over once.
+    Sparse,
+    /// Reserved, then written with zeros once, so that every later write is a plain overwrite.
+    /// `progress(written, total)` is called about once a second and at the end.
+    Zeros { progress: fn(u64, u64) },
+}
+
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+const RAMFS_MAGIC: i64 = 0x8584_58f6;
+
+/// The filesystem type (`statfs` f_type) of an open file.
+fn fs_type(file: &File) -> Option<i64> {
+    // SAFETY: statfs is plain data; fstatfs fills it for a valid fd and the result is checked.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) };
+    (r == 0).then_some(st.f_type as i64)
+}
+
+/// Bytes per write while filling a new file with zeros, and writes in flight.
+const FILL_CHUNK: usize = 8 << 20;
+const FILL_THREADS: u64 = 4;
+
+/// Writes zeros over all of `file` (`size` bytes): `FILL_THREADS` threads, each writing every
+/// `FILL_THREADS`th chunk, so the device has several writes in flight.
+fn fill_with_zeros(file: &File, size: u64, progress: fn(u64, u64)) -> std::io::Result<()> {
+    let written = std::sync::atomic::AtomicU64::new(0);
+    let chunks = size.div_ceil(FILL_CHUNK as u64);
+    let report = parking_lot::Mutex::new(std::time::Instant::now());
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..FILL_THREADS.min(chunks.max(1)))
+            .map(|t| {
+                let (written, report) = (&written, &report);
+                s.spawn(move || -> std::io::Result<()> {
+                    let zeros = AlignedBuf::zeroed(FILL_CHUNK);
+                    let mut chunk = t;
+                    while chunk < chunks {
+                        let at = chunk * FILL_CHUNK as u64;
+                        let n = (size - at).min(FILL_CHUNK as u64) as usize;
+                        file.write_all_at(&zeros[..n], at)?;
+                        let done = written
+                            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed)
+                            + n as u64;
+                        let mut last = report.lock();
+                        if last.elapsed() >= Duration::from_secs(1) {
+                            *last = std::time::Instant::now();
+                            progress(done, size);
+                        }
+                        chunk += FILL_THREADS;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .try_for_each(|w| w.join().expect("fill thread panicked"))
+    })?;
+    progress(size, size);
+    Ok(())
 }
 
 pub struct Engine {
@@ -162,6 +231,16 @@ impl Engine {
             Some(sb) => sb,
             None => {
                 let geometry = Geometry::compute(size, config.cores.max(1), path)?;
+                if let (false, Fill::Zeros { progress }) = (is_device, config.fill) {
+                    // In memory (tmpfs, ramfs) there are no extents to convert, and zeros
+                    // written would only take memory.
+                    let in_memory =
+                        fs_type(&file).is_some_and(|t| t == TMPFS_MAGIC || t == RAMFS_MAGIC);
+                    if !in_memory {
+                        fill_with_zeros(&file, size, progress)
+                            .map_err(io_err("write zeros over", path))?;
+                    }
+                }
                 let sb = Superblock {
                     geometry,
                     node_id: random_node_id(),

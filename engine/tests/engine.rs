@@ -9,6 +9,7 @@ fn config(dir: &std::path::Path) -> EngineConfig {
         path: dir.join("blocks"),
         create_size: 64 << 20,
         cores: 2,
+        fill: torus_engine::Fill::Sparse,
     }
 }
 

@@ -139,6 +139,9 @@ pub struct Torusd {
     pub log: PathBuf,
     /// Runs torusd through this command (e.g. `ip netns exec NS`).
     pub wrapper: Vec<String>,
+    /// Let torusd write zeros over a new store file (its default); otherwise the harness
+    /// passes `--sparse`, which keeps the many stores the tests create quick to make.
+    pub fill_store: bool,
 }
 
 impl Torusd {
@@ -157,7 +160,22 @@ impl Torusd {
         env: &[(&str, &str)],
         wrapper: &[&str],
     ) -> Torusd {
-        let mut t = Torusd {
+        let mut t = Torusd::unstarted(dir, extra, env, wrapper);
+        t.spawn();
+        t
+    }
+
+    /// Like `start`, but without `--sparse`: the store file is made as torusd makes it by
+    /// default.
+    pub fn start_filled(dir: &Path, extra: &[&str]) -> Torusd {
+        let mut t = Torusd::unstarted(dir, extra, &[], &[]);
+        t.fill_store = true;
+        t.spawn();
+        t
+    }
+
+    fn unstarted(dir: &Path, extra: &[&str], env: &[(&str, &str)], wrapper: &[&str]) -> Torusd {
+        Torusd {
             env: env
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -170,9 +188,8 @@ impl Torusd {
             stdout: String::new(),
             log: dir.join("torusd.log"),
             wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
-        };
-        t.spawn();
-        t
+            fill_store: false,
+        }
     }
 
     pub fn spawn(&mut self) {
@@ -194,6 +211,9 @@ impl Torusd {
         }
         if !self.extra.iter().any(|a| a == "--size") {
             args.extend(["--size".to_string(), "2G".to_string()]);
+        }
+        if !self.fill_store {
+            args.push("--sparse".to_string());
         }
         // Two reactors even on a small machine, so cross-core mailboxes are always exercised.
         if !self.extra.iter().any(|a| a == "--cores") {

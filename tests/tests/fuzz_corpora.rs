@@ -141,6 +141,7 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
                     path: path.clone(),
                     create_size: 64 << 20,
                     cores: 2,
+                    fill: torus_engine::Fill::Sparse,
                 },
                 |_| Box::new(torus_engine::NoService),
             )

@@ -18,6 +18,7 @@ fn torusd_stdin(dir: &std::path::Path) -> Command {
     let mut c = Command::new(bin("torusd"));
     c.args([
         "--nbd-stdin",
+        "--sparse",
         "--data-dir",
         dir.join("d").to_str().unwrap(),
         "--size",

@@ -23,6 +23,7 @@ fn help_explains_every_flag() {
         "--etcd",
         "--node-name",
         "--default-volume-size",
+        "--sparse",
     ] {
         assert!(out.contains(flag), "--help does not mention {flag}:\n{out}");
     }
@@ -100,6 +101,60 @@ fn defaults_create_the_data_dir_and_a_1g_default_volume() {
     assert!(dir.path().join("torus-data/blocks").exists());
     assert!(dir.path().join("torus-data/metadata.json").exists());
     assert!(node.stdout.contains("'default' (1 GiB)"), "{}", node.stdout);
+    node.stop();
+}
+
+/// Offset of the first hole at or after 0 (the file's size when it has none). On ext4 and xfs
+/// an extent reserved by fallocate and never written counts as a hole.
+fn first_hole(path: &std::path::Path) -> (u64, u64) {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).unwrap();
+    // SAFETY: plain syscall on a valid fd.
+    let hole = unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_HOLE) };
+    assert!(
+        hole >= 0,
+        "lseek SEEK_HOLE: {}",
+        std::io::Error::last_os_error()
+    );
+    (hole as u64, f.metadata().unwrap().len())
+}
+
+#[test]
+fn a_new_store_file_is_written_with_zeros_once_unless_sparse() {
+    let dir = TempDir::new("fill");
+    let mut node = Torusd::start_filled(dir.path(), &["--size", "256M"]);
+    let log = node.log_text();
+    assert!(
+        log.contains("writing zeros over it once") && log.contains("(100%)"),
+        "{log}"
+    );
+    let blocks = dir.path().join("torus-data/blocks");
+    let (hole, size) = first_hole(&blocks);
+    assert_eq!(
+        hole, size,
+        "the new store file still has unwritten space at {hole}"
+    );
+    // The data survives and an existing store is not filled again.
+    let uri = node.uri("default");
+    fio_verify(&uri, &["--size=8M"]);
+    node.stop();
+    std::fs::remove_file(&node.log).unwrap();
+    node.spawn();
+    assert!(
+        !node.log_text().contains("writing zeros"),
+        "{}",
+        node.log_text()
+    );
+    fio_verify(&uri, &["--size=8M", "--verify_only=1"]);
+    node.stop();
+    // --sparse reserves the space (a full filesystem shows at start) without writing it.
+    let sparse = TempDir::new("sparse");
+    let mut node = Torusd::start(sparse.path(), &["--size", "256M"]);
+    assert!(
+        !node.log_text().contains("writing zeros"),
+        "{}",
+        node.log_text()
+    );
     node.stop();
 }
 

@@ -56,7 +56,7 @@ PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); pr
 ADMIN=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 start_host_torusd() {
   : > data/torusd.out
-  (cd data && exec "$BINDIR/torusd" --cores 2 --size 2G --nbd-listen 127.0.0.1:$PORT --admin-listen 127.0.0.1:$ADMIN >> torusd.out 2>> torusd.log) &
+  (cd data && exec "$BINDIR/torusd" --cores 2 --size 2G --sparse --nbd-listen 127.0.0.1:$PORT --admin-listen 127.0.0.1:$ADMIN >> torusd.out 2>> torusd.log) &
   SRV=$!
   for _ in $(seq 100); do grep -q serving data/torusd.out 2>/dev/null && break; sleep 0.1; done
   grep -q serving data/torusd.out || { echo "vm: torusd did not start"; cat data/torusd.log; exit 1; }
