@@ -286,9 +286,9 @@ impl Engine {
             router: std::sync::OnceLock::new(),
             quotas: Arc::new(quota::Quotas::default()),
         });
-        let cpus = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
+        // Core i runs on the i-th CPU this process may use (`taskset -c 2,3 torusd` keeps the
+        // reactors on CPUs 2 and 3), round robin when there are more cores than CPUs.
+        let cpus = reactor::allowed_cpus();
         let (ready_tx, ready_rx) = crossbeam_channel::unbounded();
         let mut threads = Vec::new();
         for (core, receiver) in receivers.into_iter().enumerate() {
@@ -298,10 +298,13 @@ impl Engine {
             let svc = service(core);
             let ready = ready_tx.clone();
             let region = geometry.region(core);
+            let cpu = cpus.get(core % cpus.len().max(1)).copied();
             let handle = std::thread::Builder::new()
                 .name(format!("torus-core-{core}"))
                 .spawn(move || {
-                    reactor::pin_to_cpu(core % cpus);
+                    if let Some(cpu) = cpu {
+                        reactor::pin_to_cpu(cpu);
+                    }
                     let started =
                         store::Store::open(core, &file, &path, region).and_then(|store| {
                             reactor::Reactor::new(

@@ -586,6 +586,20 @@ fn register_read_pool(ring: &IoUring, core: usize) -> Option<Arc<crate::buffer_p
     None
 }
 
+/// The CPUs the calling thread may run on (its affinity mask), in order; empty if unknown.
+pub(crate) fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it and the result is checked.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect()
+    }
+}
+
 /// Pins the calling thread to one CPU (best effort: a container may forbid it).
 pub(crate) fn pin_to_cpu(cpu: usize) {
     // SAFETY: cpu_set_t is plain data; sched_setaffinity reads it.

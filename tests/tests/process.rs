@@ -159,6 +159,51 @@ fn a_new_store_file_is_written_with_zeros_once_unless_sparse() {
 }
 
 #[test]
+fn reactors_stay_on_the_cpus_torusd_was_given() {
+    // The last CPU this test may use: with two or more, not the one a reactor would take
+    // when the mask is ignored (core 0 on CPU 0).
+    let allowed = std::fs::read_to_string("/proc/self/status").unwrap();
+    let list = allowed
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let last = list
+        .split(',')
+        .next_back()
+        .and_then(|r| r.split('-').next_back())
+        .unwrap()
+        .to_string();
+    let taskset = require_tool("taskset", "util-linux");
+    let dir = TempDir::new("affinity");
+    let taskset = taskset.to_str().unwrap();
+    let mut node =
+        Torusd::start_wrapped(dir.path(), &["--cores", "2"], &[], &[taskset, "-c", &last]);
+    let mut reactors = 0;
+    for t in std::fs::read_dir(format!("/proc/{}/task", node.pid())).unwrap() {
+        let t = t.unwrap().path();
+        // Short-lived threads may be gone between the listing and the read.
+        let Ok(comm) = std::fs::read_to_string(t.join("comm")) else {
+            continue;
+        };
+        if !comm.starts_with("torus-core-") {
+            continue;
+        }
+        reactors += 1;
+        let status = std::fs::read_to_string(t.join("status")).unwrap();
+        let cpus = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap()
+            .trim();
+        assert_eq!(cpus, last, "{} runs on CPUs {cpus}", comm.trim());
+    }
+    assert_eq!(reactors, 2);
+    node.stop();
+}
+
+#[test]
 fn idle_torusd_uses_no_measurable_cpu() {
     let dir = TempDir::new("idle");
     let mut node = Torusd::start(dir.path(), &[]);
