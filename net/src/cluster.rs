@@ -459,10 +459,32 @@ impl Cluster {
         };
         let handler: Arc<dyn Handler> = Arc::new(ClusterHandler(cluster.clone()));
         rt.spawn(async move {
+            // Connections that have not sent their hello yet are few and small: at most
+            // HELLO_WAITING of them, each holding at most wire::HELLO_MAX bytes for at most
+            // the hello timeout. Past that, new ones are closed at once.
+            let waiting = Arc::new(tokio::sync::Semaphore::new(peer::HELLO_WAITING));
+            let mut refused = 0u64;
+            let mut said = Instant::now() - Duration::from_secs(60);
             loop {
-                if let Ok((stream, _)) = listener.accept().await {
-                    tokio::spawn(peer::accept(stream, handler.clone(), shared.clone()));
-                }
+                let Ok((stream, from)) = listener.accept().await else {
+                    continue;
+                };
+                let Ok(permit) = waiting.clone().try_acquire_owned() else {
+                    refused += 1;
+                    if said.elapsed() >= Duration::from_secs(10) {
+                        said = Instant::now();
+                        eprintln!(
+                            "torusd: peer connection from {from} closed: {} connections are already waiting to say hello ({refused} closed so far)",
+                            peer::HELLO_WAITING
+                        );
+                    }
+                    continue;
+                };
+                let (handler, shared) = (handler.clone(), shared.clone());
+                tokio::spawn(async move {
+                    peer::accept(stream, handler, shared).await;
+                    drop(permit);
+                });
             }
         });
         let c = cluster.clone();

@@ -14,6 +14,9 @@
 //! and hands each entry to the node's `Handler` with a `Responder`. Replies are batched the
 //! same way.
 //!
+//! Before its hello a connection is served by the listener: at most `HELLO_WAITING` at once,
+//! each reading at most `wire::HELLO_MAX` bytes for at most the hello timeout.
+//!
 //! Memory per connection: a 64 KiB receive buffer, the frame being received (at most
 //! `wire::BODY_MAX`), the frame being sent, and on a served connection at most
 //! `SERVE_IN_FLIGHT` requests plus one frame's worth (`wire::COUNT_MAX`) in flight.
@@ -38,6 +41,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// A frame is cut at this many entries or bytes of data.
 const BATCH_ENTRIES: usize = 1024;
 const BATCH_BYTES: usize = 8 << 20;
+/// Incoming connections that may be waiting to send their hello at once.
+pub const HELLO_WAITING: usize = 64;
 /// Requests one incoming connection may have in flight on this node before it is not read.
 pub const SERVE_IN_FLIGHT: usize = 2048;
 /// Receive buffer per connection; a frame larger than what it holds is received straight into
@@ -261,7 +266,7 @@ pub async fn accept(stream: TcpStream, handler: Arc<dyn Handler>, shared: Arc<Sh
         .map(|a| a.to_string())
         .unwrap_or_default();
     let mut stream = stream;
-    let hello = match tokio::time::timeout(CONNECT_TIMEOUT * 5, wire::read_frame(&mut stream)).await
+    let hello = match tokio::time::timeout(CONNECT_TIMEOUT * 5, wire::read_hello(&mut stream)).await
     {
         Ok(Ok(f)) => f,
         Ok(Err(e)) => {

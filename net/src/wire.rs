@@ -26,6 +26,8 @@ pub const HEADER_LEN: usize = 32;
 pub const ENTRY_LEN: usize = 48;
 /// Largest body accepted: a full batch of writes plus headers.
 pub const BODY_MAX: usize = 72 << 20;
+/// A hello's body at most: its entry, padded to 4 KiB, and a node name of up to 256 bytes.
+pub const HELLO_MAX: usize = 8192;
 /// Entries in one frame at most.
 pub const COUNT_MAX: usize = 8192;
 const ALIGN: usize = 4096;
@@ -150,6 +152,8 @@ pub enum FrameError {
     HeaderChecksum,
     #[error("body of {0} bytes is over the {BODY_MAX}-byte limit")]
     TooLong(usize),
+    #[error("hello of {0} bytes is over the {HELLO_MAX}-byte limit")]
+    HelloTooLong(usize),
     #[error("{0} entries is over the {COUNT_MAX} limit")]
     TooMany(usize),
     #[error("body checksum mismatch")]
@@ -279,10 +283,27 @@ pub fn encode_frame(items: &mut [(Entry, Option<Data>)], out: &mut Vec<u8>) {
 
 /// Reads one frame. Errors: the connection's I/O error, or a `FrameError` as `InvalidData`.
 pub async fn read_frame<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Frame> {
+    read_frame_within(r, BODY_MAX).await
+}
+
+/// Reads the first frame of an incoming connection, which must be a hello: a body longer than
+/// `HELLO_MAX` is refused before anything is allocated for it (whoever connects has not said
+/// who they are yet).
+pub async fn read_hello<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Frame> {
+    read_frame_within(r, HELLO_MAX).await
+}
+
+async fn read_frame_within<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut R,
+    limit: usize,
+) -> std::io::Result<Frame> {
     use tokio::io::AsyncReadExt;
     let mut h = [0u8; HEADER_LEN];
     r.read_exact(&mut h).await?;
     let header = decode_header(&h).map_err(invalid)?;
+    if header.len > limit {
+        return Err(invalid(FrameError::HelloTooLong(header.len)));
+    }
     let mut body = AlignedBuf::zeroed(header.len.div_ceil(ALIGN).max(1) * ALIGN);
     r.read_exact(&mut body[..header.len]).await?;
     decode_body(&header, body).map_err(invalid)

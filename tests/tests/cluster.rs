@@ -280,6 +280,37 @@ fn bad_peer_frames_close_the_connection_and_harm_nothing() {
             "{what}: no close within 15 s"
         );
     }
+    // A hello that claims a 1 MiB body (under the frame limit, over the hello's) is refused
+    // from its header, not waited for.
+    let t = Instant::now();
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    s.write_all(&frame(1, 1 << 20, 1, &[], true)).unwrap();
+    let r = std::io::Read::read(&mut s, &mut [0u8; 64]);
+    assert!(
+        matches!(r, Ok(0) | Err(_)),
+        "long hello: still open ({r:?})"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "long hello: closed after {:?}",
+        t.elapsed()
+    );
+    // Connections that never say hello: 64 may wait, the rest are closed at once.
+    let silent: Vec<TcpStream> = (0..80)
+        .map(|_| TcpStream::connect(&addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let closed = silent
+        .iter()
+        .filter(|s| {
+            // Non-blocking: all are looked at now, long before the hello timeout.
+            s.set_nonblocking(true).unwrap();
+            matches!(std::io::Read::read(&mut &**s, &mut [0u8; 8]), Ok(0))
+        })
+        .count();
+    assert_eq!(closed, 16, "of 80 silent connections");
+    drop(silent);
     // After a valid hello the connection belongs to a core, which decodes the frames: a bad
     // one there closes it just the same.
     let mut write = vec![0u8; 48];
@@ -320,6 +351,10 @@ fn bad_peer_frames_close_the_connection_and_harm_nothing() {
     );
     assert!(
         log.contains("peer node evil: bad magic") && log.contains("peer node evil: body checksum"),
+        "{log}"
+    );
+    assert!(
+        log.contains("over the 8192-byte limit") && log.contains("already waiting to say hello"),
         "{log}"
     );
     // Still serving.
