@@ -311,6 +311,21 @@ fn bad_peer_frames_close_the_connection_and_harm_nothing() {
         .count();
     assert_eq!(closed, 16, "of 80 silent connections");
     drop(silent);
+    // Their places free up as the node sees them close: a valid hello is taken again.
+    let t = Instant::now();
+    loop {
+        let mut s = TcpStream::connect(&addr).unwrap();
+        s.write_all(&hello).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        s.set_nonblocking(true).unwrap();
+        match std::io::Read::read(&mut s, &mut [0u8; 8]) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            _ => assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "hellos still refused"
+            ),
+        }
+    }
     // After a valid hello the connection belongs to a core, which decodes the frames: a bad
     // one there closes it just the same.
     let mut write = vec![0u8; 48];
