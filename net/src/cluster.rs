@@ -464,15 +464,15 @@ impl Cluster {
             // the hello timeout. Past that, new ones are closed at once.
             let waiting = Arc::new(tokio::sync::Semaphore::new(peer::HELLO_WAITING));
             let mut refused = 0u64;
-            let mut said = Instant::now() - Duration::from_secs(60);
+            let mut said: Option<Instant> = None;
             loop {
                 let Ok((stream, from)) = listener.accept().await else {
                     continue;
                 };
                 let Ok(permit) = waiting.clone().try_acquire_owned() else {
                     refused += 1;
-                    if said.elapsed() >= Duration::from_secs(10) {
-                        said = Instant::now();
+                    if said.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                        said = Some(Instant::now());
                         eprintln!(
                             "torusd: peer connection from {from} closed: {} connections are already waiting to say hello ({refused} closed so far)",
                             peer::HELLO_WAITING
