@@ -4,34 +4,20 @@
 # replicas=3 cluster of each, fio 4 KiB random writes at QD1 to volume blocks never written
 # before (a fresh 256 MiB range each round), interleaved, medians of the rounds.
 #   bash benches/first_writes.sh [ROUNDS]        # default 5; needs fio and etcd
-set -euo pipefail
 ROUNDS=${1:-5}
-B="$(cd "$(dirname "$0")/.." && pwd)/target/release"
-W=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$W"' EXIT
-port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
-ctl() { "$B/torusctl" --server "http://127.0.0.1:$1" "${@:2}"; }
+. "$(dirname "$0")/lib.sh"
 declare -A NBD
 for side in sparse filled; do
-  flags=""; [ $side = sparse ] && flags="--sparse"
-  E=$(port); EP=$(port)
-  etcd --data-dir "$W/$side-etcd" --listen-client-urls "http://127.0.0.1:$E" --advertise-client-urls "http://127.0.0.1:$E" \
-    --listen-peer-urls "http://127.0.0.1:$EP" --initial-advertise-peer-urls "http://127.0.0.1:$EP" \
-    --initial-cluster "default=http://127.0.0.1:$EP" > "$W/$side-etcd.log" 2>&1 &
-  sleep 2
+  flags=()
+  [ $side = sparse ] && flags=(--sparse)
+  start_etcd "$side-etcd"
   for i in 1 2 3; do
-    N=$(port); A=$(port)
-    [ $i = 1 ] && { NBD[$side-3x]=$N; A1=$A; }
-    # shellcheck disable=SC2086
-    "$B/torusd" $flags --data-dir "$W/$side-n$i" --size 3G --etcd "http://127.0.0.1:$E" --node-name "n$i" \
-      --peer-listen "127.0.0.1:$(port)" --nbd-listen "127.0.0.1:$N" --admin-listen "127.0.0.1:$A" \
-      > "$W/$side-n$i.out" 2> "$W/$side-n$i.log" &
+    start_cluster_node "$side-n$i" "${flags[@]}" --size 3G
+    [ $i = 1 ] && { NBD[$side-3x]=$NODE_NBD; A1=$NODE_ADMIN; }
   done
-  N=$(port); A=$(port); NBD[$side-1]=$N
-  # shellcheck disable=SC2086
-  "$B/torusd" $flags --data-dir "$W/$side-solo" --size 3G --default-volume-size 2G \
-    --nbd-listen "127.0.0.1:$N" --admin-listen "127.0.0.1:$A" > "$W/$side-solo.out" 2> "$W/$side-solo.log" &
-  until ctl "$A1" status > /dev/null 2>&1 && ctl "$A" status > /dev/null 2>&1; do sleep 1; done
+  start_node "$side-solo" "${flags[@]}" --size 3G --default-volume-size 2G
+  NBD[$side-1]=$NODE_NBD
+  until ctl "$A1" status > /dev/null 2>&1 && ctl "$NODE_ADMIN" status > /dev/null 2>&1; do sleep 1; done
   ctl "$A1" volume create vol 2G --replicas 3 > /dev/null
   echo "$side: ready" >&2
 done

@@ -4,27 +4,16 @@
 # requests per frame from the nodes' /metrics and the syscalls per write from `strace -c -f`
 # (Debian package strace) on node 1 and node 2 over a few seconds of the run.
 #   bash benches/replication_cost.sh [QD]      # default 32; the README's figures used 32 and 1
-set -euo pipefail
 QD=${1:-32}
-B="$(cd "$(dirname "$0")/.." && pwd)/target/release"
-W=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$W"' EXIT
-port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
-E=$(port); EP=$(port)
-etcd --data-dir "$W/etcd" --listen-client-urls "http://127.0.0.1:$E" --advertise-client-urls "http://127.0.0.1:$E" \
-  --listen-peer-urls "http://127.0.0.1:$EP" --initial-advertise-peer-urls "http://127.0.0.1:$EP" \
-  --initial-cluster "default=http://127.0.0.1:$EP" > "$W/etcd.log" 2>&1 &
-sleep 2
+. "$(dirname "$0")/lib.sh"
+start_etcd etcd
 declare -a NBD ADMIN PID
 for i in 1 2 3; do
-  NBD[$i]=$(port); ADMIN[$i]=$(port)
-  "$B/torusd" --data-dir "$W/n$i" --size 2G --cores 1 --etcd "http://127.0.0.1:$E" --node-name "n$i" \
-    --peer-listen "127.0.0.1:$(port)" --nbd-listen "127.0.0.1:${NBD[$i]}" --admin-listen "127.0.0.1:${ADMIN[$i]}" \
-    > "$W/n$i.out" 2> "$W/n$i.log" &
-  PID[$i]=$!
+  start_cluster_node "n$i" --size 2G --cores 1
+  NBD[$i]=$NODE_NBD; ADMIN[$i]=$NODE_ADMIN; PID[$i]=$NODE_PID
 done
-until "$B/torusctl" --server "http://127.0.0.1:${ADMIN[1]}" status > /dev/null 2>&1; do sleep 1; done
-"$B/torusctl" --server "http://127.0.0.1:${ADMIN[1]}" volume create bench 1G --replicas 3 > /dev/null
+until ctl "${ADMIN[1]}" status > /dev/null 2>&1; do sleep 1; done
+ctl "${ADMIN[1]}" volume create bench 1G --replicas 3 > /dev/null
 metric() { curl -s "http://127.0.0.1:${ADMIN[$1]}/metrics" | awk -v m="$2" '$1 ~ "^"m {s+=$2} END {print s+0}'; }
 fio --name=cost --ioengine=nbd --uri="nbd://127.0.0.1:${NBD[1]}/bench" --rw=randwrite --bs=4k \
   --iodepth="$QD" --size=512M --time_based --runtime=12 > /dev/null &

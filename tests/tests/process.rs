@@ -158,17 +158,22 @@ fn a_new_store_file_is_written_with_zeros_once_unless_sparse() {
     node.stop();
 }
 
-#[test]
-fn reactors_stay_on_the_cpus_torusd_was_given() {
-    // The last CPU this test may use: with two or more, not the one a reactor would take
-    // when the mask is ignored (core 0 on CPU 0).
-    let allowed = std::fs::read_to_string("/proc/self/status").unwrap();
-    let list = allowed
+/// The `Cpus_allowed_list` of a `/proc/.../status` file, e.g. `0-3,6`.
+fn cpus_allowed(status: impl AsRef<std::path::Path>) -> String {
+    std::fs::read_to_string(status)
+        .unwrap()
         .lines()
         .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
         .unwrap()
         .trim()
-        .to_string();
+        .to_string()
+}
+
+#[test]
+fn reactors_stay_on_the_cpus_torusd_was_given() {
+    // The last CPU this test may use: with two or more, not the one a reactor would take
+    // when the mask is ignored (core 0 on CPU 0).
+    let list = cpus_allowed("/proc/self/status");
     let last = list
         .split(',')
         .next_back()
@@ -191,12 +196,7 @@ fn reactors_stay_on_the_cpus_torusd_was_given() {
             continue;
         }
         reactors += 1;
-        let status = std::fs::read_to_string(t.join("status")).unwrap();
-        let cpus = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-            .unwrap()
-            .trim();
+        let cpus = cpus_allowed(t.join("status"));
         assert_eq!(cpus, last, "{} runs on CPUs {cpus}", comm.trim());
     }
     assert_eq!(reactors, 2);
