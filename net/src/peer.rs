@@ -17,6 +17,10 @@
 //! Before its hello a connection is served by the listener: at most `HELLO_WAITING` at once,
 //! each reading at most `wire::HELLO_MAX` bytes for at most the hello timeout.
 //!
+//! A core serves at most `SERVED_PER_PEER` connections for one node (a new one past that
+//! closes that node's oldest) and `SERVED_MAX` in all; TCP keepalive closes a connection whose
+//! other end went silent within about 25 s.
+//!
 //! Memory per connection: a 64 KiB receive buffer, the frame being received (at most
 //! `wire::BODY_MAX`), the frame being sent, and on a served connection at most
 //! `SERVE_IN_FLIGHT` requests plus one frame's worth (`wire::COUNT_MAX`) in flight.
@@ -45,6 +49,17 @@ const BATCH_BYTES: usize = 8 << 20;
 pub const HELLO_WAITING: usize = 64;
 /// Requests one incoming connection may have in flight on this node before it is not read.
 pub const SERVE_IN_FLIGHT: usize = 2048;
+/// Connections one core serves for one node. A node opens one per core of its own (and a new
+/// one when the last failed), so more means old ones its side has given up on (a peer cut off
+/// or restarted without a reset): the oldest is closed to make room.
+pub const SERVED_PER_PEER: usize = 64;
+/// Connections one core serves in all; past that a new one is closed at once.
+pub const SERVED_MAX: usize = 1024;
+/// Keepalive on peer connections: one whose other end stopped answering (a node powered off
+/// or cut off, no reset sent) fails after about `idle + interval × probes`.
+const KEEPALIVE_IDLE_S: u64 = 10;
+const KEEPALIVE_INTERVAL_S: u64 = 5;
+const KEEPALIVE_PROBES: u32 = 3;
 /// Receive buffer per connection; a frame larger than what it holds is received straight into
 /// the frame's own buffer.
 const RECV_BUFFER: usize = 64 * 1024;
@@ -252,6 +267,16 @@ impl Drop for Responder {
 
 /// What a node does with one request from a peer. Called on the core the connection belongs
 /// to (the core index the caller asked for).
+/// Turns on TCP keepalive (see `KEEPALIVE_IDLE_S`); a socket that refuses keeps working
+/// without it.
+fn keepalive(socket: &impl std::os::fd::AsFd) {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(KEEPALIVE_IDLE_S))
+        .with_interval(Duration::from_secs(KEEPALIVE_INTERVAL_S))
+        .with_retries(KEEPALIVE_PROBES);
+    let _ = socket2::SockRef::from(socket).set_tcp_keepalive(&ka);
+}
+
 pub trait Handler: Send + Sync + 'static {
     fn handle(&self, from: &str, core: u32, entry: Entry, data: Option<Data>, respond: Responder);
     fn cores(&self) -> u32;
@@ -261,6 +286,7 @@ pub trait Handler: Send + Sync + 'static {
 /// hands the socket to that core. A bad or missing hello closes it.
 pub async fn accept(stream: TcpStream, handler: Arc<dyn Handler>, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
+    keepalive(&stream);
     let peer = stream
         .peer_addr()
         .map(|a| a.to_string())
@@ -307,6 +333,7 @@ async fn connect(link: Arc<LinkInner>, core: usize, conn: u64) {
             .ok()?
             .ok()?;
         let _ = s.set_nodelay(true);
+        keepalive(&s);
         // Closing a dead connection resets it: nothing still queued in the kernel is
         // delivered later.
         let _ = s.set_zero_linger();
@@ -417,6 +444,9 @@ pub struct PeerService {
     /// Connections with something queued: sent at the end of the loop iteration, so what
     /// one iteration queued goes out as one frame.
     to_send: Vec<u64>,
+    /// Served connections closed by `make_room`, and when that was last logged.
+    refused: u64,
+    said: Option<Instant>,
 }
 
 impl PeerService {
@@ -428,6 +458,8 @@ impl PeerService {
             next_conn: 1,
             tick: None,
             to_send: Vec::new(),
+            refused: 0,
+            said: None,
         }
     }
 
@@ -535,6 +567,53 @@ impl PeerService {
         self.maybe_remove(id);
         for cb in failed {
             cb(retry());
+        }
+    }
+
+    /// Before serving a new connection from `from`: closes that node's oldest connection here
+    /// if it has `SERVED_PER_PEER`; false (with a log line at most every 10 s) when this core
+    /// already serves `SERVED_MAX`.
+    fn make_room(&mut self, from: &str) -> bool {
+        let mut served = 0;
+        let mut theirs = Vec::new();
+        for (&id, c) in &self.conns {
+            if let Role::Served { from: f, .. } = &c.role {
+                if !c.closing {
+                    served += 1;
+                    if f == from {
+                        theirs.push(id);
+                    }
+                }
+            }
+        }
+        if served >= SERVED_MAX {
+            self.refused += 1;
+            self.say(format!(
+                "peer connection from node {from} closed: {SERVED_MAX} are served already"
+            ));
+            return false;
+        }
+        if theirs.len() >= SERVED_PER_PEER {
+            self.refused += 1;
+            self.say(format!(
+                "node {from} opened more than {SERVED_PER_PEER} connections; its oldest closed"
+            ));
+            self.close(*theirs.iter().min().expect("not empty"));
+        }
+        true
+    }
+
+    /// Logs a connection `make_room` closed, at most once per 10 s.
+    fn say(&mut self, what: String) {
+        if self
+            .said
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+        {
+            self.said = Some(Instant::now());
+            eprintln!(
+                "torusd: core {}: {what} ({} closed so far)",
+                self.core, self.refused
+            );
         }
     }
 
@@ -826,6 +905,9 @@ impl CoreService for PeerService {
                 }
             }
             PeerMsg::Serve { fd, from, handler } => {
+                if !self.make_room(&from) {
+                    return; // the socket is dropped: closed
+                }
                 let role = Role::Served {
                     from,
                     handler,

@@ -326,6 +326,55 @@ fn bad_peer_frames_close_the_connection_and_harm_nothing() {
             ),
         }
     }
+    // One node's connections to a core past 64: its oldest are closed (its side gave up on
+    // them), the newest kept.
+    let mut many_hello = hello_body[..4096].to_vec();
+    many_hello.extend_from_slice(b"many");
+    let many_hello = frame(1, many_hello.len() as u32, 1, &many_hello, true);
+    let many: Vec<TcpStream> = (0..70)
+        .map(|_| {
+            let mut s = TcpStream::connect(&addr).unwrap();
+            s.write_all(&many_hello).unwrap();
+            // One at a time, so the core takes them in this order.
+            std::thread::sleep(Duration::from_millis(20));
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let closed: Vec<usize> = many
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| {
+            s.set_nonblocking(true).unwrap();
+            !matches!(std::io::Read::read(&mut &**s, &mut [0u8; 8]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        })
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(
+        closed,
+        (0..6).collect::<Vec<_>>(),
+        "closed of 70 from one node"
+    );
+    // Served connections have TCP keepalive on, so one whose node went silent is closed.
+    let port = addr.rsplit(':').next().unwrap();
+    let ss = Command::new(require_tool("ss", "iproute2"))
+        .args([
+            "-tno",
+            "state",
+            "established",
+            &format!("( sport = :{port} )"),
+        ])
+        .output()
+        .unwrap();
+    let ss = String::from_utf8_lossy(&ss.stdout);
+    assert!(
+        ss.lines()
+            .filter(|l| l.contains("timer:(keepalive"))
+            .count()
+            >= 64,
+        "{ss}"
+    );
+    drop(many);
     // After a valid hello the connection belongs to a core, which decodes the frames: a bad
     // one there closes it just the same.
     let mut write = vec![0u8; 48];
@@ -366,6 +415,10 @@ fn bad_peer_frames_close_the_connection_and_harm_nothing() {
     );
     assert!(
         log.contains("peer node evil: bad magic") && log.contains("peer node evil: body checksum"),
+        "{log}"
+    );
+    assert!(
+        log.contains("node many opened more than 64 connections; its oldest closed"),
         "{log}"
     );
     assert!(
