@@ -361,10 +361,12 @@ impl Reactor {
             }
             self.service.end_of_iteration(&mut self.ctx);
             self.ctx.store.flush_writes(&mut self.ctx.io);
-            if work {
+            // The clock is read only when polling is asked for (a few per request otherwise).
+            let polling = !spin_limit.is_zero();
+            if work && polling {
                 last_work = Instant::now();
             }
-            let spin = !work && last_work.elapsed() < spin_limit;
+            let spin = polling && !work && last_work.elapsed() < spin_limit;
             let submitting = !self.ctx.io.ring.submission().is_empty();
             if work && !submitting && skipped < 8 {
                 // Nothing to submit and more to look at: another round without a system call
