@@ -22,12 +22,13 @@ start_etcd() {
 }
 
 # start_node NAME [torusd flags...]: torusd with its data in $W/NAME on free NBD and admin
-# ports (its output in $W/NAME.out and .log); sets NODE_NBD, NODE_ADMIN and NODE_PID.
+# ports (its output in $W/NAME.out and .log); sets NODE_NBD, NODE_ADMIN and NODE_PID. A
+# command in NODE_WRAP (say `chrt -f 10`) runs torusd; it must exec it (same PID).
 start_node() {
   local name=$1
   shift
   NODE_NBD=$(port); NODE_ADMIN=$(port)
-  "$B/torusd" --data-dir "$W/$name" --nbd-listen "127.0.0.1:$NODE_NBD" --admin-listen "127.0.0.1:$NODE_ADMIN" "$@" \
+  ${NODE_WRAP:-} "$B/torusd" --data-dir "$W/$name" --nbd-listen "127.0.0.1:$NODE_NBD" --admin-listen "127.0.0.1:$NODE_ADMIN" "$@" \
     > "$W/$name.out" 2> "$W/$name.log" &
   NODE_PID=$!
 }

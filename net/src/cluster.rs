@@ -62,6 +62,9 @@ pub struct ClusterConfig {
     /// This node's store: its id (a node name stays with it) and capacity.
     pub node_id: [u8; 16],
     pub capacity_bytes: u64,
+    /// A node down this long is marked out by the leader (its PGs get their replicas back on
+    /// the other nodes); None: never.
+    pub down_out_after: Option<Duration>,
 }
 
 /// What a node publishes about itself besides its `NodeInfo` (changes often, so it does not
@@ -135,6 +138,10 @@ pub struct Cluster {
     recovering: Mutex<HashSet<u32>>,
     repaired_reads: AtomicU64,
     stopping: AtomicBool,
+    /// As leader: since when each node has been seen down, and those whose marking out was
+    /// refused (said once).
+    down_since: Mutex<HashMap<String, Instant>>,
+    out_refused: Mutex<HashSet<String>>,
     /// Writes held back while a snapshot of their volume is taken.
     pause: Mutex<Pause>,
 }
@@ -437,6 +444,8 @@ impl Cluster {
             recovering: Mutex::new(HashSet::new()),
             repaired_reads: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
+            down_since: Mutex::new(HashMap::new()),
+            out_refused: Mutex::new(HashSet::new()),
             pause: Mutex::new(Pause::default()),
         });
         rt.block_on(cluster.refresh_volumes())?;
@@ -1580,6 +1589,58 @@ impl Cluster {
                     map.health()
                 );
                 self.install_map(map);
+            }
+            if let Some(after) = self.cfg.down_out_after {
+                self.mark_out_long_down(after).await;
+            }
+        }
+    }
+
+    /// As leader: marks out each node down for `after` or more (counted from when this leader
+    /// first saw it down), so its PGs get their replicas back on the other nodes.
+    async fn mark_out_long_down(&self, after: Duration) {
+        let map = self.map();
+        let due: Vec<String> = {
+            let mut since = self.down_since.lock();
+            since.retain(|n, _| map.nodes.get(n).is_some_and(|m| !m.up && !m.removing));
+            for (name, n) in &map.nodes {
+                if !n.up && !n.removing {
+                    since.entry(name.clone()).or_insert_with(Instant::now);
+                }
+            }
+            since
+                .iter()
+                .filter(|(_, t)| t.elapsed() >= after)
+                .map(|(n, _)| n.clone())
+                .collect()
+        };
+        self.out_refused.lock().retain(|n| due.contains(n));
+        for name in due {
+            let mut why = None;
+            let marked = self
+                .etcd
+                .update_map(self.cfg.replicas_max, |m| match m.mark_out(&name) {
+                    Ok(()) => true,
+                    Err(w) => {
+                        why = Some(w);
+                        false
+                    }
+                })
+                .await;
+            match (marked, why) {
+                (Ok(Some(map)), _) => {
+                    eprintln!(
+                        "torusd: map epoch {}: node {name} down for over {after:?}, marked out; its placement groups get their replicas back on the other nodes",
+                        map.epoch
+                    );
+                    self.install_map(map);
+                }
+                (_, Some(why)) if self.out_refused.lock().insert(name.clone()) => {
+                    eprintln!(
+                        "torusd: node {name} down for over {after:?} but not marked out: {why}"
+                    );
+                }
+                _ => {}
             }
         }
     }

@@ -44,6 +44,11 @@ pub struct MapNode {
     /// is void.
     #[serde(default)]
     pub up_since: u64,
+    /// Marked out by the leader after being down `--down-out-after` (`removing` is set with
+    /// it): its slots go to other nodes, which copy them from the clean holders, and it leaves
+    /// the map. Unlike a drained node it comes back in when it returns.
+    #[serde(default)]
+    pub out: bool,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -278,10 +283,16 @@ impl ClusterMap {
                             up: true,
                             removing: false,
                             up_since: before.epoch + 1,
+                            out: false,
                         },
                     );
                 }
                 Some(n) => {
+                    if n.out {
+                        // Back before it left the map: it takes PGs again.
+                        n.out = false;
+                        n.removing = false;
+                    }
                     let restarted = n.info.incarnation != info.incarnation;
                     if restarted || !n.up {
                         n.up_since = before.epoch + 1;
@@ -367,21 +378,59 @@ impl ClusterMap {
             .flatten()
             .flat_map(|s| std::iter::once(s.node.clone()).chain(s.prev.clone()))
             .collect();
-        let drained: Vec<(String, u64)> = self
+        let drained: Vec<(String, u64, bool)> = self
             .nodes
             .iter()
             .filter(|(name, n)| n.removing && !holding.contains(*name))
-            .map(|(name, n)| (name.clone(), n.info.incarnation))
+            .map(|(name, n)| (name.clone(), n.info.incarnation, n.out))
             .collect();
-        for (name, inc) in drained {
+        for (name, inc, out) in drained {
             self.nodes.remove(&name);
-            self.removed.insert(name, inc);
+            // A drained node stays out while that process runs; one marked out joins again
+            // as a new node when it returns.
+            if !out {
+                self.removed.insert(name, inc);
+            }
         }
         let changed = *self != before;
         if changed {
             self.epoch = before.epoch + 1;
         }
         changed
+    }
+
+    /// Marks a node that is down out (see `MapNode::out`), under a new epoch. Refused, saying
+    /// why, when it is up or already leaving, when fewer nodes than `replicas_max` would be
+    /// left to hold its PGs, or while a PG it holds has no other clean holder up (its copy
+    /// may be the only good one: it waits for a revival or for the node).
+    pub fn mark_out(&mut self, name: &str) -> Result<(), String> {
+        let remaining = self.nodes.values().filter(|n| !n.removing).count();
+        match self.nodes.get(name) {
+            None => return Err(format!("no node named {name:?} in the map")),
+            Some(n) if n.up => return Err("it is up".into()),
+            Some(n) if n.removing => return Err("it is leaving already".into()),
+            Some(_) => {}
+        }
+        if remaining <= self.replicas_max as usize {
+            return Err(format!(
+                "{} nodes would be left for {} replicas; add a node",
+                remaining - 1,
+                self.replicas_max
+            ));
+        }
+        for pg in 0..self.pg_count {
+            let holds = self.pgs[pg as usize]
+                .iter()
+                .any(|s| s.node == name || s.prev.as_deref() == Some(name));
+            if holds && self.clean_holders(pg).is_empty() {
+                return Err(format!("PG {pg} has no other clean replica up"));
+            }
+        }
+        let n = self.nodes.get_mut(name).expect("checked");
+        n.removing = true;
+        n.out = true;
+        self.epoch += 1;
+        Ok(())
     }
 
     /// Clean holders of a PG that are up (the previous holder of a moving slot counts).
@@ -833,6 +882,55 @@ mod tests {
         );
         m.reconcile(&live(&[("a", 1), ("b", 1), ("c", 1), ("d", 2)]));
         assert!(m.nodes.contains_key("d"), "started again, it rejoins");
+    }
+
+    #[test]
+    fn a_node_marked_out_gives_its_slots_to_the_others_and_comes_back_in() {
+        let mut m = ClusterMap::new(3);
+        let abcd = live(&[("a", 1), ("b", 1), ("c", 1), ("d", 1)]);
+        m.reconcile(&abcd);
+        all_clean(&mut m);
+        let abc = live(&[("a", 1), ("b", 1), ("c", 1)]);
+        assert_eq!(m.mark_out("d"), Err("it is up".into()));
+        m.reconcile(&abc);
+        assert!(m.health().degraded > 0, "d is down");
+        let epoch = m.epoch;
+        assert_eq!(m.mark_out("d"), Ok(()));
+        assert_eq!(m.epoch, epoch + 1);
+        m.reconcile(&abc);
+        assert!(!m.nodes.contains_key("d"), "it held nothing it could keep");
+        for slots in &m.pgs {
+            assert_eq!(slots.len(), 3);
+            assert!(slots.iter().all(|s| s.node != "d" && s.prev.is_none()));
+            assert!(
+                slots.iter().filter(|s| s.state == SlotState::Clean).count() >= 2,
+                "its copies are made again from the clean holders"
+            );
+        }
+        all_clean(&mut m);
+        assert_eq!(m.health().clean, PG_COUNT);
+        // Back with the same process (a long partition): unlike a drained node it rejoins.
+        m.reconcile(&abcd);
+        assert!(m.nodes.contains_key("d") && !m.stale_slots("d").is_empty());
+        // Refused with too few nodes left, or when its copy may be the only good one.
+        let mut three = clean_abc();
+        three.reconcile(&live(&[("a", 1), ("b", 1)]));
+        assert!(three
+            .mark_out("c")
+            .unwrap_err()
+            .contains("2 nodes would be left"));
+        let mut m = ClusterMap::new(3);
+        m.reconcile(&abcd);
+        all_clean(&mut m);
+        m.reconcile(&live(&[("a", 1)]));
+        m.reconcile(&live(&[("a", 1), ("b", 2), ("c", 2)])); // b and c restarted: stale
+        m.reconcile(&live(&[("b", 2), ("c", 2)])); // a down too
+        let err = m.mark_out("d").unwrap_err();
+        assert!(err.contains("no other clean replica"), "{err}");
+        assert_eq!(
+            m.mark_out("e"),
+            Err("no node named \"e\" in the map".into())
+        );
     }
 
     #[test]

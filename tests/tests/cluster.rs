@@ -200,6 +200,77 @@ fn a_fourth_node_joins_under_load_and_takes_a_quarter() {
     }
 }
 
+#[test]
+fn a_node_down_too_long_is_marked_out_and_its_replicas_are_made_again() {
+    let etcd = Etcd::start();
+    let dirs: Vec<TempDir> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|n| TempDir::new(n))
+        .collect();
+    let node = |i: usize, name: &str| {
+        let out_after = ["--down-out-after", "4s"];
+        cluster_node_with(
+            dirs[i].path(),
+            &etcd.url,
+            name,
+            1,
+            "127.0.0.1",
+            &[],
+            &out_after,
+        )
+    };
+    let a = node(0, "a");
+    let mut b = node(1, "b");
+    let mut c = node(2, "c");
+    let mut d = node(3, "d");
+    wait_clean(&a, Duration::from_secs(60));
+    a.torusctl_ok(&["volume", "create", "vol", "256M", "--replicas", "3"]);
+    fio(&a.uri("vol"), "0", "64M", &["--end_fsync=1"]);
+    d.kill9();
+    // Degraded once d's lease is gone, then clean again without d: 4 s later the leader marks
+    // it out and its slots are copied to a, b and c.
+    let t = Instant::now();
+    while a.torusctl(&["status"]).status.success() {
+        assert!(t.elapsed() < Duration::from_secs(30), "d never seen down");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let t = Instant::now();
+    wait_clean(&a, Duration::from_secs(90));
+    eprintln!("clean again without d after {:?}", t.elapsed());
+    let list = peers(&a);
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["a", "b", "c"], "d left the map");
+    let logs = [&a, &b, &c].map(|n| n.log_text()).join("\n");
+    assert!(
+        logs.contains("node d down for over 4s, marked out"),
+        "{logs}"
+    );
+    // Every block has its three replicas on a, b and c now: a alone serves them all.
+    b.kill9();
+    c.kill9();
+    fio(&a.uri("vol"), "0", "64M", &["--verify_only=1"]);
+    // d comes back (a new process on its old data) and takes its share again.
+    b.spawn();
+    c.spawn();
+    d.spawn();
+    wait_clean(&a, Duration::from_secs(120));
+    let d_held = peers(&a)
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "d")
+        .expect("d is back in the map")["pgs_held"]
+        .as_u64()
+        .unwrap();
+    assert!((150..=230).contains(&d_held), "d holds {d_held}");
+    fio(&d.uri("vol"), "0", "64M", &["--verify_only=1"]);
+}
+
 fn frame(version: u16, len: u32, count: u32, body: &[u8], fix_crc: bool) -> Vec<u8> {
     let mut h = vec![0u8; 32];
     h[0..4].copy_from_slice(&0x4652_5054u32.to_le_bytes());

@@ -24,6 +24,7 @@ fn help_explains_every_flag() {
         "--node-name",
         "--default-volume-size",
         "--sparse",
+        "--down-out-after",
     ] {
         assert!(out.contains(flag), "--help does not mention {flag}:\n{out}");
     }

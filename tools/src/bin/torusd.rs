@@ -93,6 +93,12 @@ struct Args {
     /// placement group). Fixed when the cluster is created.
     #[arg(long, default_value_t = 3, value_name = "N")]
     replicas_max: u32,
+    /// Cluster mode: a node down this long is marked out by the leader, and its placement
+    /// groups get their replicas back on the other nodes (it needs more nodes than
+    /// --replicas-max); a node marked out that returns takes its share again. `off`: a down
+    /// node's PGs stay degraded until it returns or `torusctl peer remove` drains it.
+    #[arg(long, default_value = "10m", value_name = "DURATION|off")]
+    down_out_after: String,
     /// Cluster mode: rate limit for copying data to a node that is catching up.
     #[arg(long, default_value = "256M", value_name = "BYTES_PER_SEC")]
     recovery_rate: String,
@@ -258,6 +264,10 @@ fn main() {
 fn run(args: Args) -> Result<()> {
     let lease_ttl =
         parse_duration(&args.lease_ttl).map_err(|e| anyhow::anyhow!("--lease-ttl {e}"))?;
+    let down_out_after = match args.down_out_after.as_str() {
+        "off" => None,
+        d => Some(parse_duration(d).map_err(|e| anyhow::anyhow!("--down-out-after {e}"))?),
+    };
     let recovery_rate = parse_size(&args.recovery_rate, None)
         .map_err(|e| anyhow::anyhow!("--recovery-rate {e}"))?;
     if args.replicas_max == 0 || args.replicas_max > 8 {
@@ -452,6 +462,7 @@ fn run(args: Args) -> Result<()> {
                 recovery_rate,
                 node_id: engine.superblock().node_id,
                 capacity_bytes: engine.capacity_bytes(),
+                down_out_after,
             };
             let local = Arc::new(NodeLocal {
                 engine: engine.clone(),
