@@ -142,6 +142,8 @@ pub struct Cluster {
     /// refused (said once).
     down_since: Mutex<HashMap<String, Instant>>,
     out_refused: Mutex<HashSet<String>>,
+    /// PGs this node holds no slot of and whose blocks it has freed (this process).
+    let_go: Mutex<HashSet<u32>>,
     /// Writes held back while a snapshot of their volume is taken.
     pause: Mutex<Pause>,
 }
@@ -446,6 +448,7 @@ impl Cluster {
             stopping: AtomicBool::new(false),
             down_since: Mutex::new(HashMap::new()),
             out_refused: Mutex::new(HashSet::new()),
+            let_go: Mutex::new(HashSet::new()),
             pause: Mutex::new(Pause::default()),
         });
         rt.block_on(cluster.refresh_volumes())?;
@@ -1689,6 +1692,7 @@ impl Cluster {
             // One source (the PG's primary) per round.
             turn += 1;
             let Some((source, pgs)) = replication::recovery_round(&map, &self.me, turn) else {
+                self.let_go_of_moved_pgs(&map).await;
                 continue;
             };
             let listed_at = map.epoch;
@@ -1957,6 +1961,93 @@ impl Cluster {
             return Ok(Vec::new());
         };
         Ok(decode_list(&d.buf[d.start..d.start + d.len]))
+    }
+
+    /// Frees the blocks this node still keeps of PGs it holds no slot of under `map` (they
+    /// moved to another node when one joined or left, or this node came back from being
+    /// marked out with a smaller share), once no write of an older map is in flight here
+    /// (later ones to such a PG are refused for their epoch). A PG that comes back to this
+    /// node comes back stale and is caught up like any other, so nothing dropped is missed.
+    async fn let_go_of_moved_pgs(&self, map: &ClusterMap) {
+        let held = |pg: u32| {
+            map.pgs[pg as usize]
+                .iter()
+                .any(|s| s.node == self.me || s.prev.as_deref() == Some(self.me.as_str()))
+        };
+        let fresh: Vec<u32> = {
+            let mut gone = self.let_go.lock();
+            gone.retain(|&pg| !held(pg));
+            (0..map.pg_count)
+                .filter(|&pg| !held(pg) && !gone.contains(&pg))
+                .collect()
+        };
+        let oldest = self.inflight.lock().keys().next().copied();
+        if fresh.is_empty() || !replication::list_ready(self.map().epoch, map.epoch, oldest) {
+            return;
+        }
+        let mut bitmap = vec![false; map.pg_count as usize];
+        for &pg in &fresh {
+            bitmap[pg as usize] = true;
+        }
+        let blocks: Vec<(u32, u64)> = self
+            .list_local(&bitmap)
+            .await
+            .into_iter()
+            .map(|(v, b, _)| (v, b))
+            .collect();
+        let mut waits = Vec::new();
+        let mut kept = HashSet::new();
+        let mut zeroed = 0u64;
+        for (volume, first, n) in replication::copy_runs(&blocks) {
+            // Under the lock a replica write to a PG held here (stale) is recorded and queued
+            // with: a PG taken back since `map` (a write may already be on its way) is kept.
+            let pg = self.pg_of(volume, first * BLOCK_SIZE as u64);
+            let dirty = self.dirty.lock();
+            let now = self.map();
+            let taken_back = now.pgs[pg as usize]
+                .iter()
+                .any(|s| s.node == self.me || s.prev.as_deref() == Some(self.me.as_str()))
+                || dirty.get(&pg).is_some_and(|d| {
+                    (first..first + n as u64).any(|b| d.contains_key(&(volume, b)))
+                });
+            if taken_back {
+                kept.insert(pg);
+                continue;
+            }
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            self.send_local(
+                Piece {
+                    volume,
+                    offset: first * BLOCK_SIZE as u64,
+                    len: n * BLOCK_SIZE as u32,
+                    kind: PieceKind::Zero { fua: false },
+                },
+                sink(move |c| {
+                    let _ = tx.send(c.output.is_ok());
+                }),
+            );
+            drop(dirty);
+            waits.push(rx);
+            zeroed += n as u64;
+        }
+        let mut freed = true;
+        for w in waits {
+            freed &= w.await.unwrap_or(false);
+        }
+        if !freed {
+            return eprintln!(
+                "torusd: freeing blocks of placement groups that moved away failed; retrying"
+            );
+        }
+        if zeroed > 0 {
+            eprintln!(
+                "torusd: freed {zeroed} blocks of {} placement groups no longer held here",
+                fresh.len() - kept.len()
+            );
+        }
+        self.let_go
+            .lock()
+            .extend(fresh.into_iter().filter(|pg| !kept.contains(pg)));
     }
 
     async fn list_local(&self, bitmap: &[bool]) -> Vec<(u32, u64, u32)> {

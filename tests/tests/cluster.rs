@@ -148,6 +148,25 @@ fn a_fourth_node_joins_under_load_and_takes_a_quarter() {
     // The moved data verifies, read through the new node.
     fio(&d.uri("vol"), "0", "128M", &["--verify_only=1"]);
     fio(&d.uri("vol"), "256M", "128M", &["--verify_only=1"]);
+    // The old holders free what moved to d: of the 256 MiB each held, about 3/4 is left.
+    let t = Instant::now();
+    loop {
+        let used: Vec<u64> = peers(&a)
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["name"] != "d")
+            .map(|p| p["used_bytes"].as_u64().unwrap_or(u64::MAX))
+            .collect();
+        if used.iter().all(|&u| u <= (256 << 20) * 85 / 100) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "a, b and c still use {used:?} bytes"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
 
     // Draining a node moves its share to the others; it leaves the map when it holds nothing.
     d.torusctl_ok(&["peer", "remove", "a"]);
@@ -254,6 +273,18 @@ fn a_node_down_too_long_is_marked_out_and_its_replicas_are_made_again() {
     b.kill9();
     c.kill9();
     fio(&a.uri("vol"), "0", "64M", &["--verify_only=1"]);
+    let used = |n: &Torusd, name: &str| {
+        peers(n)
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap()["used_bytes"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let a_held_all = used(&a, "a");
+    assert!(a_held_all >= 64 << 20, "a holds every block: {a_held_all}");
     // d comes back (a new process on its old data) and takes its share again.
     b.spawn();
     c.spawn();
@@ -269,6 +300,23 @@ fn a_node_down_too_long_is_marked_out_and_its_replicas_are_made_again() {
         .unwrap();
     assert!((150..=230).contains(&d_held), "d holds {d_held}");
     fio(&d.uri("vol"), "0", "64M", &["--verify_only=1"]);
+    // a keeps no copy of the PGs that went back to d: its used space falls to about 3/4.
+    let t = Instant::now();
+    loop {
+        let now = used(&a, "a");
+        if now * 100 <= a_held_all * 85 {
+            eprintln!("a uses {now} bytes, {a_held_all} before d came back");
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "a still uses {now} bytes of {a_held_all}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(a
+        .log_text()
+        .contains("placement groups no longer held here"));
 }
 
 fn frame(version: u16, len: u32, count: u32, body: &[u8], fix_crc: bool) -> Vec<u8> {
