@@ -318,6 +318,10 @@ impl ClusterMap {
         self.revive_lost_pgs(&before);
         for pg in 0..self.pg_count {
             let targets = self.target_nodes(pg);
+            // With no clean holder up, a holder that is down may have the only good copy
+            // (the PG waits for it or for a revival): nobody is replaced or dropped until a
+            // clean holder is up again, from which a new one would copy anyway.
+            let settled = !self.clean_holders(pg).is_empty();
             let slots = &mut self.pgs[pg as usize];
             // A finished move: the new holder is clean, the old one lets go.
             for s in slots.iter_mut() {
@@ -333,7 +337,7 @@ impl ClusterMap {
             missing.reverse();
             // Replace holders that are no longer targets (not while a move is under way).
             for s in slots.iter_mut() {
-                if targets.contains(&s.node) || s.prev.is_some() {
+                if targets.contains(&s.node) || s.prev.is_some() || !settled {
                     continue;
                 }
                 let Some(next) = missing.pop() else { break };
@@ -363,7 +367,8 @@ impl ClusterMap {
             }
             // Shrink (fewer nodes than replicas_max): only the last slot, and only when its
             // holder is no longer a target, so slot indices (and what they hold) never shift.
-            while slots.len() > targets.len()
+            while settled
+                && slots.len() > targets.len()
                 && slots
                     .last()
                     .is_some_and(|s| !targets.contains(&s.node) && s.prev.is_none())
@@ -519,9 +524,7 @@ impl ClusterMap {
                 self.last_clean.get_mut(&pg).expect("listed").reviving = Some(r);
                 continue;
             }
-            let slots = &mut self.pgs[pg as usize];
-            if let Some(s) = slots.iter_mut().find(|s| s.node == back) {
-                s.state = SlotState::Clean;
+            if revive_slot(&mut self.pgs[pg as usize], &back) {
                 self.last_clean.remove(&pg);
             }
         }
@@ -557,8 +560,7 @@ impl ClusterMap {
             if !ours {
                 continue;
             }
-            if let Some(s) = self.pgs[*pg as usize].iter_mut().find(|s| s.node == node) {
-                s.state = SlotState::Clean;
+            if revive_slot(&mut self.pgs[*pg as usize], node) {
                 self.last_clean.remove(pg);
                 changed = true;
             }
@@ -633,6 +635,26 @@ pub struct PgHealth {
     pub recovering: u32,
     /// No clean replica up: I/O to these answers EIO.
     pub down: u32,
+}
+
+/// Makes `node`, the last clean holder of a lost PG, its clean holder again. It may have lost
+/// its slot meanwhile (it was the old holder of a move when it went down, and its restart
+/// ended the move): then it takes the place of a stale holder (every holder of a lost PG is
+/// stale), which the next reconcile moves again if placement wants it elsewhere.
+fn revive_slot(slots: &mut [Slot], node: &str) -> bool {
+    if let Some(s) = slots.iter_mut().find(|s| s.node == node) {
+        s.state = SlotState::Clean;
+        return true;
+    }
+    let Some(s) = slots.iter_mut().find(|s| s.state == SlotState::Stale) else {
+        return false;
+    };
+    *s = Slot {
+        node: node.to_owned(),
+        state: SlotState::Clean,
+        prev: None,
+    };
+    true
 }
 
 #[cfg(test)]

@@ -15,7 +15,9 @@
 //! sent again: a duplicate), long delays, symmetric and one-way partitions between two nodes,
 //! a node cut off from everything (etcd too), `kill -9` of a node (its unflushed writes are
 //! each kept or lost), a power loss of every node at once, and the writer moving to another
-//! node. At most one fault at a time, never more than replicas − 1 nodes down.
+//! node. At most one fault at a time, never more than replicas − 1 nodes down. With four
+//! nodes, one down (killed or cut off) for `DOWN_OUT` is marked out by the leader
+//! (`ClusterMap::mark_out`): its PGs are copied to the others, and it rejoins when it returns.
 //!
 //! Each node's store is a model with the engine's contract (a write is durable once a flush
 //! that followed it completes); the engine itself runs on its simulated disk in
@@ -49,6 +51,9 @@ const OP_TIMEOUT: u64 = 8 * SEC;
 const RETRY_DELAY: u64 = 100 * MS;
 const REQUEST_DEADLINE: u64 = 30 * SEC;
 const PEER_REQUEST_DEADLINE: u64 = 4 * SEC;
+/// The leader marks out a node down this long (`--down-out-after`; with four nodes).
+const DOWN_OUT: u64 = DOWN_OUT_SECONDS * SEC;
+pub const DOWN_OUT_SECONDS: u64 = 4;
 const LIST_WAIT: u64 = 10 * SEC;
 /// A PG must be clean again this long after the faults healed.
 const CONVERGE_BOUND: u64 = 120 * SEC;
@@ -114,6 +119,8 @@ pub struct SimReport {
     pub catch_up_rounds: u64,
     /// Rounds reviving PGs lost with every clean holder.
     pub revivals: u64,
+    /// Nodes the leader marked out after being down `DOWN_OUT`.
+    pub marked_out: u64,
     pub map_epochs: u64,
     /// Blocks compared across replicas at the end of a run.
     pub blocks_verified: u64,
@@ -137,6 +144,7 @@ impl SimReport {
         self.blocks_copied += o.blocks_copied;
         self.catch_up_rounds += o.catch_up_rounds;
         self.revivals += o.revivals;
+        self.marked_out += o.marked_out;
         self.map_epochs += o.map_epochs;
         self.blocks_verified += o.blocks_verified;
         self.converge_max = self.converge_max.max(o.converge_max);
@@ -496,6 +504,8 @@ struct Sim {
     report: SimReport,
     loading: bool,
     failure: Option<String>,
+    /// The leader's view: since when each node has been down.
+    down_since: BTreeMap<String, u64>,
 }
 
 fn info(name: &str, inc: u64) -> NodeInfo {
@@ -601,6 +611,7 @@ impl Sim {
             report: SimReport::default(),
             loading: true,
             failure: None,
+            down_since: BTreeMap::new(),
         };
         for i in 0..sim.cfg.nodes {
             sim.nodes[i].map = sim.etcd.map.clone();
@@ -1224,8 +1235,35 @@ impl Sim {
             if self.etcd.map.reconcile(&live) {
                 self.report.map_epochs += 1;
             }
+            self.mark_out_long_down();
         }
         self.at(LEADER_TICK, Event::Leader);
+    }
+
+    /// Cluster::mark_out_long_down: a node down `DOWN_OUT` is marked out when the map allows.
+    fn mark_out_long_down(&mut self) {
+        let now = self.now;
+        let map = &self.etcd.map;
+        self.down_since
+            .retain(|n, _| map.nodes.get(n).is_some_and(|m| !m.up && !m.removing));
+        for (name, n) in &map.nodes {
+            if !n.up && !n.removing {
+                self.down_since.entry(name.clone()).or_insert(now);
+            }
+        }
+        let due: Vec<String> = self
+            .down_since
+            .iter()
+            .filter(|(_, t)| now - **t >= DOWN_OUT)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in due {
+            if self.etcd.map.mark_out(&name).is_ok() {
+                self.report.marked_out += 1;
+                self.report.map_epochs += 1;
+                self.trace(None, || format!("leader marks {name} out"));
+            }
+        }
     }
 
     fn recovery(&mut self, i: usize) {
