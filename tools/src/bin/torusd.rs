@@ -104,7 +104,8 @@ struct Args {
     recovery_rate: String,
 }
 
-fn parse_duration(s: &str) -> Result<Duration> {
+/// A duration such as `6s`, `500ms`, `10m` or `2h`, above 0 and below `max`.
+fn parse_duration(s: &str, max: Duration) -> Result<Duration> {
     let (num, unit) = s
         .find(|c: char| !c.is_ascii_digit() && c != '.')
         .map(|i| s.split_at(i))
@@ -116,12 +117,25 @@ fn parse_duration(s: &str) -> Result<Duration> {
         "s" | "" => n,
         "ms" => n / 1000.0,
         "m" => n * 60.0,
-        _ => bail!("{s:?}: unknown unit {unit:?} (use ms, s or m)"),
+        "h" => n * 3600.0,
+        _ => bail!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)"),
     };
-    if !(secs > 0.0 && secs < 3600.0) {
-        bail!("{s:?}: use a duration between 0 and 1 hour");
+    if !(secs > 0.0 && secs < max.as_secs_f64()) {
+        bail!(
+            "{s:?}: use a duration above 0 and below {}",
+            human_duration(max)
+        );
     }
     Ok(Duration::from_secs_f64(secs))
+}
+
+fn human_duration(d: Duration) -> String {
+    let (n, unit) = match d.as_secs() {
+        s if s % 86400 == 0 => (s / 86400, "day"),
+        s if s % 3600 == 0 => (s / 3600, "hour"),
+        s => return format!("{s} s"),
+    };
+    format!("{n} {unit}{}", if n == 1 { "" } else { "s" })
 }
 
 fn hostname() -> String {
@@ -262,11 +276,14 @@ fn main() {
 }
 
 fn run(args: Args) -> Result<()> {
-    let lease_ttl =
-        parse_duration(&args.lease_ttl).map_err(|e| anyhow::anyhow!("--lease-ttl {e}"))?;
+    let lease_ttl = parse_duration(&args.lease_ttl, Duration::from_secs(3600))
+        .map_err(|e| anyhow::anyhow!("--lease-ttl {e}"))?;
     let down_out_after = match args.down_out_after.as_str() {
         "off" => None,
-        d => Some(parse_duration(d).map_err(|e| anyhow::anyhow!("--down-out-after {e}"))?),
+        d => Some(
+            parse_duration(d, Duration::from_secs(7 * 86400))
+                .map_err(|e| anyhow::anyhow!("--down-out-after {e}"))?,
+        ),
     };
     let recovery_rate = parse_size(&args.recovery_rate, None)
         .map_err(|e| anyhow::anyhow!("--recovery-rate {e}"))?;
