@@ -579,6 +579,23 @@ impl Cluster {
         self.shared.mailboxes[core].send(Message::Piece(piece, reply));
     }
 
+    /// `send_local`, answered on a channel: true when the store did it.
+    fn send_local_ok(&self, piece: Piece) -> tokio::sync::oneshot::Receiver<bool> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send_local(
+            piece,
+            sink(move |c| {
+                let _ = tx.send(c.output.is_ok());
+            }),
+        );
+        rx
+    }
+
+    /// The map epoch of the oldest write in flight here (coordinated or applied as a replica).
+    fn oldest_in_flight(&self) -> Option<u64> {
+        self.inflight.lock().keys().next().copied()
+    }
+
     /// Asks again after a moment, until the request's deadline. A request forwarded by a peer
     /// is tried once and answered "ask again": the peer owns its retries. (Were it retried
     /// here too, a write the peer had given up on and sent again elsewhere could land after a
@@ -1332,8 +1349,7 @@ impl Cluster {
     /// reached it since they began: checked and sent under the dirty lock, so a write cannot
     /// slip in between and be undone. False when the engine refused.
     async fn unmap_local(&self, volume: u32, block: u64) -> bool {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        {
+        let rx = {
             let dirty = self.dirty.lock();
             let pg = self.pg_of(volume, block * BLOCK_SIZE as u64);
             if dirty
@@ -1342,36 +1358,26 @@ impl Cluster {
             {
                 return true;
             }
-            self.send_local(
-                Piece {
-                    volume,
-                    offset: block * BLOCK_SIZE as u64,
-                    len: BLOCK_SIZE as u32,
-                    kind: PieceKind::Zero { fua: false },
-                },
-                sink(move |c| {
-                    let _ = tx.send(c.output.is_ok());
-                }),
-            );
-        }
+            self.send_local_ok(Piece {
+                volume,
+                offset: block * BLOCK_SIZE as u64,
+                len: BLOCK_SIZE as u32,
+                kind: PieceKind::Zero { fua: false },
+            })
+        };
         rx.await.unwrap_or(false)
     }
 
     /// True when a local read of `n` blocks from `block` passes its checksums.
     async fn read_local(&self, volume: u32, block: u64, n: u32) -> bool {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.send_local(
-            Piece {
-                volume,
-                offset: block * BLOCK_SIZE as u64,
-                len: n * BLOCK_SIZE as u32,
-                kind: PieceKind::Read,
-            },
-            sink(move |c| {
-                let _ = tx.send(c.output.is_ok());
-            }),
-        );
-        rx.await.unwrap_or(false)
+        self.send_local_ok(Piece {
+            volume,
+            offset: block * BLOCK_SIZE as u64,
+            len: n * BLOCK_SIZE as u32,
+            kind: PieceKind::Read,
+        })
+        .await
+        .unwrap_or(false)
     }
 
     fn validate(self: &Arc<Self>, e: &Entry, data: &Option<Data>) -> Result<VolumeRecord, u16> {
@@ -1883,23 +1889,16 @@ impl Cluster {
                 set.is_some_and(|s| s.contains_key(&(volume, block + i as u64)))
             });
             for (i, j) in spans {
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                self.send_local(
-                    Piece {
-                        volume,
-                        offset: (block + i as u64) * BLOCK_SIZE as u64,
-                        len: (j - i) * BLOCK_SIZE as u32,
-                        kind: PieceKind::Write {
-                            data: d.buf.clone(),
-                            data_offset: d.start + i as usize * BLOCK_SIZE,
-                            fua: false,
-                        },
+                waits.push(self.send_local_ok(Piece {
+                    volume,
+                    offset: (block + i as u64) * BLOCK_SIZE as u64,
+                    len: (j - i) * BLOCK_SIZE as u32,
+                    kind: PieceKind::Write {
+                        data: d.buf.clone(),
+                        data_offset: d.start + i as usize * BLOCK_SIZE,
+                        fua: false,
                     },
-                    sink(move |c| {
-                        let _ = tx.send(c.output.is_ok());
-                    }),
-                );
-                waits.push(rx);
+                }));
             }
         }
         for w in waits {
@@ -1969,11 +1968,7 @@ impl Cluster {
     /// (later ones to such a PG are refused for their epoch). A PG that comes back to this
     /// node comes back stale and is caught up like any other, so nothing dropped is missed.
     async fn let_go_of_moved_pgs(&self, map: &ClusterMap) {
-        let held = |pg: u32| {
-            map.pgs[pg as usize]
-                .iter()
-                .any(|s| s.node == self.me || s.prev.as_deref() == Some(self.me.as_str()))
-        };
+        let held = |pg: u32| map.slot_of(pg, &self.me).is_some();
         let fresh: Vec<u32> = {
             let mut gone = self.let_go.lock();
             gone.retain(|&pg| !held(pg));
@@ -1981,7 +1976,7 @@ impl Cluster {
                 .filter(|&pg| !held(pg) && !gone.contains(&pg))
                 .collect()
         };
-        let oldest = self.inflight.lock().keys().next().copied();
+        let oldest = self.oldest_in_flight();
         if fresh.is_empty() || !replication::list_ready(self.map().epoch, map.epoch, oldest) {
             return;
         }
@@ -2003,10 +1998,7 @@ impl Cluster {
             // with: a PG taken back since `map` (a write may already be on its way) is kept.
             let pg = self.pg_of(volume, first * BLOCK_SIZE as u64);
             let dirty = self.dirty.lock();
-            let now = self.map();
-            let taken_back = now.pgs[pg as usize]
-                .iter()
-                .any(|s| s.node == self.me || s.prev.as_deref() == Some(self.me.as_str()))
+            let taken_back = self.map().slot_of(pg, &self.me).is_some()
                 || dirty.get(&pg).is_some_and(|d| {
                     (first..first + n as u64).any(|b| d.contains_key(&(volume, b)))
                 });
@@ -2014,20 +2006,13 @@ impl Cluster {
                 kept.insert(pg);
                 continue;
             }
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            self.send_local(
-                Piece {
-                    volume,
-                    offset: first * BLOCK_SIZE as u64,
-                    len: n * BLOCK_SIZE as u32,
-                    kind: PieceKind::Zero { fua: false },
-                },
-                sink(move |c| {
-                    let _ = tx.send(c.output.is_ok());
-                }),
-            );
+            waits.push(self.send_local_ok(Piece {
+                volume,
+                offset: first * BLOCK_SIZE as u64,
+                len: n * BLOCK_SIZE as u32,
+                kind: PieceKind::Zero { fua: false },
+            }));
             drop(dirty);
-            waits.push(rx);
             zeroed += n as u64;
         }
         let mut freed = true;
@@ -2087,7 +2072,7 @@ impl Cluster {
             .collect();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let oldest = self.inflight.lock().keys().next().copied();
+            let oldest = self.oldest_in_flight();
             let ready = replication::list_ready(self.map().epoch, e.epoch, oldest);
             if ready {
                 break;

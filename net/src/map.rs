@@ -424,10 +424,7 @@ impl ClusterMap {
             ));
         }
         for pg in 0..self.pg_count {
-            let holds = self.pgs[pg as usize]
-                .iter()
-                .any(|s| s.node == name || s.prev.as_deref() == Some(name));
-            if holds && self.clean_holders(pg).is_empty() {
+            if self.slot_of(pg, name).is_some() && self.clean_holders(pg).is_empty() {
                 return Err(format!("PG {pg} has no other clean replica up"));
             }
         }

@@ -265,8 +265,6 @@ impl Drop for Responder {
     }
 }
 
-/// What a node does with one request from a peer. Called on the core the connection belongs
-/// to (the core index the caller asked for).
 /// Turns on TCP keepalive (see `KEEPALIVE_IDLE_S`); a socket that refuses keeps working
 /// without it.
 fn keepalive(socket: &impl std::os::fd::AsFd) {
@@ -277,6 +275,8 @@ fn keepalive(socket: &impl std::os::fd::AsFd) {
     let _ = socket2::SockRef::from(socket).set_tcp_keepalive(&ka);
 }
 
+/// What a node does with one request from a peer. Called on the core the connection belongs
+/// to (the core index the caller asked for).
 pub trait Handler: Send + Sync + 'static {
     fn handle(&self, from: &str, core: u32, entry: Entry, data: Option<Data>, respond: Responder);
     fn cores(&self) -> u32;
