@@ -18,6 +18,8 @@ pub struct CoreStats {
     pub io_errors: u64,
     /// Data write operations sent to the disk (fewer than pieces: consecutive slots merge).
     pub disk_write_ops: u64,
+    /// Of those, written with `pwrite` by an otherwise idle core rather than through io_uring.
+    pub sync_write_ops: u64,
     pub pieces_in_flight: u64,
     pub slots_total: u64,
     pub slots_free: u64,

@@ -108,7 +108,45 @@ enum Op {
 struct Io {
     ring: IoUring,
     ops: Slab<Op>,
+    sync: SyncWrites,
 }
+
+/// Small writes of an otherwise idle core, written with `pwrite` instead of through the ring.
+///
+/// An `O_DIRECT` write submitted through io_uring to a file on ext4 or XFS completes in a
+/// kernel worker (the filesystem's direct-I/O completion work), which then wakes the core: two
+/// context switches a `pwrite` does not make, since the device's interrupt wakes the waiting
+/// thread directly. At queue depth 1 the core has nothing to do meanwhile, so it writes a lone
+/// small write itself, after submitting what the iteration queued (a replicated write's sends go
+/// out first). While other store operations are in flight, or when a new request arrived
+/// while the core was blocked in such a write (the client has more than one request going), the
+/// ring is used: blocking would delay the others.
+struct SyncWrites {
+    /// `TORUS_SYNC_WRITES=0` turns it off.
+    enabled: bool,
+    backing_fd: i32,
+    /// Store operations in the ring, not yet reaped.
+    store_in_flight: usize,
+    /// Small writes still to go through the ring before trying again, after a request arrived
+    /// during a synchronous write.
+    paused: u32,
+    /// A lone small write held back until the end of the iteration.
+    held: Option<(DiskOp, StoreIo)>,
+    /// Results of synchronous writes, reaped like completions.
+    written: Vec<(StoreIo, i32)>,
+    /// Set after a synchronous write during which completions arrived, until they are handled:
+    /// a piece arriving then means the client did not wait for this write.
+    watching: bool,
+    /// Writes written synchronously (a counter for the metrics).
+    count: u64,
+}
+
+/// `io_uring_enter` flag: wait for (and, with DEFER_TASKRUN, post) completions.
+const IORING_ENTER_GETEVENTS: u32 = 1;
+
+/// After a request arrived during a synchronous write, this many small writes go through the
+/// ring before the core tries again.
+const SYNC_PAUSE_WRITES: u32 = 1024;
 
 impl Io {
     fn push(&mut self, entry: squeue::Entry, op: Op) {
@@ -142,8 +180,63 @@ impl Io {
 }
 
 impl IoSubmit for Io {
+    fn piece_arrived(&mut self) {
+        Io::piece_arrived(self)
+    }
+
     fn submit_store(&mut self, op: DiskOp, io: StoreIo) {
+        let sync = &mut self.sync;
+        if sync.enabled && op.small_write() {
+            if sync.paused > 0 {
+                sync.paused -= 1;
+            } else if sync.store_in_flight == 0 && sync.held.is_none() && sync.written.is_empty() {
+                sync.held = Some((op, io));
+                return;
+            }
+        }
+        if let Some((held, held_io)) = self.sync.held.take() {
+            self.sync.store_in_flight += 1;
+            self.push(held.entry(), Op::Store(held_io));
+        }
+        self.sync.store_in_flight += 1;
         self.push(op.entry(), Op::Store(io));
+    }
+}
+
+impl Io {
+    /// Called for every piece the store starts.
+    fn piece_arrived(&mut self) {
+        if self.sync.watching {
+            // A request that came while this core was blocked in a write.
+            self.sync.paused = SYNC_PAUSE_WRITES;
+        }
+    }
+
+    /// Writes the held write, if any, after submitting what is queued. True if it did.
+    fn write_held(&mut self) -> bool {
+        let Some((op, what)) = self.sync.held.take() else {
+            return false;
+        };
+        if !self.ring.submission().is_empty() {
+            let _ = self.ring.submit();
+        }
+        let result = op.write_now(self.sync.backing_fd);
+        if matches!(what, StoreIo::DataWrite { .. } | StoreIo::BatchWrite { .. }) {
+            self.sync.count += 1;
+        }
+        self.sync.written.push((what, result));
+        if self.ring.submission().taskrun() {
+            // Completions arrived meanwhile: post them now, so the next iteration handles
+            // exactly those while watching for new requests among them.
+            // SAFETY: no argument is passed.
+            let _ = unsafe {
+                self.ring
+                    .submitter()
+                    .enter::<libc::sigset_t>(0, 0, IORING_ENTER_GETEVENTS, None)
+            };
+            self.sync.watching = true;
+        }
+        true
     }
 }
 
@@ -247,12 +340,20 @@ impl Reactor {
             core: index,
             source,
         };
-        let ring = IoUring::builder()
+        // Without DEFER_TASKRUN (before Linux 6.1) nor the taskrun flag, a core cannot tell that
+        // requests arrived while it was blocked in a write, so it never writes synchronously.
+        let (ring, taskrun_flag) = match IoUring::builder()
             .setup_single_issuer()
             .setup_defer_taskrun()
+            .setup_taskrun_flag()
             .build(RING_ENTRIES)
-            .or_else(|_| IoUring::builder().build(RING_ENTRIES))
-            .map_err(ring_err)?;
+        {
+            Ok(ring) => (ring, true),
+            Err(_) => (
+                IoUring::builder().build(RING_ENTRIES).map_err(ring_err)?,
+                false,
+            ),
+        };
         ring.submitter()
             .register_files(&[backing_fd])
             .map_err(ring_err)?;
@@ -266,6 +367,17 @@ impl Reactor {
                 io: Io {
                     ring,
                     ops: Slab::with_capacity(256),
+                    sync: SyncWrites {
+                        enabled: taskrun_flag
+                            && std::env::var("TORUS_SYNC_WRITES").map_or(true, |v| v != "0"),
+                        backing_fd,
+                        store_in_flight: 0,
+                        paused: 0,
+                        held: None,
+                        written: Vec::with_capacity(1),
+                        watching: false,
+                        count: 0,
+                    },
                 },
                 store,
                 shared,
@@ -321,6 +433,7 @@ impl Reactor {
                 }
                 self.take_messages();
             }
+            self.ctx.io.sync.watching = false;
             if self.ctx.store.has_pending_records()
                 && !self.ctx.store.timer_armed
                 && !self.ctx.store.commit_running()
@@ -361,6 +474,9 @@ impl Reactor {
             }
             self.service.end_of_iteration(&mut self.ctx);
             self.ctx.store.flush_writes(&mut self.ctx.io);
+            if self.ctx.io.write_held() {
+                continue;
+            }
             // The clock is read only when polling is asked for (a few per request otherwise).
             let polling = !spin_limit.is_zero();
             if work && polling {
@@ -400,6 +516,11 @@ impl Reactor {
 
     fn reap(&mut self) -> bool {
         let mut any = false;
+        while let Some((what, result)) = self.ctx.io.sync.written.pop() {
+            any = true;
+            self.ctx.store.on_io(&mut self.ctx.io, what, result);
+            self.route();
+        }
         loop {
             // Reused buffers: reaping and routing allocate nothing per completion.
             let mut batch = std::mem::take(&mut self.cqes);
@@ -422,7 +543,10 @@ impl Reactor {
                         self.ctx.store.timer_armed = false;
                         self.ctx.store.kick_commit(&mut self.ctx.io);
                     }
-                    Op::Store(what) => self.ctx.store.on_io(&mut self.ctx.io, what, cqe.result()),
+                    Op::Store(what) => {
+                        self.ctx.io.sync.store_in_flight -= 1;
+                        self.ctx.store.on_io(&mut self.ctx.io, what, cqe.result())
+                    }
                     Op::Service(tag) => {
                         self.service
                             .on_io(&mut self.ctx, tag, cqe.result(), cqe.flags())
@@ -552,6 +676,7 @@ impl Reactor {
             checksum_errors: c.checksum_errors,
             io_errors: c.io_errors,
             disk_write_ops: c.write_ops,
+            sync_write_ops: self.ctx.io.sync.count,
             pieces_in_flight: s.tasks_in_flight() as u64,
             slots_total: s.slots_total(),
             slots_free: s.slots_free(),

@@ -145,11 +145,51 @@ impl DiskOp {
                 .build(),
         }
     }
+
+    /// A data write small enough to be written synchronously by an otherwise idle core.
+    pub(crate) fn small_write(&self) -> bool {
+        matches!(*self, DiskOp::Write { len, .. } if len <= SYNC_WRITE_MAX)
+    }
+
+    /// Runs a write with a plain system call on `fd` (the backing file), returning what its
+    /// io_uring completion would have: bytes written or a negative errno.
+    pub(crate) fn write_now(&self, fd: i32) -> i32 {
+        loop {
+            // SAFETY: the buffers are owned by the store task until its completion is handled,
+            // which is after this call returns.
+            let r = match *self {
+                DiskOp::Write { offset, ptr, len } => unsafe {
+                    libc::pwrite64(fd, ptr as *const libc::c_void, len as usize, offset as i64)
+                },
+                DiskOp::Writev {
+                    offset,
+                    iovecs,
+                    count,
+                } => unsafe { libc::pwritev64(fd, iovecs, count as i32, offset as i64) },
+                _ => unreachable!("write_now of a non-write"),
+            };
+            if r >= 0 {
+                return r as i32;
+            }
+            let errno = std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO);
+            if errno != libc::EINTR {
+                return -errno;
+            }
+        }
+    }
 }
+
+/// Largest write a core writes synchronously when it has nothing else in flight.
+pub(crate) const SYNC_WRITE_MAX: u32 = 64 * 1024;
 
 /// Submission of backing-store operations: the reactor's ring, or the simulator.
 pub(crate) trait IoSubmit {
     fn submit_store(&mut self, op: DiskOp, io: StoreIo);
+    /// Told of every piece the store starts (the reactor watches for requests that arrived
+    /// while it was blocked in a synchronous write).
+    fn piece_arrived(&mut self) {}
 }
 
 /// A data write waiting for the end of the loop iteration, when writes to consecutive slots
@@ -561,6 +601,7 @@ impl Store {
 
     /// Entry point for a piece that arrived at this core.
     pub(crate) fn start(&mut self, io: &mut impl IoSubmit, arrived: Arrived) {
+        io.piece_arrived();
         let piece = &arrived.piece;
         let first_block = piece.offset / BLOCK_SIZE as u64;
         let end = piece.offset + piece.len as u64;

@@ -377,3 +377,76 @@ fn runs_without_root_within_the_memlock_limit() {
     let status = wait_timeout(&mut child, Duration::from_secs(30)).expect("exits");
     assert!(status.success(), "{status}");
 }
+
+/// Sum over the cores of a per-core counter from `/metrics`.
+fn metric_total(node: &Torusd, name: &str) -> u64 {
+    let text = run_ok(
+        Command::new(require_tool("curl", "curl"))
+            .arg("-sf")
+            .arg(format!("{}/metrics", node.admin())),
+        Duration::from_secs(30),
+    );
+    let prefix = format!("{name}{{");
+    text.lines()
+        .filter(|l| l.starts_with(&prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// fio 4 KiB random writes at `qd` over 64 MiB, then reads them back and checks them.
+fn fio_verified_writes(node: &Torusd, qd: u32) {
+    run_ok(
+        Command::new(require_tool("fio", "fio")).args([
+            "--name=syncw",
+            "--ioengine=nbd",
+            &format!("--uri={}", node.uri("default")),
+            "--rw=randwrite",
+            "--bs=4k",
+            &format!("--iodepth={qd}"),
+            "--size=64M",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+        ]),
+        Duration::from_secs(300),
+    );
+}
+
+#[test]
+fn lone_writes_skip_the_ring_and_a_deeper_queue_keeps_it() {
+    // An idle core writes a lone small write with pwrite (the device's interrupt wakes it, not
+    // a filesystem completion worker). A client with two writes going must not have one wait
+    // behind the other: a request that arrives during such a write sends the next 1024 small
+    // writes through the ring. Without that check, 97 % of the QD2 writes below were written
+    // synchronously (and QD2 ran 16 % slower than through the ring).
+    let dir = TempDir::new("syncw");
+    let mut node = Torusd::start(dir.path(), &["--cores", "1"]);
+    fio_verified_writes(&node, 1);
+    let (sync1, all1) = (
+        metric_total(&node, "torus_disk_sync_write_ops_total"),
+        metric_total(&node, "torus_disk_write_ops_total"),
+    );
+    eprintln!("QD1: {sync1} of {all1} disk writes synchronous");
+    assert!(all1 >= 16384 / 2, "{all1} disk writes for 16384 pieces");
+    assert!(
+        sync1 * 10 >= all1 * 9,
+        "QD1: only {sync1} of {all1} writes synchronous"
+    );
+    fio_verified_writes(&node, 2);
+    let sync2 = metric_total(&node, "torus_disk_sync_write_ops_total") - sync1;
+    let all2 = metric_total(&node, "torus_disk_write_ops_total") - all1;
+    eprintln!("QD2: {sync2} of {all2} disk writes synchronous");
+    assert!(
+        sync2 * 3 <= all2,
+        "QD2: {sync2} of {all2} writes synchronous"
+    );
+    node.stop();
+
+    // Turned off, every write goes through the ring; the data is the same.
+    let dir = TempDir::new("syncw-off");
+    let mut node =
+        Torusd::start_with_env(dir.path(), &["--cores", "1"], &[("TORUS_SYNC_WRITES", "0")]);
+    fio_verified_writes(&node, 1);
+    assert_eq!(metric_total(&node, "torus_disk_sync_write_ops_total"), 0);
+    assert!(metric_total(&node, "torus_disk_write_ops_total") >= 16384 / 2);
+    node.stop();
+}

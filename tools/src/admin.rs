@@ -857,6 +857,12 @@ impl Node {
             disk_write_ops
         );
         per_core!(
+            "disk_sync_write_ops_total",
+            "Of those, written with pwrite by a core with nothing else in flight (queue depth 1).",
+            "counter",
+            sync_write_ops
+        );
+        per_core!(
             "queue_depth",
             "Pieces in flight on the core.",
             "gauge",
