@@ -204,7 +204,7 @@ impl IoSubmit for Io {
 }
 
 impl Io {
-    /// Called for every piece the store starts.
+    /// Called for every piece this core's store starts or this core's service sends.
     fn piece_arrived(&mut self) {
         if self.sync.watching {
             // A request that came while this core was blocked in a write.
@@ -281,6 +281,9 @@ impl CoreContext {
 
     /// Sends a piece to the core that owns it (this one or another), or to the cluster router.
     pub fn send_piece(&mut self, piece: Piece, reply: ReplyTo) {
+        // A request this core's service took, wherever it goes: it waited if this core was
+        // blocked in a write.
+        self.io.piece_arrived();
         if let Some(router) = self.shared.router.get() {
             let router = router.clone();
             return router.route(piece, reply);
@@ -303,6 +306,7 @@ impl CoreContext {
                 },
             );
         } else {
+            self.io.piece_arrived();
             self.send_to_core(core, Message::Piece(piece, reply));
         }
     }

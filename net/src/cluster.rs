@@ -476,15 +476,14 @@ impl Cluster {
             // the hello timeout. Past that, new ones are closed at once.
             let waiting = Arc::new(tokio::sync::Semaphore::new(peer::HELLO_WAITING));
             let mut refused = 0u64;
-            let mut said: Option<Instant> = None;
+            let mut said = peer::LogEvery::default();
             loop {
                 let Ok((stream, from)) = listener.accept().await else {
                     continue;
                 };
                 let Ok(permit) = waiting.clone().try_acquire_owned() else {
                     refused += 1;
-                    if said.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
-                        said = Some(Instant::now());
+                    if said.ready() {
                         eprintln!(
                             "torusd: peer connection from {from} closed: {} connections are already waiting to say hello ({refused} closed so far)",
                             peer::HELLO_WAITING

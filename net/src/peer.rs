@@ -446,7 +446,25 @@ pub struct PeerService {
     to_send: Vec<u64>,
     /// Served connections closed by `make_room`, and when that was last logged.
     refused: u64,
-    said: Option<Instant>,
+    said: LogEvery,
+}
+
+/// Lets a repeated log line through at most once per 10 s.
+#[derive(Default)]
+pub struct LogEvery(Option<Instant>);
+
+impl LogEvery {
+    /// True when the line may be logged now (and starts the next 10 s).
+    pub fn ready(&mut self) -> bool {
+        if self
+            .0
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(10))
+        {
+            return false;
+        }
+        self.0 = Some(Instant::now());
+        true
+    }
 }
 
 impl PeerService {
@@ -459,7 +477,7 @@ impl PeerService {
             tick: None,
             to_send: Vec::new(),
             refused: 0,
-            said: None,
+            said: LogEvery::default(),
         }
     }
 
@@ -605,11 +623,7 @@ impl PeerService {
 
     /// Logs a connection `make_room` closed, at most once per 10 s.
     fn say(&mut self, what: String) {
-        if self
-            .said
-            .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
-        {
-            self.said = Some(Instant::now());
+        if self.said.ready() {
             eprintln!(
                 "torusd: core {}: {what} ({} closed so far)",
                 self.core, self.refused
