@@ -1587,7 +1587,7 @@ impl Cluster {
                 .collect();
             if let Ok(Some(map)) = self
                 .etcd
-                .update_map(self.cfg.replicas_max, |m| m.reconcile(&live))
+                .update_map(self.cfg.replicas_max, |m| m.reconcile_at(&live, now_ms()))
                 .await
             {
                 eprintln!(
@@ -1604,10 +1604,13 @@ impl Cluster {
         }
     }
 
-    /// As leader: marks out each node down for `after` or more (counted from when this leader
-    /// first saw it down), so its PGs get their replicas back on the other nodes.
+    /// As leader: marks out each node down for `after` or more, so its PGs get their replicas
+    /// back on the other nodes. Counted from the time the map records (set by whichever
+    /// leader first saw it down), or, for a map without one, from when this leader first saw
+    /// it down.
     async fn mark_out_long_down(&self, after: Duration) {
         let map = self.map();
+        let now = now_ms();
         let due: Vec<String> = {
             let mut since = self.down_since.lock();
             since.retain(|n, _| map.nodes.get(n).is_some_and(|m| !m.up && !m.removing));
@@ -1618,7 +1621,13 @@ impl Cluster {
             }
             since
                 .iter()
-                .filter(|(_, t)| t.elapsed() >= after)
+                .filter(|(name, t)| {
+                    let recorded = match map.nodes[*name].down_since_ms {
+                        0 => Duration::ZERO,
+                        t => Duration::from_millis(now.saturating_sub(t)),
+                    };
+                    t.elapsed().max(recorded) >= after
+                })
                 .map(|(n, _)| n.clone())
                 .collect()
         };

@@ -49,6 +49,11 @@ pub struct MapNode {
     /// the map. Unlike a drained node it comes back in when it returns.
     #[serde(default)]
     pub out: bool,
+    /// When the leader first recorded this node down, in milliseconds since the Unix epoch
+    /// by that leader's clock; 0 while it is up. A new leader counts `--down-out-after` from
+    /// it instead of starting over.
+    #[serde(default)]
+    pub down_since_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -263,6 +268,29 @@ impl ClusterMap {
         }
     }
 
+    /// `reconcile`, then records when each node that is down was first seen down (`now_ms`)
+    /// and clears it for each node that is up. Returns true when something changed.
+    pub fn reconcile_at(&mut self, live: &BTreeMap<String, NodeInfo>, now_ms: u64) -> bool {
+        let epoch = self.epoch;
+        let changed = self.reconcile(live);
+        let mut stamped = false;
+        for n in self.nodes.values_mut() {
+            let since = match (n.up, n.down_since_ms) {
+                (true, _) => 0,
+                (false, 0) => now_ms.max(1),
+                (false, t) => t,
+            };
+            if n.down_since_ms != since {
+                n.down_since_ms = since;
+                stamped = true;
+            }
+        }
+        if stamped && self.epoch == epoch {
+            self.epoch += 1;
+        }
+        changed || stamped
+    }
+
     /// The leader's step: takes the live nodes (those holding a lease) and brings the map in
     /// line. Returns true when something changed (the caller bumps the epoch and writes it).
     pub fn reconcile(&mut self, live: &BTreeMap<String, NodeInfo>) -> bool {
@@ -284,6 +312,7 @@ impl ClusterMap {
                             removing: false,
                             up_since: before.epoch + 1,
                             out: false,
+                            down_since_ms: 0,
                         },
                     );
                 }
@@ -901,6 +930,34 @@ mod tests {
         );
         m.reconcile(&live(&[("a", 1), ("b", 1), ("c", 1), ("d", 2)]));
         assert!(m.nodes.contains_key("d"), "started again, it rejoins");
+    }
+
+    #[test]
+    fn the_time_a_node_went_down_is_kept_in_the_map_until_it_is_up_again() {
+        let mut m = ClusterMap::new(3);
+        let abcd = live(&[("a", 1), ("b", 1), ("c", 1), ("d", 1)]);
+        assert!(m.reconcile_at(&abcd, 1_000));
+        assert!(m.nodes.values().all(|n| n.down_since_ms == 0));
+        let abc = live(&[("a", 1), ("b", 1), ("c", 1)]);
+        let epoch = m.epoch;
+        assert!(m.reconcile_at(&abc, 2_000));
+        assert_eq!(
+            m.epoch,
+            epoch + 1,
+            "one new epoch for marking d down and when"
+        );
+        assert_eq!(m.nodes["d"].down_since_ms, 2_000);
+        // Later rounds (another leader's among them) keep the first time.
+        assert!(!m.reconcile_at(&abc, 9_000));
+        assert_eq!(m.nodes["d"].down_since_ms, 2_000);
+        // A map written before the field existed gets it on the next round.
+        m.nodes.get_mut("d").unwrap().down_since_ms = 0;
+        let epoch = m.epoch;
+        assert!(m.reconcile_at(&abc, 9_000));
+        assert_eq!((m.epoch, m.nodes["d"].down_since_ms), (epoch + 1, 9_000));
+        // Up again: cleared.
+        assert!(m.reconcile_at(&abcd, 10_000));
+        assert!(m.nodes.values().all(|n| n.down_since_ms == 0));
     }
 
     #[test]

@@ -27,6 +27,32 @@ fn peers(node: &Torusd) -> serde_json::Value {
     serde_json::from_str(&node.torusctl_ok(&["peers", "--json"])).unwrap()
 }
 
+/// (name, `field`) of every peer `node` lists.
+fn peer_values(node: &Torusd, field: &str) -> Vec<(String, Option<u64>)> {
+    peers(node)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["name"].as_str().unwrap().to_string(), p[field].as_u64()))
+        .collect()
+}
+
+/// The names of the peers `node` lists.
+fn peer_names(node: &Torusd) -> Vec<String> {
+    peer_values(node, "name")
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect()
+}
+
+/// `field` of the peer called `name`, as `node` lists it; None if it is not listed.
+fn peer_value(node: &Torusd, name: &str, field: &str) -> Option<Option<u64>> {
+    peer_values(node, field)
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v)
+}
+
 #[test]
 fn node_loss_failover_catch_up_and_read_from_the_survivor() {
     let etcd = Etcd::start();
@@ -127,22 +153,12 @@ fn a_fourth_node_joins_under_load_and_takes_a_quarter() {
     let d = cluster_node(dirs[3].path(), &etcd, "d", 1);
     writer.join().expect("fio under a join saw no error");
     wait_clean(&a, Duration::from_secs(120));
-    let list = peers(&a);
-    let held: Vec<u64> = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["pgs_held"].as_u64().unwrap())
+    let held: Vec<u64> = peer_values(&a, "pgs_held")
+        .into_iter()
+        .map(|(_, v)| v.unwrap())
         .collect();
     // 256 PGs × 3 replicas over 4 nodes: each holds about 192 PGs, d took a quarter.
-    let d_held = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == "d")
-        .unwrap()["pgs_held"]
-        .as_u64()
-        .unwrap();
+    let d_held = peer_value(&a, "d", "pgs_held").unwrap().unwrap();
     assert!((150..=230).contains(&d_held), "d holds {d_held}: {held:?}");
     assert_eq!(held.iter().sum::<u64>(), 256 * 3, "{held:?}");
     // The moved data verifies, read through the new node.
@@ -151,12 +167,10 @@ fn a_fourth_node_joins_under_load_and_takes_a_quarter() {
     // The old holders free what moved to d: of the 256 MiB each held, about 3/4 is left.
     let t = Instant::now();
     loop {
-        let used: Vec<u64> = peers(&a)
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|p| p["name"] != "d")
-            .map(|p| p["used_bytes"].as_u64().unwrap_or(u64::MAX))
+        let used: Vec<u64> = peer_values(&a, "used_bytes")
+            .into_iter()
+            .filter(|(name, _)| name != "d")
+            .map(|(_, v)| v.unwrap_or(u64::MAX))
             .collect();
         if used.iter().all(|&u| u <= (256 << 20) * 85 / 100) {
             break;
@@ -177,19 +191,13 @@ fn a_fourth_node_joins_under_load_and_takes_a_quarter() {
     );
     let t = Instant::now();
     loop {
-        let list = peers(&d);
-        let names: Vec<&str> = list
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| p["name"].as_str().unwrap())
-            .collect();
-        if !names.contains(&"a") && d.torusctl(&["status"]).status.success() {
+        let names = peer_names(&d);
+        if !names.iter().any(|n| n == "a") && d.torusctl(&["status"]).status.success() {
             break;
         }
         assert!(
             t.elapsed() < Duration::from_secs(120),
-            "a was not drained: {list}"
+            "a was not drained: {names:?}"
         );
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -201,12 +209,9 @@ fn a_fourth_node_joins_under_load_and_takes_a_quarter() {
     d.torusctl_ok(&["volume", "delete", "vol"]);
     let t = Instant::now();
     loop {
-        let list = peers(&d);
-        let used: Vec<u64> = list
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| p["used_bytes"].as_u64().unwrap_or(u64::MAX))
+        let used: Vec<u64> = peer_values(&d, "used_bytes")
+            .into_iter()
+            .map(|(_, v)| v.unwrap_or(u64::MAX))
             .collect();
         if used.iter().all(|&u| u < 4 << 20) {
             break;
@@ -217,6 +222,75 @@ fn a_fourth_node_joins_under_load_and_takes_a_quarter() {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
+}
+
+#[test]
+fn a_new_leader_goes_on_counting_how_long_a_node_has_been_down() {
+    // A node is killed; 3 s later the leader is killed too (and started again at once). The
+    // next leader takes over when the old one's lease expires, 3 s later, and marks the node
+    // out 8 s after it went down, as the map records (9.4 s after the test saw it down).
+    // Counting from its own first sight instead, as before, it took 13.6 s.
+    let etcd = Etcd::start();
+    let names = ["a", "b", "c", "d"];
+    let dirs: Vec<TempDir> = names.iter().map(|n| TempDir::new(n)).collect();
+    let mut nodes: Vec<Torusd> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let out_after = ["--down-out-after", "8s"];
+            cluster_node_with(
+                dirs[i].path(),
+                &etcd.url,
+                n,
+                1,
+                "127.0.0.1",
+                &[],
+                &out_after,
+            )
+        })
+        .collect();
+    wait_clean(&nodes[0], Duration::from_secs(60));
+    nodes[0].torusctl_ok(&["volume", "create", "vol", "64M", "--replicas", "3"]);
+    fio(&nodes[0].uri("vol"), "0", "16M", &["--end_fsync=1"]);
+    let status = nodes[0].torusctl_ok(&["status"]);
+    let leader = status
+        .lines()
+        .find_map(|l| l.strip_prefix("leader:"))
+        .map(|l| l.trim().to_string())
+        .unwrap_or_else(|| panic!("no leader in {status}"));
+    let leader = names.iter().position(|n| *n == leader).expect("a leader");
+    let victim = if leader == 3 { 2 } else { 3 };
+    let watcher = (0..4).find(|&i| i != leader && i != victim).unwrap();
+    nodes[victim].kill9();
+    let t = Instant::now();
+    while nodes[watcher].torusctl(&["status"]).status.success() {
+        assert!(t.elapsed() < Duration::from_secs(30), "never seen down");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let down = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    nodes[leader].kill9();
+    nodes[leader].spawn();
+    let says = format!("node {} down for over 8s, marked out", names[victim]);
+    loop {
+        if nodes.iter().any(|n| n.log_text().contains(&says)) {
+            break;
+        }
+        assert!(
+            down.elapsed() < Duration::from_secs(30),
+            "{} not marked out",
+            names[victim]
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let after = down.elapsed();
+    eprintln!("marked out {after:?} after it was seen down, across a change of leader");
+    assert!(
+        after < Duration::from_secs(11),
+        "marked out {after:?} after it was seen down"
+    );
+    wait_clean(&nodes[watcher], Duration::from_secs(90));
+    fio(&nodes[watcher].uri("vol"), "0", "16M", &["--verify_only=1"]);
 }
 
 #[test]
@@ -256,14 +330,7 @@ fn a_node_down_too_long_is_marked_out_and_its_replicas_are_made_again() {
     let t = Instant::now();
     wait_clean(&a, Duration::from_secs(90));
     eprintln!("clean again without d after {:?}", t.elapsed());
-    let list = peers(&a);
-    let names: Vec<&str> = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(names, ["a", "b", "c"], "d left the map");
+    assert_eq!(peer_names(&a), ["a", "b", "c"], "d left the map");
     let logs = [&a, &b, &c].map(|n| n.log_text()).join("\n");
     assert!(
         logs.contains("node d down for over 4s, marked out"),
@@ -274,13 +341,8 @@ fn a_node_down_too_long_is_marked_out_and_its_replicas_are_made_again() {
     c.kill9();
     fio(&a.uri("vol"), "0", "64M", &["--verify_only=1"]);
     let used = |n: &Torusd, name: &str| {
-        peers(n)
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["name"] == name)
-            .unwrap()["used_bytes"]
-            .as_u64()
+        peer_value(n, name, "used_bytes")
+            .expect("listed")
             .unwrap_or(0)
     };
     let a_held_all = used(&a, "a");
@@ -290,13 +352,8 @@ fn a_node_down_too_long_is_marked_out_and_its_replicas_are_made_again() {
     c.spawn();
     d.spawn();
     wait_clean(&a, Duration::from_secs(120));
-    let d_held = peers(&a)
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == "d")
-        .expect("d is back in the map")["pgs_held"]
-        .as_u64()
+    let d_held = peer_value(&a, "d", "pgs_held")
+        .expect("d is back in the map")
         .unwrap();
     assert!((150..=230).contains(&d_held), "d holds {d_held}");
     fio(&d.uri("vol"), "0", "64M", &["--verify_only=1"]);
