@@ -504,8 +504,6 @@ struct Sim {
     report: SimReport,
     loading: bool,
     failure: Option<String>,
-    /// The leader's view: since when each node has been down.
-    down_since: BTreeMap<String, u64>,
 }
 
 fn info(name: &str, inc: u64) -> NodeInfo {
@@ -611,7 +609,6 @@ impl Sim {
             report: SimReport::default(),
             loading: true,
             failure: None,
-            down_since: BTreeMap::new(),
         };
         for i in 0..sim.cfg.nodes {
             sim.nodes[i].map = sim.etcd.map.clone();
@@ -1232,7 +1229,7 @@ impl Sim {
                 .iter()
                 .map(|(name, (inc, _, _))| (name.clone(), info(name, *inc)))
                 .collect();
-            if self.etcd.map.reconcile(&live) {
+            if self.etcd.map.reconcile_at(&live, now / MS) {
                 self.report.map_epochs += 1;
             }
             self.mark_out_long_down();
@@ -1240,22 +1237,18 @@ impl Sim {
         self.at(LEADER_TICK, Event::Leader);
     }
 
-    /// Cluster::mark_out_long_down: a node down `DOWN_OUT` is marked out when the map allows.
+    /// Cluster::mark_out_long_down: a node down `DOWN_OUT` is marked out when the map allows,
+    /// counted from the time the map records it went down (`reconcile_at`).
     fn mark_out_long_down(&mut self) {
-        let now = self.now;
-        let map = &self.etcd.map;
-        self.down_since
-            .retain(|n, _| map.nodes.get(n).is_some_and(|m| !m.up && !m.removing));
-        for (name, n) in &map.nodes {
-            if !n.up && !n.removing {
-                self.down_since.entry(name.clone()).or_insert(now);
-            }
-        }
+        let now_ms = self.now / MS;
         let due: Vec<String> = self
-            .down_since
+            .etcd
+            .map
+            .nodes
             .iter()
-            .filter(|(_, t)| now - **t >= DOWN_OUT)
-            .map(|(n, _)| n.clone())
+            .filter(|(_, n)| !n.up && !n.removing && n.down_since_ms > 0)
+            .filter(|(_, n)| now_ms.saturating_sub(n.down_since_ms) >= DOWN_OUT / MS)
+            .map(|(name, _)| name.clone())
             .collect();
         for name in due {
             if self.etcd.map.mark_out(&name).is_ok() {
