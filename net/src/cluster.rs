@@ -2367,6 +2367,9 @@ pub struct PeerView {
     /// up, down or removing.
     pub state: String,
     pub last_heartbeat_ms_ago: Option<u64>,
+    /// For a node that is down: how long, as the map records it.
+    #[serde(default)]
+    pub down_for_ms: Option<u64>,
     pub pgs_held: u32,
     pub recovery: Option<Recovery>,
 }
@@ -2390,6 +2393,12 @@ pub struct ClusterStatus {
     /// Membership changes the leader has not put in the map yet.
     #[serde(default)]
     pub pending: Vec<String>,
+    /// Nodes down (not being drained): how long, as the map records it, and this node's
+    /// `--down-out-after` (None: off).
+    #[serde(default)]
+    pub down: Vec<(String, u64)>,
+    #[serde(default)]
+    pub down_out_after_ms: Option<u64>,
 }
 
 impl Cluster {
@@ -2517,6 +2526,8 @@ impl Cluster {
                     }
                     .into(),
                     last_heartbeat_ms_ago: s.map(|s| now.saturating_sub(s.heartbeat_unix_ms)),
+                    down_for_ms: (!n.up && n.down_since_ms > 0)
+                        .then(|| now.saturating_sub(n.down_since_ms)),
                     pgs_held: map
                         .pgs
                         .iter()
@@ -2573,9 +2584,17 @@ impl Cluster {
                 pending.push(format!("node {name}: joined; not yet in the map"));
             }
         }
+        let down = map
+            .nodes
+            .iter()
+            .filter(|(_, n)| !n.up && !n.removing && n.down_since_ms > 0)
+            .map(|(name, n)| (name.clone(), now.saturating_sub(n.down_since_ms)))
+            .collect();
         ClusterStatus {
             pending,
             silent,
+            down,
+            down_out_after_ms: self.cfg.down_out_after.map(|d| d.as_millis() as u64),
             node: self.me.clone(),
             epoch: map.epoch,
             leader,

@@ -733,6 +733,24 @@ impl Node {
                     ));
                 }
                 problems.extend(c.pending.iter().cloned());
+                for (node, ms) in &c.down {
+                    let span = crate::size::span;
+                    problems.push(match c.down_out_after_ms {
+                        None => format!(
+                            "node {node}: down for {} (never marked out: --down-out-after off)",
+                            span(*ms)
+                        ),
+                        Some(after) if *ms < after => format!(
+                            "node {node}: down for {}; marked out in {} if it stays down",
+                            span(*ms),
+                            span(after - ms)
+                        ),
+                        Some(_) => format!(
+                            "node {node}: down for {}, past --down-out-after; not marked out yet (the leader's log says why)",
+                            span(*ms)
+                        ),
+                    });
+                }
                 for (node, ms) in &c.silent {
                     problems.push(format!(
                         "node {node}: no heartbeat for {:.1} s (declared down when its lease expires)",

@@ -60,6 +60,17 @@ pub fn parse_size(text: &str, whole: Option<u64>) -> Result<u64, String> {
         .ok_or_else(|| format!("{text:?}: too large"))
 }
 
+/// `45s`, `3m12s`, `2h05m`, `3d04h`: an elapsed time for messages.
+pub fn span(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..=59 => format!("{:.1}s", ms as f64 / 1000.0),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..=86399 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
 /// `1 GiB`, `512 MiB`, `4 KiB`, `100 B`: for messages.
 pub fn human(bytes: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
@@ -81,6 +92,15 @@ pub fn human(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spans_read_as_people_write_them() {
+        assert_eq!(span(0), "0.0s");
+        assert_eq!(span(45_300), "45.3s");
+        assert_eq!(span(192_000), "3m12s");
+        assert_eq!(span(2 * 3_600_000 + 5 * 60_000), "2h05m");
+        assert_eq!(span(3 * 86_400_000 + 4 * 3_600_000), "3d04h");
+    }
 
     #[test]
     fn parses_the_forms_of_the_contract() {

@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand};
 use torus_net::cluster::{PeerView, ScrubReport};
 use torus_tools::admin::{SnapshotView, StatusView, VolumeView};
 use torus_tools::client::call;
-use torus_tools::size::{human, parse_size};
+use torus_tools::size::{human, parse_size, span};
 use torus_tools::transfer;
 
 #[derive(Parser, Debug)]
@@ -274,18 +274,22 @@ fn run(args: Args) -> Result<i32> {
             } else {
                 let list: Vec<PeerView> = serde_json::from_value(value)?;
                 println!(
-                    "{:<12} {:<22} {:<18} {:>10} {:>10} {:<9} {:>10} {:>5}",
+                    "{:<12} {:<22} {:<18} {:>10} {:>10} {:<14} {:>10} {:>5}",
                     "NAME", "ADDRESS", "ID", "CAPACITY", "USED", "STATE", "HEARTBEAT", "PGS"
                 );
                 for p in list {
+                    let state = match p.down_for_ms {
+                        Some(ms) => format!("{} {}", p.state, span(ms)),
+                        None => p.state.clone(),
+                    };
                     println!(
-                        "{:<12} {:<22} {:<18x} {:>10} {:>10} {:<9} {:>10} {:>5}",
+                        "{:<12} {:<22} {:<18x} {:>10} {:>10} {:<14} {:>10} {:>5}",
                         p.name,
                         p.peer_addr,
                         p.incarnation,
                         human(p.capacity_bytes),
                         p.used_bytes.map(human).unwrap_or_else(|| "-".into()),
-                        p.state,
+                        state,
                         p.last_heartbeat_ms_ago
                             .map(|ms| format!("{:.1}s ago", ms as f64 / 1000.0))
                             .unwrap_or_else(|| "-".into()),
