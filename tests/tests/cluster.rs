@@ -279,6 +279,14 @@ fn a_new_leader_goes_on_counting_how_long_a_node_has_been_down() {
     );
     let peers = nodes[watcher].torusctl_ok(&["peers"]);
     eprintln!("{says}{peers}");
+    let metrics = run_ok(
+        Command::new(require_tool("curl", "curl"))
+            .arg("-sf")
+            .arg(format!("{}/metrics", nodes[watcher].admin())),
+        Duration::from_secs(30),
+    );
+    let gauge = format!("torus_node_down_seconds{{node=\"{}\"}} ", names[victim]);
+    assert!(metrics.contains(&gauge), "{metrics}");
     assert!(
         peers
             .lines()

@@ -1039,6 +1039,21 @@ impl Node {
                 let _ = writeln!(out, "torus_pgs{{state=\"{state}\"}} {n}");
             }
             let _ = writeln!(out, "# HELP torus_map_epoch Cluster map epoch this node has\n# TYPE torus_map_epoch gauge\ntorus_map_epoch {}", c.map().epoch);
+            let map = c.map();
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            let _ = writeln!(out, "# HELP torus_node_down_seconds How long each node the cluster map counts as down has been down, as the map records it\n# TYPE torus_node_down_seconds gauge");
+            for (name, n) in &map.nodes {
+                if !n.up && n.down_since_ms > 0 {
+                    let secs = now_ms.saturating_sub(n.down_since_ms) as f64 / 1000.0;
+                    let _ = writeln!(
+                        out,
+                        "torus_node_down_seconds{{node=\"{}\"}} {secs:.1}",
+                        label_value(name)
+                    );
+                }
+            }
         }
         out
     }
@@ -1201,4 +1216,11 @@ fn respond(request: tiny_http::Request, answer: Answer) {
         .with_status_code(answer.code)
         .with_header(header);
     let _ = request.respond(response);
+}
+
+/// A Prometheus label value: backslash, double quote and newline escaped.
+fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
