@@ -4,6 +4,8 @@
 #   git worktree add /tmp/old <commit> && (cd /tmp/old && cargo build --release --workspace)
 #   bash benches/ab_builds.sh /tmp/old/target/release target/release [ROUNDS] [TARGETS] [WORKLOADS]
 # Defaults: 3 rounds; torus,torus-3x; randwrite-4k-qd1,randwrite-4k-qd32,seqwrite-1m-qd8.
+# A_ENV / B_ENV: NAME=VALUE words for one side's environment (torusd inherits it), so one build
+# can be compared with itself: A_ENV=TORUS_SYNC_WRITES=0 bash benches/ab_builds.sh target/release target/release
 set -euo pipefail
 A=$(cd "$1" && pwd); B=$(cd "$2" && pwd)
 ROUNDS=${3:-3}
@@ -13,9 +15,10 @@ OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
 for i in $(seq "$ROUNDS"); do
   for side in a b; do
-    if [ $side = a ]; then BIN=$A; else BIN=$B; fi
-    echo "== round $i, $side ($BIN)" >&2
-    "$BIN/torus-bench" compare --repeats 1 --runtime 8 --targets "$TARGETS" --workloads "$WORKLOADS" \
+    if [ $side = a ]; then BIN=$A; ENVS=${A_ENV:-}; else BIN=$B; ENVS=${B_ENV:-}; fi
+    echo "== round $i, $side ($BIN${ENVS:+ with $ENVS})" >&2
+    # shellcheck disable=SC2086
+    env $ENVS "$BIN/torus-bench" compare --repeats 1 --runtime 8 --targets "$TARGETS" --workloads "$WORKLOADS" \
       --out "$OUT" 2>&1 | grep '^| [a-z]' | grep -v '^| workload' | sed "s/^/$side /" | tee -a "$OUT/all.txt" >&2
   done
 done

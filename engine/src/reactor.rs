@@ -132,8 +132,8 @@ struct SyncWrites {
     paused: u32,
     /// A lone small write held back until the end of the iteration.
     held: Option<(DiskOp, StoreIo)>,
-    /// Results of synchronous writes, reaped like completions.
-    written: Vec<(StoreIo, i32)>,
+    /// The result of the synchronous write, reaped like a completion.
+    written: Option<(StoreIo, i32)>,
     /// Set after a synchronous write during which completions arrived, until they are handled:
     /// a piece arriving then means the client did not wait for this write.
     watching: bool,
@@ -189,7 +189,7 @@ impl IoSubmit for Io {
         if sync.enabled && op.small_write() {
             if sync.paused > 0 {
                 sync.paused -= 1;
-            } else if sync.store_in_flight == 0 && sync.held.is_none() && sync.written.is_empty() {
+            } else if sync.store_in_flight == 0 && sync.held.is_none() && sync.written.is_none() {
                 sync.held = Some((op, io));
                 return;
             }
@@ -224,7 +224,7 @@ impl Io {
         if matches!(what, StoreIo::DataWrite { .. } | StoreIo::BatchWrite { .. }) {
             self.sync.count += 1;
         }
-        self.sync.written.push((what, result));
+        self.sync.written = Some((what, result));
         if self.ring.submission().taskrun() {
             // Completions arrived meanwhile: post them now, so the next iteration handles
             // exactly those while watching for new requests among them.
@@ -378,7 +378,7 @@ impl Reactor {
                         store_in_flight: 0,
                         paused: 0,
                         held: None,
-                        written: Vec::with_capacity(1),
+                        written: None,
                         watching: false,
                         count: 0,
                     },
@@ -520,7 +520,7 @@ impl Reactor {
 
     fn reap(&mut self) -> bool {
         let mut any = false;
-        while let Some((what, result)) = self.ctx.io.sync.written.pop() {
+        if let Some((what, result)) = self.ctx.io.sync.written.take() {
             any = true;
             self.ctx.store.on_io(&mut self.ctx.io, what, result);
             self.route();

@@ -138,9 +138,7 @@ pub struct Cluster {
     recovering: Mutex<HashSet<u32>>,
     repaired_reads: AtomicU64,
     stopping: AtomicBool,
-    /// As leader: since when each node has been seen down, and those whose marking out was
-    /// refused (said once).
-    down_since: Mutex<HashMap<String, Instant>>,
+    /// As leader: nodes whose marking out was refused (said once).
     out_refused: Mutex<HashSet<String>>,
     /// PGs this node holds no slot of and whose blocks it has freed (this process).
     let_go: Mutex<HashSet<u32>>,
@@ -446,7 +444,6 @@ impl Cluster {
             recovering: Mutex::new(HashSet::new()),
             repaired_reads: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
-            down_since: Mutex::new(HashMap::new()),
             out_refused: Mutex::new(HashSet::new()),
             let_go: Mutex::new(HashSet::new()),
             pause: Mutex::new(Pause::default()),
@@ -1605,32 +1602,15 @@ impl Cluster {
     }
 
     /// As leader: marks out each node down for `after` or more, so its PGs get their replicas
-    /// back on the other nodes. Counted from the time the map records (set by whichever
-    /// leader first saw it down), or, for a map without one, from when this leader first saw
-    /// it down.
+    /// back on the other nodes. Counted from the time the map records (`reconcile_at`, set
+    /// by whichever leader first saw it down, in this same loop before this call).
     async fn mark_out_long_down(&self, after: Duration) {
-        let map = self.map();
-        let now = now_ms();
-        let due: Vec<String> = {
-            let mut since = self.down_since.lock();
-            since.retain(|n, _| map.nodes.get(n).is_some_and(|m| !m.up && !m.removing));
-            for (name, n) in &map.nodes {
-                if !n.up && !n.removing {
-                    since.entry(name.clone()).or_insert_with(Instant::now);
-                }
-            }
-            since
-                .iter()
-                .filter(|(name, t)| {
-                    let recorded = match map.nodes[*name].down_since_ms {
-                        0 => Duration::ZERO,
-                        t => Duration::from_millis(now.saturating_sub(t)),
-                    };
-                    t.elapsed().max(recorded) >= after
-                })
-                .map(|(n, _)| n.clone())
-                .collect()
-        };
+        let due: Vec<String> = self
+            .map()
+            .down_nodes(now_ms())
+            .filter(|&(_, ms)| ms >= after.as_millis() as u64)
+            .map(|(name, _)| name.clone())
+            .collect();
         self.out_refused.lock().retain(|n| due.contains(n));
         for name in due {
             let mut why = None;
@@ -2526,8 +2506,7 @@ impl Cluster {
                     }
                     .into(),
                     last_heartbeat_ms_ago: s.map(|s| now.saturating_sub(s.heartbeat_unix_ms)),
-                    down_for_ms: (!n.up && n.down_since_ms > 0)
-                        .then(|| now.saturating_sub(n.down_since_ms)),
+                    down_for_ms: n.down_for_ms(now),
                     pgs_held: map
                         .pgs
                         .iter()
@@ -2585,10 +2564,8 @@ impl Cluster {
             }
         }
         let down = map
-            .nodes
-            .iter()
-            .filter(|(_, n)| !n.up && !n.removing && n.down_since_ms > 0)
-            .map(|(name, n)| (name.clone(), now.saturating_sub(n.down_since_ms)))
+            .down_nodes(now)
+            .map(|(name, ms)| (name.clone(), ms))
             .collect();
         ClusterStatus {
             pending,

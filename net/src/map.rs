@@ -56,6 +56,13 @@ pub struct MapNode {
     pub down_since_ms: u64,
 }
 
+impl MapNode {
+    /// For a node that is down, how long, as the map records it (`reconcile_at`).
+    pub fn down_for_ms(&self, now_ms: u64) -> Option<u64> {
+        (!self.up && self.down_since_ms > 0).then(|| now_ms.saturating_sub(self.down_since_ms))
+    }
+}
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub enum SlotState {
     Clean,
@@ -289,6 +296,14 @@ impl ClusterMap {
             self.epoch += 1;
         }
         changed || stamped
+    }
+
+    /// Nodes down (not being drained) and for how long, as the map records it.
+    pub fn down_nodes(&self, now_ms: u64) -> impl Iterator<Item = (&String, u64)> {
+        self.nodes
+            .iter()
+            .filter(|(_, n)| !n.removing)
+            .filter_map(move |(name, n)| Some((name, n.down_for_ms(now_ms)?)))
     }
 
     /// The leader's step: takes the live nodes (those holding a lease) and brings the map in

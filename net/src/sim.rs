@@ -1244,10 +1244,8 @@ impl Sim {
         let due: Vec<String> = self
             .etcd
             .map
-            .nodes
-            .iter()
-            .filter(|(_, n)| !n.up && !n.removing && n.down_since_ms > 0)
-            .filter(|(_, n)| now_ms.saturating_sub(n.down_since_ms) >= DOWN_OUT / MS)
+            .down_nodes(now_ms)
+            .filter(|&(_, ms)| ms >= DOWN_OUT / MS)
             .map(|(name, _)| name.clone())
             .collect();
         for name in due {

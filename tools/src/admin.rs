@@ -1045,12 +1045,12 @@ impl Node {
                 .map_or(0, |d| d.as_millis() as u64);
             let _ = writeln!(out, "# HELP torus_node_down_seconds How long each node the cluster map counts as down has been down, as the map records it\n# TYPE torus_node_down_seconds gauge");
             for (name, n) in &map.nodes {
-                if !n.up && n.down_since_ms > 0 {
-                    let secs = now_ms.saturating_sub(n.down_since_ms) as f64 / 1000.0;
+                if let Some(ms) = n.down_for_ms(now_ms) {
                     let _ = writeln!(
                         out,
-                        "torus_node_down_seconds{{node=\"{}\"}} {secs:.1}",
-                        label_value(name)
+                        "torus_node_down_seconds{{node=\"{}\"}} {:.1}",
+                        label_value(name),
+                        ms as f64 / 1000.0
                     );
                 }
             }
