@@ -67,6 +67,11 @@ struct CompareArgs {
     /// Where the results folder goes (on the filesystem under test).
     #[arg(long, default_value = ".")]
     out: PathBuf,
+    /// Run every measured fio on these CPUs only (fio's --cpus_allowed, say `0`), for every
+    /// target alike. Default: wherever the kernel's scheduler puts it. Every torusd runs its
+    /// first core on its first allowed CPU, so `0` puts fio beside the node it talks to.
+    #[arg(long, value_name = "LIST")]
+    fio_cpus: Option<String>,
 }
 
 #[derive(Clone, Copy)]
@@ -609,6 +614,9 @@ fn compare(a: CompareArgs) -> Result<()> {
     for w in &workloads {
         println!("  workload {}", w.name);
     }
+    if let Some(cpus) = &a.fio_cpus {
+        println!("  fio on CPUs {cpus} only (--cpus_allowed)");
+    }
     if a.dry_run {
         println!("dry run: nothing started");
         return Ok(());
@@ -628,6 +636,7 @@ fn compare(a: CompareArgs) -> Result<()> {
         "fio": version("fio", "--version"),
         "qemu-nbd": version("qemu-nbd", "--version"),
         "nbdkit": version("nbdkit", "--version"),
+        "fio_cpus": a.fio_cpus.clone().unwrap_or_else(|| "any (the scheduler's choice)".into()),
     });
     println!("machine: {machine}");
     let targets = start_targets(&targets, &work, size)?;
@@ -664,6 +673,9 @@ fn compare(a: CompareArgs) -> Result<()> {
                 ];
                 if let Some(m) = w.mix_read {
                     extra.push(format!("--rwmixread={m}"));
+                }
+                if let Some(cpus) = &a.fio_cpus {
+                    extra.push(format!("--cpus_allowed={cpus}"));
                 }
                 let pids = t.pids();
                 let cpu_before: f64 = pids.iter().copied().map(cpu_seconds).sum();

@@ -1,6 +1,6 @@
 //! The benchmark harness cannot rot silently: `torus-bench compare --quick --dry-run` checks
-//! its tools and prints its plan, and a tiny real run of one workload produces the results
-//! files with a row for torus.
+//! its tools and prints its plan, and a tiny real run of one workload (fio held to CPU 0)
+//! produces the results files with a row for torus.
 
 use std::process::Command;
 use std::time::Duration;
@@ -37,6 +37,8 @@ fn bench_tiny_run_writes_results() {
             "disk,torus,torus-3x",
             "--workloads",
             "randwrite-4k-qd32",
+            "--fio-cpus",
+            "0",
             "--out",
             &dir.path().display().to_string(),
         ]),
@@ -57,6 +59,9 @@ fn bench_tiny_run_writes_results() {
         &std::fs::read_to_string(results.path().join("results.json")).unwrap(),
     )
     .unwrap();
+    // Every fio ran on CPU 0 only, and the results say so.
+    assert!(out.contains("fio on CPUs 0 only"), "{out}");
+    assert_eq!(json["machine"]["fio_cpus"], "0", "{json}");
     let cells = json["cells"].as_array().unwrap();
     assert_eq!(cells.len(), 3);
     assert!(
