@@ -1516,6 +1516,15 @@ impl Cluster {
             }));
         }
         if newer {
+            // A PG held here again is freed again when it moves away later: the PGs let go
+            // of are otherwise forgotten only between catch-up rounds, and a PG can come here
+            // and go away again while this node catches up.
+            let map = self.map();
+            self.let_go
+                .lock()
+                .retain(|&pg| !replication::holds(&map, &self.me, pg));
+        }
+        if newer {
             // Requests waiting on a node that is no longer up fail now and are sent again
             // under this map, instead of waiting for the link's timeout (a stopped or cut-off
             // node keeps its TCP connections open).
@@ -1956,13 +1965,10 @@ impl Cluster {
     /// (later ones to such a PG are refused for their epoch). A PG that comes back to this
     /// node comes back stale and is caught up like any other, so nothing dropped is missed.
     async fn let_go_of_moved_pgs(&self, map: &ClusterMap) {
-        let held = |pg: u32| map.slot_of(pg, &self.me).is_some();
         let fresh: Vec<u32> = {
             let mut gone = self.let_go.lock();
-            gone.retain(|&pg| !held(pg));
-            (0..map.pg_count)
-                .filter(|&pg| !held(pg) && !gone.contains(&pg))
-                .collect()
+            gone.retain(|&pg| !replication::holds(map, &self.me, pg));
+            replication::let_go_candidates(map, &self.me, |pg| gone.contains(&pg))
         };
         let oldest = self.oldest_in_flight();
         if fresh.is_empty() || !replication::list_ready(self.map().epoch, map.epoch, oldest) {
@@ -1986,10 +1992,10 @@ impl Cluster {
             // with: a PG taken back since `map` (a write may already be on its way) is kept.
             let pg = self.pg_of(volume, first * BLOCK_SIZE as u64);
             let dirty = self.dirty.lock();
-            let taken_back = self.map().slot_of(pg, &self.me).is_some()
-                || dirty.get(&pg).is_some_and(|d| {
-                    (first..first + n as u64).any(|b| d.contains_key(&(volume, b)))
-                });
+            let written = dirty
+                .get(&pg)
+                .is_some_and(|d| (first..first + n as u64).any(|b| d.contains_key(&(volume, b))));
+            let taken_back = replication::keep_moved(&self.map(), &self.me, pg, written);
             if taken_back {
                 kept.insert(pg);
                 continue;

@@ -211,6 +211,27 @@ pub fn keep_dirty(map: &ClusterMap, pg: u32, me: &str, recovering: bool) -> bool
         })
 }
 
+/// The PGs this node may free under `map`: it holds no slot of them and has not let go of
+/// them already (`gone`). The caller first forgets the PGs it holds again (`holds`), so a PG
+/// given back and taken away again is freed again.
+pub fn let_go_candidates(map: &ClusterMap, me: &str, gone: impl Fn(u32) -> bool) -> Vec<u32> {
+    (0..map.pg_count)
+        .filter(|&pg| !holds(map, me, pg) && !gone(pg))
+        .collect()
+}
+
+/// True when this node holds a slot (any state) of `pg` under `map`.
+pub fn holds(map: &ClusterMap, me: &str, pg: u32) -> bool {
+    map.slot_of(pg, me).is_some()
+}
+
+/// Whether blocks of `pg` listed to be freed must be kept after all: the PG came back to this
+/// node under the map it has `now` (a write may be on its way), or a write to one of them
+/// arrived meanwhile (it is remembered as dirty).
+pub fn keep_moved(now: &ClusterMap, me: &str, pg: u32, written_meanwhile: bool) -> bool {
+    holds(now, me, pg) || written_meanwhile
+}
+
 /// True when some of what this node remembered as dirty may be void: the map says it has been
 /// up only since a later epoch than the last map seen (`seen`, updated), so it was down in
 /// between and may have missed writes. A block written here under an older map than

@@ -126,6 +126,8 @@ pub struct SimReport {
     pub blocks_verified: u64,
     /// Longest time from healing to every PG clean, microseconds.
     pub converge_max: u64,
+    /// Blocks freed by nodes that no longer held their PG.
+    pub blocks_freed: u64,
 }
 
 impl SimReport {
@@ -148,6 +150,7 @@ impl SimReport {
         self.map_epochs += o.map_epochs;
         self.blocks_verified += o.blocks_verified;
         self.converge_max = self.converge_max.max(o.converge_max);
+        self.blocks_freed += o.blocks_freed;
     }
 
     pub fn faults_line(&self) -> String {
@@ -378,6 +381,8 @@ struct Node {
     dirty: BTreeMap<u32, BTreeMap<u64, u64>>,
     up_since: u64,
     recovering: BTreeSet<u32>,
+    /// PGs whose blocks this node freed after they moved away (`Cluster::let_go`).
+    let_go: BTreeSet<u32>,
     round: Option<Round>,
     pending: BTreeMap<u64, Pending>,
     coords: HashMap<u64, Coord>,
@@ -543,6 +548,7 @@ impl Sim {
                 dirty: BTreeMap::new(),
                 up_since: 0,
                 recovering: BTreeSet::new(),
+                let_go: BTreeSet::new(),
                 round: None,
                 pending: BTreeMap::new(),
                 coords: HashMap::new(),
@@ -1200,6 +1206,10 @@ impl Sim {
                 self.local_flush(i, Cont::Nothing);
             }
             self.nodes[i].map = map;
+            // A PG held here again is freed again when it moves away later.
+            let n = &mut self.nodes[i];
+            let (map, me) = (&n.map, &n.name);
+            n.let_go.retain(|&pg| !replication::holds(map, me, pg));
             // Requests waiting on a node no longer up fail now (their links are closed).
             for k in 0..self.nodes.len() {
                 if k != i && !self.nodes[i].map.up(&self.nodes[k].name) {
@@ -1257,6 +1267,42 @@ impl Sim {
         }
     }
 
+    /// Cluster::let_go_of_moved_pgs: frees the blocks of the PGs this node holds no slot of
+    /// once no write of an older map is in flight here, keeping a PG that came back or whose
+    /// block a write reached meanwhile. (Here listing and freeing are one step.)
+    fn let_go(&mut self, i: usize) {
+        let n = &mut self.nodes[i];
+        let (map, me) = (&n.map, &n.name);
+        n.let_go.retain(|&pg| !replication::holds(map, me, pg));
+        let gone = &n.let_go;
+        let fresh: BTreeSet<u32> = replication::let_go_candidates(map, me, |pg| gone.contains(&pg))
+            .into_iter()
+            .collect();
+        let oldest = n.inflight.keys().next().copied();
+        if fresh.is_empty() || !replication::list_ready(map.epoch, map.epoch, oldest) {
+            return;
+        }
+        let mut kept = BTreeSet::new();
+        let mut freed = 0;
+        for (_, block, _) in n.store.list(&fresh) {
+            let pg = pg_of(block);
+            let written = n.dirty.get(&pg).is_some_and(|d| d.contains_key(&block));
+            if replication::keep_moved(&n.map, &n.name, pg, written) {
+                kept.insert(pg);
+                continue;
+            }
+            n.store.put(block, None);
+            freed += 1;
+        }
+        n.let_go.extend(fresh.difference(&kept));
+        self.report.blocks_freed += freed;
+        if freed > 0 {
+            self.trace(None, || {
+                format!("n{i} frees {freed} blocks of PGs that moved away")
+            });
+        }
+    }
+
     fn recovery(&mut self, i: usize) {
         let n = &self.nodes[i];
         let me_ok = n
@@ -1273,7 +1319,7 @@ impl Sim {
         }
         let turn = self.report.catch_up_rounds as usize;
         let Some((source, pgs)) = replication::recovery_round(&n.map, &n.name, turn) else {
-            return;
+            return self.let_go(i);
         };
         let Some(s) = self.node_index(&source) else {
             return;
@@ -1726,6 +1772,7 @@ impl Sim {
         n.writer = 0;
         n.map = small_map();
         n.up_since = 0;
+        n.let_go.clear();
         n.lease_ok = self.now;
         self.etcd.revision += 1;
         n.lease = self.etcd.revision;
@@ -2061,6 +2108,34 @@ impl Sim {
                     return Err(self.failed());
                 }
                 self.report.blocks_verified += 1;
+            }
+        }
+        // A node keeps no block of a PG it holds no slot of: once no write of an older map is
+        // in flight (a copy sent into a partition waits for its timeout), a few recovery
+        // ticks after the last map, what moved away is freed (`let_go`).
+        let until = self.now + OP_TIMEOUT + SEC;
+        while self.now < until && self.nodes.iter().any(|n| !n.inflight.is_empty()) {
+            let t = self.now + 100 * MS;
+            self.run_until(t)?;
+        }
+        let t = self.now + 3 * RECOVERY_TICK;
+        self.run_until(t)?;
+        for k in 0..self.nodes.len() {
+            let all: BTreeSet<u32> = (0..PGS).collect();
+            let name = self.nodes[k].name.clone();
+            let kept: Vec<(u64, u32)> = self.nodes[k]
+                .store
+                .list(&all)
+                .into_iter()
+                .map(|(_, b, _)| (b, pg_of(b)))
+                .filter(|&(_, pg)| !replication::holds(&self.etcd.map, &name, pg))
+                .collect();
+            if let Some(&(block, pg)) = kept.first() {
+                self.failure = Some(format!(
+                    "after healing, node {name} still keeps {} blocks of PGs it holds no slot of (block {block}, PG {pg})",
+                    kept.len()
+                ));
+                return Err(self.failed());
             }
         }
         self.report.seeds = 1;
