@@ -1074,6 +1074,11 @@ impl Cluster {
         if clean {
             return self.send_local(piece, reply);
         }
+        // A copy for a PG this node freed, under a map it has not seen yet: the PG holds data
+        // here again, to be freed again if it turns out not to stay.
+        if !replication::holds(&self.map(), &self.me, pg) {
+            self.let_go.lock().remove(&pg);
+        }
         // Not clean here: remember what newer data arrived, so catch-up leaves it alone. The
         // piece is queued under the same lock catch-up uses, so the core sees them in order.
         let mut dirty = self.dirty.lock();

@@ -385,9 +385,11 @@ impl ClusterMap {
                     continue;
                 }
                 let Some(next) = missing.pop() else { break };
-                let old_clean = s.state == SlotState::Clean
-                    && before.nodes.get(&s.node).is_some_and(|n| n.up)
-                    && self.nodes.get(&s.node).is_some_and(|n| n.up);
+                // A clean holder that is up stays the source until the new one caught up,
+                // also one revived in this very step (down in `before`): it may hold the
+                // only good copy.
+                let old_clean =
+                    s.state == SlotState::Clean && self.nodes.get(&s.node).is_some_and(|n| n.up);
                 *s = Slot {
                     node: next,
                     state: SlotState::Stale,
@@ -865,6 +867,38 @@ mod tests {
             assert_eq!(m.targets(pg, 3).primary.as_deref(), Some("c"));
         }
         assert!(m.last_clean.is_empty());
+    }
+
+    #[test]
+    fn a_last_clean_holder_that_is_no_longer_a_target_comes_back_as_the_source() {
+        // Four nodes; PG p is moving off d (d is the previous holder, clean) while a, b, c
+        // hold stale slots. Found by the replication simulation (seed 24917).
+        let mut m = ClusterMap::new(3);
+        m.reconcile(&live(&[("a", 1), ("b", 1), ("c", 1), ("d", 1)]));
+        all_clean(&mut m);
+        let p = (0..PG_COUNT)
+            .find(|&pg| m.slot_of(pg, "d").is_none())
+            .expect("a PG without d");
+        for s in m.pgs[p as usize].iter_mut() {
+            s.state = SlotState::Stale;
+        }
+        m.pgs[p as usize][0].prev = Some("d".into());
+        // d goes down (its copy is the only good one), then a, b and c restart.
+        m.reconcile(&live(&[("a", 1), ("b", 1), ("c", 1)]));
+        assert!(m.last_clean.contains_key(&p));
+        m.reconcile(&live(&[("a", 2), ("b", 2), ("c", 2)]));
+        // d restarts: with nobody up since before the loss it is the best copy there is.
+        m.reconcile(&live(&[("a", 2), ("b", 2), ("c", 2), ("d", 2)]));
+        let t = m.targets(p, 3);
+        assert_eq!(
+            t.clean_up, 1,
+            "d must stay the PG's clean holder until the others copied from it: {:?}",
+            m.pgs[p as usize]
+        );
+        assert_eq!(m.health().down, 0, "{:?}", m.health());
+        assert!(m.pgs[p as usize]
+            .iter()
+            .any(|s| s.prev.as_deref() == Some("d")));
     }
 
     #[test]

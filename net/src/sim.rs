@@ -1072,6 +1072,10 @@ impl Sim {
                     n.recovering.contains(&pg),
                 );
                 if !clean {
+                    // Cluster::apply_replica: a copy for a PG freed here, under a newer map.
+                    if !replication::holds(&n.map, &n.name, pg) {
+                        n.let_go.remove(&pg);
+                    }
                     n.dirty.entry(pg).or_default().insert(block, epoch);
                 }
                 self.local_write(i, block, Some(version), Cont::ReplicaApply(r, epoch));
