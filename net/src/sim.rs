@@ -383,6 +383,8 @@ struct Node {
     recovering: BTreeSet<u32>,
     /// PGs whose blocks this node freed after they moved away (`Cluster::let_go`).
     let_go: BTreeSet<u32>,
+    /// A `let_go` between its listing and its freeing (the recovery loop waits for it).
+    freeing: bool,
     round: Option<Round>,
     pending: BTreeMap<u64, Pending>,
     coords: HashMap<u64, Coord>,
@@ -422,6 +424,14 @@ enum Event {
         inc: u64,
         op: u64,
         deadline: u64,
+    },
+    /// The second half of `let_go`: the listed blocks are freed (a write may have come in
+    /// between, as between the cluster's listing and its zeroing).
+    LetGoFree {
+        node: usize,
+        inc: u64,
+        fresh: BTreeSet<u32>,
+        blocks: Vec<u64>,
     },
     Timeouts,
     Leader,
@@ -549,6 +559,7 @@ impl Sim {
                 up_since: 0,
                 recovering: BTreeSet::new(),
                 let_go: BTreeSet::new(),
+                freeing: false,
                 round: None,
                 pending: BTreeMap::new(),
                 coords: HashMap::new(),
@@ -1271,9 +1282,9 @@ impl Sim {
         }
     }
 
-    /// Cluster::let_go_of_moved_pgs: frees the blocks of the PGs this node holds no slot of
-    /// once no write of an older map is in flight here, keeping a PG that came back or whose
-    /// block a write reached meanwhile. (Here listing and freeing are one step.)
+    /// Cluster::let_go_of_moved_pgs: lists the blocks of the PGs this node holds no slot of
+    /// once no write of an older map is in flight here; `let_go_free` frees them a little
+    /// later, keeping a PG that came back or whose block a write reached meanwhile.
     fn let_go(&mut self, i: usize) {
         let n = &mut self.nodes[i];
         let (map, me) = (&n.map, &n.name);
@@ -1286,9 +1297,37 @@ impl Sim {
         if fresh.is_empty() || !replication::list_ready(map.epoch, map.epoch, oldest) {
             return;
         }
+        let blocks = n
+            .store
+            .list(&fresh)
+            .into_iter()
+            .map(|(_, b, _)| b)
+            .collect();
+        n.freeing = true;
+        let inc = n.inc;
+        // Listing every core's blocks takes a while; now and then much longer (busy cores).
+        let delay = if self.rng.chance(0.1) {
+            self.rng.range(2 * MS, 100 * MS)
+        } else {
+            self.rng.range(10, 2 * MS)
+        };
+        self.at(
+            delay,
+            Event::LetGoFree {
+                node: i,
+                inc,
+                fresh,
+                blocks,
+            },
+        );
+    }
+
+    fn let_go_free(&mut self, i: usize, fresh: BTreeSet<u32>, blocks: Vec<u64>) {
+        let n = &mut self.nodes[i];
+        n.freeing = false;
         let mut kept = BTreeSet::new();
         let mut freed = 0;
-        for (_, block, _) in n.store.list(&fresh) {
+        for block in blocks {
             let pg = pg_of(block);
             let written = n.dirty.get(&pg).is_some_and(|d| d.contains_key(&block));
             if replication::keep_moved(&n.map, &n.name, pg, written) {
@@ -1314,7 +1353,7 @@ impl Sim {
             .nodes
             .get(&n.name)
             .is_some_and(|m| m.up && m.info.incarnation == n.inc);
-        if n.round.is_some() || !me_ok || !self.lease_fresh(i) {
+        if n.round.is_some() || n.freeing || !me_ok || !self.lease_fresh(i) {
             return;
         }
         let reviving = n.map.reviving(&n.name, n.inc);
@@ -1777,6 +1816,7 @@ impl Sim {
         n.map = small_map();
         n.up_since = 0;
         n.let_go.clear();
+        n.freeing = false;
         n.lease_ok = self.now;
         self.etcd.revision += 1;
         n.lease = self.etcd.revision;
@@ -1953,6 +1993,16 @@ impl Sim {
             } => {
                 if self.nodes[node].alive && self.nodes[node].inc == inc {
                     self.flush_all(node, op, deadline);
+                }
+            }
+            Event::LetGoFree {
+                node,
+                inc,
+                fresh,
+                blocks,
+            } => {
+                if self.nodes[node].alive && self.nodes[node].inc == inc {
+                    self.let_go_free(node, fresh, blocks);
                 }
             }
             Event::Timeouts => self.timeouts(),
