@@ -2612,29 +2612,16 @@ impl Cluster {
     pub fn remove_peer(&self, name: &str) -> Result<(), String> {
         let replicas_max = self.cfg.replicas_max;
         let mut why = None;
-        let r = self.block_on(self.etcd.update_map(replicas_max, |m| {
-            let remaining = m.nodes.values().filter(|n| !n.removing).count();
-            match m.nodes.get_mut(name) {
-                None => {
-                    why = Some(format!("no node named {name:?} in the cluster"));
+        let r = self.block_on(self.etcd.update_map(
+            replicas_max,
+            |m| match m.start_removing(name) {
+                Ok(changed) => changed,
+                Err(w) => {
+                    why = Some(w);
                     false
                 }
-                Some(n) if n.removing => false,
-                Some(n) => {
-                    if remaining <= m.replicas_max as usize {
-                        why = Some(format!(
-                            "removing {name:?} would leave {} nodes for {} replicas; add a node first",
-                            remaining - 1,
-                            m.replicas_max
-                        ));
-                        return false;
-                    }
-                    n.removing = true;
-                    m.epoch += 1;
-                    true
-                }
-            }
-        }));
+            },
+        ));
         if let Some(w) = why {
             return Err(w);
         }

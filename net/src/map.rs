@@ -450,6 +450,27 @@ impl ClusterMap {
         changed
     }
 
+    /// Starts draining `name` (`torusctl peer remove`): its PGs move to the others, then it
+    /// leaves the map. False when it is being removed already; refused, saying why, when it
+    /// is unknown or when fewer nodes than `replicas_max` would be left.
+    pub fn start_removing(&mut self, name: &str) -> Result<bool, String> {
+        let remaining = self.nodes.values().filter(|n| !n.removing).count();
+        match self.nodes.get_mut(name) {
+            None => Err(format!("no node named {name:?} in the cluster")),
+            Some(n) if n.removing => Ok(false),
+            Some(_) if remaining <= self.replicas_max as usize => Err(format!(
+                "removing {name:?} would leave {} nodes for {} replicas; add a node first",
+                remaining - 1,
+                self.replicas_max
+            )),
+            Some(n) => {
+                n.removing = true;
+                self.epoch += 1;
+                Ok(true)
+            }
+        }
+    }
+
     /// Marks a node that is down out (see `MapNode::out`), under a new epoch. Refused, saying
     /// why, when it is up or already leaving, when fewer nodes than `replicas_max` would be
     /// left to hold its PGs, or while a PG it holds has no other clean holder up (its copy

@@ -220,9 +220,15 @@ pub fn let_go_candidates(map: &ClusterMap, me: &str, gone: impl Fn(u32) -> bool)
         .collect()
 }
 
-/// True when this node holds a slot (any state) of `pg` under `map`.
+/// True when this node holds a slot (any state, or as the previous holder of a moving one)
+/// of `pg` under `map`, or is named among its last clean holders while it is lost: a revival
+/// may make this node's copy the PG's source again, so it must not be freed.
 pub fn holds(map: &ClusterMap, me: &str, pg: u32) -> bool {
     map.slot_of(pg, me).is_some()
+        || map
+            .last_clean
+            .get(&pg)
+            .is_some_and(|l| l.holders.iter().any(|(n, _)| n == me))
 }
 
 /// Whether blocks of `pg` listed to be freed must be kept after all: the PG came back to this
@@ -469,6 +475,36 @@ mod tests {
             incarnation: inc,
         };
         (name.to_string(), info)
+    }
+
+    #[test]
+    fn a_lost_pgs_last_clean_holder_keeps_its_blocks() {
+        let mut m = ClusterMap::new(3);
+        m.reconcile(
+            &[node("w", 1), node("x", 1), node("y", 1), node("z", 1)]
+                .into_iter()
+                .collect(),
+        );
+        let pg = (0..m.pg_count)
+            .find(|&pg| m.slot_of(pg, "w").is_none())
+            .expect("a PG without w");
+        assert!(!holds(&m, "w", pg));
+        assert!(let_go_candidates(&m, "w", |_| false).contains(&pg));
+        // The PG was lost with w among its last clean holders (w restarted since): a revival
+        // may make w's copy its source again. Found by the replication simulation (seed
+        // 169759): w had freed it, and its revival emptied every replica.
+        m.last_clean.insert(
+            pg,
+            crate::map::LostPg {
+                holders: vec![("w".into(), 1)],
+                epoch: m.epoch,
+                reviving: None,
+            },
+        );
+        assert!(holds(&m, "w", pg));
+        assert!(!let_go_candidates(&m, "w", |_| false).contains(&pg));
+        assert!(keep_moved(&m, "w", pg, false));
+        assert!(!holds(&m, "x", pg) || m.slot_of(pg, "x").is_some());
     }
 
     #[test]

@@ -91,7 +91,7 @@ impl SimConfig {
 }
 
 /// Faults injected, by kind.
-pub const FAULT_KINDS: [&str; 9] = [
+pub const FAULT_KINDS: [&str; 10] = [
     "kill",
     "power-loss",
     "isolate",
@@ -100,6 +100,7 @@ pub const FAULT_KINDS: [&str; 9] = [
     "resets",
     "delay",
     "writer-move",
+    "drain",
     "duplicates",
 ];
 
@@ -109,7 +110,7 @@ pub struct SimReport {
     pub sim_seconds: u64,
     pub events: u64,
     pub messages: u64,
-    pub faults: [u64; 9],
+    pub faults: [u64; 10],
     pub writes_acked: u64,
     pub reads_checked: u64,
     pub flushes_acked: u64,
@@ -710,7 +711,7 @@ impl Sim {
         if self.fault == Fault::Resets && self.rng.chance(0.02) {
             // The request arrives but the connection dies before its answer: sent again.
             if matches!(msg, Msg::Reply { .. }) {
-                self.report.faults[8] += 1;
+                self.report.faults[9] += 1;
             }
             return self.reset(r.client, r.server);
         }
@@ -1842,7 +1843,7 @@ impl Sim {
         let n = self.nodes.len();
         let a = self.rng.below(n as u64) as usize;
         let b = (a + 1 + self.rng.below(n as u64 - 1) as usize) % n;
-        let kind = self.rng.below(8) as usize;
+        let kind = self.rng.below(9) as usize;
         let hold = self.rng.range(500 * MS, 8 * SEC);
         self.report.faults[kind] += 1;
         self.trace(None, || {
@@ -1872,11 +1873,27 @@ impl Sim {
             4 => self.fault = Fault::OneWay(a, b),
             5 => self.fault = Fault::Resets,
             6 => self.fault = Fault::Delay(a),
-            _ => self.detach(),
+            7 => self.detach(),
+            _ => self.drain(a),
         }
         self.fault_until = self.now + hold;
         let quiet = self.rng.range(200 * MS, 4 * SEC);
         self.at(hold + quiet, Event::Nemesis);
+    }
+
+    /// `torusctl peer remove` of node `a` (`ClusterMap::start_removing`; refused with fewer
+    /// nodes than replicas left): its PGs move to the others, then it leaves the map. Its
+    /// process keeps running outside the map until it is started again.
+    fn drain(&mut self, a: usize) {
+        let name = self.nodes[a].name.clone();
+        match self.etcd.map.start_removing(&name) {
+            Ok(true) => {
+                self.report.map_epochs += 1;
+                self.trace(None, || format!("{name} is drained"));
+            }
+            Ok(false) => {}
+            Err(why) => self.trace(None, || format!("removing {name} refused: {why}")),
+        }
     }
 
     /// Replies overdue by the request timeout close their connection (the peer service's tick).
@@ -2067,12 +2084,20 @@ impl Sim {
         self.loading = false;
         self.fault = Fault::None;
         for i in 0..self.nodes.len() {
-            if !self.nodes[i].alive {
+            // A drained node that left the map is started again and joins as a new one.
+            let left = !self.etcd.map.nodes.contains_key(&self.nodes[i].name);
+            if !self.nodes[i].alive || left {
                 self.restart(i);
             }
         }
         let healed = self.now;
         while !self.clean_everywhere() || !self.client.in_flight.is_empty() {
+            // A node whose draining ends now is started again too.
+            for i in 0..self.nodes.len() {
+                if self.nodes[i].alive && !self.etcd.map.nodes.contains_key(&self.nodes[i].name) {
+                    self.restart(i);
+                }
+            }
             if self.now > healed + CONVERGE_BOUND {
                 self.fail(format!(
                     "not clean {} s after the faults healed: PGs {:?}, requests in flight {}",
@@ -2177,6 +2202,9 @@ impl Sim {
         for k in 0..self.nodes.len() {
             let all: BTreeSet<u32> = (0..PGS).collect();
             let name = self.nodes[k].name.clone();
+            if !self.etcd.map.nodes.contains_key(&name) {
+                continue; // drained after healing: out of the map, its data its own
+            }
             let kept: Vec<(u64, u32)> = self.nodes[k]
                 .store
                 .list(&all)
