@@ -161,7 +161,8 @@ fn holder_node(value: &[u8]) -> String {
     v.split(' ').next().unwrap_or("").to_string()
 }
 
-fn now_ms() -> u64 {
+/// Milliseconds since the Unix epoch (0 before it): the clock the map's times are in.
+pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)

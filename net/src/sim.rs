@@ -2199,8 +2199,8 @@ impl Sim {
         }
         let t = self.now + 3 * RECOVERY_TICK;
         self.run_until(t)?;
+        let all: BTreeSet<u32> = (0..PGS).collect();
         for k in 0..self.nodes.len() {
-            let all: BTreeSet<u32> = (0..PGS).collect();
             let name = self.nodes[k].name.clone();
             if !self.etcd.map.nodes.contains_key(&name) {
                 continue; // drained after healing: out of the map, its data its own

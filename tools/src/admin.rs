@@ -1038,11 +1038,9 @@ impl Node {
             ] {
                 let _ = writeln!(out, "torus_pgs{{state=\"{state}\"}} {n}");
             }
-            let _ = writeln!(out, "# HELP torus_map_epoch Cluster map epoch this node has\n# TYPE torus_map_epoch gauge\ntorus_map_epoch {}", c.map().epoch);
             let map = c.map();
-            let now_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64);
+            let _ = writeln!(out, "# HELP torus_map_epoch Cluster map epoch this node has\n# TYPE torus_map_epoch gauge\ntorus_map_epoch {}", map.epoch);
+            let now_ms = torus_net::cluster::now_ms();
             let _ = writeln!(out, "# HELP torus_node_down_seconds How long each node the cluster map counts as down has been down, as the map records it\n# TYPE torus_node_down_seconds gauge");
             for (name, n) in &map.nodes {
                 if let Some(ms) = n.down_for_ms(now_ms) {
