@@ -44,6 +44,9 @@ const VOLUME_POLL: Duration = Duration::from_secs(1);
 const LEADER_TICK: Duration = Duration::from_millis(500);
 /// Reads of a catch-up round in flight at once.
 const RECOVERY_READS_IN_FLIGHT: usize = 32;
+/// Processes of this store whose recorded flush is kept (`Cluster::flushed_record`): a PG lost
+/// with one of them as its last clean holder waits for a revival that asks for it.
+const FLUSH_RECORDS_KEPT: usize = 64;
 
 /// Blocks (volume, block) of one PG written while it was not clean here, with the map epoch
 /// of each write.
@@ -128,10 +131,10 @@ pub struct Cluster {
     /// Blocks written by replica writes while this node is not clean for their PG: catch-up
     /// must not overwrite them with what it copies.
     /// Per PG, the blocks written here while it was not clean or being scrubbed, each with
-    /// the map epoch of the write (see `replication::dirty_void`).
+    /// the map epoch of the write (see `replication::DirtyEpochs`).
     dirty: Mutex<HashMap<u32, DirtyBlocks>>,
-    /// This node's `up_since` in the last map installed (see `replication::dirty_void`).
-    up_since: Mutex<u64>,
+    /// Since when the dirty blocks are valid (see `replication::DirtyEpochs`).
+    dirty_epochs: Mutex<replication::DirtyEpochs>,
     /// Coordinated writes in flight, by the map epoch they started under.
     inflight: Mutex<BTreeMap<u64, u64>>,
     recovery: Mutex<Recovery>,
@@ -144,6 +147,20 @@ pub struct Cluster {
     let_go: Mutex<HashSet<u32>>,
     /// Writes held back while a snapshot of their volume is taken.
     pause: Mutex<Pause>,
+    /// The newest map epoch this process has seen (installed, or in a write it applied), and
+    /// the newest one a flush of it is recorded at in etcd (`flush_local`). The record (under
+    /// `flushed_key`) keeps earlier processes' too: a revival asks what the process that was
+    /// the clean holder recorded (`replication::revival_source`). Records are made one at a
+    /// time (`record_lock`).
+    seen_epoch: AtomicU64,
+    flushed_epoch: AtomicU64,
+    flushed_key: String,
+    flushed_record: Mutex<Vec<(u64, u64)>>,
+    record_lock: tokio::sync::Mutex<()>,
+    /// The last reason a revival waited, said once.
+    revival_wait: Mutex<String>,
+    /// This cluster, for tasks started from `&self`.
+    this: std::sync::OnceLock<std::sync::Weak<Cluster>>,
 }
 
 /// Volumes whose new writes wait (a snapshot is being taken), and the writes each volume has
@@ -182,6 +199,19 @@ impl CompletionSink for FnSink {
 }
 
 /// Flushes every core of a node; `done` gets the worst status.
+/// The cluster of this process, for flushes started where it is not at hand (a peer's
+/// connection closing, peer.rs): they are recorded too (`Cluster::flush_local`).
+static FLUSH_RECORDER: Mutex<Option<std::sync::Weak<Cluster>>> = Mutex::new(None);
+
+/// Flushes every core, recorded as `Cluster::flush_local` does when a cluster runs here.
+pub(crate) fn flush_recorded(shared: &Shared) {
+    let cluster = FLUSH_RECORDER.lock().as_ref().and_then(|w| w.upgrade());
+    match cluster {
+        Some(c) => c.flush_local(Box::new(|_| {})),
+        None => flush_cores(shared, Box::new(|_| {})),
+    }
+}
+
 pub(crate) fn flush_cores(shared: &Shared, done: Box<dyn FnOnce(u16) + Send>) {
     let cores = shared.mailboxes.len();
     let state = Arc::new(Mutex::new((Tally::new(cores), Some(done))));
@@ -412,6 +442,15 @@ impl Cluster {
         })?;
         let (map, _) = rt.block_on(etcd.map())?;
         let map = map.unwrap_or_else(|| ClusterMap::new(cfg.replicas_max));
+        let flushed_key = format!("flushed/{id_hex}");
+        let flushed_record: Vec<(u64, u64)> = match rt.block_on(etcd.get(&flushed_key))? {
+            None => Vec::new(),
+            Some((v, _)) => serde_json::from_slice(&v).map_err(|e| EtcdError::Corrupt {
+                key: flushed_key.clone(),
+                why: format!("not a list of (incarnation, map epoch): {e}"),
+            })?,
+        };
+
         if map.pg_count != shared.geometry.pg_count {
             return Err(EtcdError::Corrupt {
                 key: "map".into(),
@@ -439,7 +478,7 @@ impl Cluster {
             fence: Mutex::new(Fence::default()),
             writing: Mutex::new(HashMap::new()),
             dirty: Mutex::new(HashMap::new()),
-            up_since: Mutex::new(0),
+            dirty_epochs: Mutex::new(replication::DirtyEpochs::default()),
             inflight: Mutex::new(BTreeMap::new()),
             recovery: Mutex::new(Recovery::default()),
             recovering: Mutex::new(HashSet::new()),
@@ -448,7 +487,16 @@ impl Cluster {
             out_refused: Mutex::new(HashSet::new()),
             let_go: Mutex::new(HashSet::new()),
             pause: Mutex::new(Pause::default()),
+            seen_epoch: AtomicU64::new(0),
+            flushed_epoch: AtomicU64::new(0),
+            flushed_key,
+            flushed_record: Mutex::new(flushed_record),
+            record_lock: tokio::sync::Mutex::new(()),
+            revival_wait: Mutex::new(String::new()),
+            this: std::sync::OnceLock::new(),
         });
+        let _ = cluster.this.set(Arc::downgrade(&cluster));
+        *FLUSH_RECORDER.lock() = Some(Arc::downgrade(&cluster));
         rt.block_on(cluster.refresh_volumes())?;
         rt.block_on(cluster.load_fences())?;
         let _ = shared
@@ -1038,8 +1086,60 @@ impl Cluster {
     }
 
     /// Flushes every core of this node; `done` gets the worst status.
+    /// Flushes every core, then, if this process has seen a newer map since its last recorded
+    /// flush, records that epoch in etcd before answering (RETRY when it cannot): a revival
+    /// compares these records to find the disk with the most (`replication::revival_source`).
+    /// The first flush after each new map pays one etcd write.
     fn flush_local(&self, done: Box<dyn FnOnce(u16) + Send>) {
-        flush_cores(&self.shared, done);
+        let seen = self.seen_epoch.load(Ordering::Acquire);
+        let me = self.this.get().and_then(|w| w.upgrade());
+        flush_cores(
+            &self.shared,
+            Box::new(move |s| match me {
+                Some(me) if s == status::OK => me.record_flush(seen, done),
+                _ => done(s),
+            }),
+        );
+    }
+
+    fn record_flush(self: Arc<Self>, seen: u64, done: Box<dyn FnOnce(u16) + Send>) {
+        if self.flushed_epoch.load(Ordering::Acquire) >= seen {
+            return done(status::OK);
+        }
+        let me = self.clone();
+        self.rt.spawn(async move {
+            let _one = me.record_lock.lock().await;
+            if me.flushed_epoch.load(Ordering::Acquire) >= seen {
+                return done(status::OK);
+            }
+            let record = {
+                let mut r = me.flushed_record.lock().clone();
+                r.retain(|&(inc, _)| inc != me.incarnation);
+                r.push((me.incarnation, seen));
+                let keep = r.len().saturating_sub(FLUSH_RECORDS_KEPT);
+                r.drain(..keep);
+                r
+            };
+            let put = me
+                .etcd
+                .put(
+                    &me.flushed_key,
+                    serde_json::to_vec(&record).expect("json"),
+                    None,
+                )
+                .await;
+            match put {
+                Ok(()) => {
+                    *me.flushed_record.lock() = record;
+                    me.flushed_epoch.store(seen, Ordering::Release);
+                    done(status::OK)
+                }
+                Err(e) => {
+                    eprintln!("torusd: recording a flush at map {seen} in etcd: {e}");
+                    done(status::RETRY)
+                }
+            }
+        });
     }
 
     /// Flushes every core of this node and waits: true when all succeeded.
@@ -1054,6 +1154,7 @@ impl Cluster {
     /// A replica write from a coordinator whose map had `epoch`. It counts as in flight under
     /// that epoch until done (see `serve_list`).
     fn apply_replica(self: &Arc<Self>, piece: Piece, epoch: u64, reply: ReplyTo) {
+        self.seen_epoch.fetch_max(epoch, Ordering::AcqRel);
         *self.inflight.lock().entry(epoch).or_insert(0) += 1;
         let me = self.clone();
         let reply = sink(move |c| {
@@ -1070,6 +1171,7 @@ impl Cluster {
             epoch,
             pg,
             &self.me,
+            self.incarnation,
             self.recovering.lock().contains(&pg),
         );
         if clean {
@@ -1511,6 +1613,7 @@ impl Cluster {
         let newer = map.epoch > cur.epoch;
         let lost = newer && replication::lost_a_node(&cur, &map);
         if newer {
+            self.seen_epoch.fetch_max(map.epoch, Ordering::AcqRel);
             *cur = Arc::new(map);
         }
         drop(cur);
@@ -1552,14 +1655,17 @@ impl Cluster {
         // a block it holds is not newer than its source's just because it was written here).
         let map = self.map();
         let recovering = self.recovering.lock().clone();
-        let up_since = map.nodes.get(&self.me).map_or(0, |n| n.up_since);
+        let entry = map.nodes.get(&self.me);
+        let names_me = entry.is_some_and(|n| n.info.incarnation == self.incarnation);
+        let up_since = entry.map_or(0, |n| n.up_since);
         let mut dirty = self.dirty.lock();
-        if replication::dirty_void(&mut self.up_since.lock(), up_since) {
+        if self.dirty_epochs.lock().observe(names_me, up_since) {
             for set in dirty.values_mut() {
                 set.retain(|_, epoch| *epoch >= up_since);
             }
         }
-        dirty.retain(|pg, _| replication::keep_dirty(&map, *pg, &self.me, recovering.contains(pg)));
+        let (me, inc) = (&self.me, self.incarnation);
+        dirty.retain(|pg, _| replication::keep_dirty(&map, *pg, me, inc, recovering.contains(pg)));
     }
 
     async fn map_loop(self: Arc<Self>) {
@@ -1693,7 +1799,11 @@ impl Cluster {
                         }
                     }
                     Err(why) => {
-                        eprintln!("torusd: reviving lost placement groups: {why}; retrying")
+                        let mut last = self.revival_wait.lock();
+                        if *last != why {
+                            eprintln!("torusd: reviving lost placement groups: {why}; retrying");
+                            *last = why;
+                        }
                     }
                 }
                 continue;
@@ -1735,14 +1845,56 @@ impl Cluster {
         }
     }
 
-    /// A restarted last clean holder of lost PGs copies, from each holder that stayed up since
-    /// the loss, the blocks that holder wrote while catching up (see `map::LostPg`); a holder
-    /// that is down now is skipped (it held nothing it had flushed that this node lacks).
+    /// A restarted last clean holder of lost PGs first copies each whole PG from the holder
+    /// that surely has more than this store's disk, if any (`replication::revival_source`: by
+    /// the flushes each process recorded, and the holders demoted while they ran; it waits
+    /// while the best one is down), then, from each holder that stayed up since the loss, the
+    /// blocks that holder wrote while catching up (see `map::LostPg`); a holder that is down
+    /// now is skipped.
     async fn revive(
         self: Arc<Self>,
         map: &ClusterMap,
         pgs: &[(u32, Vec<String>)],
     ) -> Result<(), String> {
+        // The flushes recorded by this store's processes and by the other candidates'.
+        let mut records = HashMap::new();
+        records.insert(self.me.clone(), self.flushed_record.lock().clone());
+        for (pg, _) in pgs {
+            let holders = map.last_clean.get(pg).into_iter().flat_map(|l| &l.holders);
+            let demoted = map.demoted.get(pg).into_iter().flatten();
+            for node in holders.map(|h| &h.0).chain(demoted.map(|d| &d.node)) {
+                if !records.contains_key(node) {
+                    let r = self.flush_record_of(node).await?;
+                    records.insert(node.clone(), r);
+                }
+            }
+        }
+        let flushed = |node: &str, inc: u64| {
+            records
+                .get(node)
+                .and_then(|r| r.iter().find(|r| r.0 == inc))
+                .map_or(0, |r| r.1)
+        };
+        let mut whole: BTreeMap<String, Vec<(u32, usize)>> = BTreeMap::new();
+        for (pg, _) in pgs {
+            if let Some(source) = replication::revival_source(map, *pg, &self.me, flushed)? {
+                let slot = map.slot_of(*pg, &self.me).unwrap_or(0);
+                whole.entry(source).or_default().push((*pg, slot));
+            }
+        }
+        for (source, list) in &whole {
+            eprintln!(
+                "torusd: copying {} lost placement groups whole from {source}, whose copy has more than this store's disk",
+                list.len()
+            );
+            let done = self.clone().catch_up(map, source, list).await;
+            let mut rec = self.recovering.lock();
+            for (pg, _) in list {
+                rec.remove(pg);
+            }
+            drop(rec);
+            done?;
+        }
         let mut by_source: BTreeMap<&str, Vec<bool>> = BTreeMap::new();
         for (pg, from) in pgs {
             for source in from.iter().filter(|s| map.up(s)) {
@@ -1765,6 +1917,26 @@ impl Cluster {
         Ok(())
     }
 
+    /// The flushes `node`'s processes recorded (`Cluster::flushed_record`), from etcd.
+    async fn flush_record_of(&self, node: &str) -> Result<Vec<(u64, u64)>, String> {
+        let id = self
+            .etcd
+            .get(&format!("ids/{node}"))
+            .await
+            .map_err(|e| format!("reading the store id of {node}: {e}"))?;
+        let Some((id, _)) = id else {
+            return Ok(Vec::new());
+        };
+        let key = format!("flushed/{}", String::from_utf8_lossy(&id));
+        match self.etcd.get(&key).await {
+            Err(e) => Err(format!("reading {key}: {e}")),
+            Ok(None) => Ok(Vec::new()),
+            Ok(Some((v, _))) => {
+                serde_json::from_slice(&v).map_err(|e| format!("{key} is not a flush record: {e}"))
+            }
+        }
+    }
+
     /// Copies into this node what it lacks of `pgs` from `source`, comparing checksums.
     async fn catch_up(
         self: Arc<Self>,
@@ -1783,14 +1955,25 @@ impl Cluster {
                 dirty.entry(*pg).or_default();
             }
         }
+        // The volumes as etcd has them now: one created while this node was cut off must be
+        // known here before its blocks are compared, or they would be skipped as not wanted
+        // and the PG marked clean without them.
+        self.refresh_volumes()
+            .await
+            .map_err(|e| format!("reading the volumes: {e}"))?;
         let volumes: HashMap<u32, u32> = self
             .volumes
             .read()
             .values()
             .map(|v| (v.id, v.replicas))
             .collect();
-        let wanted = Wanted::new(map, source, pgs, volumes);
         let remote = self.list_remote(map, source, &bitmap).await?;
+        if let Some(&(v, _, _)) = remote.iter().find(|(v, _, _)| !volumes.contains_key(v)) {
+            return Err(format!(
+                "{source} lists blocks of volume {v}, not known here yet"
+            ));
+        }
+        let wanted = Wanted::new(map, source, pgs, volumes);
         let local = self.list_local(&bitmap).await;
         let (fetch, unmap) = replication::catch_up_plan(&remote, &local, &wanted);
         self.recovery.lock().blocks_compared += remote.len() as u64;
@@ -2096,7 +2279,7 @@ impl Cluster {
     /// The valid dirty blocks of `pg` here: written while catching up, under a map in which
     /// this node had been up without a break since.
     fn valid_dirty(&self, pg: u32) -> Vec<(u32, u64)> {
-        let up_since = *self.up_since.lock();
+        let up_since = self.dirty_epochs.lock().valid_from;
         let dirty = self.dirty.lock();
         let mut out: Vec<(u32, u64)> = dirty
             .get(&pg)
@@ -2111,7 +2294,7 @@ impl Cluster {
 
     /// True when every block of the byte range is a valid dirty block here (`Op::Dirty`).
     fn holds_dirty(&self, pg: u32, volume: u32, offset: u64, len: u32) -> bool {
-        let up_since = *self.up_since.lock();
+        let up_since = self.dirty_epochs.lock().valid_from;
         let dirty = self.dirty.lock();
         let Some(set) = dirty.get(&pg) else {
             return false;
@@ -2574,6 +2757,20 @@ impl Cluster {
             if !map.nodes.contains_key(name) && !drained {
                 pending.push(format!("node {name}: joined; not yet in the map"));
             }
+        }
+        // Lost PGs whose revival waits for a holder demoted while it ran (`map::Demoted`).
+        let mut waits: BTreeMap<String, usize> = BTreeMap::new();
+        for pg in map.last_clean.keys() {
+            for d in map.demoted.get(pg).into_iter().flatten() {
+                if map.nodes.get(&d.node).is_some_and(|n| !n.up) {
+                    *waits.entry(d.node.clone()).or_default() += 1;
+                }
+            }
+        }
+        for (name, n) in waits {
+            pending.push(format!(
+                "node {name}: {n} lost placement groups may wait for it (it may hold acknowledged writes their restarted holders lost)"
+            ));
         }
         let down = map
             .down_nodes(now)

@@ -92,6 +92,26 @@ pub struct ClusterMap {
     /// all went down at once (a power loss of the whole cluster) would stay down for good.
     #[serde(default)]
     pub last_clean: BTreeMap<u32, LostPg>,
+    /// Clean holders that went down, by PG, while that process runs and holds its (now stale)
+    /// slot (see `Demoted`).
+    #[serde(default)]
+    pub demoted: BTreeMap<u32, Vec<Demoted>>,
+}
+
+/// A clean holder the map marked stale because it went down (cut off or dead), under map
+/// `epoch`. If it is the same process when it comes back, it still has every write
+/// acknowledged before `epoch`: each went to it; restarted, so does its disk if that process
+/// recorded a flush under `epoch` or later. The holders that stayed clean flush when they
+/// install a map that demotes someone, and acknowledge no write before that flush is done and
+/// recorded in etcd, by process; so a last clean holder whose process never recorded a flush
+/// at `epoch` or later acknowledged nothing since, and this holder has every acknowledged
+/// write of the PG — more than that holder's disk after a restart if it lost unflushed
+/// writes. The revival copies the whole PG from it (`replication::revival_source`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Demoted {
+    pub node: String,
+    pub incarnation: u64,
+    pub epoch: u64,
 }
 
 /// A PG with no clean holder up: the holders that were clean when it was lost, and the epoch
@@ -169,7 +189,57 @@ impl ClusterMap {
             pgs: vec![Vec::new(); PG_COUNT as usize],
             removed: BTreeMap::new(),
             last_clean: BTreeMap::new(),
+            demoted: BTreeMap::new(),
         }
+    }
+
+    /// The newest epoch that demoted a clean holder still recorded (0: none). A node flushes
+    /// before it acknowledges writes under a map newer than its last recorded flush
+    /// (`Demoted`).
+    pub fn newest_demotion(&self) -> u64 {
+        self.demoted
+            .values()
+            .flatten()
+            .map(|d| d.epoch)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Records `node` (incarnation `inc`) as demoted under `epoch` in every PG it holds a
+    /// clean slot of.
+    fn record_demotion(&mut self, node: &str, inc: u64, epoch: u64) {
+        for (pg, slots) in self.pgs.iter().enumerate() {
+            if slots
+                .iter()
+                .any(|s| s.node == node && s.state == SlotState::Clean)
+            {
+                let list = self.demoted.entry(pg as u32).or_default();
+                list.retain(|d| d.node != node);
+                list.push(Demoted {
+                    node: node.to_owned(),
+                    incarnation: inc,
+                    epoch,
+                });
+            }
+        }
+    }
+
+    /// Keeps a demotion only while that node is in the map and holds a stale slot of the PG:
+    /// clean again, replaced or gone, it has nothing the others lack. Restarted, its disk may
+    /// still have everything (`replication::revival_source`).
+    fn prune_demoted(&mut self) {
+        let (nodes, pgs) = (&self.nodes, &self.pgs);
+        self.demoted.retain(|pg, list| {
+            list.retain(|d| {
+                nodes.contains_key(&d.node)
+                    && pgs.get(*pg as usize).is_some_and(|slots| {
+                        slots
+                            .iter()
+                            .any(|s| s.node == d.node && s.state == SlotState::Stale)
+                    })
+            });
+            !list.is_empty()
+        });
     }
 
     pub fn up(&self, node: &str) -> bool {
@@ -344,6 +414,9 @@ impl ClusterMap {
                     n.info = info.clone();
                     n.up = true;
                     if restarted {
+                        // Its disk may still have what the old process flushed.
+                        let old = before.nodes[name].info.incarnation;
+                        self.record_demotion(name, old, before.epoch + 1);
                         self.mark_stale(name);
                     }
                 }
@@ -356,9 +429,13 @@ impl ClusterMap {
             .map(|(name, _)| name.clone())
             .collect();
         for name in gone {
-            self.nodes.get_mut(&name).expect("listed").up = false;
+            let n = self.nodes.get_mut(&name).expect("listed");
+            n.up = false;
+            let inc = n.info.incarnation;
+            self.record_demotion(&name, inc, before.epoch + 1);
             self.mark_stale(&name);
         }
+        self.prune_demoted();
         self.revive_lost_pgs(&before);
         for pg in 0..self.pg_count {
             let targets = self.target_nodes(pg);
@@ -443,6 +520,7 @@ impl ClusterMap {
                 self.removed.insert(name, inc);
             }
         }
+        self.prune_demoted();
         let changed = *self != before;
         if changed {
             self.epoch = before.epoch + 1;
@@ -551,11 +629,6 @@ impl ClusterMap {
                     .get(n)
                     .is_some_and(|m| m.up && m.info.incarnation == inc)
             };
-            if let Some(r) = &lost.reviving {
-                if running(&r.node, r.incarnation) {
-                    continue; // under way
-                }
-            }
             // Holders up since before the loss: they have every write since they came up.
             let from: Vec<String> = self.pgs[pg as usize]
                 .iter()
@@ -570,9 +643,17 @@ impl ClusterMap {
                 .collect();
             let same = lost.holders.iter().find(|(n, inc)| running(n, *inc));
             let restarted = lost.holders.iter().find(|(n, _)| self.up(n));
+            // A restarted holder copies from the others, if any may have what it lost.
+            let alone =
+                from.is_empty() && !self.demoted.contains_key(&pg) && lost.holders.len() == 1;
+            if let Some(r) = &lost.reviving {
+                if running(&r.node, r.incarnation) && !alone {
+                    continue; // under way
+                }
+            }
             let (back, reviving) = match (same, restarted) {
                 (Some((n, _)), _) => (n.clone(), None),
-                (None, Some((n, _))) if from.is_empty() => (n.clone(), None),
+                (None, Some((n, _))) if alone => (n.clone(), None),
                 (None, Some((n, _))) => {
                     let incarnation = self.nodes[n].info.incarnation;
                     let r = Reviving {
@@ -605,6 +686,12 @@ impl ClusterMap {
             .collect()
     }
 
+    /// The incarnation of `node` that was a last clean holder of lost `pg`.
+    pub fn lost_incarnation(&self, pg: u32, node: &str) -> Option<u64> {
+        let lost = self.last_clean.get(&pg)?;
+        lost.holders.iter().find(|(n, _)| n == node).map(|h| h.1)
+    }
+
     /// A reviving holder copied what the others wrote: its slot in `pgs` is clean again.
     pub fn mark_revived(&mut self, node: &str, incarnation: u64, pgs: &[u32]) -> bool {
         if !self
@@ -630,6 +717,7 @@ impl ClusterMap {
             }
         }
         if changed {
+            self.prune_demoted();
             self.epoch += 1;
         }
         changed
@@ -664,6 +752,7 @@ impl ClusterMap {
             }
         }
         if changed {
+            self.prune_demoted();
             self.epoch += 1;
         }
         changed
@@ -724,6 +813,7 @@ fn revive_slot(slots: &mut [Slot], node: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::replication;
 
     fn node(name: &str, inc: u64) -> NodeInfo {
         NodeInfo {
@@ -771,6 +861,119 @@ mod tests {
             .filter(|(_, n)| n.up)
             .map(|(k, v)| (k.clone(), v.info.clone()))
             .collect()
+    }
+
+    #[test]
+    fn a_clean_holder_that_goes_down_is_recorded_until_it_is_clean_again_or_restarts() {
+        let mut m = clean_abc();
+        assert_eq!(m.newest_demotion(), 0);
+        m.reconcile(&live(&[("a", 1), ("b", 1)]));
+        let e = m.epoch;
+        assert_eq!(m.newest_demotion(), e);
+        assert_eq!(
+            m.demoted.len(),
+            PG_COUNT as usize,
+            "c held a clean slot of every PG"
+        );
+        let d = &m.demoted[&0];
+        assert_eq!(d[0].node, "c");
+        assert_eq!((d[0].incarnation, d[0].epoch), (1, e));
+        // Back, the same process: still recorded while it catches up.
+        m.reconcile(&live(&[("a", 1), ("b", 1), ("c", 1)]));
+        assert_eq!(m.demoted.len(), PG_COUNT as usize);
+        m.mark_clean("c", 1, m.epoch, &[0, 1]);
+        assert!(!m.demoted.contains_key(&0) && m.demoted.contains_key(&2));
+        // Restarted: its disk may still have what it had (if it flushed): kept until clean,
+        // and PGs 0 and 1, where it was clean again, record the restart.
+        m.reconcile(&live(&[("a", 1), ("b", 1), ("c", 2)]));
+        assert_eq!(m.demoted.len(), PG_COUNT as usize);
+        assert_eq!(
+            (m.demoted[&0][0].incarnation, m.demoted[&0][0].epoch),
+            (1, m.epoch)
+        );
+        let all: Vec<u32> = (0..PG_COUNT).collect();
+        m.mark_clean("c", 2, m.epoch, &all);
+        assert!(m.demoted.is_empty(), "{:?}", m.demoted);
+        assert_eq!(m.newest_demotion(), 0);
+    }
+
+    #[test]
+    fn a_restarted_last_clean_holder_revives_from_a_holder_demoted_before_the_loss() {
+        // The shape of the replication simulation's seed 26700: c is down; a write reaches a
+        // and b; a is cut off and demoted; b, the last clean holder, dies before it flushed
+        // (and before it recorded a flush under the map that demoted a). a comes back, the
+        // same process, after the loss, so it is not among the holders up since before it.
+        let mut m = clean_abc();
+        m.reconcile(&live(&[("a", 1), ("b", 1)]));
+        m.reconcile(&live(&[("b", 1)]));
+        let demoted_a = m.epoch;
+        m.reconcile(&live(&[]));
+        assert!(m.last_clean.contains_key(&0));
+        m.reconcile(&live(&[("a", 1)]));
+        m.reconcile(&live(&[("a", 1), ("b", 2)]));
+        let r = m.reviving("b", 2);
+        assert!(
+            !r.is_empty(),
+            "b is not clean at once: a may have what it lost"
+        );
+        let (pg, from) = &r[0];
+        assert!(from.is_empty(), "{from:?}");
+        // b's old process (incarnation 1) recorded its last flush under map `f`.
+        let pg = *pg;
+        let source = |m: &ClusterMap, f: u64| {
+            replication::revival_source(
+                m,
+                pg,
+                "b",
+                |n, inc| {
+                    if (n, inc) == ("b", 1) {
+                        f
+                    } else {
+                        0
+                    }
+                },
+            )
+        };
+        assert_eq!(source(&m, demoted_a - 1), Ok(Some("a".into())));
+        // Its flush under the map that demoted a is recorded: b's disk has every write a has.
+        assert_eq!(source(&m, demoted_a), Ok(None));
+        assert!(replication::serves_copies(&m, "a", 1, [pg].into_iter()));
+        // a restarted: its disk has them only if its process recorded a flush under the map
+        // that demoted it or later.
+        let mut r = m.clone();
+        r.reconcile(&live(&[("a", 2), ("b", 2)]));
+        let from_a = |flushed_a: u64| {
+            replication::revival_source(&r, pg, "b", |n, inc| match (n, inc) {
+                ("a", 1) => flushed_a,
+                ("b", 1) => demoted_a - 1,
+                _ => 0,
+            })
+        };
+        assert_eq!(from_a(demoted_a - 1), Ok(None));
+        assert_eq!(from_a(demoted_a), Ok(Some("a".into())));
+        // a cut off again: the revival waits for it, also while it is being drained.
+        m.reconcile(&live(&[("b", 2)]));
+        let wait = source(&m, demoted_a - 1);
+        assert!(
+            wait.as_ref()
+                .is_err_and(|w| w.contains("waits for a (down)")),
+            "{wait:?}"
+        );
+        m.nodes.get_mut("a").unwrap().removing = true;
+        assert_eq!(source(&m, demoted_a - 1), wait);
+        // Revived: clean again, and a's record goes once a is clean too.
+        m.nodes.get_mut("a").unwrap().removing = false;
+        m.reconcile(&live(&[("a", 1), ("b", 2)]));
+        let pgs: Vec<u32> = m.reviving("b", 2).iter().map(|p| p.0).collect();
+        assert!(m.mark_revived("b", 2, &pgs));
+        assert!(m.last_clean.is_empty());
+        assert!(m.demoted.contains_key(&0));
+        let all: Vec<u32> = (0..PG_COUNT).collect();
+        assert!(m.mark_clean("a", 1, m.epoch, &all));
+        assert!(m.demoted.values().flatten().all(|d| d.node == "c"));
+        m.reconcile(&live(&[("a", 1), ("b", 2), ("c", 2)]));
+        assert!(m.mark_clean("c", 2, m.epoch, &all));
+        assert!(m.demoted.is_empty());
     }
 
     #[test]
@@ -824,8 +1027,23 @@ mod tests {
     #[test]
     fn a_pg_whose_holders_all_went_down_comes_back_with_the_last_clean_one() {
         let mut m = clean_abc();
-        // The whole cluster restarts at once: every holder was clean, the first back serves.
+        // The whole cluster restarts at once: every holder was clean; the first back revives
+        // each PG, from its own disk when no other holder recorded a later flush.
         m.reconcile(&live(&[("a", 2), ("b", 2), ("c", 2)]));
+        assert_eq!(m.health().down, PG_COUNT, "{:?}", m.health());
+        for n in ["a", "b", "c"] {
+            let pgs: Vec<u32> = m.reviving(n, 2).iter().map(|p| p.0).collect();
+            for &pg in &pgs {
+                assert_eq!(replication::revival_source(&m, pg, n, |_, _| 5), Ok(None));
+            }
+            // A holder whose old process flushed later has more: copied from first.
+            let later = |node: &str, _| if node == n { 5 } else { 6 };
+            for &pg in &pgs {
+                assert!(replication::revival_source(&m, pg, n, later)
+                    .is_ok_and(|s| s.is_some_and(|s| s != n)));
+            }
+            m.mark_revived(n, 2, &pgs);
+        }
         assert_eq!(m.health().down, 0, "{:?}", m.health());
         for pg in 0..PG_COUNT {
             let t = m.targets(pg, 3);
@@ -883,6 +1101,20 @@ mod tests {
             "b missed writes: it is not made clean"
         );
         m.reconcile(&live(&[("b", 3), ("c", 3)]));
+        // c restarted and may have lost writes it had not flushed; a, cut off at the same
+        // time, may still have them (`Demoted`): the revival waits for a.
+        assert_eq!(m.health().down, PG_COUNT);
+        let wait = replication::revival_source(&m, 0, "c", |_, _| 0);
+        assert!(
+            wait.as_ref().is_err_and(|w| w.contains("waits for a")),
+            "{wait:?}"
+        );
+        // a restarted too, before it recorded a flush: c's copy is the best there is.
+        m.reconcile(&live(&[("a", 4), ("b", 3), ("c", 3)]));
+        assert_eq!(replication::revival_source(&m, 0, "c", |_, _| 0), Ok(None));
+        let pgs: Vec<u32> = m.reviving("c", 3).iter().map(|p| p.0).collect();
+        assert_eq!(pgs.len(), PG_COUNT as usize);
+        assert!(m.mark_revived("c", 3, &pgs));
         assert_eq!(m.health().down, 0);
         for pg in 0..PG_COUNT {
             assert_eq!(m.targets(pg, 3).primary.as_deref(), Some("c"));
@@ -916,10 +1148,13 @@ mod tests {
             "d must stay the PG's clean holder until the others copied from it: {:?}",
             m.pgs[p as usize]
         );
-        assert_eq!(m.health().down, 0, "{:?}", m.health());
+        assert_eq!(t.primary.as_deref(), Some("d"));
         assert!(m.pgs[p as usize]
             .iter()
             .any(|s| s.prev.as_deref() == Some("d")));
+        // The PGs d held a clean slot of are revived by one of their restarted holders, who
+        // first asks whether d's disk has more (`Demoted`).
+        assert!(m.last_clean.values().all(|l| l.reviving.is_some()));
     }
 
     #[test]

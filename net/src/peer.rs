@@ -877,7 +877,7 @@ impl PeerService {
 /// seconds later when the map says the peer is gone, so that another failure meanwhile cannot
 /// lose them.
 fn flush_every_core(shared: &Shared) {
-    crate::cluster::flush_cores(shared, Box::new(|_| {}));
+    crate::cluster::flush_recorded(shared);
 }
 
 fn submit_send(ctx: &mut CoreContext, id: u64, c: &mut Conn, fd: i32) {

@@ -187,11 +187,29 @@ pub fn admit_write(
     Ok(())
 }
 
-/// True when this node holds `pg` cleanly under a map at least as new as the write's
+/// Whether `map` knows this process (`incarnation`): a process restarted before the leader
+/// noticed is named by its predecessor's entry, whose clean slots it does not hold (it may
+/// have lost unflushed writes).
+fn names_me(map: &ClusterMap, me: &str, incarnation: u64) -> bool {
+    map.nodes
+        .get(me)
+        .is_some_and(|n| n.info.incarnation == incarnation)
+}
+
+/// True when this process holds `pg` cleanly under a map at least as new as the write's
 /// `epoch` and is not catching it up: otherwise the write's blocks are remembered as dirty
-/// (newer than anything catch-up may copy).
-pub fn replica_is_clean(map: &ClusterMap, epoch: u64, pg: u32, me: &str, recovering: bool) -> bool {
+/// (newer than anything catch-up may copy, and what a revival copies from a holder up since
+/// before the loss).
+pub fn replica_is_clean(
+    map: &ClusterMap,
+    epoch: u64,
+    pg: u32,
+    me: &str,
+    incarnation: u64,
+    recovering: bool,
+) -> bool {
     map.epoch >= epoch
+        && names_me(map, me, incarnation)
         && map.pgs.get(pg as usize).is_some_and(|slots| {
             slots
                 .iter()
@@ -201,9 +219,10 @@ pub fn replica_is_clean(map: &ClusterMap, epoch: u64, pg: u32, me: &str, recover
 }
 
 /// Dirty blocks of a PG are kept while the PG is being caught up here or holds a stale slot
-/// of this node.
-pub fn keep_dirty(map: &ClusterMap, pg: u32, me: &str, recovering: bool) -> bool {
+/// of this node, or while the map does not know this process yet.
+pub fn keep_dirty(map: &ClusterMap, pg: u32, me: &str, incarnation: u64, recovering: bool) -> bool {
     recovering
+        || !names_me(map, me, incarnation)
         || map.pgs.get(pg as usize).is_some_and(|slots| {
             slots
                 .iter()
@@ -238,21 +257,43 @@ pub fn keep_moved(now: &ClusterMap, me: &str, pg: u32, written_meanwhile: bool) 
     holds(now, me, pg) || written_meanwhile
 }
 
-/// True when some of what this node remembered as dirty may be void: the map says it has been
-/// up only since a later epoch than the last map seen (`seen`, updated), so it was down in
-/// between and may have missed writes. A block written here under an older map than
-/// `up_since` is then no longer known to be newer than its source's copy and must be
-/// forgotten; one written under `up_since` or later stays (every later write reached it).
-pub fn dirty_void(seen: &mut u64, up_since: u64) -> bool {
-    let void = up_since > *seen;
-    *seen = (*seen).max(up_since);
-    void
+/// Since when this process's dirty blocks are known to be newer than any copy elsewhere.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DirtyEpochs {
+    /// This process's `up_since` in the last map that knew it.
+    seen: Option<u64>,
+    /// Dirty blocks written under an older map than this may be void.
+    pub valid_from: u64,
+}
+
+impl DirtyEpochs {
+    /// Takes this node's entry of a map just installed (its incarnation and `up_since`).
+    /// True when some of what it remembered as dirty may be void: the map says this process
+    /// has been up only since a later epoch than the last map that knew it, so it was down in
+    /// between and may have missed writes. A block written here under an older map than
+    /// `up_since` is then no longer known to be newer than its source's copy and must be
+    /// forgotten; one written under `up_since` or later stays (every later write reached
+    /// it). The first map that knows a restarted process is no break: it received every
+    /// write since it started, also those sent under its predecessor's entry.
+    pub fn observe(&mut self, names_me: bool, up_since: u64) -> bool {
+        if !names_me {
+            return false;
+        }
+        let void = self.seen.is_some_and(|s| up_since > s);
+        if void {
+            self.valid_from = up_since;
+        }
+        self.seen = Some(self.seen.map_or(up_since, |s| s.max(up_since)));
+        void
+    }
 }
 
 /// True when this process may answer another node's plain read or block listing of `pgs`
-/// (catch-up, scrub, a read repaired from a replica): the map knows this incarnation, up, as a
-/// clean holder of each. A process that restarted and lost unflushed writes, before the leader
-/// marked it stale, is not one, although the map still names its previous incarnation clean.
+/// (catch-up, scrub, a read repaired from a replica, a revival): the map knows this
+/// incarnation, up, as a clean holder of each, or as a clean holder demoted while it ran of a
+/// lost PG (`serves_revival`). A process that restarted and lost unflushed writes, before the
+/// leader marked it stale, is not one, although the map still names its previous incarnation
+/// clean.
 pub fn serves_copies(
     map: &ClusterMap,
     me: &str,
@@ -263,7 +304,93 @@ pub fn serves_copies(
         .nodes
         .get(me)
         .is_some_and(|n| n.up && n.info.incarnation == incarnation);
-    current && pgs.all(|pg| map.clean_holder(pg, map.replicas_max, me))
+    current
+        && pgs.all(|pg| map.clean_holder(pg, map.replicas_max, me) || serves_revival(map, me, pg))
+}
+
+/// True when this node may answer the block listing and reads of `pg` that a restarted last
+/// clean holder reviving it asks for: the PG is lost, and the map records this node among its
+/// last clean holders or as a clean holder demoted while it ran (`map::Demoted`). The reviver decides whether what it has is
+/// worth copying (`revival_source`).
+pub fn serves_revival(map: &ClusterMap, me: &str, pg: u32) -> bool {
+    let Some(lost) = map.last_clean.get(&pg) else {
+        return false;
+    };
+    map.up(me)
+        && (lost.holders.iter().any(|(n, _)| n == me)
+            || map
+                .demoted
+                .get(&pg)
+                .is_some_and(|l| l.iter().any(|d| d.node == me)))
+}
+
+/// Where `me`, a restarted last clean holder reviving `pg`, copies the whole PG from first.
+///
+/// `flushed(node, incarnation)` is the newest map epoch that process recorded a flush at (0:
+/// none): it flushed everything it had received under older maps, and every flush records the
+/// newest map it has seen first (see `Cluster::flush_local`). What each candidate surely
+/// has, as the map epoch before which it has every write acknowledged to the PG:
+/// - `me`: its process that was the clean holder (not this one) recorded a flush at F;
+/// - another last clean holder, restarted: its old process's F (one still running is made
+///   clean by the leader without a revival);
+/// - a clean holder demoted under map D (`map::Demoted`): D if it is the same process (it
+///   has everything in memory), else the lower of D and its old process's F.
+///
+/// The one that covers the most is taken, `me` when none covers more (Ok(None)). Nothing
+/// acknowledged later can be missing from it: a write under a newer map reached `me` too
+/// (a clean holder up to the loss), and a flush acknowledged after it would have recorded a
+/// newer F for `me`; a write not flushed is kept by whoever still runs with it (a holder up
+/// since before the loss, whose writes since are copied next; the others are candidates).
+/// Among candidates that cover as much, the one up in the lowest slot (it holds every
+/// volume of the PG). When the best are down the revival waits for one (also one being
+/// drained: its copy is still the best); the error says what it waits for.
+pub fn revival_source(
+    map: &ClusterMap,
+    pg: u32,
+    me: &str,
+    flushed: impl Fn(&str, u64) -> u64,
+) -> Result<Option<String>, String> {
+    let Some(lost) = map.last_clean.get(&pg) else {
+        return Ok(None);
+    };
+    let mine = map
+        .lost_incarnation(pg, me)
+        .map_or(0, |inc| flushed(me, inc));
+    let holders = lost.holders.iter().map(|(n, inc)| (n, *inc, lost.epoch));
+    let demoted = map
+        .demoted
+        .get(&pg)
+        .into_iter()
+        .flatten()
+        .map(|d| (&d.node, d.incarnation, d.epoch));
+    // Most covered first, then up, then the lowest slot.
+    type Rank = (u64, bool, std::cmp::Reverse<usize>);
+    let mut best: Option<(Rank, &String)> = None;
+    for (node, inc, epoch) in holders.chain(demoted) {
+        let Some(n) = map.nodes.get(node) else {
+            continue;
+        };
+        if node == me {
+            continue;
+        }
+        let covers = if n.info.incarnation == inc {
+            epoch
+        } else {
+            epoch.min(flushed(node, inc))
+        };
+        let slot = map.slot_of(pg, node).unwrap_or(usize::MAX);
+        let key = (covers, n.up, std::cmp::Reverse(slot));
+        if covers > mine && best.is_none_or(|(b, _)| key > b) {
+            best = Some((key, node));
+        }
+    }
+    match best {
+        None => Ok(None),
+        Some(((_, true, _), node)) => Ok(Some(node.clone())),
+        Some((_, node)) => Err(format!(
+            "PG {pg} waits for {node} (down), which may hold acknowledged writes this node lost in its restart"
+        )),
+    }
 }
 
 /// A block listing asked under map `asked` is answered once this node has that map and no
@@ -475,6 +602,32 @@ mod tests {
             incarnation: inc,
         };
         (name.to_string(), info)
+    }
+
+    #[test]
+    fn dirty_blocks_are_void_after_a_break_but_not_when_the_map_first_knows_a_restart() {
+        let mut d = DirtyEpochs::default();
+        // Restarted before the leader noticed: the map names the old process (up since 3).
+        assert!(!d.observe(false, 3));
+        // The leader notices (up since 7): every write since the start reached it.
+        assert!(!d.observe(true, 7));
+        assert_eq!(d.valid_from, 0);
+        assert!(!d.observe(true, 7));
+        // Down and back in the map: writes before 9 may have been missed.
+        assert!(d.observe(true, 9));
+        assert_eq!(d.valid_from, 9);
+        assert!(!d.observe(true, 9));
+    }
+
+    #[test]
+    fn a_restarted_process_is_not_clean_until_the_map_knows_it() {
+        let mut m = ClusterMap::new(3);
+        m.reconcile(&[node("x", 1)].into_iter().collect());
+        assert!(replica_is_clean(&m, m.epoch, 0, "x", 1, false));
+        assert!(!keep_dirty(&m, 0, "x", 1, false));
+        // Incarnation 2 runs while the map still names 1: its writes are remembered.
+        assert!(!replica_is_clean(&m, m.epoch, 0, "x", 2, false));
+        assert!(keep_dirty(&m, 0, "x", 2, false));
     }
 
     #[test]

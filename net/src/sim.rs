@@ -91,7 +91,7 @@ impl SimConfig {
 }
 
 /// Faults injected, by kind.
-pub const FAULT_KINDS: [&str; 10] = [
+pub const FAULT_KINDS: [&str; 11] = [
     "kill",
     "power-loss",
     "isolate",
@@ -101,6 +101,7 @@ pub const FAULT_KINDS: [&str; 10] = [
     "delay",
     "writer-move",
     "drain",
+    "cascade",
     "duplicates",
 ];
 
@@ -110,7 +111,7 @@ pub struct SimReport {
     pub sim_seconds: u64,
     pub events: u64,
     pub messages: u64,
-    pub faults: [u64; 10],
+    pub faults: [u64; 11],
     pub writes_acked: u64,
     pub reads_checked: u64,
     pub flushes_acked: u64,
@@ -120,6 +121,12 @@ pub struct SimReport {
     pub catch_up_rounds: u64,
     /// Rounds reviving PGs lost with every clean holder.
     pub revivals: u64,
+    /// Of those, revivals that copied whole PGs from a clean holder demoted while it ran
+    /// (`map::Demoted`), and revivals that waited for one to come back.
+    pub revivals_whole: u64,
+    pub revivals_waited: u64,
+    /// Flushes whose map epoch was recorded (the first after each new map a node sees).
+    pub flush_records: u64,
     /// Nodes the leader marked out after being down `DOWN_OUT`.
     pub marked_out: u64,
     pub map_epochs: u64,
@@ -147,6 +154,9 @@ impl SimReport {
         self.blocks_copied += o.blocks_copied;
         self.catch_up_rounds += o.catch_up_rounds;
         self.revivals += o.revivals;
+        self.revivals_whole += o.revivals_whole;
+        self.revivals_waited += o.revivals_waited;
+        self.flush_records += o.flush_records;
         self.marked_out += o.marked_out;
         self.map_epochs += o.map_epochs;
         self.blocks_verified += o.blocks_verified;
@@ -357,8 +367,14 @@ struct Round {
     waiting: usize,
     failed: bool,
     unmap: Vec<u64>,
-    /// A revival of lost PGs (`map::LostPg`): the sources still to copy from after `source`.
+    /// A revival of lost PGs (`map::LostPg`): the sources still to copy dirty blocks from
+    /// after `source`.
     revive: Option<Vec<usize>>,
+    /// A revival's sources to copy whole PGs from first (`replication::revival_source`),
+    /// with those PGs and this node's slots in them.
+    full: Vec<(usize, Vec<(u32, usize)>)>,
+    /// The PGs the listing being answered is about.
+    listing: Vec<(u32, usize)>,
 }
 
 struct Pending {
@@ -380,13 +396,19 @@ struct Node {
     store: Store,
     inflight: BTreeMap<u64, usize>,
     dirty: BTreeMap<u32, BTreeMap<u64, u64>>,
-    up_since: u64,
+    /// Since when its dirty blocks are valid (`replication::DirtyEpochs`).
+    dirty_epochs: replication::DirtyEpochs,
     recovering: BTreeSet<u32>,
     /// PGs whose blocks this node freed after they moved away (`Cluster::let_go`).
     let_go: BTreeSet<u32>,
     /// A `let_go` between its listing and its freeing (the recovery loop waits for it).
     freeing: bool,
     round: Option<Round>,
+    /// By incarnation, the newest map epoch that process's flushes are recorded at (in etcd:
+    /// it outlives the process; `replication::revival_source`), and the newest map epoch this
+    /// process has seen, installed or in a write it applied.
+    flushed: BTreeMap<u64, u64>,
+    seen: u64,
     pending: BTreeMap<u64, Pending>,
     coords: HashMap<u64, Coord>,
     flushes: HashMap<u64, FlushAll>,
@@ -439,6 +461,15 @@ enum Event {
     Client,
     Nemesis,
     Restart(usize),
+    /// A cascade (fault `cascade`): once the map marks `cut` down, `victim` dies within
+    /// `window`, and comes back after `hold`.
+    Cascade {
+        cut: usize,
+        victim: usize,
+        window: u64,
+        hold: u64,
+    },
+    Crash(usize),
 }
 
 /// The fault in force (at most one).
@@ -557,11 +588,13 @@ impl Sim {
                 store: Store::default(),
                 inflight: BTreeMap::new(),
                 dirty: BTreeMap::new(),
-                up_since: 0,
+                dirty_epochs: replication::DirtyEpochs::default(),
                 recovering: BTreeSet::new(),
                 let_go: BTreeSet::new(),
                 freeing: false,
                 round: None,
+                flushed: BTreeMap::new(),
+                seen: 0,
                 pending: BTreeMap::new(),
                 coords: HashMap::new(),
                 flushes: HashMap::new(),
@@ -711,7 +744,7 @@ impl Sim {
         if self.fault == Fault::Resets && self.rng.chance(0.02) {
             // The request arrives but the connection dies before its answer: sent again.
             if matches!(msg, Msg::Reply { .. }) {
-                self.report.faults[9] += 1;
+                self.report.faults[10] += 1;
             }
             return self.reset(r.client, r.server);
         }
@@ -812,9 +845,22 @@ impl Sim {
         );
     }
 
+    /// Cluster::flush_local: the store's flush, then, if this process has seen a newer map
+    /// since its last recorded flush, the record of that epoch in etcd before the flush is
+    /// answered (`replication::revival_source`).
     fn local_flush(&mut self, i: usize, cont: Cont) {
         if !self.cfg.canary {
             self.nodes[i].store.flush();
+        }
+        let n = &self.nodes[i];
+        let seen = n.seen;
+        if n.flushed.get(&n.inc).is_none_or(|&f| f < seen) {
+            if !self.reaches_etcd(i) {
+                return self.local(i, cont, answer(status::RETRY));
+            }
+            let n = &mut self.nodes[i];
+            n.flushed.insert(n.inc, seen);
+            self.report.flush_records += 1;
         }
         self.local(i, cont, answer(status::OK));
     }
@@ -1081,6 +1127,7 @@ impl Sim {
                     epoch,
                     pg,
                     &n.name,
+                    n.inc,
                     n.recovering.contains(&pg),
                 );
                 if !clean {
@@ -1090,6 +1137,7 @@ impl Sim {
                     }
                     n.dirty.entry(pg).or_default().insert(block, epoch);
                 }
+                n.seen = n.seen.max(epoch);
                 self.local_write(i, block, Some(version), Cont::ReplicaApply(r, epoch));
             }
             Body::CWrite {
@@ -1101,11 +1149,8 @@ impl Sim {
                 if epoch < map_epoch {
                     return self.respond(r, answer(status::RETRY));
                 }
-                let n = &mut self.nodes[i];
-                if let Err(s) =
-                    replication::admit_write(map_epoch, epoch, &mut n.fence, VOLUME, None, writer)
-                {
-                    return self.respond(r, answer(s));
+                if !self.nodes[i].fence.admit(VOLUME, writer) {
+                    return self.respond(r, answer(status::FENCED));
                 }
                 let req = Req {
                     origin: Origin::Peer(r),
@@ -1172,7 +1217,7 @@ impl Sim {
             .get(&pg)
             .into_iter()
             .flatten()
-            .filter(|(_, epoch)| **epoch >= n.up_since)
+            .filter(|(_, epoch)| **epoch >= n.dirty_epochs.valid_from)
             .map(|(b, _)| *b)
             .collect()
     }
@@ -1221,6 +1266,7 @@ impl Sim {
             if replication::lost_a_node(&self.nodes[i].map, &map) {
                 self.local_flush(i, Cont::Nothing);
             }
+            self.nodes[i].seen = self.nodes[i].seen.max(map.epoch);
             self.nodes[i].map = map;
             // A PG held here again is freed again when it moves away later.
             let n = &mut self.nodes[i];
@@ -1234,15 +1280,17 @@ impl Sim {
             }
         }
         let n = &mut self.nodes[i];
-        let up_since = n.map.nodes.get(&n.name).map_or(0, |m| m.up_since);
-        if replication::dirty_void(&mut n.up_since, up_since) {
+        let entry = n.map.nodes.get(&n.name);
+        let names_me = entry.is_some_and(|m| m.info.incarnation == n.inc);
+        let up_since = entry.map_or(0, |m| m.up_since);
+        if n.dirty_epochs.observe(names_me, up_since) {
             for set in n.dirty.values_mut() {
                 set.retain(|_, epoch| *epoch >= up_since);
             }
         }
-        let (map, name, recovering) = (&n.map, &n.name, &n.recovering);
+        let (map, name, inc, recovering) = (&n.map, &n.name, n.inc, &n.recovering);
         n.dirty
-            .retain(|pg, _| replication::keep_dirty(map, *pg, name, recovering.contains(pg)));
+            .retain(|pg, _| replication::keep_dirty(map, *pg, name, inc, recovering.contains(pg)));
     }
 
     fn leader(&mut self) {
@@ -1378,6 +1426,7 @@ impl Sim {
         }
         let set: BTreeSet<u32> = pgs.iter().map(|p| p.0).collect();
         let epoch = map.epoch;
+        let pgs_listed = pgs.clone();
         n.round = Some(Round {
             id,
             source: s,
@@ -1387,6 +1436,8 @@ impl Sim {
             failed: false,
             unmap: Vec::new(),
             revive: None,
+            full: Vec::new(),
+            listing: pgs_listed,
         });
         self.report.catch_up_rounds += 1;
         self.request(i, s, Body::List { pgs: set, epoch }, Cont::List(id));
@@ -1396,6 +1447,37 @@ impl Sim {
     /// them revived.
     fn revive(&mut self, i: usize, reviving: Vec<(u32, Vec<String>)>) {
         let map = self.nodes[i].map.clone();
+        let me = self.nodes[i].name.clone();
+        let mut full: BTreeMap<usize, Vec<(u32, usize)>> = BTreeMap::new();
+        let nodes = &self.nodes;
+        let flushed = |name: &str, inc: u64| {
+            nodes
+                .iter()
+                .find(|n| n.name == name)
+                .and_then(|n| n.flushed.get(&inc).copied())
+                .unwrap_or(0)
+        };
+        let sources: Vec<(u32, Result<Option<String>, String>)> = reviving
+            .iter()
+            .map(|(pg, _)| (*pg, replication::revival_source(&map, *pg, &me, flushed)))
+            .collect();
+        for (pg, source) in sources {
+            match source {
+                Ok(None) => {}
+                Ok(Some(z)) => {
+                    let Some(k) = self.node_index(&z) else {
+                        continue;
+                    };
+                    let slot = map.slot_of(pg, &me).unwrap_or(0);
+                    full.entry(k).or_default().push((pg, slot));
+                }
+                Err(why) => {
+                    self.trace(None, || format!("n{i} revival waits: {why}"));
+                    self.report.revivals_waited += 1;
+                    return;
+                }
+            }
+        }
         let mut sources: Vec<usize> = reviving
             .iter()
             .flat_map(|(_, from)| from.iter())
@@ -1407,10 +1489,12 @@ impl Sim {
         let id = self.nodes[i].next;
         self.nodes[i].next += 1;
         let pgs: Vec<(u32, usize)> = reviving.iter().map(|(pg, _)| (*pg, 0)).collect();
+        let full: Vec<(usize, Vec<(u32, usize)>)> = full.into_iter().collect();
         self.trace(None, || {
-            format!("n{i} revives PGs {pgs:?} from {sources:?}")
+            format!("n{i} revives PGs {pgs:?} from {sources:?}, whole PGs from {full:?}")
         });
         self.report.revivals += 1;
+        self.report.revivals_whole += u64::from(!full.is_empty());
         self.nodes[i].round = Some(Round {
             id,
             source: i,
@@ -1420,12 +1504,21 @@ impl Sim {
             failed: false,
             unmap: Vec::new(),
             revive: Some(sources),
+            full,
+            listing: Vec::new(),
         });
         self.revive_next(i, id);
     }
 
     fn revive_next(&mut self, i: usize, id: u64) {
         let round = self.nodes[i].round.as_mut().expect("a round");
+        if let Some((source, pgs)) = round.full.pop() {
+            round.source = source;
+            let set: BTreeSet<u32> = pgs.iter().map(|p| p.0).collect();
+            round.listing = pgs;
+            let epoch = round.map.epoch;
+            return self.request(i, source, Body::List { pgs: set, epoch }, Cont::List(id));
+        }
         let Some(source) = round.revive.as_mut().and_then(|s| s.pop()) else {
             return self.round_unmap(i);
         };
@@ -1479,11 +1572,11 @@ impl Sim {
             return self.round_end(i);
         }
         let round = self.nodes[i].round.as_ref().expect("checked");
-        let set: BTreeSet<u32> = round.pgs.iter().map(|p| p.0).collect();
+        let set: BTreeSet<u32> = round.listing.iter().map(|p| p.0).collect();
         let wanted = Wanted::new(
             &round.map,
             &self.nodes[round.source].name,
-            &round.pgs,
+            &round.listing,
             HashMap::from([(VOLUME, REPLICAS)]),
         );
         let local = self.nodes[i].store.list(&set);
@@ -1500,7 +1593,7 @@ impl Sim {
         round.unmap = unmap.into_iter().map(|(_, b)| b).collect();
         round.waiting = runs.len();
         if runs.is_empty() {
-            return self.round_unmap(i);
+            return self.round_copied_all(i, id);
         }
         for (_, block, n) in runs {
             let body = Body::Read {
@@ -1548,13 +1641,29 @@ impl Sim {
         if round.failed {
             return self.round_end(i);
         }
-        if round.revive.is_some() {
+        self.round_copied_all(i, id);
+    }
+
+    /// A catch-up round unmaps and flushes; a revival unmaps what the whole-PG source lacked
+    /// (before copying dirty blocks from the others) and goes on.
+    fn round_copied_all(&mut self, i: usize, id: u64) {
+        if self.nodes[i]
+            .round
+            .as_ref()
+            .is_some_and(|r| r.revive.is_some())
+        {
+            self.unmap_listed(i);
             return self.revive_next(i, id);
         }
         self.round_unmap(i);
     }
 
     fn round_unmap(&mut self, i: usize) {
+        let id = self.unmap_listed(i);
+        self.local_flush(i, Cont::RoundFlush(id));
+    }
+
+    fn unmap_listed(&mut self, i: usize) -> u64 {
         let round = self.nodes[i].round.as_mut().expect("a round");
         let id = round.id;
         for b in std::mem::take(&mut round.unmap) {
@@ -1568,7 +1677,7 @@ impl Sim {
                 self.nodes[i].store.put(b, None);
             }
         }
-        self.local_flush(i, Cont::RoundFlush(id));
+        id
     }
 
     fn round_flushed(&mut self, i: usize, id: u64, a: Answer) {
@@ -1787,6 +1896,7 @@ impl Sim {
         n.coords.clear();
         n.flushes.clear();
         n.round = None;
+        n.seen = 0;
         n.recovering.clear();
         n.dirty.clear();
         n.inflight.clear();
@@ -1807,6 +1917,10 @@ impl Sim {
     }
 
     fn restart(&mut self, i: usize) {
+        if self.nodes[i].alive {
+            // A process still running (drained out of the map) is stopped first.
+            self.crash(i);
+        }
         self.trace(None, || format!("n{i} restarts"));
         let n = &mut self.nodes[i];
         n.alive = true;
@@ -1815,7 +1929,7 @@ impl Sim {
         n.fence.admit(VOLUME, self.etcd.fence);
         n.writer = 0;
         n.map = small_map();
-        n.up_since = 0;
+        n.dirty_epochs = replication::DirtyEpochs::default();
         n.let_go.clear();
         n.freeing = false;
         n.lease_ok = self.now;
@@ -1843,8 +1957,12 @@ impl Sim {
         let n = self.nodes.len();
         let a = self.rng.below(n as u64) as usize;
         let b = (a + 1 + self.rng.below(n as u64 - 1) as usize) % n;
-        let kind = self.rng.below(9) as usize;
-        let hold = self.rng.range(500 * MS, 8 * SEC);
+        let kind = self.rng.below(10) as usize;
+        let hold = if kind == 9 {
+            self.rng.range(4 * SEC, 10 * SEC)
+        } else {
+            self.rng.range(500 * MS, 8 * SEC)
+        };
         self.report.faults[kind] += 1;
         self.trace(None, || {
             format!(
@@ -1874,7 +1992,22 @@ impl Sim {
             5 => self.fault = Fault::Resets,
             6 => self.fault = Fault::Delay(a),
             7 => self.detach(),
-            _ => self.drain(a),
+            8 => self.drain(a),
+            _ => {
+                // A node cut off long enough to be marked down, and another killed soon after
+                // that map (before it flushed and recorded it, or just after): the restarted
+                // one may lack writes only the cut-off one has (`map::Demoted`).
+                self.fault = Fault::Isolated(a);
+                let window = self.rng.range(50 * MS, 600 * MS);
+                let down = self.rng.range(500 * MS, 6 * SEC);
+                let e = Event::Cascade {
+                    cut: a,
+                    victim: b,
+                    window,
+                    hold: down,
+                };
+                self.at(LEASE_TTL, e);
+            }
         }
         self.fault_until = self.now + hold;
         let quiet = self.rng.range(200 * MS, 4 * SEC);
@@ -2029,6 +2162,33 @@ impl Sim {
             Event::Restart(i) => {
                 if !self.nodes[i].alive {
                     self.restart(i);
+                }
+            }
+            Event::Cascade {
+                cut,
+                victim,
+                window,
+                hold,
+            } => {
+                if self.etcd.map.up(&self.nodes[cut].name) {
+                    if self.fault == Fault::Isolated(cut) {
+                        let e = Event::Cascade {
+                            cut,
+                            victim,
+                            window,
+                            hold,
+                        };
+                        self.at(20 * MS, e);
+                    }
+                } else {
+                    let d = self.rng.range(0, window);
+                    self.at(d, Event::Crash(victim));
+                    self.at(d + hold, Event::Restart(victim));
+                }
+            }
+            Event::Crash(i) => {
+                if self.nodes[i].alive {
+                    self.crash(i);
                 }
             }
         }

@@ -34,6 +34,7 @@ fn check(r: &SimReport, seeds: u64) {
     );
     assert!(r.catch_up_rounds > 500 && r.blocks_copied > 1000, "{r:?}");
     assert!(r.revivals > 0, "no PG was ever lost and revived: {r:?}");
+    assert!(r.flush_records > 0, "no flush epoch was recorded: {r:?}");
     assert!(r.blocks_verified >= seeds * 64 * 3, "{r:?}");
 }
 
@@ -78,6 +79,26 @@ fn the_canary_that_acknowledges_flushes_without_syncing_is_caught() {
         first.contains("--example cluster_sim -- --seed") && first.contains("--canary"),
         "a failure names the command that replays it: {first}"
     );
+}
+
+#[test]
+fn a_restarted_last_clean_holder_copies_what_a_holder_cut_off_before_the_loss_has() {
+    // Seeds 2375 (four nodes) and 4884 (three): a node is cut off and marked down, and the
+    // last clean holder is killed before it flushed what the cut-off one still holds; the
+    // restarted holder's revival copies the whole PGs from the holder that covers the most
+    // (`replication::revival_source`). Reviving from its own disk instead, as before, loses
+    // acknowledged writes (both seeds fail with `revival_source` answering `Ok(None)`).
+    for seed in [2375, 4884] {
+        let r = run(SimConfig {
+            seed,
+            seconds: 30,
+            nodes: 3 + (seed % 2) as usize,
+            faults: true,
+            canary: false,
+        })
+        .unwrap_or_else(|f| panic!("{f}"));
+        assert!(r.revivals_whole > 0, "seed {seed}: {r:?}");
+    }
 }
 
 #[test]

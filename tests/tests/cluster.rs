@@ -278,7 +278,10 @@ fn a_new_leader_goes_on_counting_how_long_a_node_has_been_down() {
         if says.contains(&line) {
             break says;
         }
-        assert!(down.elapsed() < Duration::from_secs(6), "never marked down: {says}");
+        assert!(
+            down.elapsed() < Duration::from_secs(6),
+            "never marked down: {says}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(says.contains("marked out in "), "{says}");
