@@ -5,25 +5,29 @@
 //!     cargo run --release -p torus-net --example cluster_sim -- --seed 1234 --seconds 60 --nodes 4
 //!     cargo run --release -p torus-net --example cluster_sim -- --seeds 50 --canary   # must fail
 //!
-//! Seeds run on every CPU; the first failure prints its replay command and the run exits 1.
+//! Seeds run on every CPU; the first failure prints its replay command and the run exits 1
+//! (with `--keep-going`, every failure is printed, the others still run, and the failing seeds
+//! are listed at the end).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use torus_net::sim::{self, SimConfig, SimReport};
 
-const USAGE: &str = "usage: cluster_sim [--seed N | --seeds COUNT [--first N]] [--seconds S] [--nodes 3|4] [--no-faults] [--canary]
+const USAGE: &str = "usage: cluster_sim [--seed N | --seeds COUNT [--first N]] [--seconds S] [--nodes 3|4] [--no-faults] [--canary] [--keep-going]
 
   --seed N       run one seed (replay a failure)
   --seeds COUNT  run COUNT seeds from --first (default 0), on every CPU
   --seconds S    simulated seconds of load and faults per seed (default 30), then healing
   --nodes N      3 or 4 nodes (default: 3 for even seeds, 4 for odd ones)
   --no-faults    load only
+  --keep-going   run every seed even after a failure; list the failing seeds at the end
   --canary       nodes acknowledge flushes without making anything durable: must fail";
 
 fn main() {
     let mut args = std::env::args().skip(1);
     let (mut first, mut count, mut seconds, mut nodes, mut faults, mut canary) =
         (0u64, 100u64, 30u64, 0usize, true, false);
+    let mut keep_going = false;
     let number = |v: Option<String>, name: &str| -> u64 {
         v.and_then(|s| s.parse().ok()).unwrap_or_else(|| {
             eprintln!("cluster_sim: {name} needs a number\n{USAGE}");
@@ -48,6 +52,7 @@ fn main() {
             }
             "--no-faults" => faults = false,
             "--canary" => canary = true,
+            "--keep-going" => keep_going = true,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return;
@@ -61,6 +66,7 @@ fn main() {
     let started = std::time::Instant::now();
     let next = AtomicU64::new(first);
     let failed = AtomicBool::new(false);
+    let failing = Mutex::new(Vec::new());
     let total = Mutex::new(SimReport::default());
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -85,6 +91,10 @@ fn main() {
                 };
                 match sim::run(cfg) {
                     Ok(r) => total.lock().unwrap().add(&r),
+                    Err(f) if keep_going => {
+                        println!("FAIL {f}");
+                        failing.lock().unwrap().push(seed);
+                    }
                     Err(f) => {
                         if !failed.swap(true, Ordering::Relaxed) {
                             println!("FAIL {f}");
@@ -96,7 +106,12 @@ fn main() {
     });
     let r = total.into_inner().unwrap();
     print_report(&r, started.elapsed());
-    let failed = failed.load(Ordering::Relaxed);
+    let mut failing = failing.into_inner().unwrap();
+    failing.sort_unstable();
+    if keep_going {
+        println!("failing seeds: {} {failing:?}", failing.len());
+    }
+    let failed = failed.load(Ordering::Relaxed) || !failing.is_empty();
     if canary {
         if failed {
             println!("canary: caught, as it must be");

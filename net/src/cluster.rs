@@ -1578,6 +1578,7 @@ impl Cluster {
                 // etcd answers but our key is gone: the lease expired while we were cut off,
                 // and the others took us out. Register again; we come back stale and catch up.
                 eprintln!("torusd: our lease expired; registering again (stale until caught up)");
+                self.dirty_epochs.lock().lease_lost();
                 if let Ok(l) = self.etcd.lease_grant(self.cfg.lease_ttl).await {
                     let key = format!("nodes/{}", self.me);
                     let info = serde_json::to_vec(&self.info).expect("json");

@@ -274,7 +274,8 @@ impl DirtyEpochs {
     /// `up_since` is then no longer known to be newer than its source's copy and must be
     /// forgotten; one written under `up_since` or later stays (every later write reached
     /// it). The first map that knows a restarted process is no break: it received every
-    /// write since it started, also those sent under its predecessor's entry.
+    /// write since it started, also those sent under its predecessor's entry — unless its
+    /// lease expired meanwhile (`lease_lost`).
     pub fn observe(&mut self, names_me: bool, up_since: u64) -> bool {
         if !names_me {
             return false;
@@ -285,6 +286,12 @@ impl DirtyEpochs {
         }
         self.seen = Some(self.seen.map_or(up_since, |s| s.max(up_since)));
         void
+    }
+
+    /// This process's lease expired (it was cut off and taken out of the map): the next map
+    /// that knows it voids what it remembered before.
+    pub fn lease_lost(&mut self) {
+        self.seen = Some(0);
     }
 }
 
@@ -617,6 +624,12 @@ mod tests {
         assert!(d.observe(true, 9));
         assert_eq!(d.valid_from, 9);
         assert!(!d.observe(true, 9));
+        // Restarted, and cut off before the map knew it (seed 37141): its lease expired.
+        let mut d = DirtyEpochs::default();
+        assert!(!d.observe(false, 3));
+        d.lease_lost();
+        assert!(d.observe(true, 12));
+        assert_eq!(d.valid_from, 12);
     }
 
     #[test]

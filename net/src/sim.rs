@@ -2097,6 +2097,7 @@ impl Sim {
                             // again on a new one (same incarnation; the map marked it stale).
                             self.etcd.revision += 1;
                             self.nodes[i].lease = self.etcd.revision;
+                            self.nodes[i].dirty_epochs.lease_lost();
                         }
                         let lease = self.nodes[i].lease;
                         self.etcd
