@@ -601,9 +601,12 @@ impl Cluster {
         let core = pg % n.info.cores.max(1);
         let mut links = self.links.lock();
         if let Some(l) = links.get(node).and_then(|by_core| by_core.get(&core)) {
-            if !l.dead() {
+            if !l.dead() && l.addr() == n.info.peer_addr {
                 return Some(l.clone());
             }
+            // The node came back listening elsewhere (restarted with another --peer-listen):
+            // its old link would go on dialing the old address.
+            l.close();
         }
         let l = Arc::new(Link::open(
             &self.rt,

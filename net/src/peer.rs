@@ -181,6 +181,11 @@ impl Link {
         self.0.closed.load(Ordering::Acquire)
     }
 
+    /// The address this link connects to.
+    pub fn addr(&self) -> &str {
+        &self.0.addr
+    }
+
     /// Queues a request. On a core it leaves through that core's connection (no thread is
     /// woken); elsewhere through the core with the peer core's index.
     pub fn send(&self, o: Outgoing) {

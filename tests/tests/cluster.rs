@@ -1080,3 +1080,33 @@ fn a_lost_placement_group_comes_back_with_what_the_catching_up_node_wrote() {
     fio(&a.uri("vol"), "128M", "32M", &["--verify_only=1"]);
     drop(c);
 }
+
+#[test]
+fn a_node_restarted_on_another_peer_port_is_reached_again() {
+    // c is killed and started again at once (within its lease) listening on a fresh peer
+    // port. Before the fix the others kept dialing its old port: every write to its PGs was
+    // retried for 30 s and answered EIO.
+    let etcd = Etcd::start();
+    let dirs: Vec<TempDir> = ["a", "b", "c"].iter().map(|n| TempDir::new(n)).collect();
+    let node = |i: usize, name: &str| {
+        cluster_node_with(dirs[i].path(), &etcd.url, name, 1, "127.0.0.1", &[], &[])
+    };
+    let a = node(0, "a");
+    let _b = node(1, "b");
+    let mut c = node(2, "c");
+    wait_clean(&a, Duration::from_secs(60));
+    a.torusctl_ok(&["volume", "create", "vol", "64M", "--replicas", "3"]);
+    fio(&a.uri("vol"), "0", "8M", &["--end_fsync=1"]);
+    c.kill9();
+    let _c = node(2, "c");
+    let t = Instant::now();
+    fio(&a.uri("vol"), "8M", "8M", &["--end_fsync=1"]);
+    let took = t.elapsed();
+    eprintln!("8 MiB written through a {took:?} after c came back on another port");
+    assert!(
+        took < Duration::from_secs(20),
+        "writes stalled for {took:?}"
+    );
+    wait_clean(&a, Duration::from_secs(60));
+    fio(&a.uri("vol"), "0", "16M", &["--verify_only=1"]);
+}
