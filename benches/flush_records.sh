@@ -16,7 +16,7 @@ for i in 1 2 3; do
 done
 until ctl "$A1" status > /dev/null 2>&1; do sleep 1; done
 ctl "$A1" volume create bench 1G --replicas 3 > /dev/null
-records() {  # -> total etcd writes of every flush record, and the map epoch
+records() {  # -> etcd writes of every flush record so far (the sum of the keys' versions)
   local b64 end
   b64=$(printf '/torus/flushed/' | base64 -w0)
   end=$(printf '/torus/flushed0' | base64 -w0)

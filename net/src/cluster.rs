@@ -148,10 +148,11 @@ pub struct Cluster {
     /// Writes held back while a snapshot of their volume is taken.
     pause: Mutex<Pause>,
     /// The newest map epoch this process has seen (installed, or in a write it applied), and
-    /// the newest one a flush of it is recorded at in etcd (`flush_local`). The record (under
-    /// `flushed_key`) keeps earlier processes' too: a revival asks what the process that was
-    /// the clean holder recorded (`replication::revival_source`). Records are made one at a
-    /// time (`record_lock`).
+    /// the newest one a flush of it is recorded at in etcd (`flush_local`; its entry in
+    /// `flushed_record`, kept apart as an atomic for the check every flush makes). The record
+    /// (under `flushed_key`) keeps earlier processes' too: a revival asks what the process
+    /// that was the clean holder recorded (`replication::revival_source`). Records are made
+    /// one at a time (`record_lock`).
     seen_epoch: AtomicU64,
     flushed_epoch: AtomicU64,
     flushed_key: String,
@@ -198,7 +199,6 @@ impl CompletionSink for FnSink {
     }
 }
 
-/// Flushes every core of a node; `done` gets the worst status.
 /// The cluster of this process, for flushes started where it is not at hand (a peer's
 /// connection closing, peer.rs): they are recorded too (`Cluster::flush_local`).
 static FLUSH_RECORDER: Mutex<Option<std::sync::Weak<Cluster>>> = Mutex::new(None);
@@ -212,6 +212,7 @@ pub(crate) fn flush_recorded(shared: &Shared) {
     }
 }
 
+/// Flushes every core of a node; `done` gets the worst status.
 pub(crate) fn flush_cores(shared: &Shared, done: Box<dyn FnOnce(u16) + Send>) {
     let cores = shared.mailboxes.len();
     let state = Arc::new(Mutex::new((Tally::new(cores), Some(done))));
@@ -450,7 +451,6 @@ impl Cluster {
                 why: format!("not a list of (incarnation, map epoch): {e}"),
             })?,
         };
-
         if map.pg_count != shared.geometry.pg_count {
             return Err(EtcdError::Corrupt {
                 key: "map".into(),
@@ -1088,7 +1088,6 @@ impl Cluster {
         });
     }
 
-    /// Flushes every core of this node; `done` gets the worst status.
     /// Flushes every core, then, if this process has seen a newer map since its last recorded
     /// flush, records that epoch in etcd before answering (RETRY when it cannot): a revival
     /// compares these records to find the disk with the most (`replication::revival_source`).
@@ -1659,9 +1658,8 @@ impl Cluster {
         // a block it holds is not newer than its source's just because it was written here).
         let map = self.map();
         let recovering = self.recovering.lock().clone();
-        let entry = map.nodes.get(&self.me);
-        let names_me = entry.is_some_and(|n| n.info.incarnation == self.incarnation);
-        let up_since = entry.map_or(0, |n| n.up_since);
+        let names_me = replication::names_me(&map, &self.me, self.incarnation);
+        let up_since = map.nodes.get(&self.me).map_or(0, |n| n.up_since);
         let mut dirty = self.dirty.lock();
         if self.dirty_epochs.lock().observe(names_me, up_since) {
             for set in dirty.values_mut() {

@@ -92,21 +92,19 @@ pub struct ClusterMap {
     /// all went down at once (a power loss of the whole cluster) would stay down for good.
     #[serde(default)]
     pub last_clean: BTreeMap<u32, LostPg>,
-    /// Clean holders that went down, by PG, while that process runs and holds its (now stale)
+    /// By PG, the clean holders that went down or restarted, while they hold its (now stale)
     /// slot (see `Demoted`).
     #[serde(default)]
     pub demoted: BTreeMap<u32, Vec<Demoted>>,
 }
 
-/// A clean holder the map marked stale because it went down (cut off or dead), under map
-/// `epoch`. If it is the same process when it comes back, it still has every write
-/// acknowledged before `epoch`: each went to it; restarted, so does its disk if that process
-/// recorded a flush under `epoch` or later. The holders that stayed clean flush when they
-/// install a map that demotes someone, and acknowledge no write before that flush is done and
-/// recorded in etcd, by process; so a last clean holder whose process never recorded a flush
-/// at `epoch` or later acknowledged nothing since, and this holder has every acknowledged
-/// write of the PG — more than that holder's disk after a restart if it lost unflushed
-/// writes. The revival copies the whole PG from it (`replication::revival_source`).
+/// A clean holder the map marked stale under map `epoch` because it went down (cut off or
+/// dead) or restarted; `incarnation` is the process that was clean. If that process is still
+/// running when it comes back, it has every write acknowledged before `epoch` (each went to
+/// it); after a restart, its disk has them if that process recorded a flush under `epoch` or
+/// later (every flush records the newest map its process has seen). A restarted last clean
+/// holder of a lost PG compares what each candidate covers and copies the whole PG from the
+/// best one first (`replication::revival_source`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Demoted {
     pub node: String,
@@ -191,18 +189,6 @@ impl ClusterMap {
             last_clean: BTreeMap::new(),
             demoted: BTreeMap::new(),
         }
-    }
-
-    /// The newest epoch that demoted a clean holder still recorded (0: none). A node flushes
-    /// before it acknowledges writes under a map newer than its last recorded flush
-    /// (`Demoted`).
-    pub fn newest_demotion(&self) -> u64 {
-        self.demoted
-            .values()
-            .flatten()
-            .map(|d| d.epoch)
-            .max()
-            .unwrap_or(0)
     }
 
     /// Records `node` (incarnation `inc`) as demoted under `epoch` in every PG it holds a
@@ -865,11 +851,12 @@ mod tests {
 
     #[test]
     fn a_clean_holder_that_goes_down_is_recorded_until_it_is_clean_again_or_restarts() {
+        let newest = |m: &ClusterMap| m.demoted.values().flatten().map(|d| d.epoch).max();
         let mut m = clean_abc();
-        assert_eq!(m.newest_demotion(), 0);
+        assert_eq!(newest(&m), None);
         m.reconcile(&live(&[("a", 1), ("b", 1)]));
         let e = m.epoch;
-        assert_eq!(m.newest_demotion(), e);
+        assert_eq!(newest(&m), Some(e));
         assert_eq!(
             m.demoted.len(),
             PG_COUNT as usize,
@@ -894,7 +881,7 @@ mod tests {
         let all: Vec<u32> = (0..PG_COUNT).collect();
         m.mark_clean("c", 2, m.epoch, &all);
         assert!(m.demoted.is_empty(), "{:?}", m.demoted);
-        assert_eq!(m.newest_demotion(), 0);
+        assert_eq!(newest(&m), None);
     }
 
     #[test]

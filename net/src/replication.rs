@@ -190,7 +190,7 @@ pub fn admit_write(
 /// Whether `map` knows this process (`incarnation`): a process restarted before the leader
 /// noticed is named by its predecessor's entry, whose clean slots it does not hold (it may
 /// have lost unflushed writes).
-fn names_me(map: &ClusterMap, me: &str, incarnation: u64) -> bool {
+pub fn names_me(map: &ClusterMap, me: &str, incarnation: u64) -> bool {
     map.nodes
         .get(me)
         .is_some_and(|n| n.info.incarnation == incarnation)
@@ -297,8 +297,8 @@ impl DirtyEpochs {
 
 /// True when this process may answer another node's plain read or block listing of `pgs`
 /// (catch-up, scrub, a read repaired from a replica, a revival): the map knows this
-/// incarnation, up, as a clean holder of each, or as a clean holder demoted while it ran of a
-/// lost PG (`serves_revival`). A process that restarted and lost unflushed writes, before the
+/// incarnation, up, as a clean holder of each, or as a candidate source of a lost PG's
+/// revival (`serves_revival`). A process that restarted and lost unflushed writes, before the
 /// leader marked it stale, is not one, although the map still names its previous incarnation
 /// clean.
 pub fn serves_copies(
@@ -317,8 +317,8 @@ pub fn serves_copies(
 
 /// True when this node may answer the block listing and reads of `pg` that a restarted last
 /// clean holder reviving it asks for: the PG is lost, and the map records this node among its
-/// last clean holders or as a clean holder demoted while it ran (`map::Demoted`). The reviver decides whether what it has is
-/// worth copying (`revival_source`).
+/// last clean holders or as a demoted clean holder (`map::Demoted`). The reviver decides
+/// whether what it has is worth copying (`revival_source`).
 pub fn serves_revival(map: &ClusterMap, me: &str, pg: u32) -> bool {
     let Some(lost) = map.last_clean.get(&pg) else {
         return false;

@@ -121,8 +121,8 @@ pub struct SimReport {
     pub catch_up_rounds: u64,
     /// Rounds reviving PGs lost with every clean holder.
     pub revivals: u64,
-    /// Of those, revivals that copied whole PGs from a clean holder demoted while it ran
-    /// (`map::Demoted`), and revivals that waited for one to come back.
+    /// Of those, revivals that copied whole PGs from another holder's copy, which covers
+    /// more (`replication::revival_source`), and revivals that waited for one to come back.
     pub revivals_whole: u64,
     pub revivals_waited: u64,
     /// Flushes whose map epoch was recorded (the first after each new map a node sees).
@@ -1280,9 +1280,8 @@ impl Sim {
             }
         }
         let n = &mut self.nodes[i];
-        let entry = n.map.nodes.get(&n.name);
-        let names_me = entry.is_some_and(|m| m.info.incarnation == n.inc);
-        let up_since = entry.map_or(0, |m| m.up_since);
+        let names_me = replication::names_me(&n.map, &n.name, n.inc);
+        let up_since = n.map.nodes.get(&n.name).map_or(0, |m| m.up_since);
         if n.dirty_epochs.observe(names_me, up_since) {
             for set in n.dirty.values_mut() {
                 set.retain(|_, epoch| *epoch >= up_since);
@@ -1443,8 +1442,12 @@ impl Sim {
         self.request(i, s, Body::List { pgs: set, epoch }, Cont::List(id));
     }
 
-    /// Cluster::revive: copy each source's dirty blocks of the lost PGs, then flush and mark
-    /// them revived.
+    /// Cluster::revive: copy whole PGs from the copy that covers the most where that is not
+    /// this node's (`replication::revival_source`; it waits while that copy is down), then
+    /// each source's dirty blocks of the lost PGs, then flush and mark them revived. With
+    /// TORUS_SIM_REVIVE_OWN_DISK set, every revival starts from this node's own disk, as
+    /// before fix 14 (README, Reliability): the runs that then fail show what the choice is
+    /// for.
     fn revive(&mut self, i: usize, reviving: Vec<(u32, Vec<String>)>) {
         let map = self.nodes[i].map.clone();
         let me = self.nodes[i].name.clone();
@@ -1457,11 +1460,13 @@ impl Sim {
                 .and_then(|n| n.flushed.get(&inc).copied())
                 .unwrap_or(0)
         };
-        let sources: Vec<(u32, Result<Option<String>, String>)> = reviving
+        let own_disk = std::env::var_os("TORUS_SIM_REVIVE_OWN_DISK").is_some();
+        let choices: Vec<(u32, Result<Option<String>, String>)> = reviving
             .iter()
+            .filter(|_| !own_disk)
             .map(|(pg, _)| (*pg, replication::revival_source(&map, *pg, &me, flushed)))
             .collect();
-        for (pg, source) in sources {
+        for (pg, source) in choices {
             match source {
                 Ok(None) => {}
                 Ok(Some(z)) => {

@@ -87,7 +87,8 @@ fn a_restarted_last_clean_holder_copies_what_a_holder_cut_off_before_the_loss_ha
     // last clean holder is killed before it flushed what the cut-off one still holds; the
     // restarted holder's revival copies the whole PGs from the holder that covers the most
     // (`replication::revival_source`). Reviving from its own disk instead, as before, loses
-    // acknowledged writes (both seeds fail with `revival_source` answering `Ok(None)`).
+    // acknowledged writes: both seeds fail with TORUS_SIM_REVIVE_OWN_DISK=1
+    // (`cargo run --release -p torus-net --example cluster_sim -- --seed 2375`).
     for seed in [2375, 4884] {
         let r = run(SimConfig {
             seed,
