@@ -139,13 +139,15 @@ fn print_report(r: &SimReport, took: std::time::Duration) {
         r.writes_acked, r.flushes_acked, r.reads_checked, r.errors
     );
     println!(
-        "map epochs {}, catch-up rounds {}, revivals of PGs lost with every clean holder {} ({} copying whole PGs from another holder's copy that covers more; {} waits for one), flush epochs recorded {}, nodes marked out after {} s down {}, blocks copied {}, blocks freed after their PG moved away {}; after healing every PG clean within {:.1} s (max), {} block replicas compared with the model: all identical, and no node keeps a block of a PG it holds no slot of",
+        "map epochs {}, catch-up rounds {}, revivals of PGs lost with every clean holder {} ({} copying whole PGs from another holder's copy that covers more; {} waits for one), flush epochs recorded {} (and {} on a node's own disk while cut off past its lease, {} of them published by its next process), nodes marked out after {} s down {}, blocks copied {}, blocks freed after their PG moved away {}; after healing every PG clean within {:.1} s (max), {} block replicas compared with the model: all identical, and no node keeps a block of a PG it holds no slot of",
         r.map_epochs,
         r.catch_up_rounds,
         r.revivals,
         r.revivals_whole,
         r.revivals_waited,
         r.flush_records,
+        r.cut_records,
+        r.cut_records_published,
         torus_net::sim::DOWN_OUT_SECONDS,
         r.marked_out,
         r.blocks_copied,

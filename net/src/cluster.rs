@@ -15,14 +15,14 @@
 //! holding stale slots copies from each PG's primary only the blocks whose checksums differ.
 
 use crate::etcd::{Etcd, EtcdError};
-use crate::map::{ClusterMap, NodeInfo, PgHealth};
+use crate::map::{ClusterMap, GiveUp, NodeInfo, PgHealth};
 use crate::metadata::VolumeRecord;
 use crate::peer::{self, Handler, Link, Outgoing, Responder};
 use crate::replication::{self, worse, Fence, Route, Tally, Wanted, WritePlan};
 use crate::wire::{self, status, Data, Entry, Op};
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -68,6 +68,9 @@ pub struct ClusterConfig {
     /// A node down this long is marked out by the leader (its PGs get their replicas back on
     /// the other nodes); None: never.
     pub down_out_after: Option<Duration>,
+    /// Where this node keeps the record of a flush made while cut off from etcd past its
+    /// lease, for its next process to publish (`Cluster::fence_cut_off`); beside its store.
+    pub cut_record_path: std::path::PathBuf,
 }
 
 /// What a node publishes about itself besides its `NodeInfo` (changes often, so it does not
@@ -137,6 +140,9 @@ pub struct Cluster {
     dirty_epochs: Mutex<replication::DirtyEpochs>,
     /// Coordinated writes in flight, by the map epoch they started under.
     inflight: Mutex<BTreeMap<u64, u64>>,
+    /// Of those, by map epoch, the writes whose local copy is not done yet (`fence_cut_off`
+    /// waits for them). Taken after `inflight` when both are.
+    local_writes: Mutex<BTreeMap<u64, u64>>,
     recovery: Mutex<Recovery>,
     recovering: Mutex<HashSet<u32>>,
     repaired_reads: AtomicU64,
@@ -158,6 +164,12 @@ pub struct Cluster {
     flushed_key: String,
     flushed_record: Mutex<Vec<(u64, u64)>>,
     record_lock: tokio::sync::Mutex<()>,
+    /// Replica writes (and coordinated ones) under maps older than this are refused: set
+    /// when this node is cut off from etcd past its lease (`fence_cut_off`).
+    write_floor: AtomicU64,
+    /// The lease this node held when it set `write_floor`: only that lease turning out alive
+    /// makes the fence premature (one granted since means the old one did expire).
+    fenced_lease: AtomicU64,
     /// The last reason a revival waited, said once.
     revival_wait: Mutex<String>,
     /// This cluster, for tasks started from `&self`.
@@ -210,6 +222,74 @@ pub(crate) fn flush_recorded(shared: &Shared) {
         Some(c) => c.flush_local(Box::new(|_| {})),
         None => flush_cores(shared, Box::new(|_| {})),
     }
+}
+
+fn count_down(counts: &mut BTreeMap<u64, u64>, epoch: u64) {
+    if let Some(n) = counts.get_mut(&epoch) {
+        *n -= 1;
+        if *n == 0 {
+            counts.remove(&epoch);
+        }
+    }
+}
+
+/// Writes `bytes` to `path` so that it survives a power loss: a temporary file, synced, then
+/// renamed over it, and the directory synced.
+fn write_durably(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Publishes, before this process registers, the flush record a previous process of this
+/// store left on its disk when it was cut off from etcd (`Cluster::fence_cut_off`): a
+/// revival that asks what that process's disk has then sees it. The file goes once etcd has
+/// it; one that cannot be read is reported and left alone.
+async fn publish_cut_record(
+    etcd: &Etcd,
+    key: &str,
+    path: &std::path::Path,
+) -> Result<(), EtcdError> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            eprintln!("torusd: reading {}: {e}; not published", path.display());
+            return Ok(());
+        }
+    };
+    let Ok((inc, epoch)) = serde_json::from_slice::<(u64, u64)>(&bytes) else {
+        eprintln!(
+            "torusd: {} is not a flush record (incarnation, map epoch); not published",
+            path.display()
+        );
+        return Ok(());
+    };
+    let mut record: Vec<(u64, u64)> = match etcd.get(key).await? {
+        None => Vec::new(),
+        Some((v, _)) => serde_json::from_slice(&v).map_err(|e| EtcdError::Corrupt {
+            key: key.to_owned(),
+            why: format!("not a list of (incarnation, map epoch): {e}"),
+        })?,
+    };
+    match record.iter_mut().find(|(i, _)| *i == inc) {
+        Some((_, e)) => *e = (*e).max(epoch),
+        None => record.push((inc, epoch)),
+    }
+    let keep = record.len().saturating_sub(FLUSH_RECORDS_KEPT);
+    record.drain(..keep);
+    etcd.put(key, serde_json::to_vec(&record).expect("json"), None)
+        .await?;
+    eprintln!("torusd: published the flush its previous process made while cut off (map {epoch})");
+    let _ = std::fs::remove_file(path);
+    Ok(())
 }
 
 /// Flushes every core of a node; `done` gets the worst status.
@@ -436,6 +516,7 @@ impl Cluster {
                 etcd.put(&format!("ids/{}", cfg.node_name), id_hex.clone().into_bytes(), None)
                     .await?;
             }
+            publish_cut_record(&etcd, &format!("flushed/{id_hex}"), &cfg.cut_record_path).await?;
             let lease = etcd.lease_grant(cfg.lease_ttl).await?;
             etcd.put(&node_key, serde_json::to_vec(&info).expect("json"), Some(lease))
                 .await?;
@@ -480,6 +561,7 @@ impl Cluster {
             dirty: Mutex::new(HashMap::new()),
             dirty_epochs: Mutex::new(replication::DirtyEpochs::default()),
             inflight: Mutex::new(BTreeMap::new()),
+            local_writes: Mutex::new(BTreeMap::new()),
             recovery: Mutex::new(Recovery::default()),
             recovering: Mutex::new(HashSet::new()),
             repaired_reads: AtomicU64::new(0),
@@ -492,6 +574,8 @@ impl Cluster {
             flushed_key,
             flushed_record: Mutex::new(flushed_record),
             record_lock: tokio::sync::Mutex::new(()),
+            write_floor: AtomicU64::new(0),
+            fenced_lease: AtomicU64::new(0),
             revival_wait: Mutex::new(String::new()),
             this: std::sync::OnceLock::new(),
         });
@@ -915,7 +999,9 @@ impl Cluster {
             Err(status::RETRY) => return self.retry_later(req),
             Err(s) => return (req.done)(Err(s)),
         }
-        *self.inflight.lock().entry(epoch).or_insert(0) += 1;
+        if !self.enter_inflight(epoch) {
+            return self.retry_later(req);
+        }
         let remote = plan.remote;
         let writer = req.writer;
         let local_piece = clone_piece(&req.piece);
@@ -977,6 +1063,7 @@ impl Cluster {
             self.send_local(
                 local_piece,
                 sink(move |c| {
+                    me.local_done(epoch);
                     let s = c.output.map_or_else(status_of, |_| status::OK);
                     if s != status::OK {
                         for _ in 0..remote.len() {
@@ -1020,22 +1107,39 @@ impl Cluster {
             return;
         }
         let call_local = call.clone();
+        let me = self.clone();
         self.send_local_tracked(
             clone_piece(&local_piece),
             epoch,
-            sink(move |c| call_local(c.output.map_or_else(status_of, |_| status::OK))),
+            sink(move |c| {
+                me.local_done(epoch);
+                call_local(c.output.map_or_else(status_of, |_| status::OK))
+            }),
         );
         send_remote(&local_piece, &remote);
     }
 
-    fn inflight_done(&self, epoch: u64) {
+    /// Counts a write under map `epoch` in flight here (`serve_list`, `fence_cut_off`), unless
+    /// it is under the write floor (false). Under one lock with the floor's setting: a write
+    /// the fence does not find in flight finds the floor.
+    /// Its local copy is counted too, until `local_done`.
+    fn enter_inflight(&self, epoch: u64) -> bool {
         let mut inflight = self.inflight.lock();
-        if let Some(n) = inflight.get_mut(&epoch) {
-            *n -= 1;
-            if *n == 0 {
-                inflight.remove(&epoch);
-            }
+        if epoch < self.write_floor.load(Ordering::Acquire) {
+            return false;
         }
+        *inflight.entry(epoch).or_insert(0) += 1;
+        *self.local_writes.lock().entry(epoch).or_insert(0) += 1;
+        true
+    }
+
+    fn inflight_done(&self, epoch: u64) {
+        count_down(&mut self.inflight.lock(), epoch);
+    }
+
+    /// The local copy of a write under map `epoch` is done (or will not be made).
+    fn local_done(&self, epoch: u64) {
+        count_down(&mut self.local_writes.lock(), epoch);
     }
 
     /// Flushes every node that is up, so every acknowledged write is durable on all of them.
@@ -1153,13 +1257,13 @@ impl Cluster {
         rx.await.unwrap_or(status::EIO) == status::OK
     }
 
-    /// A replica write from a coordinator whose map had `epoch`. It counts as in flight under
-    /// that epoch until done (see `serve_list`).
+    /// A replica write from a coordinator whose map had `epoch`, counted in flight under that
+    /// epoch by the caller (`enter_inflight`) until done.
     fn apply_replica(self: &Arc<Self>, piece: Piece, epoch: u64, reply: ReplyTo) {
         self.seen_epoch.fetch_max(epoch, Ordering::AcqRel);
-        *self.inflight.lock().entry(epoch).or_insert(0) += 1;
         let me = self.clone();
         let reply = sink(move |c| {
+            me.local_done(epoch);
             me.inflight_done(epoch);
             match reply {
                 ReplyTo::Sink { sink, .. } => sink.0.complete(c),
@@ -1574,7 +1678,11 @@ impl Cluster {
             let lease = self.lease.load(Ordering::Acquire) as i64;
             let sent = Instant::now();
             let renewed = matches!(self.etcd.keep_alive_once(lease).await, Ok(true));
+            if !renewed && self.lease_ok.lock().elapsed() >= self.cfg.lease_ttl {
+                self.fence_cut_off().await;
+            }
             if renewed {
+                self.lift_cut_off_fence();
                 *self.lease_ok.lock() = sent;
             } else if let Ok(None) = self.etcd.get(&format!("nodes/{}", self.me)).await {
                 // etcd answers but our key is gone: the lease expired while we were cut off,
@@ -1609,6 +1717,94 @@ impl Cluster {
                 )
                 .await;
         }
+    }
+
+    /// Cut off from etcd past its lease, this node is being taken out of the map: no write
+    /// under a map it has seen can be acknowledged with it any more, and it refuses those from
+    /// now on (`write_floor`). It then flushes and records, on its own disk (etcd cannot be
+    /// reached), that the flush covers every write of those maps: as a flush record, the
+    /// newest epoch seen plus one. Its next process publishes it (`publish_cut_record`), so a
+    /// revival knows this disk has more than a holder that recorded a flush under the same
+    /// map before these writes. Once per map seen.
+    async fn fence_cut_off(&self) {
+        let seen = self.seen_epoch.load(Ordering::Acquire);
+        if self.write_floor.load(Ordering::Acquire) > seen {
+            return;
+        }
+        {
+            let _inflight = self.inflight.lock();
+            self.write_floor.fetch_max(seen + 1, Ordering::AcqRel);
+            let lease = self.lease.load(Ordering::Acquire);
+            self.fenced_lease.store(lease, Ordering::Release);
+        }
+        // Writes admitted before the floor may still be on their way to the disk.
+        let deadline = Instant::now() + self.cfg.lease_ttl;
+        while self
+            .local_writes
+            .lock()
+            .first_key_value()
+            .is_some_and(|(&e, _)| e <= seen)
+        {
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        flush_cores(
+            &self.shared,
+            Box::new(move |s| {
+                let _ = tx.send(s);
+            }),
+        );
+        if rx.await.unwrap_or(status::EIO) != status::OK {
+            return;
+        }
+        let record = (self.incarnation, seen + 1);
+        let path = self.cfg.cut_record_path.clone();
+        let wrote = tokio::task::spawn_blocking(move || {
+            write_durably(&path, &serde_json::to_vec(&record).expect("json"))
+        })
+        .await;
+        match wrote {
+            Ok(Ok(())) => eprintln!(
+                "torusd: cut off from etcd past the lease: refusing writes under map {seen} and older; flushed, and recorded that on disk"
+            ),
+            Ok(Err(e)) => eprintln!(
+                "torusd: recording a flush made while cut off in {}: {e}",
+                self.cfg.cut_record_path.display()
+            ),
+            Err(_) => {}
+        }
+    }
+
+    /// The lease is still alive after all (the fence came early: the map may not change):
+    /// the record of the fence goes first, then writes are taken again.
+    fn lift_cut_off_fence(&self) {
+        let floor = self.write_floor.load(Ordering::Acquire);
+        let same_lease =
+            self.fenced_lease.load(Ordering::Acquire) == self.lease.load(Ordering::Acquire);
+        if floor == 0 || floor <= self.map().epoch || !same_lease {
+            return;
+        }
+        let path = &self.cfg.cut_record_path;
+        match std::fs::remove_file(path) {
+            Ok(()) => {
+                if let Some(dir) = path.parent() {
+                    let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                eprintln!(
+                    "torusd: removing {}: {e}; still refusing old writes",
+                    path.display()
+                );
+                return;
+            }
+        }
+        self.write_floor.store(0, Ordering::Release);
+        eprintln!("torusd: the lease outlived the cut; taking writes again");
     }
 
     fn install_map(&self, map: ClusterMap) {
@@ -2402,6 +2598,9 @@ impl Handler for ClusterHandler {
                 }
                 let map_epoch = c.map().epoch;
                 let pg = c.pg_of(e.volume, e.offset);
+                if !c.enter_inflight(e.epoch) {
+                    return respond.reply(status::RETRY, None);
+                }
                 let admitted = replication::admit_write(
                     map_epoch,
                     e.epoch,
@@ -2411,9 +2610,13 @@ impl Handler for ClusterHandler {
                     e.writer,
                 );
                 if let Err(s) = admitted {
+                    c.local_done(e.epoch);
+                    c.inflight_done(e.epoch);
                     return respond.reply(s, None);
                 }
                 if data.is_some() && testing_replica_drops_this_write() {
+                    c.local_done(e.epoch);
+                    c.inflight_done(e.epoch);
                     return respond.reply(status::OK, None);
                 }
                 let kind = match data {
@@ -2760,18 +2963,22 @@ impl Cluster {
                 pending.push(format!("node {name}: joined; not yet in the map"));
             }
         }
-        // Lost PGs whose revival waits for a holder demoted while it ran (`map::Demoted`).
-        let mut waits: BTreeMap<String, usize> = BTreeMap::new();
-        for pg in map.last_clean.keys() {
-            for d in map.demoted.get(pg).into_iter().flatten() {
-                if map.nodes.get(&d.node).is_some_and(|n| !n.up) {
-                    *waits.entry(d.node.clone()).or_default() += 1;
+        // Lost PGs that wait for a node down: a last clean holder, or a holder demoted while
+        // it ran (`map::Demoted`), which may have writes their restarted holders lost.
+        let mut waits: BTreeMap<String, BTreeSet<u32>> = BTreeMap::new();
+        for (pg, lost) in &map.last_clean {
+            let holders = lost.holders.iter().map(|(n, _)| n);
+            let demoted = map.demoted.get(pg).into_iter().flatten().map(|d| &d.node);
+            for name in holders.chain(demoted) {
+                if map.nodes.get(name).is_some_and(|n| !n.up) {
+                    waits.entry(name.clone()).or_default().insert(*pg);
                 }
             }
         }
-        for (name, n) in waits {
+        for (name, pgs) in waits {
             pending.push(format!(
-                "node {name}: {n} lost placement groups may wait for it (it may hold acknowledged writes their restarted holders lost)"
+                "node {name}: {} lost placement groups may wait for it (start it again; if it is gone for good, torusctl peer lost {name} goes on without it)",
+                pgs.len()
             ));
         }
         let down = map
@@ -2806,6 +3013,26 @@ impl Cluster {
             .values()
             .filter(|n| !n.removing)
             .count()
+    }
+
+    /// Gives up on a node that is down for good (`ClusterMap::give_up`).
+    pub fn give_up_peer(&self, name: &str) -> Result<GiveUp, String> {
+        let mut out = Err(String::new());
+        let r = self.block_on(self.etcd.update_map(self.cfg.replicas_max, |m| {
+            let epoch = m.epoch;
+            match m.give_up(name) {
+                Ok(g) => {
+                    out = Ok(g);
+                    m.epoch != epoch
+                }
+                Err(w) => {
+                    out = Err(w);
+                    false
+                }
+            }
+        }));
+        r.map_err(|e| e.to_string())?;
+        out
     }
 
     /// Starts draining a node: its PGs move to the others, then it leaves the map.

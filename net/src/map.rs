@@ -129,6 +129,16 @@ pub struct LostPg {
     pub reviving: Option<Reviving>,
 }
 
+/// What `ClusterMap::give_up` changed.
+#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GiveUp {
+    /// Lost PGs that no longer wait for the node.
+    pub released: Vec<u32>,
+    /// Of those, PGs left with no clean copy at all: they go on from a stale one, and lose
+    /// what was written after it fell behind.
+    pub from_older: Vec<u32>,
+}
+
 /// A restarted last clean holder copying what the holders up since the loss wrote meanwhile.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Reviving {
@@ -191,14 +201,14 @@ impl ClusterMap {
         }
     }
 
-    /// Records `node` (incarnation `inc`) as demoted under `epoch` in every PG it holds a
-    /// clean slot of.
+    /// Records `node` (incarnation `inc`) as demoted under `epoch` in every PG it is a clean
+    /// holder of: a clean slot, or the previous holder of a moving one (it took every write
+    /// too).
     fn record_demotion(&mut self, node: &str, inc: u64, epoch: u64) {
         for (pg, slots) in self.pgs.iter().enumerate() {
-            if slots
-                .iter()
-                .any(|s| s.node == node && s.state == SlotState::Clean)
-            {
+            if slots.iter().any(|s| {
+                (s.node == node && s.state == SlotState::Clean) || s.prev.as_deref() == Some(node)
+            }) {
                 let list = self.demoted.entry(pg as u32).or_default();
                 list.retain(|d| d.node != node);
                 list.push(Demoted {
@@ -210,19 +220,27 @@ impl ClusterMap {
         }
     }
 
-    /// Keeps a demotion only while that node is in the map and holds a stale slot of the PG:
-    /// clean again, replaced or gone, it has nothing the others lack. Restarted, its disk may
+    /// Keeps a demotion while that node is in the map, holds no clean slot of the PG and the
+    /// PG is not clean everywhere: clean again, it has nothing the others lack, and a PG clean
+    /// on every slot has every write on all its holders. Replaced by another node, or dropped
+    /// as the previous holder of a moving slot, it may still have writes only it kept (the
+    /// clean holder that also took them may die before it flushed), so it keeps its copy of
+    /// the PG (`replication::holds`) and stays in the map until then. Restarted, its disk may
     /// still have everything (`replication::revival_source`).
     fn prune_demoted(&mut self) {
-        let (nodes, pgs) = (&self.nodes, &self.pgs);
+        let (nodes, pgs, lost) = (&self.nodes, &self.pgs, &self.last_clean);
         self.demoted.retain(|pg, list| {
+            let Some(slots) = pgs.get(*pg as usize) else {
+                return false;
+            };
+            let all_clean =
+                !lost.contains_key(pg) && slots.iter().all(|s| s.state == SlotState::Clean);
             list.retain(|d| {
                 nodes.contains_key(&d.node)
-                    && pgs.get(*pg as usize).is_some_and(|slots| {
-                        slots
-                            .iter()
-                            .any(|s| s.node == d.node && s.state == SlotState::Stale)
-                    })
+                    && !all_clean
+                    && !slots
+                        .iter()
+                        .any(|s| s.node == d.node && s.state == SlotState::Clean)
             });
             !list.is_empty()
         });
@@ -485,12 +503,14 @@ impl ClusterMap {
                 slots.pop();
             }
         }
-        // Nodes being removed leave once they hold nothing.
+        // Nodes being removed leave once they hold nothing (a demoted one keeps its copy).
+        self.prune_demoted();
         let holding: std::collections::BTreeSet<String> = self
             .pgs
             .iter()
             .flatten()
             .flat_map(|s| std::iter::once(s.node.clone()).chain(s.prev.clone()))
+            .chain(self.demoted.values().flatten().map(|d| d.node.clone()))
             .collect();
         let drained: Vec<(String, u64, bool)> = self
             .nodes
@@ -566,6 +586,82 @@ impl ClusterMap {
         Ok(())
     }
 
+    /// `torusctl peer lost`: the operator gives up on `name`, a node that is down and will not
+    /// come back with its data (a dead disk, a lost machine). Lost PGs stop waiting for it:
+    /// its place among their last clean holders and its demotions go. A PG left without a
+    /// holder to wait for takes the best copy there is instead: the holder demoted last,
+    /// else the first of its slots' holders that is up (revived from its own copy, plus what
+    /// the holders up since the loss wrote). Writes only `name` had are lost; that is what
+    /// the operator accepts. Refused while it is up.
+    pub fn give_up(&mut self, name: &str) -> Result<GiveUp, String> {
+        match self.nodes.get(name) {
+            None => return Err(format!("no node named {name:?} in the map")),
+            Some(n) if n.up => {
+                return Err(format!(
+                    "{name} is up, so it is not lost (torusctl peer remove drains a node out)"
+                ))
+            }
+            Some(_) => {}
+        }
+        let untouched = self.clone();
+        let mut done = GiveUp::default();
+        for (pg, list) in self.demoted.iter_mut() {
+            if list.iter().any(|d| d.node == name) && self.last_clean.contains_key(pg) {
+                done.released.push(*pg);
+            }
+            list.retain(|d| d.node != name);
+        }
+        self.demoted.retain(|_, l| !l.is_empty());
+        let (nodes, pgs, demoted) = (&self.nodes, &self.pgs, &self.demoted);
+        let up = |n: &str| nodes.get(n).is_some_and(|m| m.up);
+        for (pg, lost) in self.last_clean.iter_mut() {
+            if !lost.holders.iter().any(|(n, _)| n == name) {
+                continue;
+            }
+            lost.holders.retain(|(n, _)| n != name);
+            if lost.reviving.as_ref().is_some_and(|r| r.node == name) {
+                lost.reviving = None;
+            }
+            if !done.released.contains(pg) {
+                done.released.push(*pg);
+            }
+            if !lost.holders.is_empty() {
+                continue;
+            }
+            let newest = demoted
+                .get(pg)
+                .into_iter()
+                .flatten()
+                .filter(|d| nodes.contains_key(&d.node))
+                .max_by_key(|d| d.epoch);
+            if let Some(d) = newest {
+                lost.holders.push((d.node.clone(), d.incarnation));
+                continue;
+            }
+            // No clean copy is left anywhere: a stale one (incarnation 0: no process was
+            // clean with it) becomes the PG's copy.
+            done.from_older.push(*pg);
+            let slots = &pgs[*pg as usize];
+            let first_up = slots.iter().find(|s| s.node != name && up(&s.node));
+            lost.holders = match first_up {
+                Some(s) => vec![(s.node.clone(), 0)],
+                None => slots
+                    .iter()
+                    .filter(|s| s.node != name)
+                    .map(|s| (s.node.clone(), 0))
+                    .collect(),
+            };
+        }
+        done.released.sort_unstable();
+        let before = self.clone();
+        self.revive_lost_pgs(&before);
+        self.prune_demoted();
+        if *self != untouched {
+            self.epoch += 1;
+        }
+        Ok(done)
+    }
+
     /// Clean holders of a PG that are up (the previous holder of a moving slot counts).
     fn clean_holders(&self, pg: u32) -> Vec<String> {
         let mut out = Vec::new();
@@ -629,9 +725,13 @@ impl ClusterMap {
                 .collect();
             let same = lost.holders.iter().find(|(n, inc)| running(n, *inc));
             let restarted = lost.holders.iter().find(|(n, _)| self.up(n));
-            // A restarted holder copies from the others, if any may have what it lost.
-            let alone =
-                from.is_empty() && !self.demoted.contains_key(&pg) && lost.holders.len() == 1;
+            // A restarted holder copies from the others, if any may have what it lost (its
+            // own demotion, recorded as it went down, names no other).
+            let others_demoted = self.demoted.get(&pg).is_some_and(|l| {
+                l.iter()
+                    .any(|d| !lost.holders.contains(&(d.node.clone(), d.incarnation)))
+            });
+            let alone = from.is_empty() && !others_demoted && lost.holders.len() == 1;
             if let Some(r) = &lost.reviving {
                 if running(&r.node, r.incarnation) && !alone {
                     continue; // under way
@@ -1145,6 +1245,158 @@ mod tests {
     }
 
     #[test]
+    fn the_old_holder_of_a_moving_slot_that_goes_down_keeps_its_copy_for_a_revival() {
+        // The shape of the replication simulation's seed 59333: a PG is moving off x (x is
+        // the previous holder, clean, and takes every write); x is cut off, then both clean
+        // holders die before they flushed. x may have the only copy of the last writes.
+        let mut m = clean_abc();
+        m.reconcile(&live(&[("a", 1), ("b", 1), ("c", 1), ("d", 1)]));
+        let (p, x) = (0..PG_COUNT)
+            .find_map(|pg| {
+                let prev = m.pgs[pg as usize].iter().find_map(|s| s.prev.clone())?;
+                Some((pg, prev))
+            })
+            .expect("a moving slot");
+        let others: Vec<String> = m.pgs[p as usize]
+            .iter()
+            .filter(|s| s.state == SlotState::Clean)
+            .map(|s| s.node.clone())
+            .collect();
+        assert_eq!(others.len(), 2, "{:?}", m.pgs[p as usize]);
+        let up = |names: &[&str], inc: u64| -> BTreeMap<String, NodeInfo> {
+            ["a", "b", "c", "d"]
+                .iter()
+                .filter(|n| names.contains(n))
+                .map(|n| {
+                    let i = if others.iter().any(|o| o == n) {
+                        inc
+                    } else {
+                        1
+                    };
+                    (n.to_string(), node(n, i))
+                })
+                .collect()
+        };
+        let all_but_x: Vec<&str> = ["a", "b", "c", "d"]
+            .into_iter()
+            .filter(|n| *n != x)
+            .collect();
+        m.reconcile(&up(&all_but_x, 1));
+        let demoted_x = m.epoch;
+        assert!(m.pgs[p as usize].iter().all(|s| s.prev.is_none()));
+        assert_eq!(
+            m.demoted[&p],
+            vec![Demoted {
+                node: x.clone(),
+                incarnation: 1,
+                epoch: demoted_x
+            }]
+        );
+        assert!(
+            replication::holds(&m, &x, p),
+            "x must not free its copy of the PG"
+        );
+        // Both clean holders restart, having lost what they had not flushed.
+        let alone: Vec<&str> = all_but_x
+            .iter()
+            .copied()
+            .filter(|n| !others.iter().any(|o| o == n))
+            .collect();
+        m.reconcile(&up(&alone, 1));
+        m.reconcile(&up(&all_but_x, 2));
+        assert!(m.last_clean.contains_key(&p));
+        let me = m.last_clean[&p].holders[0].0.clone();
+        let before = |_: &str, _: u64| demoted_x - 1;
+        let wait = replication::revival_source(&m, p, &me, before);
+        assert!(
+            wait.as_ref()
+                .is_err_and(|w| w.contains(&format!("waits for {x} (down)"))),
+            "{wait:?}"
+        );
+        // x is back, the same process: the PG is copied from it first.
+        m.reconcile(&up(&["a", "b", "c", "d"], 2));
+        assert_eq!(
+            replication::revival_source(&m, p, &me, before),
+            Ok(Some(x.clone()))
+        );
+        // Once the PG is clean on every slot, x's record and its copy go.
+        for _ in 0..4 {
+            all_clean(&mut m);
+            let pgs: Vec<u32> = m.reviving(&me, 2).iter().map(|r| r.0).collect();
+            m.mark_revived(&me, 2, &pgs);
+        }
+        assert_eq!(m.health().clean, PG_COUNT, "{:?}", m.health());
+        assert!(m.demoted.is_empty(), "{:?}", m.demoted);
+        assert!(m.slot_of(p, &x).is_some() || !replication::holds(&m, &x, p));
+    }
+
+    #[test]
+    fn a_lost_pg_stops_waiting_for_a_node_given_up_and_takes_the_best_copy_left() {
+        // a and b hold every PG; c joins and is still catching up when b, then a, die.
+        let mut m = ClusterMap::new(3);
+        m.reconcile(&live(&[("a", 1), ("b", 1)]));
+        all_clean(&mut m);
+        m.reconcile(&live(&[("a", 1), ("b", 1), ("c", 1)]));
+        assert_eq!(m.stale_slots("c").len(), PG_COUNT as usize);
+        m.reconcile(&live(&[("a", 1), ("c", 1)]));
+        m.reconcile(&live(&[("c", 1)]));
+        assert_eq!(m.health().down, PG_COUNT, "a had the only clean copy");
+        assert_eq!(
+            m.give_up("c"),
+            Err("c is up, so it is not lost (torusctl peer remove drains a node out)".into())
+        );
+        assert_eq!(m.give_up("e"), Err("no node named \"e\" in the map".into()));
+        // a will not come back: the PGs wait for b, demoted before the loss, instead.
+        let epoch = m.epoch;
+        let all: Vec<u32> = (0..PG_COUNT).collect();
+        let g = m.give_up("a").expect("a is down");
+        assert_eq!((g.released, g.from_older), (all.clone(), vec![]));
+        assert_eq!(m.epoch, epoch + 1);
+        assert_eq!(m.health().down, PG_COUNT);
+        assert!(m
+            .last_clean
+            .values()
+            .all(|l| l.holders == [("b".into(), 1)]));
+        assert!(replication::holds(&m, "c", 0));
+        // Nor will b: no clean copy is left, c's goes on (what only a and b had is lost).
+        let g = m.give_up("b").expect("b is down");
+        assert_eq!((g.released, g.from_older), (all.clone(), all));
+        assert_eq!(m.health().down, 0, "{:?}", m.pgs[0]);
+        assert!(m.last_clean.is_empty() && m.demoted.is_empty());
+        for pg in 0..PG_COUNT {
+            assert_eq!(m.targets(pg, 3).primary.as_deref(), Some("c"));
+        }
+        // Nothing waits any more: giving up again changes nothing.
+        let epoch = m.epoch;
+        assert_eq!(m.give_up("a"), Ok(GiveUp::default()));
+        assert_eq!(m.epoch, epoch);
+    }
+
+    #[test]
+    fn giving_up_on_a_demoted_holder_ends_a_revival_s_wait_for_it() {
+        // c is cut off (demoted); b, the last clean holder, restarts having lost writes c may
+        // have: b's revival waits for c until the operator gives c up.
+        let mut m = clean_abc();
+        m.reconcile(&live(&[("a", 1), ("b", 1)]));
+        m.reconcile(&live(&[("b", 1)]));
+        m.reconcile(&live(&[]));
+        m.reconcile(&live(&[("b", 2)]));
+        assert!(!m.reviving("b", 2).is_empty());
+        let wait = replication::revival_source(&m, 0, "b", |_, _| 0);
+        assert!(wait.is_err(), "{wait:?}");
+        m.give_up("c").expect("c is down");
+        m.give_up("a").expect("a is down");
+        assert_eq!(replication::revival_source(&m, 0, "b", |_, _| 0), Ok(None));
+        let pgs: Vec<u32> = m.reviving("b", 2).iter().map(|r| r.0).collect();
+        assert!(
+            pgs.is_empty() || m.mark_revived("b", 2, &pgs),
+            "{:?}",
+            m.last_clean
+        );
+        assert_eq!(m.health().down, 0);
+    }
+
+    #[test]
     fn a_catch_up_listed_before_a_break_cannot_mark_clean() {
         let mut m = clean_abc();
         m.reconcile(&live(&[("a", 1), ("c", 1)]));
@@ -1266,7 +1518,10 @@ mod tests {
         assert_eq!(m.mark_out("d"), Ok(()));
         assert_eq!(m.epoch, epoch + 1);
         m.reconcile(&abc);
-        assert!(!m.nodes.contains_key("d"), "it held nothing it could keep");
+        // It stays in the map, out, while its copies may hold writes the clean holders have
+        // not flushed yet (`Demoted`), and leaves once every PG is clean again.
+        assert!(m.nodes["d"].out);
+        assert!(m.demoted.values().flatten().all(|x| x.node == "d"));
         for slots in &m.pgs {
             assert_eq!(slots.len(), 3);
             assert!(slots.iter().all(|s| s.node != "d" && s.prev.is_none()));
@@ -1277,6 +1532,7 @@ mod tests {
         }
         all_clean(&mut m);
         assert_eq!(m.health().clean, PG_COUNT);
+        assert!(!m.nodes.contains_key("d"), "it held nothing it could keep");
         // Back with the same process (a long partition): unlike a drained node it rejoins.
         m.reconcile(&abcd);
         assert!(m.nodes.contains_key("d") && !m.stale_slots("d").is_empty());

@@ -240,14 +240,19 @@ pub fn let_go_candidates(map: &ClusterMap, me: &str, gone: impl Fn(u32) -> bool)
 }
 
 /// True when this node holds a slot (any state, or as the previous holder of a moving one)
-/// of `pg` under `map`, or is named among its last clean holders while it is lost: a revival
-/// may make this node's copy the PG's source again, so it must not be freed.
+/// of `pg` under `map`, is named among its last clean holders while it is lost, or is a
+/// demoted clean holder of it (`map::Demoted`): a revival may make this node's copy the PG's
+/// source again, so it must not be freed.
 pub fn holds(map: &ClusterMap, me: &str, pg: u32) -> bool {
     map.slot_of(pg, me).is_some()
         || map
             .last_clean
             .get(&pg)
             .is_some_and(|l| l.holders.iter().any(|(n, _)| n == me))
+        || map
+            .demoted
+            .get(&pg)
+            .is_some_and(|l| l.iter().any(|d| d.node == me))
 }
 
 /// Whether blocks of `pg` listed to be freed must be kept after all: the PG came back to this

@@ -127,6 +127,10 @@ pub struct SimReport {
     pub revivals_waited: u64,
     /// Flushes whose map epoch was recorded (the first after each new map a node sees).
     pub flush_records: u64,
+    /// Flushes recorded on a node's own disk after its lease ran out (`Cluster::fence_cut_off`),
+    /// and records of them published by the next process.
+    pub cut_records: u64,
+    pub cut_records_published: u64,
     /// Nodes the leader marked out after being down `DOWN_OUT`.
     pub marked_out: u64,
     pub map_epochs: u64,
@@ -157,6 +161,8 @@ impl SimReport {
         self.revivals_whole += o.revivals_whole;
         self.revivals_waited += o.revivals_waited;
         self.flush_records += o.flush_records;
+        self.cut_records += o.cut_records;
+        self.cut_records_published += o.cut_records_published;
         self.marked_out += o.marked_out;
         self.map_epochs += o.map_epochs;
         self.blocks_verified += o.blocks_verified;
@@ -409,6 +415,14 @@ struct Node {
     /// process has seen, installed or in a write it applied.
     flushed: BTreeMap<u64, u64>,
     seen: u64,
+    /// Replica writes under maps older than this are refused: set when the lease ran out
+    /// (`Cluster::fence_cut_off`), so a flush then covers every write this process can have
+    /// taken part in under the maps it has seen.
+    floor: u64,
+    /// The lease it held when it set `floor`.
+    fenced_lease: u64,
+    /// On its disk: the flush record of such a flush, which the next process publishes.
+    cut_record: Option<(u64, u64)>,
     pending: BTreeMap<u64, Pending>,
     coords: HashMap<u64, Coord>,
     flushes: HashMap<u64, FlushAll>,
@@ -594,6 +608,9 @@ impl Sim {
                 freeing: false,
                 round: None,
                 flushed: BTreeMap::new(),
+                floor: 0,
+                fenced_lease: 0,
+                cut_record: None,
                 seen: 0,
                 pending: BTreeMap::new(),
                 coords: HashMap::new(),
@@ -822,8 +839,9 @@ impl Sim {
     fn local_write(&mut self, i: usize, block: u64, v: Option<u64>, cont: Cont) {
         self.trace(Some(block), || {
             format!(
-                "n{i} store block {block} = {v:?} ({cont:?}) map {}",
-                self.nodes[i].map.epoch
+                "n{i} store block {block} = {v:?} ({cont:?}) map {} pg {}",
+                self.nodes[i].map.epoch,
+                pg_of(block)
             )
         });
         self.nodes[i].store.put(block, v);
@@ -1110,7 +1128,7 @@ impl Sim {
                 let n = &mut self.nodes[i];
                 let pg = pg_of(block);
                 if let Err(s) = replication::admit_write(
-                    map_epoch,
+                    map_epoch.max(n.floor),
                     epoch,
                     &mut n.fence,
                     VOLUME,
@@ -1263,11 +1281,14 @@ impl Sim {
             self.trace(None, || {
                 format!("n{i} installs map {} {:?}", map.epoch, map.health())
             });
-            if replication::lost_a_node(&self.nodes[i].map, &map) {
-                self.local_flush(i, Cont::Nothing);
-            }
+            // As `Cluster::install_map`: the map first, then the flush, which records its epoch
+            // (it covers every write received under older maps).
+            let lost = replication::lost_a_node(&self.nodes[i].map, &map);
             self.nodes[i].seen = self.nodes[i].seen.max(map.epoch);
             self.nodes[i].map = map;
+            if lost {
+                self.local_flush(i, Cont::Nothing);
+            }
             // A PG held here again is freed again when it moves away later.
             let n = &mut self.nodes[i];
             let (map, me) = (&n.map, &n.name);
@@ -1929,6 +1950,13 @@ impl Sim {
         self.trace(None, || format!("n{i} restarts"));
         let n = &mut self.nodes[i];
         n.alive = true;
+        // Before it registers, what the process before it recorded on disk alone.
+        if let Some((inc, epoch)) = n.cut_record.take() {
+            let f = n.flushed.entry(inc).or_insert(0);
+            *f = (*f).max(epoch);
+            self.report.cut_records_published += 1;
+        }
+        n.floor = 0;
         n.inc += 1;
         n.fence = Fence::default();
         n.fence.admit(VOLUME, self.etcd.fence);
@@ -2108,7 +2136,26 @@ impl Sim {
                         self.etcd
                             .leases
                             .insert(name, (inc, lease, self.now + LEASE_TTL));
-                        self.nodes[i].lease_ok = self.now;
+                        let n = &mut self.nodes[i];
+                        if alive && n.floor > n.map.epoch && n.fenced_lease == lease {
+                            // The lease outlived the fence: it was premature (the map may stay
+                            // as it is), so its claim goes before writes are taken again.
+                            n.cut_record = None;
+                            n.floor = 0;
+                        }
+                        n.lease_ok = self.now;
+                    } else if self.now - self.nodes[i].lease_ok >= LEASE_TTL {
+                        // Cluster::fence_cut_off.
+                        let n = &mut self.nodes[i];
+                        if n.floor <= n.seen {
+                            n.floor = n.seen + 1;
+                            n.fenced_lease = n.lease;
+                            if !self.cfg.canary {
+                                n.store.flush();
+                            }
+                            n.cut_record = Some((n.inc, n.floor));
+                            self.report.cut_records += 1;
+                        }
                     }
                     self.at(HEARTBEAT, Event::Heartbeat(i, inc));
                 }

@@ -22,6 +22,18 @@ fn run_seeds(seeds: std::ops::Range<u64>, nodes: usize) -> SimReport {
     total
 }
 
+/// One seed as `cluster_sim --seed SEED` runs it (three nodes for even seeds, four for odd).
+fn replay(seed: u64) -> SimReport {
+    run(SimConfig {
+        seed,
+        seconds: 30,
+        nodes: 3 + (seed % 2) as usize,
+        faults: true,
+        canary: false,
+    })
+    .unwrap_or_else(|f| panic!("{f}"))
+}
+
 fn check(r: &SimReport, seeds: u64) {
     println!("{r:?}");
     assert_eq!(r.seeds, seeds);
@@ -35,6 +47,10 @@ fn check(r: &SimReport, seeds: u64) {
     assert!(r.catch_up_rounds > 500 && r.blocks_copied > 1000, "{r:?}");
     assert!(r.revivals > 0, "no PG was ever lost and revived: {r:?}");
     assert!(r.flush_records > 0, "no flush epoch was recorded: {r:?}");
+    assert!(
+        r.cut_records_published > 0,
+        "no flush made while cut off: {r:?}"
+    );
     assert!(r.blocks_verified >= seeds * 64 * 3, "{r:?}");
 }
 
@@ -90,16 +106,34 @@ fn a_restarted_last_clean_holder_copies_what_a_holder_cut_off_before_the_loss_ha
     // acknowledged writes: both seeds fail with TORUS_SIM_REVIVE_OWN_DISK=1
     // (`cargo run --release -p torus-net --example cluster_sim -- --seed 2375`).
     for seed in [2375, 4884] {
-        let r = run(SimConfig {
-            seed,
-            seconds: 30,
-            nodes: 3 + (seed % 2) as usize,
-            faults: true,
-            canary: false,
-        })
-        .unwrap_or_else(|f| panic!("{f}"));
+        let r = replay(seed);
         assert!(r.revivals_whole > 0, "seed {seed}: {r:?}");
     }
+}
+
+#[test]
+fn a_revival_copies_from_the_old_holder_of_a_moving_slot_and_from_a_flush_on_return() {
+    // Seed 59333: a PG moving off n0 (still a clean holder, it takes every write) loses n0 to
+    // a cut and its clean holder to a kill before that one flushed; n0 is recorded demoted
+    // and keeps its copy, which the revival takes (`map::ClusterMap::prune_demoted`).
+    // Seed 67642: a holder cut off, back long enough to install the map and flush, is killed;
+    // its flush records the map it installed first, so the revival knows its disk has the
+    // writes (`Cluster::install_map`). Both lost an acknowledged write before.
+    for seed in [59333, 67642] {
+        let r = replay(seed);
+        assert!(r.revivals_whole > 0, "seed {seed}: {r:?}");
+    }
+}
+
+#[test]
+fn a_holder_cut_off_past_its_lease_records_its_flush_on_disk_for_a_revival() {
+    // Seed 3940: a and b hold a write under one map; a is cut off, b killed before it
+    // flushed, and b's last recorded flush is under the same map as a's. a flushed past its
+    // lease (refusing older writes from then on) and recorded that on its disk, published
+    // when it is restarted: b's revival copies the whole PGs from a. Without the record the
+    // two records tie and b revived from its own disk, losing the write.
+    let r = replay(3940);
+    assert!(r.revivals_whole > 0 && r.cut_records_published > 0, "{r:?}");
 }
 
 #[test]

@@ -786,6 +786,15 @@ fn a_node_cut_off_acknowledges_nothing_and_converges_when_back() {
         "the cut-off node acknowledged a write: {line:?}"
     );
     let _ = late.wait();
+    // Past its lease c refused writes under the maps it had seen, flushed, and recorded that
+    // on its disk, since etcd could not take the record (`Cluster::fence_cut_off`).
+    let cut_record = dirs[2].path().join("torus-data/cut-flush.json");
+    let t = Instant::now();
+    while !c.log_text().contains("cut off from etcd past the lease") {
+        assert!(t.elapsed() < Duration::from_secs(30), "{}", c.log_text());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(cut_record.exists());
 
     ns.link(true);
     let took = wait_clean(&a, Duration::from_secs(120));
@@ -796,6 +805,17 @@ fn a_node_cut_off_acknowledges_nothing_and_converges_when_back() {
     b.kill9();
     fio(&c_uri("vol"), "0", "64M", &["--verify_only=1"]);
     fio(&c_uri("other"), "0", "32M", &["--verify_only=1"]);
+    // Its next process publishes that record in etcd before it registers.
+    let mut c = c;
+    c.kill9();
+    c.spawn();
+    assert!(
+        c.log_text()
+            .contains("published the flush its previous process made while cut off"),
+        "{}",
+        c.log_text()
+    );
+    assert!(!cut_record.exists());
     drop(c);
 }
 
@@ -1109,4 +1129,61 @@ fn a_node_restarted_on_another_peer_port_is_reached_again() {
     );
     wait_clean(&a, Duration::from_secs(60));
     fio(&a.uri("vol"), "0", "16M", &["--verify_only=1"]);
+}
+
+/// Waits until `node` lists peer `name` as down.
+fn wait_peer_down(node: &Torusd, name: &str) {
+    let start = Instant::now();
+    while !matches!(peer_value(node, name, "down_for_ms"), Some(Some(_))) {
+        assert!(start.elapsed() < Duration::from_secs(60), "{name} not down");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_node_gone_for_good_is_given_up_and_the_best_copy_left_serves_again() {
+    // c, b, then a die, in that order: a had the only clean copy of every PG. c comes back
+    // alone; the PGs wait for a (and b, demoted before the loss) until the operator gives up
+    // on them with `torusctl peer lost`.
+    let etcd = Etcd::start();
+    let dirs: Vec<TempDir> = ["a", "b", "c"].iter().map(|n| TempDir::new(n)).collect();
+    let node = |i: usize, name: &str| {
+        cluster_node_with(dirs[i].path(), &etcd.url, name, 1, "127.0.0.1", &[], &[])
+    };
+    let mut a = node(0, "a");
+    let mut b = node(1, "b");
+    let mut c = node(2, "c");
+    wait_clean(&a, Duration::from_secs(60));
+    a.torusctl_ok(&["volume", "create", "vol", "64M", "--replicas", "3"]);
+    fio(&a.uri("vol"), "0", "16M", &["--end_fsync=1"]);
+    c.kill9();
+    wait_peer_down(&a, "c");
+    b.kill9();
+    wait_peer_down(&a, "b");
+    a.kill9();
+    c.spawn();
+    wait_status_says(&c, "lost placement groups may wait for it", T);
+    let status = String::from_utf8(c.torusctl(&["status"]).stdout).unwrap();
+    assert!(
+        status.contains("node a:") && status.contains("torusctl peer lost a"),
+        "{status}"
+    );
+    let refused = c.torusctl(&["peer", "lost", "a"]);
+    assert!(!refused.status.success());
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(why.contains("--accept-data-loss"), "{why}");
+    let up = c.torusctl(&["peer", "lost", "c", "--accept-data-loss"]);
+    let why = String::from_utf8_lossy(&up.stderr);
+    assert!(!up.status.success() && why.contains("c is up"), "{why}");
+    let said = c.torusctl_ok(&["peer", "lost", "a", "--accept-data-loss"]);
+    assert!(said.contains("no longer wait for a"), "{said}");
+    // b's copy (demoted after c's) is now the best left: the PGs wait for it.
+    wait_status_says(&c, "node b:", Duration::from_secs(30));
+    let said = c.torusctl_ok(&["peer", "lost", "b", "--accept-data-loss"]);
+    assert!(said.contains("no longer wait for b"), "{said}");
+    wait_status_says(&c, " 0 down", Duration::from_secs(60));
+    // c's own copy serves what was flushed before it died.
+    fio(&c.uri("vol"), "0", "16M", &["--verify_only=1"]);
+    let said = c.torusctl_ok(&["peer", "lost", "a", "--accept-data-loss"]);
+    assert!(said.contains("nothing changed"), "{said}");
 }

@@ -12,6 +12,8 @@
 //! GET    /v1/status                     node health, capacity, cores (and the cluster's PGs)
 //! GET    /v1/peers                      cluster nodes: address, capacity, used, state, heartbeat
 //! POST   /v1/peers/NAME/remove          drain a node out of the cluster
+//! POST   /v1/peers/NAME/lost            give up on a node down for good: lost PGs stop
+//!                                       waiting for it (writes only it had are lost)
 //! GET    /v1/snapshots[?volume=NAME]    snapshots, with the space each alone holds
 //! POST   /v1/snapshots                  {"name": "db@before-upgrade"}
 //! DELETE /v1/snapshots/VOLUME@SNAP      frees the blocks no volume or other snapshot maps
@@ -1073,6 +1075,13 @@ impl Node {
             (Get, ["v1", "volumes"]) => json(200, &self.volume_views()),
             (Get, ["v1", "peers"]) => match &self.cluster {
                 Some(c) => json(200, &c.peers()),
+                None => error(400, "this node runs alone (no --etcd): it has no peers"),
+            },
+            (Post, ["v1", "peers", name, "lost"]) => match &self.cluster {
+                Some(c) => match c.give_up_peer(name) {
+                    Ok(g) => json(200, &g),
+                    Err(e) => error(409, e),
+                },
                 None => error(400, "this node runs alone (no --etcd): it has no peers"),
             },
             (Post, ["v1", "peers", name, "remove"]) => match &self.cluster {

@@ -3,6 +3,7 @@
 use anyhow::{anyhow, bail, Result};
 use clap::{Parser, Subcommand};
 use torus_net::cluster::{PeerView, ScrubReport};
+use torus_net::map::GiveUp;
 use torus_tools::admin::{SnapshotView, StatusView, VolumeView};
 use torus_tools::client::call;
 use torus_tools::size::{human, parse_size, span};
@@ -95,6 +96,16 @@ enum SnapshotCommand {
 enum PeerCommand {
     /// Drain a node: its data moves to the others, then it leaves the cluster.
     Remove { name: String },
+    /// Give up on a node that is down for good (a dead disk or machine): placement groups
+    /// that lost every clean copy but the one it had stop waiting for it and go on from
+    /// the best copy left. Writes only that node had are lost, so it asks for
+    /// --accept-data-loss. `torusctl status` names the nodes lost placement groups wait for.
+    Lost {
+        name: String,
+        /// Confirms that writes only this node had may be lost.
+        #[arg(long)]
+        accept_data_loss: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -463,6 +474,36 @@ fn run(args: Args) -> Result<i32> {
                 summary.seconds,
                 human(summary.rate as u64)
             );
+        }
+        Command::Peer(PeerCommand::Lost {
+            name,
+            accept_data_loss,
+        }) => {
+            if !accept_data_loss {
+                eprintln!(
+                    "torusctl: giving up on {name} loses the writes only it had; if it can come back, start it again instead; else run again with --accept-data-loss"
+                );
+                return Ok(1);
+            }
+            let g: GiveUp = serde_json::from_value(call(
+                "POST",
+                &format!("{base}/v1/peers/{name}/lost"),
+                None,
+            )?)?;
+            if g.released.is_empty() {
+                println!("no placement group waited for {name}; nothing changed");
+            } else {
+                println!(
+                    "{} placement groups no longer wait for {name}: they go on from the best copy left, and writes only {name} had are lost; watch torusctl status",
+                    g.released.len()
+                );
+                if !g.from_older.is_empty() {
+                    println!(
+                        "{} of them had no clean copy left: they go on from a stale one, without what was written after it fell behind",
+                        g.from_older.len()
+                    );
+                }
+            }
         }
         Command::Peer(PeerCommand::Remove { name }) => {
             call("POST", &format!("{base}/v1/peers/{name}/remove"), None)?;

@@ -480,6 +480,7 @@ fn run(args: Args) -> Result<()> {
                 node_id: engine.superblock().node_id,
                 capacity_bytes: engine.capacity_bytes(),
                 down_out_after,
+                cut_record_path: args.data_dir.join("cut-flush.json"),
             };
             let local = Arc::new(NodeLocal {
                 engine: engine.clone(),
