@@ -138,11 +138,8 @@ pub struct Cluster {
     dirty: Mutex<HashMap<u32, DirtyBlocks>>,
     /// Since when the dirty blocks are valid (see `replication::DirtyEpochs`).
     dirty_epochs: Mutex<replication::DirtyEpochs>,
-    /// Coordinated writes in flight, by the map epoch they started under.
-    inflight: Mutex<BTreeMap<u64, u64>>,
-    /// Of those, by map epoch, the writes whose local copy is not done yet (`fence_cut_off`
-    /// waits for them). Taken after `inflight` when both are.
-    local_writes: Mutex<BTreeMap<u64, u64>>,
+    /// Writes in flight here (coordinated or applied as a replica; `enter_inflight`).
+    inflight: Mutex<InFlight>,
     recovery: Mutex<Recovery>,
     recovering: Mutex<HashSet<u32>>,
     repaired_reads: AtomicU64,
@@ -222,6 +219,15 @@ pub(crate) fn flush_recorded(shared: &Shared) {
         Some(c) => c.flush_local(Box::new(|_| {})),
         None => flush_cores(shared, Box::new(|_| {})),
     }
+}
+
+/// Writes in flight on a node, by the map epoch they started under.
+#[derive(Default)]
+struct InFlight {
+    /// Until answered (coordinated: until every replica answered).
+    writes: BTreeMap<u64, u64>,
+    /// Until the local copy is done (`fence_cut_off` waits for these).
+    local: BTreeMap<u64, u64>,
 }
 
 fn count_down(counts: &mut BTreeMap<u64, u64>, epoch: u64) {
@@ -560,8 +566,7 @@ impl Cluster {
             writing: Mutex::new(HashMap::new()),
             dirty: Mutex::new(HashMap::new()),
             dirty_epochs: Mutex::new(replication::DirtyEpochs::default()),
-            inflight: Mutex::new(BTreeMap::new()),
-            local_writes: Mutex::new(BTreeMap::new()),
+            inflight: Mutex::new(InFlight::default()),
             recovery: Mutex::new(Recovery::default()),
             recovering: Mutex::new(HashSet::new()),
             repaired_reads: AtomicU64::new(0),
@@ -725,7 +730,7 @@ impl Cluster {
 
     /// The map epoch of the oldest write in flight here (coordinated or applied as a replica).
     fn oldest_in_flight(&self) -> Option<u64> {
-        self.inflight.lock().keys().next().copied()
+        self.inflight.lock().writes.keys().next().copied()
     }
 
     /// Asks again after a moment, until the request's deadline. A request forwarded by a peer
@@ -1128,18 +1133,18 @@ impl Cluster {
         if epoch < self.write_floor.load(Ordering::Acquire) {
             return false;
         }
-        *inflight.entry(epoch).or_insert(0) += 1;
-        *self.local_writes.lock().entry(epoch).or_insert(0) += 1;
+        *inflight.writes.entry(epoch).or_insert(0) += 1;
+        *inflight.local.entry(epoch).or_insert(0) += 1;
         true
     }
 
     fn inflight_done(&self, epoch: u64) {
-        count_down(&mut self.inflight.lock(), epoch);
+        count_down(&mut self.inflight.lock().writes, epoch);
     }
 
     /// The local copy of a write under map `epoch` is done (or will not be made).
     fn local_done(&self, epoch: u64) {
-        count_down(&mut self.local_writes.lock(), epoch);
+        count_down(&mut self.inflight.lock().local, epoch);
     }
 
     /// Flushes every node that is up, so every acknowledged write is durable on all of them.
@@ -1740,8 +1745,9 @@ impl Cluster {
         // Writes admitted before the floor may still be on their way to the disk.
         let deadline = Instant::now() + self.cfg.lease_ttl;
         while self
-            .local_writes
+            .inflight
             .lock()
+            .local
             .first_key_value()
             .is_some_and(|(&e, _)| e <= seen)
         {
