@@ -96,10 +96,12 @@ enum SnapshotCommand {
 enum PeerCommand {
     /// Drain a node: its data moves to the others, then it leaves the cluster.
     Remove { name: String },
-    /// Give up on a node that is down for good (a dead disk or machine): placement groups
-    /// that lost every clean copy but the one it had stop waiting for it and go on from
-    /// the best copy left. Writes only that node had are lost, so it asks for
-    /// --accept-data-loss. `torusctl status` names the nodes lost placement groups wait for.
+    /// Give up on a node that is down for good, so lost placement groups stop waiting for it
+    ///
+    /// For a dead disk or machine: placement groups that lost every clean copy but the one it
+    /// had stop waiting for it and go on from the best copy left. Writes only that node had
+    /// are lost, so it asks for --accept-data-loss. `torusctl status` names the nodes lost
+    /// placement groups wait for.
     Lost {
         name: String,
         /// Confirms that writes only this node had may be lost.
