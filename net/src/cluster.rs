@@ -1752,6 +1752,7 @@ impl Cluster {
             .is_some_and(|(&e, _)| e <= seen)
         {
             if Instant::now() >= deadline {
+                eprintln!("torusd: cut off from etcd past the lease: refusing writes under map {seen} and older; local writes still in flight, so no flush is recorded on disk");
                 return;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -1764,6 +1765,7 @@ impl Cluster {
             }),
         );
         if rx.await.unwrap_or(status::EIO) != status::OK {
+            eprintln!("torusd: cut off from etcd past the lease: refusing writes under map {seen} and older; the flush failed, so none is recorded on disk");
             return;
         }
         let record = (self.incarnation, seen + 1);
@@ -1861,9 +1863,16 @@ impl Cluster {
         let map = self.map();
         let recovering = self.recovering.lock().clone();
         let names_me = replication::names_me(&map, &self.me, self.incarnation);
-        let up_since = map.nodes.get(&self.me).map_or(0, |n| n.up_since);
+        let (up_since, after_break) = map
+            .nodes
+            .get(&self.me)
+            .map_or((0, false), |n| (n.up_since, n.after_break));
         let mut dirty = self.dirty.lock();
-        if self.dirty_epochs.lock().observe(names_me, up_since) {
+        if self
+            .dirty_epochs
+            .lock()
+            .observe(names_me, up_since, after_break)
+        {
             for set in dirty.values_mut() {
                 set.retain(|_, epoch| *epoch >= up_since);
             }

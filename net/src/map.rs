@@ -54,6 +54,12 @@ pub struct MapNode {
     /// it instead of starting over.
     #[serde(default)]
     pub down_since_ms: u64,
+    /// This incarnation was first seen while the node's previous entry was down: maps in
+    /// between sent writes to neither process, so what this one remembered as dirty from
+    /// before is void (`replication::DirtyEpochs`). A restart noticed while the previous
+    /// entry was still up had every write sent to it.
+    #[serde(default)]
+    pub after_break: bool,
 }
 
 impl MapNode {
@@ -402,6 +408,7 @@ impl ClusterMap {
                             up_since: before.epoch + 1,
                             out: false,
                             down_since_ms: 0,
+                            after_break: false,
                         },
                     );
                 }
@@ -414,6 +421,9 @@ impl ClusterMap {
                     let restarted = n.info.incarnation != info.incarnation;
                     if restarted || !n.up {
                         n.up_since = before.epoch + 1;
+                    }
+                    if restarted {
+                        n.after_break = !n.up;
                     }
                     n.info = info.clone();
                     n.up = true;

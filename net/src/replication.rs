@@ -272,20 +272,24 @@ pub struct DirtyEpochs {
 }
 
 impl DirtyEpochs {
-    /// Takes this node's entry of a map just installed (its incarnation and `up_since`).
-    /// True when some of what it remembered as dirty may be void: the map says this process
-    /// has been up only since a later epoch than the last map that knew it, so it was down in
-    /// between and may have missed writes. A block written here under an older map than
-    /// `up_since` is then no longer known to be newer than its source's copy and must be
-    /// forgotten; one written under `up_since` or later stays (every later write reached
-    /// it). The first map that knows a restarted process is no break: it received every
-    /// write since it started, also those sent under its predecessor's entry — unless its
-    /// lease expired meanwhile (`lease_lost`).
-    pub fn observe(&mut self, names_me: bool, up_since: u64) -> bool {
+    /// Takes this node's entry of a map just installed (its incarnation, `up_since` and
+    /// `after_break`). True when some of what it remembered as dirty may be void: the map says
+    /// this process has been up only since a later epoch than the last map that knew it, so
+    /// it was down in between and may have missed writes. A block written here under an older
+    /// map than `up_since` is then no longer known to be newer than its source's copy and
+    /// must be forgotten; one written under `up_since` or later stays (every later write
+    /// reached it). The first map that knows a restarted process is no break: it received
+    /// every write since it started, also those sent under its predecessor's entry — unless
+    /// that entry was marked down before this process was seen (`after_break`: seed 137830)
+    /// or its lease expired meanwhile (`lease_lost`).
+    pub fn observe(&mut self, names_me: bool, up_since: u64, after_break: bool) -> bool {
         if !names_me {
             return false;
         }
-        let void = self.seen.is_some_and(|s| up_since > s);
+        let void = match self.seen {
+            Some(s) => up_since > s,
+            None => after_break,
+        };
         if void {
             self.valid_from = up_since;
         }
@@ -620,21 +624,44 @@ mod tests {
     fn dirty_blocks_are_void_after_a_break_but_not_when_the_map_first_knows_a_restart() {
         let mut d = DirtyEpochs::default();
         // Restarted before the leader noticed: the map names the old process (up since 3).
-        assert!(!d.observe(false, 3));
+        assert!(!d.observe(false, 3, false));
         // The leader notices (up since 7): every write since the start reached it.
-        assert!(!d.observe(true, 7));
+        assert!(!d.observe(true, 7, false));
         assert_eq!(d.valid_from, 0);
-        assert!(!d.observe(true, 7));
+        assert!(!d.observe(true, 7, false));
         // Down and back in the map: writes before 9 may have been missed.
-        assert!(d.observe(true, 9));
+        assert!(d.observe(true, 9, false));
         assert_eq!(d.valid_from, 9);
-        assert!(!d.observe(true, 9));
+        assert!(!d.observe(true, 9, false));
         // Restarted, and cut off before the map knew it (seed 37141): its lease expired.
         let mut d = DirtyEpochs::default();
-        assert!(!d.observe(false, 3));
+        assert!(!d.observe(false, 3, false));
         d.lease_lost();
-        assert!(d.observe(true, 12));
+        assert!(d.observe(true, 12, false));
         assert_eq!(d.valid_from, 12);
+        // Restarted while the previous process's entry was about to be marked down (seed
+        // 137830): writes under the map that marked it down reached neither.
+        let mut d = DirtyEpochs::default();
+        assert!(!d.observe(false, 3, false));
+        assert!(d.observe(true, 20, true));
+        assert_eq!(d.valid_from, 20);
+    }
+
+    #[test]
+    fn the_map_says_whether_a_restart_came_after_a_break() {
+        let mut m = ClusterMap::new(3);
+        let one = |inc| [node("x", inc)].into_iter().collect();
+        m.reconcile(&one(1));
+        m.reconcile(&one(2));
+        assert!(!m.nodes["x"].after_break, "noticed while its entry was up");
+        m.reconcile(&BTreeMap::new());
+        m.reconcile(&one(3));
+        assert!(m.nodes["x"].after_break, "its entry was down in between");
+        m.reconcile(&BTreeMap::new());
+        m.reconcile(&one(3));
+        assert!(m.nodes["x"].after_break, "kept for that process");
+        m.reconcile(&one(4));
+        assert!(!m.nodes["x"].after_break);
     }
 
     #[test]

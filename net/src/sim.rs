@@ -1302,8 +1302,12 @@ impl Sim {
         }
         let n = &mut self.nodes[i];
         let names_me = replication::names_me(&n.map, &n.name, n.inc);
-        let up_since = n.map.nodes.get(&n.name).map_or(0, |m| m.up_since);
-        if n.dirty_epochs.observe(names_me, up_since) {
+        let (up_since, after_break) = n
+            .map
+            .nodes
+            .get(&n.name)
+            .map_or((0, false), |m| (m.up_since, m.after_break));
+        if n.dirty_epochs.observe(names_me, up_since, after_break) {
             for set in n.dirty.values_mut() {
                 set.retain(|_, epoch| *epoch >= up_since);
             }

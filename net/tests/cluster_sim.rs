@@ -137,6 +137,15 @@ fn a_holder_cut_off_past_its_lease_records_its_flush_on_disk_for_a_revival() {
 }
 
 #[test]
+fn a_process_restarted_as_its_predecessor_is_marked_down_forgets_its_older_dirty_blocks() {
+    // Seed 137830: n0 restarted while the map still named its dead predecessor up, took a
+    // write under that map (remembered as dirty), then the map marked the predecessor down
+    // and a newer write to the block went to the others only. Keeping the dirty block made
+    // catch-up skip it, and n0 kept the older version (`MapNode::after_break`).
+    replay(137830);
+}
+
+#[test]
 fn a_seed_replays_exactly() {
     let cfg = SimConfig {
         seed: 77,
