@@ -254,21 +254,43 @@ fn write_durably(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Publishes, before this process registers, the flush record a previous process of this
-/// store left on its disk when it was cut off from etcd (`Cluster::fence_cut_off`): a
-/// revival that asks what that process's disk has then sees it. The file goes once etcd has
-/// it; one that cannot be read is reported and left alone.
-async fn publish_cut_record(
+/// `record` (this store's flush records, by incarnation) with process `inc`'s at `epoch` at
+/// least, the oldest processes' dropped past `FLUSH_RECORDS_KEPT`.
+fn with_flush(mut record: Vec<(u64, u64)>, inc: u64, epoch: u64) -> Vec<(u64, u64)> {
+    let epoch = record
+        .iter()
+        .find(|(i, _)| *i == inc)
+        .map_or(epoch, |&(_, e)| e.max(epoch));
+    record.retain(|&(i, _)| i != inc);
+    record.push((inc, epoch));
+    let keep = record.len().saturating_sub(FLUSH_RECORDS_KEPT);
+    record.drain(..keep);
+    record
+}
+
+/// This store's flush records as etcd has them (under `key`), with, before this process
+/// registers, the one a previous process left on its disk when it was cut off from etcd
+/// (`Cluster::fence_cut_off`) published: a revival that asks what that process's disk has
+/// then sees it. The file goes once etcd has it; one that cannot be read is reported and
+/// left alone.
+async fn flush_records(
     etcd: &Etcd,
     key: &str,
     path: &std::path::Path,
-) -> Result<(), EtcdError> {
+) -> Result<Vec<(u64, u64)>, EtcdError> {
+    let record: Vec<(u64, u64)> = match etcd.get(key).await? {
+        None => Vec::new(),
+        Some((v, _)) => serde_json::from_slice(&v).map_err(|e| EtcdError::Corrupt {
+            key: key.to_owned(),
+            why: format!("not a list of (incarnation, map epoch): {e}"),
+        })?,
+    };
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(record),
         Err(e) => {
             eprintln!("torusd: reading {}: {e}; not published", path.display());
-            return Ok(());
+            return Ok(record);
         }
     };
     let Ok((inc, epoch)) = serde_json::from_slice::<(u64, u64)>(&bytes) else {
@@ -276,26 +298,14 @@ async fn publish_cut_record(
             "torusd: {} is not a flush record (incarnation, map epoch); not published",
             path.display()
         );
-        return Ok(());
+        return Ok(record);
     };
-    let mut record: Vec<(u64, u64)> = match etcd.get(key).await? {
-        None => Vec::new(),
-        Some((v, _)) => serde_json::from_slice(&v).map_err(|e| EtcdError::Corrupt {
-            key: key.to_owned(),
-            why: format!("not a list of (incarnation, map epoch): {e}"),
-        })?,
-    };
-    match record.iter_mut().find(|(i, _)| *i == inc) {
-        Some((_, e)) => *e = (*e).max(epoch),
-        None => record.push((inc, epoch)),
-    }
-    let keep = record.len().saturating_sub(FLUSH_RECORDS_KEPT);
-    record.drain(..keep);
+    let record = with_flush(record, inc, epoch);
     etcd.put(key, serde_json::to_vec(&record).expect("json"), None)
         .await?;
     eprintln!("torusd: published the flush its previous process made while cut off (map {epoch})");
     let _ = std::fs::remove_file(path);
-    Ok(())
+    Ok(record)
 }
 
 /// Flushes every core of a node; `done` gets the worst status.
@@ -505,7 +515,8 @@ impl Cluster {
         };
         let node_key = format!("nodes/{}", cfg.node_name);
         let id_hex: String = node_id.iter().map(|b| format!("{b:02x}")).collect();
-        let lease = rt.block_on(async {
+        let flushed_key = format!("flushed/{id_hex}");
+        let (lease, flushed_record) = rt.block_on(async {
             // A name held by a different store is another node: refuse. The same store
             // (restarted within the lease) takes its name back.
             if let Some((bytes, _)) = etcd.get(&format!("ids/{}", cfg.node_name)).await? {
@@ -522,22 +533,14 @@ impl Cluster {
                 etcd.put(&format!("ids/{}", cfg.node_name), id_hex.clone().into_bytes(), None)
                     .await?;
             }
-            publish_cut_record(&etcd, &format!("flushed/{id_hex}"), &cfg.cut_record_path).await?;
+            let flushed = flush_records(&etcd, &flushed_key, &cfg.cut_record_path).await?;
             let lease = etcd.lease_grant(cfg.lease_ttl).await?;
             etcd.put(&node_key, serde_json::to_vec(&info).expect("json"), Some(lease))
                 .await?;
-            Ok(lease)
+            Ok((lease, flushed))
         })?;
         let (map, _) = rt.block_on(etcd.map())?;
         let map = map.unwrap_or_else(|| ClusterMap::new(cfg.replicas_max));
-        let flushed_key = format!("flushed/{id_hex}");
-        let flushed_record: Vec<(u64, u64)> = match rt.block_on(etcd.get(&flushed_key))? {
-            None => Vec::new(),
-            Some((v, _)) => serde_json::from_slice(&v).map_err(|e| EtcdError::Corrupt {
-                key: flushed_key.clone(),
-                why: format!("not a list of (incarnation, map epoch): {e}"),
-            })?,
-        };
         if map.pg_count != shared.geometry.pg_count {
             return Err(EtcdError::Corrupt {
                 key: "map".into(),
@@ -1223,14 +1226,7 @@ impl Cluster {
             if me.flushed_epoch.load(Ordering::Acquire) >= seen {
                 return done(status::OK);
             }
-            let record = {
-                let mut r = me.flushed_record.lock().clone();
-                r.retain(|&(inc, _)| inc != me.incarnation);
-                r.push((me.incarnation, seen));
-                let keep = r.len().saturating_sub(FLUSH_RECORDS_KEPT);
-                r.drain(..keep);
-                r
-            };
+            let record = with_flush(me.flushed_record.lock().clone(), me.incarnation, seen);
             let put = me
                 .etcd
                 .put(
@@ -1728,7 +1724,7 @@ impl Cluster {
     /// under a map it has seen can be acknowledged with it any more, and it refuses those from
     /// now on (`write_floor`). It then flushes and records, on its own disk (etcd cannot be
     /// reached), that the flush covers every write of those maps: as a flush record, the
-    /// newest epoch seen plus one. Its next process publishes it (`publish_cut_record`), so a
+    /// newest epoch seen plus one. Its next process publishes it (`flush_records`), so a
     /// revival knows this disk has more than a holder that recorded a flush under the same
     /// map before these writes. Once per map seen.
     async fn fence_cut_off(&self) {

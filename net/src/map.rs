@@ -663,8 +663,8 @@ impl ClusterMap {
             };
         }
         done.released.sort_unstable();
-        let before = self.clone();
-        self.revive_lost_pgs(&before);
+        // The slots are as they were: no PG is lost by this step.
+        self.revive_lost_pgs(&untouched);
         self.prune_demoted();
         if *self != untouched {
             self.epoch += 1;
