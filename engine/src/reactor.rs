@@ -43,7 +43,16 @@ pub trait CoreService: Send + 'static {
     /// Called once per loop iteration, before the ring is submitted: what the iteration
     /// queued can go out as one batch.
     fn end_of_iteration(&mut self, _core: &mut CoreContext) {}
+    /// How many completions the core may sleep for before it wakes: more than one only when
+    /// nothing can progress until all of them are in (the replies to one replicated write).
+    /// The core still wakes after `AWAIT_ALL_LIMIT` with fewer.
+    fn completions_awaited(&self) -> u32 {
+        1
+    }
 }
+
+/// The longest a core sleeps for all of `completions_awaited` before it wakes for fewer.
+pub const AWAIT_ALL_LIMIT: Duration = Duration::from_millis(1);
 
 /// The low 4 bits of a service's io tag say whose operation it is when several services share
 /// a core: the NBD connections use 1 and 2, the ublk queues 3, the peer connections this.
@@ -503,7 +512,28 @@ impl Reactor {
             let sleep = (!work || (submitting && !must_loop))
                 && !spin
                 && mailbox.prepare_sleep(&self.receiver);
-            let result = self.ctx.io.ring.submit_and_wait(if sleep { 1 } else { 0 });
+            // One wake-up for all of a replicated write's replies instead of one for each
+            // (with DEFER_TASKRUN the kernel wakes the core only when that many are in).
+            let awaited = if sleep
+                && self.ctx.io.sync.store_in_flight == 0
+                && self.shutdown.is_none()
+                && self.draining.is_none()
+            {
+                self.service.completions_awaited()
+            } else {
+                1
+            };
+            let result = if awaited > 1 {
+                let limit = types::Timespec::from(AWAIT_ALL_LIMIT);
+                let args = types::SubmitArgs::new().timespec(&limit);
+                self.ctx
+                    .io
+                    .ring
+                    .submitter()
+                    .submit_with_args(awaited as usize, &args)
+            } else {
+                self.ctx.io.ring.submit_and_wait(if sleep { 1 } else { 0 })
+            };
             if sleep {
                 self.ctx.shared.mailboxes[self.ctx.index].awake();
             }

@@ -83,4 +83,8 @@ impl CoreService for FrontendService {
             peer.end_of_iteration(ctx);
         }
     }
+
+    fn completions_awaited(&self) -> u32 {
+        self.peer.as_ref().map_or(1, |p| p.completions_awaited())
+    }
 }

@@ -875,6 +875,7 @@ impl Cluster {
                 ..Entry::default()
             },
             data: None,
+            group: 0,
             done: Box::new(move |r| match (r.status, r.data) {
                 (status::OK, Some(d)) if d.len == len as usize => {
                     eprintln!("torusd: volume {volume} bytes {offset}+{len}: the local copy fails its checksum; answered from node {node}");
@@ -965,6 +966,7 @@ impl Cluster {
         link.send(Outgoing {
             entry,
             data,
+            group: 0,
             done: Box::new(move |r| match r.status {
                 status::OK => {
                     let output = match (&req.piece.kind, r.data) {
@@ -1041,6 +1043,8 @@ impl Cluster {
             let call = call.clone();
             move |piece: &Piece, remote: &[String]| {
                 let map = me.map();
+                // The copies' replies are awaited together (one wake-up for all of them).
+                let group = crate::peer::new_group();
                 for node in remote {
                     let Some(link) = me.link(&map, node, pg) else {
                         call(status::RETRY);
@@ -1052,6 +1056,7 @@ impl Cluster {
                     link.send(Outgoing {
                         entry,
                         data,
+                        group,
                         done: Box::new(move |r| call(r.status)),
                     });
                 }
@@ -1178,6 +1183,7 @@ impl Cluster {
                                 ..Entry::default()
                             },
                             data: None,
+                            group: 0,
                             done: Box::new(move |r| {
                                 let _ = tx.send(r.status);
                             }),
@@ -2264,6 +2270,7 @@ impl Cluster {
                 ..Entry::default()
             },
             data: None,
+            group: 0,
             done: Box::new(move |r| {
                 let _ = tx.send(r);
             }),
@@ -2343,6 +2350,7 @@ impl Cluster {
                 start: 0,
                 len: bitmap.len(),
             }),
+            group: 0,
             done: Box::new(move |r| {
                 let _ = tx.send(r);
             }),

@@ -34,7 +34,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use torus_engine::reactor::TAG_KIND_PEER;
+use torus_engine::reactor::{AWAIT_ALL_LIMIT, TAG_KIND_PEER};
 use torus_engine::{
     current_core, AlignedBuf, Completion, CoreContext, CoreService, Message, Shared,
 };
@@ -120,7 +120,18 @@ pub type Callback = Box<dyn FnOnce(Reply) + Send>;
 pub struct Outgoing {
     pub entry: Entry,
     pub data: Option<Data>,
+    /// Requests that are answered together (one replicated write's copies: nothing happens
+    /// until every one is in) share a non-zero group; 0 for a request on its own. A core whose
+    /// only requests out are one group's sleeps until all their replies are in.
+    pub group: u64,
     pub done: Callback,
+}
+
+static NEXT_GROUP: AtomicU64 = AtomicU64::new(1);
+
+/// A new group for `Outgoing::group`.
+pub fn new_group() -> u64 {
+    NEXT_GROUP.fetch_add(1, Ordering::Relaxed)
 }
 
 fn retry() -> Reply {
@@ -384,7 +395,8 @@ enum Role {
         link: Arc<LinkInner>,
         next_id: u64,
         queue: VecDeque<Outgoing>,
-        pending: HashMap<u64, (Callback, Instant)>,
+        /// Sent, not answered: the callback, when it was sent, its group.
+        pending: HashMap<u64, (Callback, Instant, u64)>,
     },
     /// A connection from another node: requests in, replies out.
     Served {
@@ -452,6 +464,65 @@ pub struct PeerService {
     /// Served connections closed by `make_room`, and when that was last logged.
     refused: u64,
     said: LogEvery,
+    awaiting: Awaiting,
+}
+
+/// What this core's requests out wait for, for `completions_awaited`.
+#[derive(Default)]
+struct Awaiting {
+    /// Requests sent and not answered (nor failed), on every connection of this core.
+    pending: usize,
+    /// The group of the latest request sent (0: none), when its first request went out, and
+    /// how many of its requests are pending.
+    group: u64,
+    since: Option<Instant>,
+    in_group: usize,
+    /// The group's connections; a second request of the group on one of them (whose replies
+    /// might come in one receive) turns the count off.
+    conns: Vec<u64>,
+    one_per_conn: bool,
+}
+
+impl Awaiting {
+    fn sent(&mut self, group: u64, conn: u64) {
+        self.pending += 1;
+        if group != 0 && group == self.group {
+            self.in_group += 1;
+            self.one_per_conn &= !self.conns.contains(&conn);
+            self.conns.push(conn);
+        } else {
+            self.group = group;
+            self.since = Some(Instant::now());
+            self.in_group = 1;
+            self.conns.clear();
+            self.conns.push(conn);
+            self.one_per_conn = true;
+        }
+    }
+
+    fn answered(&mut self, group: u64) {
+        self.pending -= 1;
+        if group != 0 && group == self.group {
+            self.in_group -= 1;
+        }
+    }
+
+    /// The number of replies the core can sleep for: all of the group's when they are all
+    /// that is out, each on its own connection, and the group went out less than
+    /// `AWAIT_ALL_LIMIT` ago (a peer that stopped answering must not keep every other
+    /// completion of this core waiting for its reply until `OP_TIMEOUT`).
+    fn replies_awaited(&self) -> u32 {
+        let whole = self.group != 0
+            && self.in_group > 1
+            && self.in_group == self.pending
+            && self.one_per_conn
+            && self.since.is_some_and(|t| t.elapsed() < AWAIT_ALL_LIMIT);
+        if whole {
+            self.in_group as u32
+        } else {
+            1
+        }
+    }
 }
 
 /// Lets a repeated log line through at most once per 10 s.
@@ -483,6 +554,7 @@ impl PeerService {
             to_send: Vec::new(),
             refused: 0,
             said: LogEvery::default(),
+            awaiting: Awaiting::default(),
         }
     }
 
@@ -542,7 +614,7 @@ impl PeerService {
             .iter()
             .filter(|(_, c)| match &c.role {
                 Role::Client { pending, .. } => {
-                    pending.values().any(|(_, at)| at.elapsed() > OP_TIMEOUT)
+                    pending.values().any(|(_, at, _)| at.elapsed() > OP_TIMEOUT)
                 }
                 Role::Served { .. } => false,
             })
@@ -579,7 +651,10 @@ impl PeerService {
                     self.links.remove(&link.id);
                 }
                 failed.extend(queue.drain(..).map(|o| o.done));
-                failed.extend(pending.drain().map(|(_, (cb, _))| cb));
+                for (_, (cb, _, group)) in pending.drain() {
+                    self.awaiting.answered(group);
+                    failed.push(cb);
+                }
             }
             Role::Served { replies, .. } => replies.clear(),
         }
@@ -779,7 +854,8 @@ impl PeerService {
                     if e.op != Op::Reply as u8 {
                         continue;
                     }
-                    if let Some((cb, _)) = pending.remove(&e.id) {
+                    if let Some((cb, _, group)) = pending.remove(&e.id) {
+                        self.awaiting.answered(group);
                         cb(Reply {
                             status: e.status,
                             data: data_of(e, *start),
@@ -834,7 +910,8 @@ impl PeerService {
                     let mut e = o.entry;
                     e.id = *next_id;
                     *next_id += 1;
-                    pending.insert(e.id, (o.done, Instant::now()));
+                    pending.insert(e.id, (o.done, Instant::now(), o.group));
+                    self.awaiting.sent(o.group, id);
                     bytes += o.data.as_ref().map_or(0, |d| d.len);
                     batch.push((e, o.data));
                 }
@@ -976,6 +1053,10 @@ impl CoreService for PeerService {
         false
     }
 
+    fn completions_awaited(&self) -> u32 {
+        self.awaiting.replies_awaited()
+    }
+
     fn end_of_iteration(&mut self, ctx: &mut CoreContext) {
         if self.to_send.is_empty() {
             return;
@@ -989,5 +1070,72 @@ impl CoreService for PeerService {
         }
         ids.clear();
         self.to_send = ids;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_core_sleeps_for_all_of_one_writes_replies_and_no_longer() {
+        let mut a = Awaiting::default();
+        assert_eq!(a.replies_awaited(), 1, "nothing out");
+        let g = new_group();
+        a.sent(g, 1);
+        assert_eq!(a.replies_awaited(), 1, "one reply is one completion");
+        a.sent(g, 2);
+        assert_eq!(a.replies_awaited(), 2, "both copies' replies");
+        a.answered(g);
+        assert_eq!(a.replies_awaited(), 1, "the other one");
+        a.answered(g);
+        assert_eq!(a.replies_awaited(), 1);
+        assert_eq!(a.pending, 0);
+    }
+
+    #[test]
+    fn anything_else_out_wakes_the_core_for_each_reply() {
+        let mut a = Awaiting::default();
+        // A request on its own (a forwarded read) before a write's copies: its reply alone
+        // is worth waking for.
+        a.sent(0, 3);
+        let g = new_group();
+        a.sent(g, 1);
+        a.sent(g, 2);
+        assert_eq!(a.replies_awaited(), 1);
+        a.answered(0);
+        assert_eq!(a.replies_awaited(), 2);
+        // An older write still waiting for one copy: its reply finishes it.
+        let h = new_group();
+        a.sent(h, 1);
+        a.sent(h, 2);
+        assert_eq!(a.replies_awaited(), 1);
+        for _ in 0..2 {
+            a.answered(g);
+        }
+        assert_eq!(a.replies_awaited(), 2);
+    }
+
+    #[test]
+    fn two_requests_on_one_connection_or_an_old_group_are_not_awaited_together() {
+        let mut a = Awaiting::default();
+        let g = new_group();
+        a.sent(g, 1);
+        a.sent(g, 1);
+        assert_eq!(
+            a.replies_awaited(),
+            1,
+            "their replies may come in one receive"
+        );
+        let mut b = Awaiting::default();
+        let h = new_group();
+        b.sent(h, 1);
+        b.sent(h, 2);
+        b.since = Some(Instant::now() - AWAIT_ALL_LIMIT);
+        assert_eq!(
+            b.replies_awaited(),
+            1,
+            "a peer that does not answer holds nothing up"
+        );
     }
 }
