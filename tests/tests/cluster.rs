@@ -710,6 +710,14 @@ fn one_writing_node_per_volume_and_stale_writers_are_fenced() {
     assert_eq!(body[0], 64, "a reply");
     let status = u16::from_le_bytes([body[2], body[3]]);
     assert_eq!(status, 5, "FENCED");
+    // Deleting it through b, which has no client of it, is refused while a client is
+    // connected through a, and names a.
+    let out = b.torusctl(&["volume", "delete", "vol"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("node a"),
+        "delete through b while a has a client: {err}"
+    );
     // The volume still reads what a wrote.
     let data = writer.read(0, 4096).unwrap().unwrap();
     assert_eq!(data, vec![7u8; 4096]);
@@ -721,6 +729,14 @@ fn one_writing_node_per_volume_and_stale_writers_are_fenced() {
         T,
     );
     assert!(out.contains("67108864"), "{out}");
+    // With no client anywhere, b deletes it, and a no longer serves it.
+    std::thread::sleep(Duration::from_millis(500));
+    b.torusctl_ok(&["volume", "delete", "vol"]);
+    let t = Instant::now();
+    while a.torusctl_ok(&["volume", "list"]).contains("vol") {
+        assert!(t.elapsed() < Duration::from_secs(10), "a still lists vol");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// A client that connects now and writes when told: prints "connected", waits for a line on

@@ -277,8 +277,29 @@ impl Node {
     }
 
     fn delete_volume(&self, name: &str) -> Answer {
-        if self.metadata.volume(name).is_none() {
+        let Some(vol) = self.metadata.volume(name) else {
             return metadata_error(MetadataError::NotFound(name.to_owned()));
+        };
+        // On a cluster, a node with clients of the volume holds its writer lock (given 2 s to
+        // let go of it, for a client that has just left).
+        if let Some(c) = &self.cluster {
+            let since = std::time::Instant::now();
+            loop {
+                match c.writer_holder(vol.id) {
+                    Ok(Some(node)) if node != c.me => {
+                        if since.elapsed() < std::time::Duration::from_secs(2) {
+                            std::thread::sleep(std::time::Duration::from_millis(100));
+                            continue;
+                        }
+                        return error(
+                            409,
+                            format!("volume {name:?} has clients connected through node {node}; disconnect them first"),
+                        );
+                    }
+                    Ok(_) => break,
+                    Err(e) => return error(503, e),
+                }
+            }
         }
         let removed = match self.exports.remove_unless_attached(name) {
             Ok(v) => v,
@@ -291,13 +312,27 @@ impl Node {
                 );
             }
         };
-        let record = match self.metadata.delete_volume(name) {
+        let put_back = || {
+            if let Some(v) = &removed {
+                self.exports
+                    .insert(Volume::new(&v.name, v.id, v.size(), v.read_only));
+            }
+        };
+        // Held while the volume goes, so that no node lets a client attach meanwhile.
+        if let Some(c) = &self.cluster {
+            if let Err(e) = c.acquire_writer(vol.id) {
+                put_back();
+                return error(409, e);
+            }
+        }
+        let deleted = self.metadata.delete_volume(name);
+        if let Some(c) = &self.cluster {
+            c.release_writer(vol.id);
+        }
+        let record = match deleted {
             Ok(r) => r,
             Err(e) => {
-                if let Some(v) = removed {
-                    self.exports
-                        .insert(Volume::new(&v.name, v.id, v.size(), v.read_only));
-                }
+                put_back();
                 return metadata_error(e);
             }
         };
