@@ -79,6 +79,19 @@ fn snapshot_clone_restore_and_space() {
         "{text}"
     );
     assert!(text.contains("Permission denied"), "{text}");
+    // A raw client that writes anyway: WRITE, WRITE_ZEROES and TRIM are each answered EPERM
+    // (the connection goes on), and the snapshot still reads A.
+    {
+        use torus_tests::nbd::*;
+        let mut raw = Client::connect(node.nbd_port, "db@a").unwrap();
+        assert_eq!(raw.write(0, &[0xcc; 4096], 0).unwrap(), EPERM);
+        for (cookie, cmd) in [(10, CMD_WRITE_ZEROES), (11, CMD_TRIM)] {
+            raw.send(cmd, 0, cookie, 0, 4096, &[]).unwrap();
+            assert_eq!(raw.reply().unwrap(), (EPERM, cookie), "command {cmd}");
+        }
+        assert_eq!(raw.read(0, 4096).unwrap().unwrap(), vec![0xaa; 4096]);
+        raw.disconnect();
+    }
     qemu_io(&snap, &["read -P 0xaa 0 4K"]);
 
     // Clone: writable, starts as the snapshot, does not change it.
