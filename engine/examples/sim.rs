@@ -128,4 +128,8 @@ fn print_report(r: &SimReport, faults: Faults, steps: u32, took: std::time::Dura
         "damage detected: reads answered EIO {}, opens refused naming the damage {}; writes refused ENOSPC {}",
         r.reads_eio, r.refused_opens, r.writes_enospc
     );
+    println!(
+        "checkpoints made durable {} ({} in the background while commits went on)",
+        r.checkpoints, r.checkpoints_background
+    );
 }

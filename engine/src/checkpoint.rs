@@ -36,26 +36,46 @@ impl CheckpointHeader {
 
 /// Serializes a checkpoint into an aligned buffer ready to be written.
 pub fn encode(seq: u64, journal_start: u64, entries: &[(u32, u64, Entry)]) -> AlignedBuf {
-    let body_len = entries.len() * CHECKPOINT_ENTRY_SIZE as usize;
-    let mut buf = AlignedBuf::zeroed(PAGE_SIZE + body_len);
-    let (header, body) = buf.split_at_mut(PAGE_SIZE);
+    let mut buf = buffer_for(entries.len() as u64);
     for (i, (volume, block, e)) in entries.iter().enumerate() {
-        let at = i * CHECKPOINT_ENTRY_SIZE as usize;
-        put_u32(body, at, *volume);
-        put_u64(body, at + 4, *block);
-        put_u32(body, at + 12, e.slot);
-        put_u32(body, at + 16, e.crc);
+        put_entry(&mut buf, i as u64, *volume, *block, *e);
     }
-    let body_crc = crc32c::crc32c(&body[..body_len]);
+    let body_crc = crc32c::crc32c(entry_bytes(&buf, 0, entries.len() as u64));
+    put_header(&mut buf, seq, journal_start, entries.len() as u64, body_crc);
+    buf
+}
+
+/// A zeroed buffer for a checkpoint of `entries` mappings (header page, then the entries).
+pub fn buffer_for(entries: u64) -> AlignedBuf {
+    AlignedBuf::zeroed(PAGE_SIZE + (entries * CHECKPOINT_ENTRY_SIZE) as usize)
+}
+
+/// Puts mapping number `i` into a checkpoint buffer.
+pub fn put_entry(buf: &mut [u8], i: u64, volume: u32, block: u64, e: Entry) {
+    let at = PAGE_SIZE + (i * CHECKPOINT_ENTRY_SIZE) as usize;
+    put_u32(buf, at, volume);
+    put_u64(buf, at + 4, block);
+    put_u32(buf, at + 12, e.slot);
+    put_u32(buf, at + 16, e.crc);
+}
+
+/// The bytes of mappings `from..to` in a checkpoint buffer (to checksum them a part at a time).
+pub fn entry_bytes(buf: &[u8], from: u64, to: u64) -> &[u8] {
+    &buf[PAGE_SIZE + (from * CHECKPOINT_ENTRY_SIZE) as usize
+        ..PAGE_SIZE + (to * CHECKPOINT_ENTRY_SIZE) as usize]
+}
+
+/// Writes the header page once every entry is in: `body_crc` is the crc32c of all of them.
+pub fn put_header(buf: &mut [u8], seq: u64, journal_start: u64, entries: u64, body_crc: u32) {
+    let header = &mut buf[..PAGE_SIZE];
     put_u32(header, 0, CHECKPOINT_MAGIC);
     put_u16(header, 8, CHECKPOINT_VERSION);
     put_u64(header, 16, seq);
     put_u64(header, 24, journal_start);
-    put_u64(header, 32, entries.len() as u64);
+    put_u64(header, 32, entries);
     put_u32(header, 40, body_crc);
     let crc = header_crc(header);
     put_u32(header, 4, crc);
-    buf
 }
 
 fn header_crc(page: &[u8]) -> u32 {

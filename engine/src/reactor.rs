@@ -485,6 +485,14 @@ impl Reactor {
                     must_loop = true;
                 }
             }
+            // A checkpoint is encoded a step at a time, with the core's I/O reaped between
+            // steps (never several steps without a trip through io_uring_enter).
+            let stepped = self.ctx.store.wants_step();
+            if stepped {
+                self.ctx.store.checkpoint_step(&mut self.ctx.io);
+                self.route();
+                work = true;
+            }
             self.service.end_of_iteration(&mut self.ctx);
             self.ctx.store.flush_writes(&mut self.ctx.io);
             if self.ctx.io.write_held() {
@@ -497,7 +505,7 @@ impl Reactor {
             }
             let spin = polling && !work && last_work.elapsed() < spin_limit;
             let submitting = !self.ctx.io.ring.submission().is_empty();
-            if work && !submitting && skipped < 8 {
+            if work && !submitting && !stepped && skipped < 8 {
                 // Nothing to submit and more to look at: another round without a system call
                 // (a few at most: completions are only gathered by io_uring_enter).
                 skipped += 1;

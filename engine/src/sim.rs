@@ -186,6 +186,9 @@ pub struct SimReport {
     pub flushes_acked: u64,
     /// Snapshots (clone of volume 1 onto its family member) and deletions acknowledged.
     pub volume_ops_acked: u64,
+    /// Checkpoints made durable: in the background (`Build`) and all kinds.
+    pub checkpoints_background: u64,
+    pub checkpoints: u64,
     /// Flushes answered EIO (a write or fdatasync had failed: never acknowledged).
     pub flushes_failed: u64,
     pub reads_checked: u64,
@@ -217,6 +220,8 @@ impl SimReport {
         self.flushes_acked += o.flushes_acked;
         self.flushes_failed += o.flushes_failed;
         self.volume_ops_acked += o.volume_ops_acked;
+        self.checkpoints_background += o.checkpoints_background;
+        self.checkpoints += o.checkpoints;
         self.reads_checked += o.reads_checked;
         self.bytes_verified += o.bytes_verified;
         self.reads_eio += o.reads_eio;
@@ -1173,6 +1178,10 @@ impl Sim {
     /// store is dropped and opened again from what survived.
     fn crash(&mut self) -> Result<bool, SimFailure> {
         self.report.crashes += 1;
+        if let Some(store) = &self.store {
+            self.report.checkpoints += store.counters.checkpoints;
+            self.report.checkpoints_background += store.counters.checkpoints_background;
+        }
         if self.trace {
             eprintln!(
                 "[{}] crash ({} dirty writes, {} in flight)",
@@ -1248,7 +1257,12 @@ impl Sim {
             if self.requests.is_empty() {
                 break;
             }
-            if !self.disk.inflight.is_empty() {
+            let stepping = self.store().wants_step();
+            if stepping && (self.disk.inflight.is_empty() || self.rng.below(4) == 0) {
+                let store = self.store.as_mut().expect("store open");
+                store.checkpoint_step(&mut self.disk);
+                self.collect()?;
+            } else if !self.disk.inflight.is_empty() {
                 let i = self.rng.below(self.disk.inflight.len() as u64) as usize;
                 self.complete_disk_op(i, faults_on)?;
             } else if self.store().timer_armed {
@@ -1369,8 +1383,12 @@ impl Sim {
                     true
                 }
                 2 => {
+                    // End of a loop iteration: a step of a background checkpoint, then the
+                    // writes gathered.
                     let store = self.store.as_mut().expect("store open");
+                    store.checkpoint_step(&mut self.disk);
                     store.flush_writes(&mut self.disk);
+                    self.collect()?;
                     true
                 }
                 3 => {

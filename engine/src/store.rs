@@ -85,6 +85,10 @@ pub(crate) enum StoreIo {
     Commit {
         expected: u32,
     },
+    /// A step of the checkpoint written in the background (`Build`).
+    Checkpoint {
+        expected: u32,
+    },
 }
 
 /// One operation on the backing store as the store asks for it. The reactor turns it into an
@@ -251,8 +255,53 @@ struct Commit {
     buf: Option<AlignedBuf>,
     journal_pages: u64,
     checkpoint: bool,
+    /// Journals the records the background checkpoint's frozen map holds.
+    base_of_build: bool,
     outstanding: u32,
     failed: bool,
+}
+
+/// Chunks of the block map a background checkpoint encodes per step (at most 2048 entries,
+/// some tens of µs), between the core's other work.
+const BUILD_CHUNKS_PER_STEP: usize = 64;
+/// A background checkpoint is written this much at a time, so that the core's data writes
+/// are not queued behind tens of MiB at once.
+const BUILD_WRITE_BYTES: usize = 1 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BuildStage {
+    Encoding,
+    /// Encoded; waits for the commit of the records it holds to be durable.
+    Encoded,
+    WriteA,
+    SyncA,
+    WriteB,
+    SyncB,
+}
+
+/// A checkpoint written in the background: the block map frozen when a commit took its
+/// records (`BlockMap::freeze`), encoded a step at a time between the core's other work, then
+/// written (copy A, sync, copy B, sync) while journal commits go on. It covers the journal
+/// up to `journal_start`, the first page after that commit's; recovery replays the pages
+/// from there. Until it is durable the previous checkpoint and the journal after it still
+/// are the whole picture: no page they need is overwritten (`retain_from`).
+struct Build {
+    seq: u64,
+    journal_start: u64,
+    buf: AlignedBuf,
+    entries: u64,
+    encoded: u64,
+    crc: u32,
+    stage: BuildStage,
+    /// The commit that journaled the records the frozen map holds is durable.
+    base_durable: bool,
+    waiters: Vec<ReplyTo>,
+    /// Bytes of the copy being written that are written.
+    written: usize,
+    /// A write or sync of it is in flight: the buffer must outlive it.
+    in_flight: bool,
+    /// Given up while an operation was in flight: dropped when it completes.
+    abandoned: bool,
 }
 
 #[derive(Default)]
@@ -265,6 +314,8 @@ pub struct StoreCounters {
     pub bytes_written: u64,
     pub commits: u64,
     pub checkpoints: u64,
+    /// Of `checkpoints`, those written in the background while commits went on.
+    pub checkpoints_background: u64,
     pub checksum_errors: u64,
     pub io_errors: u64,
     pub write_ops: u64,
@@ -292,7 +343,10 @@ pub(crate) struct Store {
     flush_waiters: Vec<ReplyTo>,
     space_waiters: VecDeque<usize>,
     commit: Option<Commit>,
+    build: Option<Build>,
     force_checkpoint: bool,
+    /// Answered when the checkpoint asked for (`checkpoint_now`) is durable.
+    checkpoint_waiters: Vec<ReplyTo>,
     journal_next_seq: u64,
     checkpoint_seq: u64,
     checkpoint_journal_start: u64,
@@ -526,7 +580,9 @@ impl Store {
             flush_waiters: Vec::new(),
             space_waiters: VecDeque::new(),
             commit: None,
+            build: None,
             force_checkpoint: false,
+            checkpoint_waiters: Vec::new(),
             journal_next_seq: next_seq,
             checkpoint_seq: seq,
             checkpoint_journal_start: next_seq,
@@ -577,7 +633,16 @@ impl Store {
         self.tasks.len()
     }
     pub fn idle(&self) -> bool {
-        self.tasks.is_empty() && self.commit.is_none() && self.flush_waiters.is_empty()
+        self.tasks.is_empty()
+            && self.commit.is_none()
+            && self.build.is_none()
+            && self.flush_waiters.is_empty()
+    }
+    /// A background checkpoint has encoding left to do (`checkpoint_step`).
+    pub fn wants_step(&self) -> bool {
+        self.build
+            .as_ref()
+            .is_some_and(|b| b.stage == BuildStage::Encoding && !b.abandoned)
     }
     pub fn has_pending_records(&self) -> bool {
         !self.pending_records.is_empty() || !self.pending_frees.is_empty()
@@ -1208,7 +1273,7 @@ impl Store {
     /// Asks for a checkpoint at the next commit (used at shutdown) and starts it.
     pub(crate) fn checkpoint_now(&mut self, io: &mut impl IoSubmit, reply: ReplyTo) {
         self.force_checkpoint = true;
-        self.flush_waiters.push(reply);
+        self.checkpoint_waiters.push(reply);
         self.kick_commit(io);
     }
 
@@ -1224,20 +1289,37 @@ impl Store {
         {
             return;
         }
-        let waiters = std::mem::take(&mut self.flush_waiters);
         if self.poisoned {
-            for w in waiters {
+            let waiters = std::mem::take(&mut self.flush_waiters);
+            let asked = std::mem::take(&mut self.checkpoint_waiters);
+            for w in waiters.into_iter().chain(asked) {
                 self.reply(w, Err(BlockError::Io));
             }
+            self.force_checkpoint = false;
             return;
+        }
+        let ring = self.region.journal_pages;
+        let pages = self.pending_records.len().div_ceil(RECORDS_PER_PAGE) as u64;
+        let used = self.journal_next_seq - self.checkpoint_journal_start;
+        let due = self.force_checkpoint || used + pages > checkpoint_threshold(ring);
+        let fits = self.journal_next_seq + pages <= self.retain_from + ring;
+        if self.build.is_some() && !fits {
+            // The checkpoint under way frees journal pages when it is durable (`finish_build`
+            // starts this commit then).
+            return;
+        }
+        // Due and free to start: in the background when the records fit in the journal;
+        // otherwise (the journal too full to take them) the records go into a checkpoint
+        // written before anything else commits.
+        let background = due && self.build.is_none() && fits;
+        let checkpoint = due && self.build.is_none() && !fits;
+        let mut waiters = std::mem::take(&mut self.flush_waiters);
+        if checkpoint {
+            waiters.append(&mut self.checkpoint_waiters);
+            self.force_checkpoint = false;
         }
         let records = std::mem::take(&mut self.pending_records);
         let frees = std::mem::take(&mut self.pending_frees);
-        let pages = records.len().div_ceil(RECORDS_PER_PAGE) as u64;
-        let used = self.journal_next_seq - self.checkpoint_journal_start;
-        let checkpoint =
-            self.force_checkpoint || used + pages > checkpoint_threshold(self.region.journal_pages);
-        self.force_checkpoint = false;
         let buf = if checkpoint {
             let entries: Vec<_> = self.map.iter().collect();
             Some(checkpoint::encode(
@@ -1260,6 +1342,25 @@ impl Store {
         } else {
             None
         };
+        if background {
+            // The map now holds exactly what the journal will up to this commit's pages.
+            let entries = self.map.freeze();
+            self.force_checkpoint = false;
+            self.build = Some(Build {
+                seq: self.checkpoint_seq + 1,
+                journal_start: self.journal_next_seq + pages,
+                buf: checkpoint::buffer_for(entries),
+                entries,
+                encoded: 0,
+                crc: 0,
+                stage: BuildStage::Encoding,
+                base_durable: false,
+                waiters: std::mem::take(&mut self.checkpoint_waiters),
+                written: 0,
+                in_flight: false,
+                abandoned: false,
+            });
+        }
         self.commit = Some(Commit {
             stage: Stage::SyncData,
             waiters,
@@ -1267,10 +1368,201 @@ impl Store {
             buf,
             journal_pages: if checkpoint { 0 } else { pages },
             checkpoint,
+            base_of_build: background,
             outstanding: 0,
             failed: false,
         });
         self.commit_sync(io, Stage::SyncData);
+    }
+
+    /// Encodes the next part of the background checkpoint; once all of it is encoded and the
+    /// commit it follows is durable, starts writing it.
+    pub(crate) fn checkpoint_step(&mut self, io: &mut impl IoSubmit) {
+        let Some(b) = self.build.as_mut() else {
+            return;
+        };
+        if b.stage != BuildStage::Encoding || b.abandoned {
+            return;
+        }
+        if self.poisoned {
+            return self.give_up_build();
+        }
+        let from = b.encoded;
+        let mut overflow = false;
+        let done = self
+            .map
+            .frozen_next(BUILD_CHUNKS_PER_STEP, |volume, block, e| {
+                if b.encoded < b.entries {
+                    checkpoint::put_entry(&mut b.buf, b.encoded, volume, block, e);
+                    b.encoded += 1;
+                } else {
+                    overflow = true;
+                }
+            });
+        b.crc = crc32c::crc32c_append(b.crc, checkpoint::entry_bytes(&b.buf, from, b.encoded));
+        if !done {
+            return;
+        }
+        if overflow || b.encoded != b.entries {
+            log!(
+                "torus: core {}: background checkpoint gave up: the frozen map handed out {} of {} entries{}",
+                self.core,
+                b.encoded,
+                b.entries,
+                if overflow { " and more" } else { "" }
+            );
+            // The next commit that finds one due starts another.
+            return self.give_up_build_with(true);
+        }
+        checkpoint::put_header(&mut b.buf, b.seq, b.journal_start, b.entries, b.crc);
+        b.stage = BuildStage::Encoded;
+        self.start_build_write(io);
+    }
+
+    /// Writes copy A once the checkpoint is encoded and its base commit is durable.
+    fn start_build_write(&mut self, io: &mut impl IoSubmit) {
+        let Some(b) = self.build.as_mut() else {
+            return;
+        };
+        if b.stage != BuildStage::Encoded || !b.base_durable || b.abandoned {
+            return;
+        }
+        if self.poisoned {
+            return self.give_up_build();
+        }
+        let start = self.region.checkpoint_a;
+        self.build_write(io, BuildStage::WriteA, start);
+    }
+
+    fn build_write(&mut self, io: &mut impl IoSubmit, stage: BuildStage, start_page: u64) {
+        let b = self.build.as_mut().expect("checkpoint under way");
+        b.stage = stage;
+        b.in_flight = true;
+        let len = (b.buf.len() - b.written).min(BUILD_WRITE_BYTES);
+        let entry = DiskOp::Write {
+            offset: start_page * PAGE_SIZE as u64 + b.written as u64,
+            // SAFETY: within the buffer, which the build keeps until this write completes.
+            ptr: unsafe { b.buf.as_ptr().add(b.written) },
+            len: len as u32,
+        };
+        io.submit_store(
+            entry,
+            StoreIo::Checkpoint {
+                expected: len as u32,
+            },
+        );
+    }
+
+    fn build_sync(&mut self, io: &mut impl IoSubmit, stage: BuildStage) {
+        let b = self.build.as_mut().expect("checkpoint under way");
+        b.stage = stage;
+        b.in_flight = true;
+        io.submit_store(DiskOp::SyncData, StoreIo::Checkpoint { expected: 0 });
+    }
+
+    fn build_io_done(&mut self, io: &mut impl IoSubmit, expected: u32, result: i32) {
+        let ok = if expected == 0 {
+            result == 0
+        } else {
+            result == expected as i32
+        };
+        // Kept until its operation completes, even when given up meanwhile.
+        let b = self
+            .build
+            .as_mut()
+            .expect("checkpoint with an operation in flight");
+        b.in_flight = false;
+        if b.abandoned {
+            self.build = None;
+            self.kick_commit(io);
+            return;
+        }
+        let stage = b.stage;
+        if !ok {
+            log!(
+                "torus: core {}: checkpoint step {stage:?} on {} failed: {}; region poisoned, refusing further writes",
+                self.core,
+                self.path.display(),
+                describe_result(result)
+            );
+            self.counters.io_errors += 1;
+            self.poisoned = true;
+        }
+        if self.poisoned {
+            return self.give_up_build();
+        }
+        // The next part of the copy being written, or its sync.
+        if matches!(stage, BuildStage::WriteA | BuildStage::WriteB) {
+            let b = self.build.as_mut().expect("checkpoint under way");
+            b.written += expected as usize;
+            if b.written < b.buf.len() {
+                let start = if stage == BuildStage::WriteA {
+                    self.region.checkpoint_a
+                } else {
+                    self.region.checkpoint_b
+                };
+                return self.build_write(io, stage, start);
+            }
+            b.written = 0;
+        }
+        match stage {
+            BuildStage::WriteA => self.build_sync(io, BuildStage::SyncA),
+            BuildStage::SyncA => {
+                let start = self.region.checkpoint_b;
+                self.build_write(io, BuildStage::WriteB, start)
+            }
+            BuildStage::WriteB => self.build_sync(io, BuildStage::SyncB),
+            BuildStage::SyncB => self.finish_build(io),
+            BuildStage::Encoding | BuildStage::Encoded => {
+                unreachable!("no checkpoint I/O while encoding")
+            }
+        }
+    }
+
+    fn finish_build(&mut self, io: &mut impl IoSubmit) {
+        let b = self.build.take().expect("checkpoint under way");
+        self.counters.checkpoints += 1;
+        self.counters.checkpoints_background += 1;
+        self.checkpoint_seq = b.seq;
+        self.retain_from = self.checkpoint_journal_start;
+        self.checkpoint_journal_start = b.journal_start;
+        for w in b.waiters {
+            self.reply(w, Ok(Output::Done));
+        }
+        // A commit may have waited for the journal pages this frees, or another checkpoint
+        // have been asked for.
+        self.kick_commit(io);
+    }
+
+    /// The region is poisoned: the checkpoint under way is not written; who asked for it
+    /// hears EIO.
+    fn give_up_build(&mut self) {
+        self.give_up_build_with(false);
+    }
+
+    /// Drops the checkpoint under way; who asked for it hears EIO, or done when `ok` (the
+    /// journal still holds everything).
+    fn give_up_build_with(&mut self, ok: bool) {
+        let Some(b) = self.build.as_mut() else {
+            return;
+        };
+        let waiters = std::mem::take(&mut b.waiters);
+        if b.in_flight {
+            b.abandoned = true;
+        } else {
+            self.build = None;
+        }
+        self.map.thaw();
+        for w in waiters {
+            self.reply(
+                w,
+                if ok {
+                    Ok(Output::Done)
+                } else {
+                    Err(BlockError::Io)
+                },
+            );
+        }
     }
 
     fn commit_sync(&mut self, io: &mut impl IoSubmit, stage: Stage) {
@@ -1349,12 +1641,18 @@ impl Store {
             self.counters.io_errors += 1;
             c.failed = true;
         }
+        // Poisoned meanwhile (say a failed fdatasync of the background checkpoint, which drops
+        // dirty pages as Linux does): this commit's own sync no longer vouches for its data.
+        if self.poisoned {
+            c.failed = true;
+        }
         c.outstanding -= 1;
         if c.outstanding > 0 {
             return;
         }
         if c.failed {
             self.poisoned = true;
+            self.give_up_build();
             let c = self.commit.take().expect("commit running");
             for w in c.waiters {
                 self.reply(w, Err(BlockError::Io));
@@ -1389,6 +1687,12 @@ impl Store {
     fn finish_commit(&mut self, io: &mut impl IoSubmit) {
         let c = self.commit.take().expect("commit running");
         self.counters.commits += 1;
+        if c.base_of_build {
+            if let Some(b) = self.build.as_mut() {
+                b.base_durable = true;
+            }
+            self.start_build_write(io);
+        }
         if c.checkpoint {
             self.counters.checkpoints += 1;
             self.checkpoint_seq += 1;
@@ -1412,7 +1716,7 @@ impl Store {
             self.issue_writes(io, tid);
         }
         if !self.flush_waiters.is_empty()
-            || self.force_checkpoint
+            || (self.force_checkpoint && self.build.is_none())
             || self.pending_records.len() >= PENDING_RECORDS_COMMIT
         {
             self.kick_commit(io);
@@ -1506,6 +1810,7 @@ impl Store {
                 }
             }
             StoreIo::Commit { expected } => self.commit_io_done(io, expected, result),
+            StoreIo::Checkpoint { expected } => self.build_io_done(io, expected, result),
         }
     }
 }
