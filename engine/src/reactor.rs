@@ -492,6 +492,9 @@ impl Reactor {
                 self.ctx.store.checkpoint_step(&mut self.ctx.io);
                 self.route();
                 work = true;
+                // No sleep while encoding is left (a submission made meanwhile, such as a
+                // receive re-armed on an idle connection, might not complete for long).
+                must_loop = true;
             }
             self.service.end_of_iteration(&mut self.ctx);
             self.ctx.store.flush_writes(&mut self.ctx.io);
