@@ -1046,6 +1046,10 @@ impl Store {
     }
 
     fn issue_writes(&mut self, io: &mut impl IoSubmit, tid: usize) {
+        if self.poisoned {
+            // No commit will free space, nor vouch for the data.
+            return self.fail_task(io, tid, BlockError::Io);
+        }
         let count = self.tasks[tid].block_count as usize;
         let mut slots = Vec::with_capacity(count);
         for _ in 0..count {
@@ -1296,6 +1300,11 @@ impl Store {
                 self.reply(w, Err(BlockError::Io));
             }
             self.force_checkpoint = false;
+            // Writes waiting for space a commit would have freed.
+            let waiting: Vec<usize> = self.space_waiters.drain(..).collect();
+            for tid in waiting {
+                self.fail_task(io, tid, BlockError::Io);
+            }
             return;
         }
         let ring = self.region.journal_pages;

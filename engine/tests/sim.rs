@@ -103,8 +103,16 @@ fn a_seed_replays_exactly() {
 fn seeds_that_found_bugs_pass() {
     // Found by the long form: two misdirected journal writes lost an acknowledged write
     // silently (the journal scan took an older lap's page for the end); a FLUSH that arrived
-    // while a failing commit ran was never answered.
-    for (seed, faults) in [(2678, "all"), (100640, "crash,torn,device-full")] {
+    // while a failing commit ran was never answered. With checkpoints in the background: a
+    // journal commit acknowledged a FUA write after the checkpoint's failed fdatasync had
+    // dropped its data (2122); a write waiting for space when the region was poisoned was
+    // never answered (9612).
+    for (seed, faults) in [
+        (2678, "all"),
+        (100640, "crash,torn,device-full"),
+        (2122, "all"),
+        (9612, "all"),
+    ] {
         let config = SimConfig {
             seed,
             steps: 3000,
