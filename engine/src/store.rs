@@ -255,8 +255,6 @@ struct Commit {
     buf: Option<AlignedBuf>,
     journal_pages: u64,
     checkpoint: bool,
-    /// Journals the records the background checkpoint's frozen map holds.
-    base_of_build: bool,
     outstanding: u32,
     failed: bool,
 }
@@ -367,6 +365,15 @@ pub(crate) struct Store {
     pub counters: StoreCounters,
     pub latency_read_us: Histogram<u64>,
     pub latency_write_us: Histogram<u64>,
+}
+
+/// Whether a write (`expected` bytes) or a sync (`expected` 0) completed in full.
+fn completed(expected: u32, result: i32) -> bool {
+    if expected == 0 {
+        result == 0
+    } else {
+        result == expected as i32
+    }
 }
 
 fn pread_aligned(
@@ -1377,7 +1384,6 @@ impl Store {
             buf,
             journal_pages: if checkpoint { 0 } else { pages },
             checkpoint,
-            base_of_build: background,
             outstanding: 0,
             failed: false,
         });
@@ -1439,11 +1445,16 @@ impl Store {
         if self.poisoned {
             return self.give_up_build();
         }
-        let start = self.region.checkpoint_a;
-        self.build_write(io, BuildStage::WriteA, start);
+        self.build_write(io, BuildStage::WriteA);
     }
 
-    fn build_write(&mut self, io: &mut impl IoSubmit, stage: BuildStage, start_page: u64) {
+    /// Writes the next part of copy A (`WriteA`) or copy B (`WriteB`).
+    fn build_write(&mut self, io: &mut impl IoSubmit, stage: BuildStage) {
+        let start_page = if stage == BuildStage::WriteA {
+            self.region.checkpoint_a
+        } else {
+            self.region.checkpoint_b
+        };
         let b = self.build.as_mut().expect("checkpoint under way");
         b.stage = stage;
         b.in_flight = true;
@@ -1470,11 +1481,7 @@ impl Store {
     }
 
     fn build_io_done(&mut self, io: &mut impl IoSubmit, expected: u32, result: i32) {
-        let ok = if expected == 0 {
-            result == 0
-        } else {
-            result == expected as i32
-        };
+        let ok = completed(expected, result);
         // Kept until its operation completes, even when given up meanwhile.
         let b = self
             .build
@@ -1505,21 +1512,13 @@ impl Store {
             let b = self.build.as_mut().expect("checkpoint under way");
             b.written += expected as usize;
             if b.written < b.buf.len() {
-                let start = if stage == BuildStage::WriteA {
-                    self.region.checkpoint_a
-                } else {
-                    self.region.checkpoint_b
-                };
-                return self.build_write(io, stage, start);
+                return self.build_write(io, stage);
             }
             b.written = 0;
         }
         match stage {
             BuildStage::WriteA => self.build_sync(io, BuildStage::SyncA),
-            BuildStage::SyncA => {
-                let start = self.region.checkpoint_b;
-                self.build_write(io, BuildStage::WriteB, start)
-            }
+            BuildStage::SyncA => self.build_write(io, BuildStage::WriteB),
             BuildStage::WriteB => self.build_sync(io, BuildStage::SyncB),
             BuildStage::SyncB => self.finish_build(io),
             BuildStage::Encoding | BuildStage::Encoded => {
@@ -1634,11 +1633,7 @@ impl Store {
 
     fn commit_io_done(&mut self, io: &mut impl IoSubmit, expected: u32, result: i32) {
         let c = self.commit.as_mut().expect("commit running");
-        let ok = if expected == 0 {
-            result == 0
-        } else {
-            result == expected as i32
-        };
+        let ok = completed(expected, result);
         if !ok {
             log!(
                 "torus: core {}: commit step {:?} on {} failed: {}; region poisoned, refusing further writes",
@@ -1696,10 +1691,10 @@ impl Store {
     fn finish_commit(&mut self, io: &mut impl IoSubmit) {
         let c = self.commit.take().expect("commit running");
         self.counters.commits += 1;
-        if c.base_of_build {
-            if let Some(b) = self.build.as_mut() {
-                b.base_durable = true;
-            }
+        // A background checkpoint begins with the commit that journals the records its frozen
+        // map holds (commits run one at a time): the first to finish after it began is that one.
+        if let Some(b) = self.build.as_mut().filter(|b| !b.base_durable) {
+            b.base_durable = true;
             self.start_build_write(io);
         }
         if c.checkpoint {

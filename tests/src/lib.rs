@@ -737,6 +737,21 @@ pub fn fio_verify(uri: &str, args: &[&str]) -> serde_json::Value {
     job.clone()
 }
 
+/// Sum over the cores of a per-core counter from `/metrics`.
+pub fn metric_total(node: &Torusd, name: &str) -> u64 {
+    let text = run_ok(
+        Command::new(require_tool("curl", "curl"))
+            .arg("-sf")
+            .arg(format!("{}/metrics", node.admin())),
+        Duration::from_secs(30),
+    );
+    let prefix = format!("{name}{{");
+    text.lines()
+        .filter(|l| l.starts_with(&prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
 /// Runs qemu-io commands on an NBD URI (read-only for a snapshot, `VOLUME@SNAPSHOT`), asserting
 /// that every one succeeded and every pattern matched; returns its output.
 pub fn qemu_io(uri: &str, cmds: &[&str]) -> String {

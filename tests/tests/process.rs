@@ -378,21 +378,6 @@ fn runs_without_root_within_the_memlock_limit() {
     assert!(status.success(), "{status}");
 }
 
-/// Sum over the cores of a per-core counter from `/metrics`.
-fn metric_total(node: &Torusd, name: &str) -> u64 {
-    let text = run_ok(
-        Command::new(require_tool("curl", "curl"))
-            .arg("-sf")
-            .arg(format!("{}/metrics", node.admin())),
-        Duration::from_secs(30),
-    );
-    let prefix = format!("{name}{{");
-    text.lines()
-        .filter(|l| l.starts_with(&prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
-}
-
 /// fio 4 KiB random writes at `qd` over 64 MiB, then reads them back and checks them.
 fn fio_verified_writes(node: &Torusd, qd: u32) {
     run_ok(

@@ -276,6 +276,15 @@ impl Node {
         })
     }
 
+    /// Serves again an export taken away by `remove_unless_attached` (the operation failed,
+    /// or it only needed the volume free for a while).
+    fn put_back(&self, removed: Option<Arc<Volume>>) {
+        if let Some(v) = removed {
+            self.exports
+                .insert(Volume::new(&v.name, v.id, v.size(), v.read_only));
+        }
+    }
+
     fn delete_volume(&self, name: &str) -> Answer {
         let Some(vol) = self.metadata.volume(name) else {
             return metadata_error(MetadataError::NotFound(name.to_owned()));
@@ -312,16 +321,10 @@ impl Node {
                 );
             }
         };
-        let put_back = || {
-            if let Some(v) = &removed {
-                self.exports
-                    .insert(Volume::new(&v.name, v.id, v.size(), v.read_only));
-            }
-        };
         // Held while the volume goes, so that no node lets a client attach meanwhile.
         if let Some(c) = &self.cluster {
             if let Err(e) = c.acquire_writer(vol.id) {
-                put_back();
+                self.put_back(removed);
                 return error(409, e);
             }
         }
@@ -332,7 +335,7 @@ impl Node {
         let record = match deleted {
             Ok(r) => r,
             Err(e) => {
-                put_back();
+                self.put_back(removed);
                 return metadata_error(e);
             }
         };
@@ -605,10 +608,7 @@ impl Node {
             Some(c) => match c.acquire_writer(vol.id) {
                 Ok(_) => true,
                 Err(e) => {
-                    if let Some(v) = removed {
-                        self.exports
-                            .insert(Volume::new(&v.name, v.id, v.size(), v.read_only));
-                    }
+                    self.put_back(removed);
                     return error(409, e);
                 }
             },
@@ -618,10 +618,7 @@ impl Node {
         if let (true, Some(c)) = (locked, &self.cluster) {
             c.release_writer(vol.id);
         }
-        if let Some(v) = removed {
-            self.exports
-                .insert(Volume::new(&v.name, v.id, v.size(), v.read_only));
-        }
+        self.put_back(removed);
         match result {
             Ok(()) => json(
                 200,
