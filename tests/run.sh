@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need_packages="fio libnbd-bin nbdkit nbdfuse python3-libnbd qemu-utils e2fsprogs fuse3 mount curl fonts-dejavu-core etcd-server protobuf-compiler iproute2 nftables"
+need_packages="fio libnbd-bin nbdkit nbdfuse python3-libnbd qemu-utils e2fsprogs fuse3 mount curl fonts-dejavu-core etcd-server iproute2 nftables"
 missing=""
 for p in $need_packages; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

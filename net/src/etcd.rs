@@ -16,9 +16,22 @@
 
 use crate::map::ClusterMap;
 use crate::metadata::{validate_name, validate_size, Metadata, MetadataError, VolumeRecord};
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
+use rpc::compare::{CompareResult, CompareTarget, TargetUnion};
+use rpc::kv_client::KvClient;
+use rpc::lease_client::LeaseClient;
+use rpc::request_op::Request;
+use rpc::{
+    Compare, DeleteRangeRequest, LeaseGrantRequest, LeaseKeepAliveRequest, LeaseRevokeRequest,
+    PutRequest, RangeRequest, RequestOp, TxnRequest,
+};
 use std::collections::HashMap;
 use std::time::Duration;
+use tonic::transport::{Channel, Endpoint};
+
+/// etcd's v3 gRPC API, as much as torus uses: generated from `net/proto/etcd.proto` by
+/// `cargo run -p torus-codegen` and committed, so that building torus needs no `protoc`.
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod rpc;
 
 pub const PREFIX: &str = "/torus/";
 const NEXT_KEY: &str = "volumes/=next";
@@ -33,38 +46,56 @@ pub struct VolumeList {
     pub families: HashMap<u32, u32>,
 }
 
+/// A connection to etcd: one gRPC channel balanced over every endpoint given, shared by
+/// clones (cloning is cheap; tonic multiplexes calls over HTTP/2).
 #[derive(Clone)]
 pub struct Etcd {
-    client: Client,
+    kv: KvClient<Channel>,
+    lease: LeaseClient<Channel>,
+    endpoints: String,
     prefix: String,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdError {
-    #[error("etcd: {0}")]
-    Client(Box<etcd_client::Error>),
+    #[error("etcd endpoint {endpoint:?}: {why}")]
+    Endpoint { endpoint: String, why: String },
+    #[error("etcd at {endpoints}: {}", describe(.status))]
+    Rpc {
+        endpoints: String,
+        status: Box<tonic::Status>,
+    },
     #[error("etcd key {key}: {why}")]
     Corrupt { key: String, why: String },
     #[error("etcd did not answer within {0:?}")]
     Timeout(Duration),
 }
 
-impl From<etcd_client::Error> for EtcdError {
-    fn from(e: etcd_client::Error) -> EtcdError {
-        EtcdError::Client(Box::new(e))
+/// One line for a gRPC failure: what etcd (or the transport) said, without tonic's debug dump.
+fn describe(status: &tonic::Status) -> String {
+    use tonic::Code;
+    let what = match status.code() {
+        Code::Unavailable => "unreachable",
+        Code::DeadlineExceeded => "did not answer in time",
+        Code::ResourceExhausted => "is out of space or over its request limit",
+        Code::Unauthenticated | Code::PermissionDenied => "refused torus's credentials",
+        _ => "failed",
+    };
+    let message = status.message();
+    if message.is_empty() {
+        format!("{what} ({:?})", status.code())
+    } else {
+        format!("{what} ({:?}: {message})", status.code())
     }
 }
 
+/// How long a call may take before the node treats etcd as unreachable.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
-
-async fn timed<T>(
-    f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
-) -> Result<T, EtcdError> {
-    match tokio::time::timeout(CALL_TIMEOUT, f).await {
-        Ok(r) => Ok(r?),
-        Err(_) => Err(EtcdError::Timeout(CALL_TIMEOUT)),
-    }
-}
+/// How long a connection attempt to one endpoint may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// HTTP/2 pings on an idle connection, so a dead etcd host is noticed without a call.
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(2);
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(2);
 
 fn parse<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, EtcdError> {
     serde_json::from_slice(value).map_err(|e| EtcdError::Corrupt {
@@ -73,15 +104,97 @@ fn parse<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, E
     })
 }
 
+/// `host:port` or a URL; etcd's own clients take both.
+fn endpoint(url: &str) -> Result<Endpoint, EtcdError> {
+    let url = if url.contains("://") {
+        url.to_owned()
+    } else {
+        format!("http://{url}")
+    };
+    let e = Endpoint::from_shared(url.clone()).map_err(|e| EtcdError::Endpoint {
+        endpoint: url,
+        why: e.to_string(),
+    })?;
+    Ok(e.connect_timeout(CONNECT_TIMEOUT)
+        .timeout(CALL_TIMEOUT)
+        .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
+        .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
+        .keep_alive_while_idle(true))
+}
+
+/// The end of the range of every key that starts with `prefix` (etcd's convention: the
+/// prefix with its last byte below 0xff incremented).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0] // every key
+}
+
+fn compare(key: &str, target: CompareTarget, union: TargetUnion) -> Compare {
+    Compare {
+        result: CompareResult::Equal as i32,
+        target: target as i32,
+        key: key.as_bytes().to_vec(),
+        target_union: Some(union),
+        range_end: Vec::new(),
+    }
+}
+
+/// The key's last change was at `revision` (0: the key is absent).
+fn mod_revision_is(key: &str, revision: i64) -> Compare {
+    compare(key, CompareTarget::Mod, TargetUnion::ModRevision(revision))
+}
+
+/// The key was created at `revision` (0: the key is absent).
+fn create_revision_is(key: &str, revision: i64) -> Compare {
+    compare(
+        key,
+        CompareTarget::Create,
+        TargetUnion::CreateRevision(revision),
+    )
+}
+
+fn value_is(key: &str, value: Vec<u8>) -> Compare {
+    compare(key, CompareTarget::Value, TargetUnion::Value(value))
+}
+
+fn put_op(key: &str, value: Vec<u8>, lease: i64) -> RequestOp {
+    RequestOp {
+        request: Some(Request::RequestPut(PutRequest {
+            key: key.as_bytes().to_vec(),
+            value,
+            lease,
+            prev_kv: false,
+        })),
+    }
+}
+
+fn delete_op(key: &str) -> RequestOp {
+    RequestOp {
+        request: Some(Request::RequestDeleteRange(DeleteRangeRequest {
+            key: key.as_bytes().to_vec(),
+            range_end: Vec::new(),
+            prev_kv: false,
+        })),
+    }
+}
+
 impl Etcd {
     pub async fn connect(endpoints: &[String]) -> Result<Etcd, EtcdError> {
-        let options = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(3))
-            .with_timeout(CALL_TIMEOUT)
-            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
-        let client = timed(Client::connect(endpoints, Some(options))).await?;
+        let list = endpoints
+            .iter()
+            .map(|e| endpoint(e))
+            .collect::<Result<Vec<_>, _>>()?;
+        let channel = Channel::balance_list(list.into_iter());
         let etcd = Etcd {
-            client,
+            kv: KvClient::new(channel.clone()),
+            lease: LeaseClient::new(channel),
+            endpoints: endpoints.join(","),
             prefix: PREFIX.to_owned(),
         };
         // Fail at start, with a clear line, when nothing answers.
@@ -93,58 +206,95 @@ impl Etcd {
         format!("{}{k}", self.prefix)
     }
 
+    /// Runs one call with the call timeout, naming the endpoints in its error.
+    async fn call<T>(
+        &self,
+        f: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<T, EtcdError> {
+        match tokio::time::timeout(CALL_TIMEOUT, f).await {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(status)) => Err(EtcdError::Rpc {
+                endpoints: self.endpoints.clone(),
+                status: Box::new(status),
+            }),
+            Err(_) => Err(EtcdError::Timeout(CALL_TIMEOUT)),
+        }
+    }
+
+    /// Runs a transaction on full keys: `success` if every compare holds. Returns whether
+    /// they held.
+    async fn txn(&self, compare: Vec<Compare>, success: Vec<RequestOp>) -> Result<bool, EtcdError> {
+        let request = TxnRequest {
+            compare,
+            success,
+            failure: Vec::new(),
+        };
+        Ok(self.call(self.kv.clone().txn(request)).await?.succeeded)
+    }
+
     /// Value and mod revision of one key.
     pub async fn get(&self, k: &str) -> Result<Option<(Vec<u8>, i64)>, EtcdError> {
-        let mut c = self.client.clone();
-        let r = timed(c.get(self.key(k), None)).await?;
-        Ok(r.kvs()
-            .first()
-            .map(|kv| (kv.value().to_vec(), kv.mod_revision())))
+        let request = RangeRequest {
+            key: self.key(k).into_bytes(),
+            ..Default::default()
+        };
+        let r = self.call(self.kv.clone().range(request)).await?;
+        Ok(r.kvs
+            .into_iter()
+            .next()
+            .map(|kv| (kv.value, kv.mod_revision)))
     }
 
     /// Every key under `k` (with the prefix and `k` stripped), value, create revision.
     pub async fn list(&self, k: &str) -> Result<Vec<(String, Vec<u8>, i64)>, EtcdError> {
-        let mut c = self.client.clone();
         let full = self.key(k);
-        let r = timed(c.get(full.clone(), Some(GetOptions::new().with_prefix()))).await?;
-        Ok(r.kvs()
-            .iter()
+        let request = RangeRequest {
+            key: full.clone().into_bytes(),
+            range_end: prefix_end(full.as_bytes()),
+            ..Default::default()
+        };
+        let r = self.call(self.kv.clone().range(request)).await?;
+        Ok(r.kvs
+            .into_iter()
             .map(|kv| {
-                let key = String::from_utf8_lossy(kv.key());
+                let key = String::from_utf8_lossy(&kv.key);
                 (
                     key.strip_prefix(&full).unwrap_or(&key).to_owned(),
-                    kv.value().to_vec(),
-                    kv.create_revision(),
+                    kv.value,
+                    kv.create_revision,
                 )
             })
             .collect())
     }
 
     pub async fn put(&self, k: &str, value: Vec<u8>, lease: Option<i64>) -> Result<(), EtcdError> {
-        let mut c = self.client.clone();
-        let options = lease.map(|l| PutOptions::new().with_lease(l));
-        timed(c.put(self.key(k), value, options)).await?;
+        let request = PutRequest {
+            key: self.key(k).into_bytes(),
+            value,
+            lease: lease.unwrap_or(0),
+            prev_kv: false,
+        };
+        self.call(self.kv.clone().put(request)).await?;
         Ok(())
     }
 
     pub async fn delete(&self, k: &str) -> Result<(), EtcdError> {
-        let mut c = self.client.clone();
-        timed(c.delete(self.key(k), None)).await?;
+        let request = DeleteRangeRequest {
+            key: self.key(k).into_bytes(),
+            ..Default::default()
+        };
+        self.call(self.kv.clone().delete_range(request)).await?;
         Ok(())
     }
 
     /// Puts `value` only if the key's mod revision is still `revision` (0: absent).
     pub async fn cas(&self, k: &str, revision: i64, value: Vec<u8>) -> Result<bool, EtcdError> {
-        let mut c = self.client.clone();
         let key = self.key(k);
-        let txn = Txn::new()
-            .when([Compare::mod_revision(
-                key.clone(),
-                CompareOp::Equal,
-                revision,
-            )])
-            .and_then([TxnOp::put(key, value, None)]);
-        Ok(timed(c.txn(txn)).await?.succeeded())
+        self.txn(
+            vec![mod_revision_is(&key, revision)],
+            vec![put_op(&key, value, 0)],
+        )
+        .await
     }
 
     /// Creates the key on a lease if nobody holds it. Returns the holder's value and the key's
@@ -155,55 +305,66 @@ impl Etcd {
         value: Vec<u8>,
         lease: i64,
     ) -> Result<(Vec<u8>, i64), EtcdError> {
-        let mut c = self.client.clone();
         let key = self.key(k);
-        let txn = Txn::new()
-            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(
-                key.clone(),
-                value,
-                Some(PutOptions::new().with_lease(lease)),
-            )]);
-        timed(c.txn(txn)).await?;
-        let r = timed(c.get(key, None)).await?;
-        match r.kvs().first() {
-            Some(kv) => Ok((kv.value().to_vec(), kv.create_revision())),
+        self.txn(
+            vec![create_revision_is(&key, 0)],
+            vec![put_op(&key, value, lease)],
+        )
+        .await?;
+        let request = RangeRequest {
+            key: key.into_bytes(),
+            ..Default::default()
+        };
+        let r = self.call(self.kv.clone().range(request)).await?;
+        match r.kvs.into_iter().next() {
+            Some(kv) => Ok((kv.value, kv.create_revision)),
             None => Ok((Vec::new(), 0)),
         }
     }
 
     /// Deletes the key if it still holds `value` (releases what `acquire` took).
     pub async fn release(&self, k: &str, value: Vec<u8>) -> Result<(), EtcdError> {
-        let mut c = self.client.clone();
         let key = self.key(k);
-        let txn = Txn::new()
-            .when([Compare::value(key.clone(), CompareOp::Equal, value)])
-            .and_then([TxnOp::delete(key, None)]);
-        timed(c.txn(txn)).await?;
+        self.txn(vec![value_is(&key, value)], vec![delete_op(&key)])
+            .await?;
         Ok(())
     }
 
     pub async fn lease_grant(&self, ttl: Duration) -> Result<i64, EtcdError> {
-        let mut c = self.client.clone();
-        Ok(timed(c.lease_grant(ttl.as_secs().max(1) as i64, None))
-            .await?
-            .id())
+        let request = LeaseGrantRequest {
+            ttl: ttl.as_secs().max(1) as i64,
+            id: 0,
+        };
+        let r = self.call(self.lease.clone().lease_grant(request)).await?;
+        if !r.error.is_empty() {
+            return Err(EtcdError::Rpc {
+                endpoints: self.endpoints.clone(),
+                status: Box::new(tonic::Status::unavailable(r.error)),
+            });
+        }
+        Ok(r.id)
     }
 
     /// Keeps a lease alive once. Returns false when etcd says it has expired.
     pub async fn keep_alive_once(&self, lease: i64) -> Result<bool, EtcdError> {
-        let mut c = self.client.clone();
-        let (mut keeper, mut stream) = timed(c.lease_keep_alive(lease)).await?;
-        timed(keeper.keep_alive()).await?;
-        match timed(stream.message()).await? {
-            Some(r) => Ok(r.ttl() > 0),
-            None => Ok(false),
+        let request = tokio_stream::once(LeaseKeepAliveRequest { id: lease });
+        let mut stream = self
+            .call(self.lease.clone().lease_keep_alive(request))
+            .await?;
+        match tokio::time::timeout(CALL_TIMEOUT, stream.message()).await {
+            Ok(Ok(Some(r))) => Ok(r.ttl > 0),
+            Ok(Ok(None)) => Ok(false),
+            Ok(Err(status)) => Err(EtcdError::Rpc {
+                endpoints: self.endpoints.clone(),
+                status: Box::new(status),
+            }),
+            Err(_) => Err(EtcdError::Timeout(CALL_TIMEOUT)),
         }
     }
 
     pub async fn lease_revoke(&self, lease: i64) -> Result<(), EtcdError> {
-        let mut c = self.client.clone();
-        timed(c.lease_revoke(lease)).await?;
+        let request = LeaseRevokeRequest { id: lease };
+        self.call(self.lease.clone().lease_revoke(request)).await?;
         Ok(())
     }
 
@@ -348,25 +509,15 @@ impl Metadata for EtcdMetadata {
             // by every node's volume poller (their member number is below the family's next).
             fill(&record).map_err(MetadataError::Unsupported)?;
             let key = etcd.key(&format!("volumes/{name}"));
-            let txn = Txn::new()
-                .when([
-                    Compare::create_revision(key.clone(), CompareOp::Equal, 0),
-                    Compare::mod_revision(etcd.key(&fkey), CompareOp::Equal, rev),
-                ])
-                .and_then([
-                    TxnOp::put(key, serde_json::to_vec(&record).expect("json"), None),
-                    TxnOp::put(
-                        etcd.key(&fkey),
-                        serde_json::to_vec(&(next + 1)).expect("json"),
-                        None,
-                    ),
-                ]);
-            let mut c = etcd.client.clone();
-            if self
-                .block(timed(c.txn(txn)))
-                .map_err(unavailable)?
-                .succeeded()
-            {
+            let fkey = etcd.key(&fkey);
+            let published = etcd.txn(
+                vec![create_revision_is(&key, 0), mod_revision_is(&fkey, rev)],
+                vec![
+                    put_op(&key, serde_json::to_vec(&record).expect("json"), 0),
+                    put_op(&fkey, serde_json::to_vec(&(next + 1)).expect("json"), 0),
+                ],
+            );
+            if self.block(published).map_err(unavailable)? {
                 return Ok(record);
             }
         }
@@ -389,25 +540,21 @@ impl Metadata for EtcdMetadata {
                 };
                 let record = VolumeRecord::new(name, next, size_bytes, replicas);
                 let key = etcd.key(&format!("volumes/{name}"));
-                let txn = Txn::new()
-                    .when([
-                        Compare::create_revision(key.clone(), CompareOp::Equal, 0),
-                        Compare::mod_revision(etcd.key(NEXT_KEY), CompareOp::Equal, next_rev),
-                    ])
-                    .and_then([
-                        TxnOp::put(
-                            key.clone(),
-                            serde_json::to_vec(&record).expect("json"),
-                            None,
-                        ),
-                        TxnOp::put(
-                            etcd.key(NEXT_KEY),
-                            serde_json::to_vec(&(next + 1)).expect("json"),
-                            None,
-                        ),
-                    ]);
-                let mut c = etcd.client.clone();
-                if timed(c.txn(txn)).await.map_err(unavailable)?.succeeded() {
+                let next_key = etcd.key(NEXT_KEY);
+                let created = etcd
+                    .txn(
+                        vec![
+                            create_revision_is(&key, 0),
+                            mod_revision_is(&next_key, next_rev),
+                        ],
+                        vec![
+                            put_op(&key, serde_json::to_vec(&record).expect("json"), 0),
+                            put_op(&next_key, serde_json::to_vec(&(next + 1)).expect("json"), 0),
+                        ],
+                    )
+                    .await
+                    .map_err(unavailable)?;
+                if created {
                     return Ok(record);
                 }
                 if etcd
@@ -426,11 +573,12 @@ impl Metadata for EtcdMetadata {
         self.block(async {
             let (v, rev) = self.volume_at(name).await?;
             let key = self.etcd.key(&format!("volumes/{name}"));
-            let txn = Txn::new()
-                .when([Compare::mod_revision(key.clone(), CompareOp::Equal, rev)])
-                .and_then([TxnOp::delete(key, None)]);
-            let mut c = self.etcd.client.clone();
-            if !timed(c.txn(txn)).await.map_err(unavailable)?.succeeded() {
+            let deleted = self
+                .etcd
+                .txn(vec![mod_revision_is(&key, rev)], vec![delete_op(&key)])
+                .await
+                .map_err(unavailable)?;
+            if !deleted {
                 return Err(MetadataError::Unavailable(format!(
                     "volume {name:?} changed while being deleted; try again"
                 )));
