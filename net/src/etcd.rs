@@ -67,8 +67,8 @@ pub enum EtcdError {
     },
     #[error("etcd key {key}: {why}")]
     Corrupt { key: String, why: String },
-    #[error("etcd did not answer within {0:?}")]
-    Timeout(Duration),
+    #[error("etcd at {endpoints} did not answer within {limit:?}")]
+    Timeout { endpoints: String, limit: Duration },
 }
 
 /// One line for a gRPC failure: what etcd (or the transport) said, without tonic's debug dump.
@@ -217,7 +217,10 @@ impl Etcd {
                 endpoints: self.endpoints.clone(),
                 status: Box::new(status),
             }),
-            Err(_) => Err(EtcdError::Timeout(CALL_TIMEOUT)),
+            Err(_) => Err(EtcdError::Timeout {
+                endpoints: self.endpoints.clone(),
+                limit: CALL_TIMEOUT,
+            }),
         }
     }
 
@@ -358,7 +361,10 @@ impl Etcd {
                 endpoints: self.endpoints.clone(),
                 status: Box::new(status),
             }),
-            Err(_) => Err(EtcdError::Timeout(CALL_TIMEOUT)),
+            Err(_) => Err(EtcdError::Timeout {
+                endpoints: self.endpoints.clone(),
+                limit: CALL_TIMEOUT,
+            }),
         }
     }
 

@@ -1,8 +1,17 @@
-//! Shared code of the torus binaries: size parsing and the admin HTTP API.
+//! Shared code of the torus binaries: size parsing, config files and the admin HTTP API.
 
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod client;
+pub mod config;
 pub mod size;
 pub mod transfer;
+
+/// The version every binary prints: the package version and the git commit it was built from.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("TORUS_GIT_COMMIT"),
+    ")"
+);

@@ -16,7 +16,7 @@ use torus_tools::client::call;
 #[derive(Parser, Debug)]
 #[command(
     name = "torusblk",
-    version,
+    version = torus_tools::VERSION,
     about = "Attach torus volumes as block devices (kernel NBD client or ublk)"
 )]
 struct Args {

@@ -12,7 +12,7 @@ use torus_tools::transfer;
 #[derive(Parser, Debug)]
 #[command(
     name = "torusctl",
-    version,
+    version = torus_tools::VERSION,
     about = "Manage torus volumes through a node's admin API"
 )]
 struct Args {

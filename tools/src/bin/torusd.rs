@@ -3,7 +3,7 @@
 //! `default`, and serves it over NBD on 127.0.0.1:10809.
 
 use anyhow::{bail, Context, Result};
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,16 +24,24 @@ use torus_tools::size::{human, parse_size};
 #[derive(Parser, Debug)]
 #[command(
     name = "torusd",
-    version,
+    version = torus_tools::VERSION,
+    args_override_self = true,
     about = "torus storage node: serves replicated block volumes over NBD",
     long_about = "torus storage node. Without --etcd it runs alone with an embedded metadata store.\n\n\
 On first start in an empty --data-dir it creates the backing store (--size), the metadata, and a \
 volume named `default` (--default-volume-size), then serves it over NBD. Connect with, for example:\n\n  \
 nbdinfo nbd://127.0.0.1:10809/default\n  \
 fio --ioengine=nbd --uri=nbd://127.0.0.1:10809/default --rw=randwrite --bs=4k --name=t\n\n\
-SIGINT or SIGTERM finishes the requests in flight, makes every acknowledged write durable, and exits 0."
+SIGINT or SIGTERM finishes the requests in flight, makes every acknowledged write durable, and exits 0.\n\n\
+Every flag can also be set in a TOML file given with --config, as `data-dir = \"/var/lib/torus\"`; a \
+flag on the command line overrides the file."
 )]
 struct Args {
+    /// Read flags from this TOML file: each key is a flag's long name (`data-dir = "/srv/torus"`,
+    /// `sparse = true`, `etcd = ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]`). Flags on the
+    /// command line override the file; a key that names no flag is an error.
+    #[arg(long, value_name = "FILE.toml")]
+    config: Option<PathBuf>,
     /// Directory for the backing store file, the metadata and the lock.
     #[arg(long, default_value = "./torus-data", value_name = "DIR")]
     data_dir: PathBuf,
@@ -267,8 +275,24 @@ fn default_cores() -> u32 {
     cpus.saturating_sub(1).max(1)
 }
 
+/// The command line, with the flags of the --config file (if any) before it.
+fn parse_args() -> Args {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let first = Args::parse_from(&argv);
+    let Some(config) = first.config.clone() else {
+        return first;
+    };
+    match torus_tools::config::merge(&Args::command(), argv, Some(&config)) {
+        Ok(merged) => Args::parse_from(merged),
+        Err(e) => {
+            eprintln!("torusd: {e:#}");
+            std::process::exit(2);
+        }
+    }
+}
+
 fn main() {
-    let args = Args::parse();
+    let args = parse_args();
     if let Err(e) = run(args) {
         eprintln!("torusd: {e:#}");
         std::process::exit(1);
@@ -353,10 +377,7 @@ fn run(args: Args) -> Result<()> {
     let etcd = match (&args.etcd, &runtime) {
         (Some(urls), Some(rt)) => {
             let endpoints: Vec<String> = urls.split(',').map(|s| s.trim().to_owned()).collect();
-            Some(
-                rt.block_on(Etcd::connect(&endpoints))
-                    .with_context(|| format!("connect to etcd at {urls}"))?,
-            )
+            Some(rt.block_on(Etcd::connect(&endpoints))?)
         }
         _ => None,
     };
@@ -657,4 +678,137 @@ fn print_ready(metadata: &Arc<dyn Metadata>, nbd_addr: &str, admin_listen: &str)
     }
     use std::io::Write;
     let _ = std::io::stdout().flush();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsString;
+
+    /// Every flag torusd has, with a value that differs from its default (switches on).
+    /// `nbd-stdin` conflicts with `etcd`, so it is tried on its own.
+    const EVERY_FLAG: &[(&str, &str)] = &[
+        ("data-dir", "/srv/torus"),
+        ("size", "10%"),
+        ("sparse", ""),
+        ("device", "/dev/vdb"),
+        ("cores", "3"),
+        ("nbd-listen", "0.0.0.0:10810"),
+        ("nbd-socket", "/run/torus/nbd.sock"),
+        ("admin-listen", "127.0.0.1:4322"),
+        ("default-volume-size", "2G"),
+        ("peer-listen", "10.0.0.5:4401"),
+        ("etcd", "http://10.0.0.1:2379,http://10.0.0.2:2379"),
+        ("node-name", "storage-01"),
+        ("lease-ttl", "9s"),
+        ("replicas-max", "2"),
+        ("down-out-after", "off"),
+        ("recovery-rate", "64M"),
+    ];
+
+    fn parse(argv: Vec<OsString>) -> Args {
+        let first = Args::try_parse_from(&argv).unwrap();
+        let merged =
+            torus_tools::config::merge(&Args::command(), argv, first.config.as_deref()).unwrap();
+        let mut args = Args::try_parse_from(merged).unwrap();
+        args.config = None;
+        args
+    }
+
+    fn flags(pairs: &[(&str, &str)]) -> Vec<OsString> {
+        let mut argv = vec![OsString::from("torusd")];
+        for (key, value) in pairs {
+            argv.push(format!("--{key}").into());
+            if !value.is_empty() {
+                argv.push(value.into());
+            }
+        }
+        argv
+    }
+
+    fn toml(pairs: &[(&str, &str)]) -> String {
+        pairs
+            .iter()
+            .map(|(key, value)| match *value {
+                "" => format!("{key} = true\n"),
+                "3" | "2" => format!("{key} = {value}\n"),
+                v => format!("{key} = {v:?}\n"),
+            })
+            .collect()
+    }
+
+    fn with_config(dir: &std::path::Path, text: &str, extra: &[&str]) -> Args {
+        let path = dir.join("torusd.toml");
+        std::fs::write(&path, text).unwrap();
+        let mut argv = vec![OsString::from("torusd"), "--config".into(), path.into()];
+        argv.extend(extra.iter().map(OsString::from));
+        parse(argv)
+    }
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("torusd-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_config_file_setting_every_flag_gives_what_the_flags_give() {
+        let longs: Vec<String> = Args::command()
+            .get_arguments()
+            .filter_map(|a| a.get_long().map(str::to_owned))
+            .filter(|l| !["help", "version", "config", "nbd-stdin"].contains(&l.as_str()))
+            .collect();
+        for long in &longs {
+            assert!(
+                EVERY_FLAG.iter().any(|(k, _)| k == long),
+                "--{long} is missing from this test's EVERY_FLAG"
+            );
+        }
+        let dir = scratch("every-flag");
+        let from_flags = parse(flags(EVERY_FLAG));
+        let from_file = with_config(&dir, &toml(EVERY_FLAG), &[]);
+        assert_eq!(format!("{from_file:?}"), format!("{from_flags:?}"));
+        // The switch that cannot go with etcd.
+        let alone = [("nbd-stdin", ""), ("data-dir", "/srv/torus")];
+        let from_file = with_config(&dir, &toml(&alone), &[]);
+        assert_eq!(
+            format!("{from_file:?}"),
+            format!("{:?}", parse(flags(&alone)))
+        );
+        // An array for etcd is the comma-separated list.
+        let listed = with_config(
+            &dir,
+            "etcd = [\"http://10.0.0.1:2379\", \"http://10.0.0.2:2379\"]\n",
+            &[],
+        );
+        assert_eq!(
+            listed.etcd.as_deref(),
+            Some("http://10.0.0.1:2379,http://10.0.0.2:2379")
+        );
+        // A flag on the command line wins over the file.
+        let overridden = with_config(&dir, &toml(EVERY_FLAG), &["--cores", "5"]);
+        assert_eq!(overridden.cores, Some(5));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_example_config_parses_and_names_every_flag() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/torusd.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let args = torus_tools::config::args_from_str(&Args::command(), &text).unwrap();
+        assert!(!args.is_empty(), "the example sets nothing");
+        // Each flag appears as a line of its own, set or commented out.
+        for arg in Args::command().get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if ["help", "version", "config"].contains(&long) {
+                continue;
+            }
+            let set = format!("\n{long} = ");
+            let commented = format!("\n# {long} = ");
+            assert!(
+                text.contains(&set) || text.contains(&commented),
+                "deploy/torusd.toml does not show {long}"
+            );
+        }
+    }
 }
