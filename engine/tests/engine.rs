@@ -68,6 +68,9 @@ fn tempdir(name: &str) -> std::path::PathBuf {
     d
 }
 
+/// Writes survive a clean stop and a reopen; a partial-block write is merged with the rest of its
+/// block; a zeroed range (whole and partial blocks) reads back as zeroes; another volume and a
+/// dropped one read zeroes.
 #[test]
 fn writes_survive_stop_and_reopen_and_partial_blocks_merge() {
     let dir = tempdir("reopen");
@@ -105,6 +108,8 @@ fn writes_survive_stop_and_reopen_and_partial_blocks_merge() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Overwrite churn beyond the store's capacity frees the replaced slots; a full store answers
+/// ENOSPC and takes writes again once space is freed.
 #[test]
 fn overwrites_free_space_and_disk_full_answers_enospc() {
     let dir = tempdir("full");
@@ -150,6 +155,7 @@ fn overwrites_free_space_and_disk_full_answers_enospc() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A flipped bit in a data slot answers EIO, never the data, and counts one checksum error.
 #[test]
 fn flipped_bit_in_a_data_slot_answers_eio_not_data() {
     use std::os::unix::fs::FileExt;
@@ -182,6 +188,8 @@ fn flipped_bit_in_a_data_slot_answers_eio_not_data() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Reused read buffers never leak an earlier read's data: over 300 rounds, unwritten blocks read as
+/// zeroes.
 #[test]
 fn reused_read_buffers_never_leak_earlier_data() {
     // Read buffers come from a registered pool and are reused: a read of unwritten blocks
@@ -212,6 +220,9 @@ fn free_slots(e: &Engine) -> u64 {
     e.stats().iter().map(|s| s.slots_free).sum()
 }
 
+/// Snapshots share blocks with their volume, survive a reopen, and deleting one frees only the
+/// blocks it alone holds. A clone of a snapshot takes its own writes, and a restore shares the
+/// snapshot's slots.
 #[test]
 fn snapshots_share_blocks_survive_reopen_and_free_only_their_own_space() {
     let dir = tempdir("snapshot");
@@ -271,6 +282,8 @@ fn snapshots_share_blocks_survive_reopen_and_free_only_their_own_space() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A quota refuses new blocks past it, never overwrites or trims; trims give room back, and the
+/// quota can be raised or removed.
 #[test]
 fn a_quota_refuses_new_blocks_past_it_but_not_overwrites_or_trims() {
     let dir = tempdir("quota");
@@ -356,6 +369,9 @@ fn fill(e: &Engine, volume: u32, offset: u64, len: u64, seed: u8) -> u64 {
     done
 }
 
+/// A write or snapshot that would make the block map outgrow the checkpoint answers ENOSPC, and the
+/// store still opens (a snapshot of a store more than half full once wrote a checkpoint past its
+/// pages).
 #[test]
 fn a_block_map_that_snapshots_would_overflow_answers_enospc_and_the_store_opens() {
     // Snapshots share slots, so the block map can hold more entries than there are slots, but

@@ -24,6 +24,9 @@ fn run_seeds(faults: &str, seeds: std::ops::Range<u64>) -> SimReport {
     total
 }
 
+/// 150 seeds of power loss, torn writes and a full device: every answer matches the model, and any
+/// EIO or refused open fails it. It needs over 1000 crashes, over 100 torn writes, some ENOSPC,
+/// over 1000 flushes and over 10,000 writes acknowledged.
 #[test]
 fn power_loss_and_torn_writes_lose_no_flushed_write() {
     // No damage injected: every read must answer data (EIO fails the run), every open succeed.
@@ -37,6 +40,8 @@ fn power_loss_and_torn_writes_lose_no_flushed_write() {
     assert_eq!((r.reads_eio, r.refused_opens), (0, 0));
 }
 
+/// 150 seeds with every fault kind, each injected more than 10 times: damage is answered EIO, never
+/// served; some reads answer EIO, and over 10,000 reads are checked.
 #[test]
 fn damage_of_every_kind_is_answered_eio_never_served() {
     let r = run_seeds("all", 1000..1150);
@@ -57,6 +62,8 @@ fn damage_of_every_kind_is_answered_eio_never_served() {
     assert!(r.reads_checked > 10_000, "{r:?}");
 }
 
+/// The canary (flushes acknowledged early) is caught in at least 20 of 30 seeds, as a lost write,
+/// with its replay command.
 #[test]
 fn the_canary_that_acknowledges_flushes_early_is_caught() {
     // With flushes acknowledged before they are durable, power loss must show a lost write:
@@ -86,6 +93,7 @@ fn the_canary_that_acknowledges_flushes_early_is_caught() {
     );
 }
 
+/// One seed (4242, every fault kind) run twice gives the same report.
 #[test]
 fn a_seed_replays_exactly() {
     let config = SimConfig {
@@ -99,6 +107,9 @@ fn a_seed_replays_exactly() {
     assert_eq!(a, b);
 }
 
+/// The seeds that found bugs pass: 2678 (misdirected journal writes lost an acknowledged write),
+/// 100640 (a FLUSH during a failing commit never answered), 2122 (a commit after a failed
+/// checkpoint sync) and 9612 (a write waiting for space after the region was poisoned).
 #[test]
 fn seeds_that_found_bugs_pass() {
     // Found by the long form: two misdirected journal writes lost an acknowledged write

@@ -6,6 +6,8 @@ use std::process::Command;
 use std::time::Duration;
 use torus_tests::*;
 
+/// `torus-bench compare --quick --dry-run` checks its tools and prints its plan (with the
+/// randwrite-4k-qd32 workload), then says it is a dry run.
 #[test]
 fn bench_dry_run_prints_the_plan() {
     require_tool("fio", "fio");
@@ -19,6 +21,10 @@ fn bench_dry_run_prints_the_plan() {
     );
 }
 
+/// A 1-second run of randwrite-4k-qd32 over 32 MiB against the disk, torus and torus-3x (three
+/// nodes and etcd), fio held to CPU 0, prints rows for torus and torus-3x and writes results.json
+/// (three cells with IOPS above 0, fio's CPUs, torus's RSS per GiB written), results.md (with the
+/// RSS per GiB written) and the three PNG charts (IOPS, p50 and p99 latency).
 #[test]
 fn bench_tiny_run_writes_results() {
     require_tool("fio", "fio");

@@ -311,6 +311,10 @@ fn flip_slots(data_file: &std::path::Path, used: u64, count: usize, rng: &mut Rn
     }
 }
 
+/// One round of the seven nemeses (the module doc lists them), about 75 s; TORUS_CAMPAIGN_ROUNDS
+/// for more. After each, every PG is clean within 120 s, no write or flush failed, everything
+/// written reads back right, fio verifies its regions, and the scrub finds no replicas that differ
+/// (and bad blocks only after the bit flips).
 #[test]
 fn one_nemesis_at_a_time_loses_nothing() {
     let rounds: usize = std::env::var("TORUS_CAMPAIGN_ROUNDS")

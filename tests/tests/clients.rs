@@ -7,6 +7,9 @@ use torus_tests::*;
 
 const T: Duration = Duration::from_secs(120);
 
+/// nbdinfo sees the 1 GiB `default` volume, the block sizes (512 / 4096 / 32 MiB) and the flags
+/// (multi-conn, flush, FUA, trim, zero). The empty export name is `default`, and an unknown export
+/// is refused with an error that names it.
 #[test]
 fn nbdinfo_shows_the_default_volume_and_block_sizes() {
     require_tool("nbdinfo", "libnbd-bin");
@@ -53,6 +56,9 @@ fn nbdinfo_shows_the_default_volume_and_block_sizes() {
     node.stop();
 }
 
+/// qemu-io writes patterns at unaligned offsets (512 B at 1536, 100 KiB at 7 KiB, 70000 B at
+/// 1000000) over a 2 MiB background; they read back after a restart. `write -z` and `discard` read
+/// back as zeroes and leave their neighbours alone.
 #[test]
 fn qemu_io_unaligned_patterns_zeroes_and_discard() {
     require_tool("qemu-io", "qemu-utils");
@@ -104,6 +110,8 @@ fn qemu_io_unaligned_patterns_zeroes_and_discard() {
     node.stop();
 }
 
+/// nbdcopy of a 64 MiB image with holes, in and out, is identical, and `nbdinfo --map` shows the
+/// holes and the data (base:allocation).
 #[test]
 fn nbdcopy_image_in_and_out_matches() {
     require_tool("nbdcopy", "libnbd-bin");
@@ -140,6 +148,9 @@ fn nbdcopy_image_in_and_out_matches() {
     node.stop();
 }
 
+/// torusctl creates, lists, resizes and deletes volumes, and a volume survives a restart. A
+/// duplicate name is refused in one clear line and an unknown size unit is refused too, each with a
+/// non-zero exit. Shrinking needs --force. Delete is refused while a client is connected.
 #[test]
 fn torusctl_creates_lists_resizes_and_deletes_volumes() {
     require_tool("nbdinfo", "libnbd-bin");

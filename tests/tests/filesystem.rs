@@ -58,6 +58,8 @@ fn sha256(path: &Path) -> String {
         .to_owned()
 }
 
+/// nbdfuse + losetup + mkfs.ext4 + mount, 100 MiB copied, `fsck.ext4 -fn` clean; after a torusd
+/// restart fsck is still clean and the file's sha256 matches.
 #[test]
 fn ext4_on_nbdfuse_and_loop_survives_restart() {
     require_tool("nbdfuse", "nbdfuse");

@@ -185,6 +185,11 @@ fn mutate(rng: &mut Rng, input: &[u8]) -> Vec<u8> {
     m
 }
 
+/// The five fuzz targets (NBD handshake, node-to-node frame, journal page, checkpoint, superblock)
+/// on valid seeds, 20000 seeded mutations of each seed input (bit flips, truncation, inserted
+/// bytes, a 4-byte field set to an edge value such as u32::MAX), 10000 random inputs of up to 9000
+/// bytes per target, and every input libFuzzer saved in tests/fuzz/corpus/; any panic fails it. It
+/// prints its seed.
 #[test]
 fn fuzz_targets_survive_seeds_mutations_and_saved_corpora() {
     let seed = seed();

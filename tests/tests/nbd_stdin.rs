@@ -100,6 +100,8 @@ fn reading_session(len: u32) -> Vec<u8> {
     session(&[request(CMD_READ, 0, 2, 1 << 20, len, &[])])
 }
 
+/// `torusd --nbd-stdin` launched by libnbd's connect_command serves a session (a 64 MiB `default`)
+/// whose writes a second session reads.
 #[test]
 fn libnbd_connect_command_serves_a_session_and_it_persists() {
     let dir = TempDir::new("stdin-libnbd");
@@ -138,6 +140,10 @@ print("ok")
     }
 }
 
+/// A whole session's bytes (handshake, write, trim, write zeroes, flush, a read past the end,
+/// disconnect) and 200 seeded mutations of it (bit flips, changed bytes, cuts, duplicated spans,
+/// random bytes; TORUS_STDIN_FUZZ_RUNS for more) each run to the end: exit 0, no panic, no hang
+/// (30 s), and the store serves the valid session after: its write reads back.
 #[test]
 fn mutated_sessions_never_panic_hang_or_harm_the_store() {
     let dir = TempDir::new("stdin-fuzz");

@@ -46,6 +46,15 @@ fn held(node: &Torusd, snap: &str) -> u64 {
 
 const MIB: u64 = 1 << 20;
 
+/// qemu-io writes pattern A (64 MiB); `snapshot create db@a` takes no space; pattern B over half:
+/// the volume reads B+A, db@a reads A and is read-only (qemu-io cannot open it for writing; a raw
+/// client's WRITE, WRITE_ZEROES and TRIM are each answered EPERM and the connection goes on), db@a
+/// holds exactly the 32 MiB overwritten; a clone reads A, takes writes, and the snapshot stays A;
+/// all of it after a clean restart, and after kill -9 with a second snapshot, db@b, taken after the
+/// restart (only the journal holds it); restore is refused while the volume has a client, then the
+/// volume reads A; deleting db@b frees exactly its held bytes, deleting the shared db@a nothing;
+/// after deleting everything used space is 0. Refused: a duplicate, an unknown volume, a name
+/// without @, a clone of a volume, a resize of a snapshot.
 #[test]
 fn snapshot_clone_restore_and_space() {
     require_tool("qemu-io", "qemu-utils");

@@ -23,6 +23,8 @@ fn fails_with(args: &[&str], expect: &str) {
     );
 }
 
+/// `torusblk --help` names both frontends, nbd and ublk, and `torusblk nbd --help` names --server,
+/// --connections, --timeout, --dead-conn-timeout and --disconnect.
 #[test]
 fn help_names_both_frontends() {
     let out = run_ok(
@@ -48,6 +50,10 @@ fn help_names_both_frontends() {
     }
 }
 
+/// On a kernel without nbd or ublk_drv: misuse (a non-NBD device, `--connections 0`, a bad ublk id,
+/// a ublk id this node does not serve), no torusd, an unknown export or volume, and each missing
+/// driver (`modprobe nbd`, `modprobe ublk_drv`) end in a short error of at most three lines that
+/// names the problem, and a non-zero exit. A refused ublk device leaves the volume deletable.
 #[test]
 fn misuse_and_missing_drivers_are_clear_errors() {
     fails_with(&["nbd", "-d", "/dev/sda"], "not an NBD device");

@@ -39,6 +39,12 @@ fn bytes_read(node: &Torusd) -> u64 {
         .sum()
 }
 
+/// A 1 GiB volume with 100 MiB written in ten 10 MiB extents, each 512 bytes off a block boundary:
+/// `torusctl dump` reads 100-101 MiB (the node's read counter) and makes a 1 GiB file allocating at
+/// most 110 MiB with the same sha256 as nbdcopy of the volume. `load` into a new volume (sized from
+/// the file) gives the same sha256 through NBD and uses at most 101 MiB; `load` from stdin with a
+/// size gives the same sha256. A snapshot dumps to stdout with holes written. A file larger than
+/// the volume and an unknown volume are clear errors.
 #[test]
 fn dump_and_load_skip_holes_and_round_trip() {
     require_tool("qemu-io", "qemu-utils");
@@ -154,6 +160,10 @@ fn dump_and_load_skip_holes_and_round_trip() {
     );
 }
 
+/// 512 MiB written then discarded leaves at most 1 MiB used. Resize 512 MiB -> 1 GiB: a connection
+/// opened before the resize is refused past the old end, then writes there after it;
+/// `nbdinfo --size` says 1 GiB, data below the old end reads back, the new half reads zeroes and
+/// takes writes.
 #[test]
 fn resize_and_trim_give_space_and_size() {
     require_tool("qemu-io", "qemu-utils");
@@ -212,6 +222,9 @@ fn qemu_io_fails(uri: &str, cmd: &str, expect: &str) {
     assert!(text.contains(expect), "{cmd}: expected {expect:?}: {text}");
 }
 
+/// A 16 MiB quota on a 256 MiB volume: a write past it answers ENOSPC and writes nothing,
+/// overwrites go through, a discard makes room; the quota survives a restart, can be raised and
+/// removed; a quota that is not a multiple of 4 KiB is refused.
 #[test]
 fn a_quota_refuses_writes_past_it_and_survives_a_restart() {
     require_tool("qemu-io", "qemu-utils");
