@@ -58,6 +58,11 @@ without_protoc cargo clippy --workspace --all-targets --release -q -- -D warning
 
 echo "== build (protoc hidden)"
 without_protoc cargo build --workspace --release -q
+# torusd with the test-only fault switches, for the tests that show their checks catch them.
+without_protoc cargo build --release -q -p torus-tools --features testing --bin torusd-testing
+if strings target/release/torusd | grep -q TORUS_TESTING_; then
+  echo "target/release/torusd holds a test-only fault switch"; exit 1
+fi
 
 echo "== the README's first command"
 bash tests/first_command.sh

@@ -8,7 +8,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
-use torus_engine::sim::{self, Faults, SimConfig, SimReport};
+use torus_engine::testing::sim::{self, Faults, SimConfig, SimReport};
 
 const USAGE: &str =
     "usage: sim [--seed N | --seeds COUNT [--first N]] [--steps N] [--faults LIST] [--canary]

@@ -17,9 +17,10 @@ pub mod metrics;
 pub mod quota;
 pub mod reactor;
 pub mod request;
-pub mod sim;
 pub mod slot_allocator;
 mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use buffer::AlignedBuf;
 pub use error::{BlockError, EngineError};

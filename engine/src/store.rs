@@ -357,8 +357,8 @@ pub(crate) struct Store {
     entries_max: u64,
     /// Entries that writes in flight may still add.
     entries_pending: u64,
-    /// Test-only fault (TORUS_TESTING_ACK_FLUSH_EARLY=1): answer FLUSH before committing, so
-    /// the durability test's canary can prove that it detects lost writes.
+    /// Test-only fault (`testing::faults::ack_flush_early`, or the simulator's canary): answer
+    /// FLUSH before committing. Always false without the `testing` feature.
     ack_flush_early: bool,
     pub timer_armed: bool,
     pub out: Vec<(ReplyTo, Completion)>,
@@ -597,7 +597,10 @@ impl Store {
             poisoned: false,
             entries_max: region.checkpoint_entries_max(),
             entries_pending: 0,
-            ack_flush_early: std::env::var_os("TORUS_TESTING_ACK_FLUSH_EARLY").is_some(),
+            #[cfg(feature = "testing")]
+            ack_flush_early: crate::testing::faults::ack_flush_early(),
+            #[cfg(not(feature = "testing"))]
+            ack_flush_early: false,
             timer_armed: false,
             out: Vec::new(),
             counters: StoreCounters::default(),
@@ -662,6 +665,7 @@ impl Store {
     }
 
     /// Test-only fault (the simulator's canary): answer FLUSH before committing.
+    #[cfg(feature = "testing")]
     pub(crate) fn set_ack_flush_early(&mut self, on: bool) {
         self.ack_flush_early = on;
     }
@@ -691,6 +695,7 @@ impl Store {
                     return;
                 }
                 if self.ack_flush_early {
+                    #[cfg(feature = "testing")]
                     log!("torus: core {}: TORUS_TESTING_ACK_FLUSH_EARLY is set: this FLUSH is acknowledged before it is durable", self.core);
                     self.reply(arrived.reply, Ok(Output::Done));
                     return;

@@ -2,7 +2,7 @@
 //! simulated disk (engine/src/sim.rs). The long form is a command:
 //! `cargo run --release -p torus-engine --example sim -- --seeds 5000`.
 
-use torus_engine::sim::{run, Faults, SimConfig, SimReport};
+use torus_engine::testing::sim::{run, Faults, SimConfig, SimReport};
 
 const STEPS: u32 = 2000;
 

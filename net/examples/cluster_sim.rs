@@ -11,7 +11,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
-use torus_net::sim::{self, SimConfig, SimReport};
+use torus_net::testing::sim::{self, SimConfig, SimReport};
 
 const USAGE: &str = "usage: cluster_sim [--seed N | --seeds COUNT [--first N]] [--seconds S] [--nodes 3|4] [--no-faults] [--canary] [--keep-going]
 
@@ -148,7 +148,7 @@ fn print_report(r: &SimReport, took: std::time::Duration) {
         r.flush_records,
         r.cut_records,
         r.cut_records_published,
-        torus_net::sim::DOWN_OUT_SECONDS,
+        torus_net::testing::sim::DOWN_OUT_SECONDS,
         r.marked_out,
         r.blocks_copied,
         r.blocks_freed,

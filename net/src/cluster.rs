@@ -19,6 +19,8 @@ use crate::map::{ClusterMap, GiveUp, NodeInfo, PgHealth};
 use crate::metadata::VolumeRecord;
 use crate::peer::{self, Handler, Link, Outgoing, Responder};
 use crate::replication::{self, worse, Fence, Route, Tally, Wanted, WritePlan};
+#[cfg(feature = "testing")]
+use crate::testing::faults::replica_drops_this_write;
 use crate::wire::{self, status, Data, Entry, Op};
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
@@ -2633,7 +2635,7 @@ impl Handler for ClusterHandler {
                     c.inflight_done(e.epoch);
                     return respond.reply(s, None);
                 }
-                if data.is_some() && testing_replica_drops_this_write() {
+                if data.is_some() && replica_drops_this_write() {
                     c.local_done(e.epoch);
                     c.inflight_done(e.epoch);
                     return respond.reply(status::OK, None);
@@ -2726,18 +2728,10 @@ impl Handler for ClusterHandler {
     }
 }
 
-/// Test-only fault (TORUS_TESTING_REPLICA_DROPS_WRITES=N): as a replica, acknowledge every Nth
-/// write without applying it, a replica whose disk lies, so that tests can show the scrub's
-/// comparison of replicas finds and repairs the difference.
-fn testing_replica_drops_this_write() -> bool {
-    static EVERY: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
-    static COUNT: AtomicU64 = AtomicU64::new(0);
-    let every = *EVERY.get_or_init(|| {
-        let n = std::env::var("TORUS_TESTING_REPLICA_DROPS_WRITES").ok()?.parse().ok()?;
-        eprintln!("torusd: TORUS_TESTING_REPLICA_DROPS_WRITES={n}: this node acknowledges every {n}th replica write without applying it");
-        Some(n)
-    });
-    every.is_some_and(|n: u64| (COUNT.fetch_add(1, Ordering::Relaxed) + 1).is_multiple_of(n.max(1)))
+/// Test-only fault: never without the `testing` feature (see `testing::faults`).
+#[cfg(not(feature = "testing"))]
+fn replica_drops_this_write() -> bool {
+    false
 }
 
 /// What a scrub found on one node.

@@ -10,5 +10,6 @@ pub mod map;
 pub mod metadata;
 pub mod peer;
 pub mod replication;
-pub mod sim;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod wire;

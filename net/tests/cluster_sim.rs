@@ -2,7 +2,7 @@
 //! three and four nodes under network and node faults (net/src/sim.rs). The long form is a
 //! command: `cargo run --release -p torus-net --example cluster_sim -- --seeds 20000`.
 
-use torus_net::sim::{run, SimConfig, SimReport, FAULT_KINDS};
+use torus_net::testing::sim::{run, SimConfig, SimReport, FAULT_KINDS};
 
 fn run_seeds(seeds: std::ops::Range<u64>, nodes: usize) -> SimReport {
     let mut total = SimReport::default();

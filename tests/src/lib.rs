@@ -24,12 +24,30 @@ pub fn bin_dir() -> PathBuf {
 
 pub fn bin(name: &str) -> PathBuf {
     let p = bin_dir().join(name);
+    let build = if name == TORUSD_TESTING {
+        "cargo build --release -p torus-tools --features testing --bin torusd-testing"
+    } else {
+        "cargo build --release --workspace"
+    };
     assert!(
         p.exists(),
-        "{} is not built: run `cargo build --release --workspace` first (the test command does)",
+        "{} is not built: run `{build}` first (the test command does)",
         p.display()
     );
     p
+}
+
+/// torusd with the test-only fault switches (`TORUS_TESTING_*`), which a release torusd does
+/// not have. `Torusd` runs it whenever its environment sets one of them.
+pub const TORUSD_TESTING: &str = "torusd-testing";
+
+/// The torusd binary for this environment: `torusd-testing` when it turns on a fault switch.
+pub fn torusd_for(env: &[(String, String)]) -> PathBuf {
+    if env.iter().any(|(k, _)| k.starts_with("TORUS_TESTING_")) {
+        bin(TORUSD_TESTING)
+    } else {
+        bin("torusd")
+    }
 }
 
 /// Fails the test when a tool is missing, naming the Debian package that has it.
@@ -223,10 +241,10 @@ impl Torusd {
         let mut command = match self.wrapper.split_first() {
             Some((first, rest)) => {
                 let mut c = Command::new(first);
-                c.args(rest).arg(bin("torusd"));
+                c.args(rest).arg(torusd_for(&self.env));
                 c
             }
-            None => Command::new(bin("torusd")),
+            None => Command::new(torusd_for(&self.env)),
         };
         let mut child = command
             .args(&args)

@@ -106,6 +106,8 @@ fn kill_9_never_loses_a_flushed_write_nor_tears_a_block() {
 /// find lost writes. If it does not, the test above proves nothing.
 #[test]
 fn canary_flush_acknowledged_early_loses_writes() {
+    // Outside catch_unwind: a missing torusd-testing must fail the canary, not pass it.
+    bin(TORUSD_TESTING);
     let lost = std::panic::catch_unwind(|| run_rounds(&[("TORUS_TESTING_ACK_FLUSH_EARLY", "1")]));
     assert!(lost.is_err(), "with flushes acknowledged early the durability test still passed: it cannot see lost writes");
 }

@@ -40,6 +40,27 @@ fn help_explains_every_flag() {
 /// A user's mistake is a clear message on stderr and a non-zero exit: a bad size is one line naming
 /// --size, a size too small says "too small", and torusctl with no torusd says "cannot reach
 /// torusd" in one line.
+/// A release torusd holds no test-only code: no `TORUS_TESTING_` fault switch and no symbol of
+/// the simulations (`testing::sim`). The switches are built only into `torusd-testing` (the
+/// `testing` feature), where the same search must find them.
+#[test]
+fn release_torusd_has_no_test_only_code() {
+    let holds = |name: &str, needle: &[u8]| {
+        let bytes = std::fs::read(bin(name)).unwrap();
+        bytes.windows(needle.len()).any(|w| w == needle)
+    };
+    assert!(
+        !holds("torusd", b"TORUS_TESTING_"),
+        "torusd reads a fault switch"
+    );
+    assert!(
+        !holds("torusd", b"testing3sim"),
+        "torusd holds simulation code"
+    );
+    assert!(holds(TORUSD_TESTING, b"TORUS_TESTING_ACK_FLUSH_EARLY"));
+    assert!(holds(TORUSD_TESTING, b"TORUS_TESTING_REPLICA_DROPS_WRITES"));
+}
+
 #[test]
 fn user_errors_are_one_clear_line() {
     let dir = TempDir::new("errors");

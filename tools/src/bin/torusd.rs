@@ -291,7 +291,7 @@ fn parse_args() -> Args {
     }
 }
 
-fn main() {
+pub fn main() {
     let args = parse_args();
     if let Err(e) = run(args) {
         eprintln!("torusd: {e:#}");

@@ -21,7 +21,7 @@
 //!
 //! Each node's store is a model with the engine's contract (a write is durable once a flush
 //! that followed it completes); the engine itself runs on its simulated disk in
-//! `torus_engine::sim`. A client writes, reads and flushes 4 KiB blocks, and a model of every
+//! `torus_engine::testing::sim`. A client writes, reads and flushes 4 KiB blocks, and a model of every
 //! block checks each answer: a read returns the last acknowledged write or one whose outcome
 //! is unknown (never older data, never data no write put there); after a power loss of every
 //! node, what the last completed flush covered or something written after it. After the
@@ -36,7 +36,7 @@ use crate::replication::{self, Fence, Route, Tally, Wanted};
 use crate::wire::status;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use torus_engine::layout::placement_group;
-use torus_engine::sim::Rng;
+use torus_engine::testing::sim::Rng;
 use torus_engine::{BLOCK_SIZE, CHUNK_SIZE};
 
 /// Simulated time is in microseconds.
