@@ -357,8 +357,9 @@ pub(crate) struct Store {
     entries_max: u64,
     /// Entries that writes in flight may still add.
     entries_pending: u64,
-    /// Test-only fault (`testing::faults::ack_flush_early`, or the simulator's canary): answer
-    /// FLUSH before committing. Always false without the `testing` feature.
+    /// Test-only fault (`TORUS_TESTING_ACK_FLUSH_EARLY=1` in `torusd-testing`, or the
+    /// simulator's canary): answer FLUSH before committing, so the durability test's canary
+    /// can prove that it detects lost writes. Always false without the `testing` feature.
     ack_flush_early: bool,
     pub timer_armed: bool,
     pub out: Vec<(ReplyTo, Completion)>,
@@ -598,7 +599,7 @@ impl Store {
             entries_max: region.checkpoint_entries_max(),
             entries_pending: 0,
             #[cfg(feature = "testing")]
-            ack_flush_early: crate::testing::faults::ack_flush_early(),
+            ack_flush_early: std::env::var_os("TORUS_TESTING_ACK_FLUSH_EARLY").is_some(),
             #[cfg(not(feature = "testing"))]
             ack_flush_early: false,
             timer_armed: false,
