@@ -12,6 +12,8 @@
 //!           | the data of each entry, in order
 //! entry   = op u8 | flags u8 | status u16 | volume u32 | id u64 | offset u64 | len u32
 //!           | data_len u32 | epoch u64 | writer u64
+//! listing = n × (volume u32 | block u64 | crc32c u32)        (the data of a `List` or `Dirty`
+//!           reply, little endian)
 //! ```
 //!
 //! Both checksums are crc32c. Data starts 4 KiB-aligned in the receive buffer, so a 4 KiB
@@ -30,6 +32,9 @@ pub const BODY_MAX: usize = 72 << 20;
 pub const HELLO_MAX: usize = 8192;
 /// Entries in one frame at most.
 pub const COUNT_MAX: usize = 8192;
+/// One block of a listing (`encode_list`): volume, block, crc32c.
+pub const LIST_ENTRY_LEN: usize = 16;
+const _: () = assert!(LIST_ENTRY_LEN == 4 + 8 + 4);
 const ALIGN: usize = 4096;
 
 /// Operations. `C*` ask the receiver to coordinate as the PG's primary (write locally and on
@@ -160,6 +165,8 @@ pub enum FrameError {
     BodyChecksum,
     #[error("entries and data do not add up to the body length")]
     Layout,
+    #[error("a block listing of {0} bytes is not a whole number of {LIST_ENTRY_LEN}-byte entries")]
+    ListLength(usize),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -279,6 +286,45 @@ pub fn encode_frame(items: &mut [(Entry, Option<Data>)], out: &mut Vec<u8>) {
     h[16..20].copy_from_slice(&body_crc.to_le_bytes());
     let crc = crc32c::crc32c(&h[..28]);
     h[28..32].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// A block listing (volume, block, crc32c) as the data of a reply; None when empty. EINVAL
+/// when it would not fit in a frame.
+pub fn encode_list(list: &[(u32, u64, u32)]) -> Result<Option<Data>, u16> {
+    let bytes = list.len() * LIST_ENTRY_LEN;
+    if bytes > BODY_MAX - (64 << 10) {
+        return Err(status::EINVAL);
+    }
+    let mut buf = AlignedBuf::zeroed(bytes.div_ceil(4096).max(1) * 4096);
+    for (i, (v, b, c)) in list.iter().enumerate() {
+        let at = i * LIST_ENTRY_LEN;
+        buf[at..at + 4].copy_from_slice(&v.to_le_bytes());
+        buf[at + 4..at + 12].copy_from_slice(&b.to_le_bytes());
+        buf[at + 12..at + 16].copy_from_slice(&c.to_le_bytes());
+    }
+    Ok((bytes > 0).then(|| Data {
+        buf: std::sync::Arc::new(buf),
+        start: 0,
+        len: bytes,
+    }))
+}
+
+/// The blocks of a listing made by `encode_list`. A length that is not a whole number of
+/// entries is refused, not read up to its last whole entry: catch-up unmaps here the blocks
+/// a source's listing lacks (`replication::catch_up_plan`).
+pub fn decode_list(b: &[u8]) -> Result<Vec<(u32, u64, u32)>, FrameError> {
+    if !b.len().is_multiple_of(LIST_ENTRY_LEN) {
+        return Err(FrameError::ListLength(b.len()));
+    }
+    Ok(b.chunks_exact(LIST_ENTRY_LEN)
+        .map(|c| {
+            (
+                u32::from_le_bytes(c[0..4].try_into().expect("4")),
+                u64::from_le_bytes(c[4..12].try_into().expect("8")),
+                u32::from_le_bytes(c[12..16].try_into().expect("4")),
+            )
+        })
+        .collect())
 }
 
 /// Reads one frame. Errors: the connection's I/O error, or a `FrameError` as `InvalidData`.
@@ -434,5 +480,37 @@ mod tests {
             }
             let _ = decode(&b);
         }
+    }
+
+    #[test]
+    fn a_block_listing_roundtrips_in_little_endian() {
+        let list = vec![(3, 7, 0xdead_beef), (u32::MAX, 1 << 40, 9)];
+        let d = encode_list(&list).unwrap().expect("not empty");
+        let bytes = &d.buf[d.start..d.start + d.len];
+        assert_eq!(bytes.len(), 2 * LIST_ENTRY_LEN);
+        assert_eq!(bytes[..4], 3u32.to_le_bytes());
+        assert_eq!(decode_list(bytes), Ok(list));
+        assert!(
+            encode_list(&[]).unwrap().is_none(),
+            "an empty listing sends no data"
+        );
+        assert_eq!(decode_list(&[]), Ok(Vec::new()));
+    }
+
+    #[test]
+    fn a_block_listing_cut_mid_entry_is_refused_not_shortened() {
+        let list = vec![(1, 2, 3), (4, 5, 6)];
+        let d = encode_list(&list).unwrap().expect("not empty");
+        let bytes = &d.buf[d.start..d.start + d.len];
+        for cut in 1..LIST_ENTRY_LEN {
+            let short = &bytes[..bytes.len() - cut];
+            assert_eq!(
+                decode_list(short),
+                Err(FrameError::ListLength(short.len())),
+                "{cut} bytes short"
+            );
+        }
+        let long = [bytes, &[0u8; 5]].concat();
+        assert_eq!(decode_list(&long), Err(FrameError::ListLength(long.len())));
     }
 }

@@ -5,7 +5,7 @@
 //! `targets`, `mark_clean`) and the protocol's decisions in `replication` (routing, the write
 //! plan, the tally of a write's copies, fencing, what a replica remembers as dirty, when a
 //! listing may be answered, what catch-up copies, unmaps and skips). What is modelled is the
-//! glue around them, as `cluster.rs` does it: leases and heartbeats, the leader's reconcile,
+//! glue around them, as `cluster/` does it: leases and heartbeats, the leader's reconcile,
 //! map polling, retries until a request's deadline, forwarding to the primary, reads answered
 //! from another replica, flushes of every node, catch-up rounds, the writer lock.
 //!
@@ -899,7 +899,7 @@ impl Sim {
         }
     }
 
-    // ---- the data path (cluster.rs: submit, forward, coordinate, read_elsewhere) ----
+    // ---- the data path (cluster/data_path.rs: submit, forward, coordinate, read_elsewhere) ----
 
     fn retry_later(&mut self, i: usize, req: Req) {
         let zombie = matches!(req.kind, Kind::Write(_)) && self.nodes[i].writer != req.writer;
@@ -1274,7 +1274,7 @@ impl Sim {
         );
     }
 
-    // ---- control loops (cluster.rs: heartbeat, map poll, leader, catch-up) ----
+    // ---- control loops (cluster/membership.rs, leader.rs, recovery.rs: heartbeat, map poll, leader, catch-up) ----
 
     fn install_map(&mut self, i: usize, map: ClusterMap) {
         if map.epoch > self.nodes[i].map.epoch {
@@ -1934,7 +1934,7 @@ impl Sim {
             *self.conns.entry((i, k)).or_insert(0) += 1;
             self.reset(k, i);
         }
-        // Its peers see their connections to it close and flush (peer.rs, flush_every_core).
+        // Its peers see their connections to it close and flush (peer/, the FlushRecorder).
         for k in 0..self.nodes.len() {
             let talked = self
                 .last

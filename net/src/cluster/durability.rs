@@ -1,0 +1,394 @@
+//! Durability: flushes across the cluster and the record of what they cover.
+//!
+//! A frontend's flush flushes every node that is up, so every acknowledged write is durable on
+//! all of them (`flush_all`). A node's own flush flushes every core, then, if this process has
+//! seen a newer map since its last recorded flush, records that epoch in etcd before answering
+//! (RETRY when it cannot): a revival compares these records to find the disk with the most
+//! (`replication::revival_source`). Flushes the peer layer starts when a connection closes
+//! are recorded too (`Recorder`).
+//!
+//! Writes in flight here are counted by the map epoch they started under (`enter_inflight`).
+//! Cut off from etcd past its lease, a node refuses writes under the maps it has seen
+//! (`write_floor`), waits for the local copies of those already in flight, flushes, and
+//! records on its own disk that the flush covers every write of those maps, for its next
+//! process to publish (`fence_cut_off`, `flush_records`).
+//!
+//! Invariant: a write the fence does not find in flight finds the floor (`enter_inflight`
+//! counts under one lock with the floor's setting).
+
+use super::data_path::{REQUEST_DEADLINE, RETRY_DELAY};
+use super::store::{deliver, error_of, sink, status_of};
+use super::Cluster;
+use crate::etcd::{Etcd, EtcdError};
+use crate::peer::{FlushRecorder, Outgoing};
+use crate::replication::{worse, Tally};
+use crate::wire::{status, Entry, Op};
+use parking_lot::Mutex;
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+use torus_engine::{Message, Output, Piece, PieceKind, ReplyTo, Shared};
+
+/// Processes of this store whose recorded flush is kept (`Cluster::flushed_record`): a PG lost
+/// with one of them as its last clean holder waits for a revival that asks for it.
+const FLUSH_RECORDS_KEPT: usize = 64;
+
+/// The cluster as the peer layer's `FlushRecorder`, for flushes started where it is not at
+/// hand (a peer's connection closing): they are recorded too (`Cluster::flush_local`). Once
+/// the cluster is gone, every core is flushed unrecorded.
+pub(super) struct Recorder(pub(super) Weak<Cluster>);
+
+impl FlushRecorder for Recorder {
+    fn flush_recorded(&self, shared: &Shared) {
+        match self.0.upgrade() {
+            Some(c) => c.flush_local(Box::new(|_| {})),
+            None => flush_cores(shared, Box::new(|_| {})),
+        }
+    }
+}
+
+/// Writes in flight on a node, by the map epoch they started under.
+#[derive(Default)]
+pub(super) struct InFlight {
+    /// Until answered (coordinated: until every replica answered).
+    writes: BTreeMap<u64, u64>,
+    /// Until the local copy is done (`fence_cut_off` waits for these).
+    local: BTreeMap<u64, u64>,
+}
+
+fn count_down(counts: &mut BTreeMap<u64, u64>, epoch: u64) {
+    if let Some(n) = counts.get_mut(&epoch) {
+        *n -= 1;
+        if *n == 0 {
+            counts.remove(&epoch);
+        }
+    }
+}
+
+/// Writes `bytes` to `path` so that it survives a power loss: a temporary file, synced, then
+/// renamed over it, and the directory synced.
+fn write_durably(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// `record` (this store's flush records, by incarnation) with process `inc`'s at `epoch` at
+/// least, the oldest processes' dropped past `FLUSH_RECORDS_KEPT`.
+fn with_flush(mut record: Vec<(u64, u64)>, inc: u64, epoch: u64) -> Vec<(u64, u64)> {
+    let epoch = record
+        .iter()
+        .find(|(i, _)| *i == inc)
+        .map_or(epoch, |&(_, e)| e.max(epoch));
+    record.retain(|&(i, _)| i != inc);
+    record.push((inc, epoch));
+    let keep = record.len().saturating_sub(FLUSH_RECORDS_KEPT);
+    record.drain(..keep);
+    record
+}
+
+/// This store's flush records as etcd has them (under `key`), with, before this process
+/// registers, the one a previous process left on its disk when it was cut off from etcd
+/// (`Cluster::fence_cut_off`) published: a revival that asks what that process's disk has
+/// then sees it. The file goes once etcd has it; one that cannot be read is reported and
+/// left alone.
+pub(super) async fn flush_records(
+    etcd: &Etcd,
+    key: &str,
+    path: &std::path::Path,
+) -> Result<Vec<(u64, u64)>, EtcdError> {
+    let record: Vec<(u64, u64)> = match etcd.get(key).await? {
+        None => Vec::new(),
+        Some((v, _)) => serde_json::from_slice(&v).map_err(|e| EtcdError::Corrupt {
+            key: key.to_owned(),
+            why: format!("not a list of (incarnation, map epoch): {e}"),
+        })?,
+    };
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(record),
+        Err(e) => {
+            eprintln!("torusd: reading {}: {e}; not published", path.display());
+            return Ok(record);
+        }
+    };
+    let Ok((inc, epoch)) = serde_json::from_slice::<(u64, u64)>(&bytes) else {
+        eprintln!(
+            "torusd: {} is not a flush record (incarnation, map epoch); not published",
+            path.display()
+        );
+        return Ok(record);
+    };
+    let record = with_flush(record, inc, epoch);
+    etcd.put(key, serde_json::to_vec(&record).expect("json"), None)
+        .await?;
+    eprintln!("torusd: published the flush its previous process made while cut off (map {epoch})");
+    let _ = std::fs::remove_file(path);
+    Ok(record)
+}
+
+/// Flushes every core of a node; `done` gets the worst status.
+pub(super) fn flush_cores(shared: &Shared, done: Box<dyn FnOnce(u16) + Send>) {
+    let cores = shared.mailboxes.len();
+    let state = Arc::new(Mutex::new((Tally::new(cores), Some(done))));
+    for m in &shared.mailboxes {
+        let state = state.clone();
+        let flush = Piece {
+            volume: 0,
+            offset: 0,
+            len: 0,
+            kind: PieceKind::Flush,
+        };
+        m.send(Message::Piece(
+            flush,
+            sink(move |c| {
+                let mut st = state.lock();
+                let Some(worst) = st.0.add(c.output.map_or_else(status_of, |_| status::OK)) else {
+                    return;
+                };
+                if let Some(done) = st.1.take() {
+                    drop(st);
+                    done(worst);
+                }
+            }),
+        ));
+    }
+}
+
+impl Cluster {
+    /// Counts a write under map `epoch` in flight here (`serve_list`, `fence_cut_off`), unless
+    /// it is under the write floor (false). Under one lock with the floor's setting: a write
+    /// the fence does not find in flight finds the floor.
+    /// Its local copy is counted too, until `local_done`.
+    pub(super) fn enter_inflight(&self, epoch: u64) -> bool {
+        let mut inflight = self.inflight.lock();
+        if epoch < self.write_floor.load(Ordering::Acquire) {
+            return false;
+        }
+        *inflight.writes.entry(epoch).or_insert(0) += 1;
+        *inflight.local.entry(epoch).or_insert(0) += 1;
+        true
+    }
+
+    pub(super) fn inflight_done(&self, epoch: u64) {
+        count_down(&mut self.inflight.lock().writes, epoch);
+    }
+
+    /// The local copy of a write under map `epoch` is done (or will not be made).
+    pub(super) fn local_done(&self, epoch: u64) {
+        count_down(&mut self.inflight.lock().local, epoch);
+    }
+
+    /// The map epoch of the oldest write in flight here (coordinated or applied as a replica).
+    pub(super) fn oldest_in_flight(&self) -> Option<u64> {
+        self.inflight.lock().writes.keys().next().copied()
+    }
+
+    /// Flushes every node that is up, so every acknowledged write is durable on all of them.
+    pub(super) fn flush_all(self: &Arc<Self>, reply: ReplyTo) {
+        let me = self.clone();
+        self.rt.spawn(async move {
+            let deadline = Instant::now() + REQUEST_DEADLINE;
+            loop {
+                let map = me.map();
+                let nodes: Vec<String> = map
+                    .nodes
+                    .iter()
+                    .filter(|(_, n)| n.up)
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                let mut waits = Vec::new();
+                for node in nodes {
+                    let (tx, rx) = tokio::sync::oneshot::channel::<u16>();
+                    if node == me.me {
+                        me.flush_local(Box::new(move |s| {
+                            let _ = tx.send(s);
+                        }));
+                    } else if let Some(link) = me.link(&map, &node, 0) {
+                        link.send(Outgoing {
+                            entry: Entry {
+                                op: Op::Flush as u8,
+                                epoch: map.epoch,
+                                ..Entry::default()
+                            },
+                            data: None,
+                            group: 0,
+                            done: Box::new(move |r| {
+                                let _ = tx.send(r.status);
+                            }),
+                        });
+                    }
+                    waits.push(rx);
+                }
+                let mut worst = status::OK;
+                for w in waits {
+                    worst = worse(worst, w.await.unwrap_or(status::RETRY));
+                }
+                match worst {
+                    status::OK => return deliver(&me.shared, reply, Ok(Output::Done)),
+                    status::RETRY if Instant::now() < deadline => {
+                        tokio::time::sleep(RETRY_DELAY * 3).await;
+                    }
+                    s => return deliver(&me.shared, reply, Err(error_of(s))),
+                }
+            }
+        });
+    }
+
+    /// Flushes every core, then, if this process has seen a newer map since its last recorded
+    /// flush, records that epoch in etcd before answering (RETRY when it cannot): a revival
+    /// compares these records to find the disk with the most (`replication::revival_source`).
+    /// The first flush after each new map pays one etcd write.
+    pub(super) fn flush_local(&self, done: Box<dyn FnOnce(u16) + Send>) {
+        let seen = self.seen_epoch.load(Ordering::Acquire);
+        let me = self.this.get().and_then(|w| w.upgrade());
+        flush_cores(
+            &self.shared,
+            Box::new(move |s| match me {
+                Some(me) if s == status::OK => me.record_flush(seen, done),
+                _ => done(s),
+            }),
+        );
+    }
+
+    fn record_flush(self: Arc<Self>, seen: u64, done: Box<dyn FnOnce(u16) + Send>) {
+        if self.flushed_epoch.load(Ordering::Acquire) >= seen {
+            return done(status::OK);
+        }
+        let me = self.clone();
+        self.rt.spawn(async move {
+            let _one = me.record_lock.lock().await;
+            if me.flushed_epoch.load(Ordering::Acquire) >= seen {
+                return done(status::OK);
+            }
+            let record = with_flush(me.flushed_record.lock().clone(), me.incarnation, seen);
+            let put = me
+                .etcd
+                .put(
+                    &me.flushed_key,
+                    serde_json::to_vec(&record).expect("json"),
+                    None,
+                )
+                .await;
+            match put {
+                Ok(()) => {
+                    *me.flushed_record.lock() = record;
+                    me.flushed_epoch.store(seen, Ordering::Release);
+                    done(status::OK)
+                }
+                Err(e) => {
+                    eprintln!("torusd: recording a flush at map {seen} in etcd: {e}");
+                    done(status::RETRY)
+                }
+            }
+        });
+    }
+
+    /// Flushes every core of this node and waits: true when all succeeded.
+    pub(super) async fn flushed_here(&self) -> bool {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.flush_local(Box::new(move |s| {
+            let _ = tx.send(s);
+        }));
+        rx.await.unwrap_or(status::EIO) == status::OK
+    }
+
+    /// Cut off from etcd past its lease, this node is being taken out of the map: no write
+    /// under a map it has seen can be acknowledged with it any more, and it refuses those from
+    /// now on (`write_floor`). It then flushes and records, on its own disk (etcd cannot be
+    /// reached), that the flush covers every write of those maps: as a flush record, the
+    /// newest epoch seen plus one. Its next process publishes it (`flush_records`), so a
+    /// revival knows this disk has more than a holder that recorded a flush under the same
+    /// map before these writes. Once per map seen.
+    pub(super) async fn fence_cut_off(&self) {
+        let seen = self.seen_epoch.load(Ordering::Acquire);
+        if self.write_floor.load(Ordering::Acquire) > seen {
+            return;
+        }
+        {
+            let _inflight = self.inflight.lock();
+            self.write_floor.fetch_max(seen + 1, Ordering::AcqRel);
+            let lease = self.lease.load(Ordering::Acquire);
+            self.fenced_lease.store(lease, Ordering::Release);
+        }
+        // Writes admitted before the floor may still be on their way to the disk.
+        let deadline = Instant::now() + self.cfg.lease_ttl;
+        while self
+            .inflight
+            .lock()
+            .local
+            .first_key_value()
+            .is_some_and(|(&e, _)| e <= seen)
+        {
+            if Instant::now() >= deadline {
+                eprintln!("torusd: cut off from etcd past the lease: refusing writes under map {seen} and older; local writes still in flight, so no flush is recorded on disk");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        flush_cores(
+            &self.shared,
+            Box::new(move |s| {
+                let _ = tx.send(s);
+            }),
+        );
+        if rx.await.unwrap_or(status::EIO) != status::OK {
+            eprintln!("torusd: cut off from etcd past the lease: refusing writes under map {seen} and older; the flush failed, so none is recorded on disk");
+            return;
+        }
+        let record = (self.incarnation, seen + 1);
+        let path = self.cfg.cut_record_path.clone();
+        let wrote = tokio::task::spawn_blocking(move || {
+            write_durably(&path, &serde_json::to_vec(&record).expect("json"))
+        })
+        .await;
+        match wrote {
+            Ok(Ok(())) => eprintln!(
+                "torusd: cut off from etcd past the lease: refusing writes under map {seen} and older; flushed, and recorded that on disk"
+            ),
+            Ok(Err(e)) => eprintln!(
+                "torusd: recording a flush made while cut off in {}: {e}",
+                self.cfg.cut_record_path.display()
+            ),
+            Err(_) => {}
+        }
+    }
+
+    /// The lease is still alive after all (the fence came early: the map may not change):
+    /// the record of the fence goes first, then writes are taken again.
+    pub(super) fn lift_cut_off_fence(&self) {
+        let floor = self.write_floor.load(Ordering::Acquire);
+        let same_lease =
+            self.fenced_lease.load(Ordering::Acquire) == self.lease.load(Ordering::Acquire);
+        if floor == 0 || floor <= self.map().epoch || !same_lease {
+            return;
+        }
+        let path = &self.cfg.cut_record_path;
+        match std::fs::remove_file(path) {
+            Ok(()) => {
+                if let Some(dir) = path.parent() {
+                    let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                eprintln!(
+                    "torusd: removing {}: {e}; still refusing old writes",
+                    path.display()
+                );
+                return;
+            }
+        }
+        self.write_floor.store(0, Ordering::Release);
+        eprintln!("torusd: the lease outlived the cut; taking writes again");
+    }
+}

@@ -1,0 +1,227 @@
+//! Membership: this node's lease and heartbeat (with the stats it publishes), the map and
+//! volume pollers, installing a newer map, and an operator's changes to who is in the map
+//! (`give_up_peer`, `remove_peer`).
+//!
+//! Invariant: this node acts on its map only while its lease is surely alive in etcd and its
+//! map is current (`lease_fresh`). A node back from a partition renews its lease before it
+//! fetches the map that says it is down; until then its old map would have it serve reads
+//! from data that missed writes.
+
+use super::status::NodeStats;
+use super::{now_ms, Cluster};
+use crate::etcd::EtcdError;
+use crate::map::{ClusterMap, GiveUp};
+use crate::metadata::VolumeRecord;
+use crate::replication;
+use crate::wire::status;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const MAP_POLL: Duration = Duration::from_millis(200);
+const VOLUME_POLL: Duration = Duration::from_secs(1);
+
+impl Cluster {
+    /// True while this node's lease is surely alive in etcd and its map is current: `lease_ok`
+    /// is when the last successful keep-alive was sent, `map_ok` when the last map fetch that
+    /// succeeded was; a margin covers clock rate differences. (A node back from a partition
+    /// renews its lease before it fetches the map that says it is down; until then its old
+    /// map would have it serve reads from data that missed writes.)
+    pub(super) fn lease_fresh(&self) -> bool {
+        let limit = self.cfg.lease_ttl.mul_f64(0.8);
+        self.lease_ok.lock().elapsed() < limit && self.map_ok.lock().elapsed() < limit
+    }
+
+    pub(super) async fn refresh_volumes(&self) -> Result<(), EtcdError> {
+        let list = self.etcd.volumes().await?;
+        let changed = {
+            let mut v = self.volumes.write();
+            let new: HashMap<u32, VolumeRecord> =
+                list.volumes.iter().map(|r| (r.id, r.clone())).collect();
+            let changed = *v != new;
+            *v = new;
+            changed
+        };
+        if changed {
+            let local = self.local.clone();
+            let _ = tokio::task::spawn_blocking(move || local.volumes_changed(&list)).await;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn volume_loop(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(VOLUME_POLL).await;
+            let _ = self.refresh_volumes().await;
+        }
+    }
+
+    pub(super) async fn heartbeat_loop(self: Arc<Self>) {
+        let every = self.cfg.lease_ttl / 3;
+        loop {
+            tokio::time::sleep(every).await;
+            if self.stopping.load(Ordering::Acquire) {
+                return;
+            }
+            let lease = self.lease.load(Ordering::Acquire) as i64;
+            let sent = Instant::now();
+            let renewed = matches!(self.etcd.keep_alive_once(lease).await, Ok(true));
+            if !renewed && self.lease_ok.lock().elapsed() >= self.cfg.lease_ttl {
+                self.fence_cut_off().await;
+            }
+            if renewed {
+                self.lift_cut_off_fence();
+                *self.lease_ok.lock() = sent;
+            } else if let Ok(None) = self.etcd.get(&format!("nodes/{}", self.me)).await {
+                // etcd answers but our key is gone: the lease expired while we were cut off,
+                // and the others took us out. Register again; we come back stale and catch up.
+                eprintln!("torusd: our lease expired; registering again (stale until caught up)");
+                self.dirty_epochs.lock().lease_lost();
+                if let Ok(l) = self.etcd.lease_grant(self.cfg.lease_ttl).await {
+                    let key = format!("nodes/{}", self.me);
+                    let info = serde_json::to_vec(&self.info).expect("json");
+                    if self.etcd.put(&key, info, Some(l)).await.is_ok() {
+                        self.lease.store(l as u64, Ordering::Release);
+                        *self.lease_ok.lock() = Instant::now();
+                    }
+                }
+            }
+            let local = self.local.clone();
+            let used = tokio::task::spawn_blocking(move || local.used_bytes())
+                .await
+                .unwrap_or(0);
+            let stats = NodeStats {
+                used_bytes: used,
+                heartbeat_unix_ms: now_ms(),
+                recovery: self.recovery(),
+            };
+            let lease = self.lease.load(Ordering::Acquire) as i64;
+            let _ = self
+                .etcd
+                .put(
+                    &format!("stats/{}", self.me),
+                    serde_json::to_vec(&stats).expect("json"),
+                    Some(lease),
+                )
+                .await;
+        }
+    }
+
+    pub(super) fn install_map(&self, map: ClusterMap) {
+        let mut cur = self.map.write();
+        let newer = map.epoch > cur.epoch;
+        let lost = newer && replication::lost_a_node(&cur, &map);
+        if newer {
+            self.seen_epoch.fetch_max(map.epoch, Ordering::AcqRel);
+            *cur = Arc::new(map);
+        }
+        drop(cur);
+        if lost {
+            self.flush_local(Box::new(|s| {
+                if s != status::OK {
+                    eprintln!("torusd: flush after a node left the map failed (status {s})");
+                }
+            }));
+        }
+        if newer {
+            // A PG held here again is freed again when it moves away later: the PGs let go
+            // of are otherwise forgotten only between catch-up rounds, and a PG can come here
+            // and go away again while this node catches up.
+            let map = self.map();
+            self.let_go
+                .lock()
+                .retain(|&pg| !replication::holds(&map, &self.me, pg));
+        }
+        if newer {
+            // Requests waiting on a node that is no longer up fail now and are sent again
+            // under this map, instead of waiting for the link's timeout (a stopped or cut-off
+            // node keeps its TCP connections open).
+            let map = self.map();
+            let mut links = self.links.lock();
+            let gone: Vec<String> = links.keys().filter(|n| !map.up(n)).cloned().collect();
+            for node in gone {
+                for link in links
+                    .remove(&node)
+                    .into_iter()
+                    .flat_map(|l| l.into_values())
+                {
+                    link.close();
+                }
+            }
+        }
+        // Forget dirty blocks of PGs that are clean here and not being caught up, and all of
+        // them when this node was down in a map since they were recorded (it missed writes:
+        // a block it holds is not newer than its source's just because it was written here).
+        let map = self.map();
+        let recovering = self.recovering.lock().clone();
+        let names_me = replication::names_me(&map, &self.me, self.incarnation);
+        let (up_since, after_break) = map
+            .nodes
+            .get(&self.me)
+            .map_or((0, false), |n| (n.up_since, n.after_break));
+        let mut dirty = self.dirty.lock();
+        if self
+            .dirty_epochs
+            .lock()
+            .observe(names_me, up_since, after_break)
+        {
+            for set in dirty.values_mut() {
+                set.retain(|_, epoch| *epoch >= up_since);
+            }
+        }
+        let (me, inc) = (&self.me, self.incarnation);
+        dirty.retain(|pg, _| replication::keep_dirty(&map, *pg, me, inc, recovering.contains(pg)));
+    }
+
+    pub(super) async fn map_loop(self: Arc<Self>) {
+        loop {
+            let sent = Instant::now();
+            if let Ok((Some(map), _)) = self.etcd.map().await {
+                self.install_map(map);
+                *self.map_ok.lock() = sent;
+            }
+            tokio::time::sleep(MAP_POLL).await;
+        }
+    }
+
+    /// Gives up on a node that is down for good (`ClusterMap::give_up`).
+    pub fn give_up_peer(&self, name: &str) -> Result<GiveUp, String> {
+        let mut out = Err(String::new());
+        let r = self.block_on(self.etcd.update_map(self.cfg.replicas_max, |m| {
+            let epoch = m.epoch;
+            match m.give_up(name) {
+                Ok(g) => {
+                    out = Ok(g);
+                    m.epoch != epoch
+                }
+                Err(w) => {
+                    out = Err(w);
+                    false
+                }
+            }
+        }));
+        r.map_err(|e| e.to_string())?;
+        out
+    }
+
+    /// Starts draining a node: its PGs move to the others, then it leaves the map.
+    pub fn remove_peer(&self, name: &str) -> Result<(), String> {
+        let replicas_max = self.cfg.replicas_max;
+        let mut why = None;
+        let r = self.block_on(self.etcd.update_map(
+            replicas_max,
+            |m| match m.start_removing(name) {
+                Ok(changed) => changed,
+                Err(w) => {
+                    why = Some(w);
+                    false
+                }
+            },
+        ));
+        if let Some(w) = why {
+            return Err(w);
+        }
+        r.map(|_| ()).map_err(|e| e.to_string())
+    }
+}

@@ -1,0 +1,130 @@
+//! This node's own store as the cluster reaches it: a piece goes to the core that owns its
+//! volume and offset (`send_local`), the core that also decides about its PG; a completion
+//! becomes a callback (`sink`); an answer reaches whoever asked, from any thread
+//! (`deliver`); the engine's errors map to wire status codes and back (`status_of`,
+//! `error_of`).
+
+use super::Cluster;
+use crate::wire::status;
+use parking_lot::Mutex;
+use std::sync::Arc;
+use torus_engine::{
+    BlockError, Completion, CompletionSink, Message, Output, Piece, PieceKind, ReplyTo, Shared,
+    Sink,
+};
+
+type OnCompletion = Box<dyn FnOnce(Completion) + Send>;
+
+struct FnSink(Mutex<Option<OnCompletion>>);
+
+impl CompletionSink for FnSink {
+    fn complete(&self, c: Completion) {
+        if let Some(f) = self.0.lock().take() {
+            f(c)
+        }
+    }
+}
+
+pub(super) fn sink(f: impl FnOnce(Completion) + Send + 'static) -> ReplyTo {
+    ReplyTo::Sink {
+        sink: Sink(Arc::new(FnSink(Mutex::new(Some(Box::new(f)))))),
+        token: 0,
+    }
+}
+
+pub(super) fn status_of(e: BlockError) -> u16 {
+    match e {
+        BlockError::Io => status::EIO,
+        BlockError::NoSpace => status::ENOSPC,
+        BlockError::Invalid => status::EINVAL,
+        BlockError::NoVolume => status::NOVOLUME,
+        BlockError::ShuttingDown => status::SHUTDOWN,
+    }
+}
+
+pub(super) fn error_of(s: u16) -> BlockError {
+    match s {
+        status::ENOSPC => BlockError::NoSpace,
+        status::EINVAL => BlockError::Invalid,
+        status::NOVOLUME => BlockError::NoVolume,
+        status::SHUTDOWN => BlockError::ShuttingDown,
+        _ => BlockError::Io,
+    }
+}
+
+/// Delivers an answer to whoever asked, from any thread.
+pub(super) fn deliver(shared: &Shared, reply: ReplyTo, output: Result<Output, BlockError>) {
+    let c = Completion {
+        token: reply.token(),
+        output,
+    };
+    match reply {
+        ReplyTo::Core { core, .. } => shared.mailboxes[core].send(Message::Done(c)),
+        ReplyTo::Channel { sender, .. } => {
+            let _ = sender.send(c);
+        }
+        ReplyTo::Sink { sink, .. } => sink.0.complete(c),
+    }
+}
+
+pub(super) fn clone_piece(p: &Piece) -> Piece {
+    Piece {
+        volume: p.volume,
+        offset: p.offset,
+        len: p.len,
+        kind: match &p.kind {
+            PieceKind::Read => PieceKind::Read,
+            PieceKind::Status => PieceKind::Status,
+            PieceKind::Flush => PieceKind::Flush,
+            PieceKind::Zero { fua } => PieceKind::Zero { fua: *fua },
+            PieceKind::Write {
+                data,
+                data_offset,
+                fua,
+            } => PieceKind::Write {
+                data: data.clone(),
+                data_offset: *data_offset,
+                fua: *fua,
+            },
+        },
+    }
+}
+
+impl Cluster {
+    pub(super) fn send_local(&self, piece: Piece, reply: ReplyTo) {
+        let core = self.shared.core_for(piece.volume, piece.offset);
+        self.shared.mailboxes[core].send(Message::Piece(piece, reply));
+    }
+
+    /// `send_local`, answered on a channel: true when the store did it.
+    pub(super) fn send_local_ok(&self, piece: Piece) -> tokio::sync::oneshot::Receiver<bool> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send_local(
+            piece,
+            sink(move |c| {
+                let _ = tx.send(c.output.is_ok());
+            }),
+        );
+        rx
+    }
+
+    pub(super) async fn list_local(&self, bitmap: &[bool]) -> Vec<(u32, u64, u32)> {
+        let mut waits = Vec::new();
+        for m in &self.shared.mailboxes {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            m.send(Message::ListBlocks {
+                pgs: bitmap.to_vec(),
+                reply: Box::new(move |v| {
+                    let _ = tx.send(v);
+                }),
+            });
+            waits.push(rx);
+        }
+        let mut all = Vec::new();
+        for w in waits {
+            all.extend(w.await.unwrap_or_default());
+        }
+        all.sort_unstable();
+        all
+    }
+}

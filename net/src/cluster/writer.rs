@@ -1,0 +1,157 @@
+//! The writer lock: one writing node per volume. The lock's create revision in etcd is the
+//! fencing epoch that every write from its holder carries; a write with an older one than a
+//! replica has seen for the volume is refused (`replication::Fence`), and a node that restarts
+//! fences every older writer from the start (`load_fences`).
+//!
+//! The snapshot pause: new writes to a volume from this node are held back while those in
+//! flight are answered (each by every replica), the point at which a snapshot is the same on
+//! every replica (`pause_writes`, then `resume_writes`).
+
+use super::Cluster;
+use crate::etcd::EtcdError;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use torus_engine::{Piece, ReplyTo};
+
+/// Volumes whose new writes wait (a snapshot is being taken), and the writes each volume has
+/// in flight from this node's frontends.
+#[derive(Default)]
+pub(super) struct Pause {
+    pub(super) paused: HashSet<u32>,
+    pub(super) inflight: HashMap<u32, u64>,
+    pub(super) parked: Vec<(Piece, ReplyTo)>,
+}
+
+/// The node named by a writer lock's value (`writer_value`: "NODE LEASE").
+fn holder_node(value: &[u8]) -> String {
+    let v = String::from_utf8_lossy(value);
+    v.split(' ').next().unwrap_or("").to_string()
+}
+
+impl Cluster {
+    /// The epoch of the writer lock this node holds on `volume` (0: none).
+    pub(super) fn writer_epoch(&self, volume: u32) -> u64 {
+        self.writing.lock().get(&volume).copied().unwrap_or(0)
+    }
+
+    fn writer_value(&self) -> Vec<u8> {
+        format!("{} {}", self.me, self.lease.load(Ordering::Acquire)).into_bytes()
+    }
+
+    /// Takes the writer lock of a volume (one writing node per volume), waiting up to a lease
+    /// for a holder that may have died. Its create revision is the fencing epoch that every
+    /// write from this node carries from now on.
+    pub fn acquire_writer(&self, volume: u32) -> Result<u64, String> {
+        let deadline = Instant::now() + self.cfg.lease_ttl + Duration::from_secs(1);
+        let key = format!("writers/{volume}");
+        loop {
+            let lease = self.lease.load(Ordering::Acquire) as i64;
+            let mine = self.writer_value();
+            match self.block_on(self.etcd.acquire(&key, mine.clone(), lease)) {
+                Ok((holder, epoch)) if holder == mine => {
+                    // Recorded for good (the lock's key goes with its lease): a node that
+                    // restarts fences every older writer from the start (`load_fences`).
+                    let recorded = self.block_on(self.etcd.put(
+                        &format!("fence/{volume}"),
+                        epoch.to_string().into_bytes(),
+                        None,
+                    ));
+                    if let Err(e) = recorded {
+                        self.block_on(async { self.etcd.release(&key, mine).await.ok() });
+                        return Err(format!("cannot record the volume's writer epoch: {e}"));
+                    }
+                    self.fence.lock().admit(volume, epoch as u64);
+                    self.writing.lock().insert(volume, epoch as u64);
+                    return Ok(epoch as u64);
+                }
+                Ok((holder, _)) => {
+                    if Instant::now() >= deadline {
+                        return Err(format!(
+                            "volume is open for writing on node {}; a volume has one writing node at a time",
+                            holder_node(&holder)
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+                Err(e) => return Err(format!("cannot take the volume's writer lock: {e}")),
+            }
+        }
+    }
+
+    /// Gives up the writer lock (the last connection here closed).
+    pub fn release_writer(&self, volume: u32) {
+        self.writing.lock().remove(&volume);
+        let value = self.writer_value();
+        let _ = self.block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(3),
+                self.etcd.release(&format!("writers/{volume}"), value),
+            )
+            .await
+        });
+    }
+
+    /// The node holding `volume`'s writer lock, if any.
+    pub fn writer_holder(&self, volume: u32) -> Result<Option<String>, String> {
+        let got = self
+            .block_on(self.etcd.get(&format!("writers/{volume}")))
+            .map_err(|e| format!("read the writer lock: {e}"))?;
+        Ok(got.map(|(v, _)| holder_node(&v)))
+    }
+
+    /// A starting node's fence: the last writer epoch recorded per volume (and that of any
+    /// writer lock held now), so a request of a replaced writer that arrives after a restart
+    /// is refused here as on every other replica.
+    pub(super) async fn load_fences(&self) -> Result<(), EtcdError> {
+        let recorded = self.etcd.list("fence/").await?;
+        let held = self.etcd.list("writers/").await?;
+        let mut fence = self.fence.lock();
+        for (k, v, _) in recorded {
+            let epoch = String::from_utf8_lossy(&v).parse::<u64>().ok();
+            if let (Ok(volume), Some(epoch)) = (k.parse::<u32>(), epoch) {
+                fence.admit(volume, epoch);
+            }
+        }
+        for (k, _, created) in held {
+            if let Ok(volume) = k.parse::<u32>() {
+                fence.admit(volume, created as u64);
+            }
+        }
+        Ok(())
+    }
+
+    /// Holds back new writes to `volume` from this node and waits until those in flight are
+    /// answered (each by every replica): the point at which a snapshot is the same on every
+    /// replica. `resume_writes` must follow.
+    pub fn pause_writes(self: &Arc<Self>, volume: u32, limit: Duration) -> Result<(), String> {
+        self.pause.lock().paused.insert(volume);
+        let deadline = Instant::now() + limit;
+        while self.pause.lock().inflight.contains_key(&volume) {
+            if Instant::now() > deadline {
+                self.resume_writes(volume);
+                return Err(format!(
+                    "writes to the volume did not drain within {limit:?}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
+    pub fn resume_writes(self: &Arc<Self>, volume: u32) {
+        let parked: Vec<(Piece, ReplyTo)> = {
+            let mut p = self.pause.lock();
+            p.paused.remove(&volume);
+            let (mine, rest) = std::mem::take(&mut p.parked)
+                .into_iter()
+                .partition(|(piece, _)| piece.volume == volume);
+            p.parked = rest;
+            mine
+        };
+        for (piece, reply) in parked {
+            self.route(piece, reply);
+        }
+    }
+}
