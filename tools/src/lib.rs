@@ -1,10 +1,12 @@
-//! Shared code of the torus binaries: size parsing, config files and the admin HTTP API.
+//! Shared code of the torus binaries: size parsing, config files, the volume services of a
+//! node (`node`) and the admin HTTP API that serves them (`admin`).
 
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod client;
 pub mod config;
+pub mod node;
 pub mod size;
 pub mod transfer;
 
