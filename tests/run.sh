@@ -49,6 +49,9 @@ lines=$(wc -l <README.md)
 [ "$lines" -le 300 ] || { echo "README.md has $lines lines (at most 300: depth goes in docs/)"; exit 1; }
 python3 tests/check_links.py
 
+echo "== structure: no import cycle, no source file over 800 lines before its tests"
+python3 tests/check_structure.py
+
 echo "== generated gRPC code is what its .proto files make"
 cargo run -q -p torus-codegen -- --check
 

@@ -8,7 +8,7 @@ pub mod fuzzing;
 pub mod nbd;
 
 use std::io::Read;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -52,17 +52,9 @@ pub fn torusd_for(env: &[(String, String)]) -> PathBuf {
 
 /// Fails the test when a tool is missing, naming the Debian package that has it.
 pub fn require_tool(tool: &str, package: &str) -> PathBuf {
-    for dir in std::env::var("PATH")
-        .unwrap_or_default()
-        .split(':')
-        .chain(["/usr/sbin", "/sbin"])
-    {
-        let p = Path::new(dir).join(tool);
-        if p.exists() {
-            return p;
-        }
-    }
-    panic!("{tool} is not installed (Debian package {package}); the test command installs it: bash .ci/run");
+    torus_testkit::which(tool).unwrap_or_else(|| {
+        panic!("{tool} is not installed (Debian package {package}); the test command installs it: bash .ci/run")
+    })
 }
 
 /// A loop device over a file, detached when dropped.
@@ -96,23 +88,7 @@ pub fn flip_bits(f: &std::fs::File, at: u64, mask: u8) {
     f.write_all_at(&[b[0] ^ mask], at).unwrap();
 }
 
-/// A port free now, never handed out before by this process: the kernel may give a port it
-/// just released again, and a node's admin and peer ports once came out the same.
-pub fn free_port() -> u16 {
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut given = GIVEN.lock().unwrap();
-        if !given.contains(&port) {
-            given.push(port);
-            return port;
-        }
-    }
-}
+pub use torus_testkit::free_port;
 
 pub struct TempDir(pub PathBuf);
 
@@ -437,23 +413,14 @@ pub fn connect(port: u16) -> TcpStream {
 }
 
 /// CPU time (user + system) of a process, in clock ticks.
+/// User plus system CPU time of a running process, in clock ticks.
 pub fn cpu_ticks(pid: i32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("proc stat");
-    let after = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = after.split_whitespace().collect();
-    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    torus_testkit::cpu_ticks(pid as u32).expect("the process is running")
 }
 
 /// Resident set size of a process, in bytes.
 pub fn rss_bytes(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0)
-        * 1024
+    torus_testkit::rss_bytes(pid as u32)
 }
 
 /// A small deterministic generator (splitmix64), so failures replay from their seed.
