@@ -54,7 +54,7 @@ fn dump_and_load_skip_holes_and_round_trip() {
     let node = Torusd::start(dir.path(), &[]);
     ctl(&node, &["volume", "create", "src", "1G"]);
     let src = node.uri("src");
-    // 10 % written, in ten places (one unaligned).
+    // 10 % written, in ten places, each starting 512 bytes off a 4 KiB block.
     let mut cmds = Vec::new();
     for i in 0..10u64 {
         cmds.push(format!(
