@@ -206,22 +206,34 @@ impl Etcd {
         format!("{}{k}", self.prefix)
     }
 
-    /// Runs one call with the call timeout, naming the endpoints in its error.
-    async fn call<T>(
+    /// Awaits `f` with the call timeout, naming the endpoints in its error.
+    async fn timed<T>(
         &self,
-        f: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+        f: impl std::future::Future<Output = Result<T, tonic::Status>>,
     ) -> Result<T, EtcdError> {
         match tokio::time::timeout(CALL_TIMEOUT, f).await {
-            Ok(Ok(r)) => Ok(r.into_inner()),
-            Ok(Err(status)) => Err(EtcdError::Rpc {
-                endpoints: self.endpoints.clone(),
-                status: Box::new(status),
-            }),
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(status)) => Err(self.rpc_error(status)),
             Err(_) => Err(EtcdError::Timeout {
                 endpoints: self.endpoints.clone(),
                 limit: CALL_TIMEOUT,
             }),
         }
+    }
+
+    fn rpc_error(&self, status: tonic::Status) -> EtcdError {
+        EtcdError::Rpc {
+            endpoints: self.endpoints.clone(),
+            status: Box::new(status),
+        }
+    }
+
+    /// Runs one call with the call timeout.
+    async fn call<T>(
+        &self,
+        f: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<T, EtcdError> {
+        Ok(self.timed(f).await?.into_inner())
     }
 
     /// Runs a transaction on full keys: `success` if every compare holds. Returns whether
@@ -340,10 +352,7 @@ impl Etcd {
         };
         let r = self.call(self.lease.clone().lease_grant(request)).await?;
         if !r.error.is_empty() {
-            return Err(EtcdError::Rpc {
-                endpoints: self.endpoints.clone(),
-                status: Box::new(tonic::Status::unavailable(r.error)),
-            });
+            return Err(self.rpc_error(tonic::Status::unavailable(r.error)));
         }
         Ok(r.id)
     }
@@ -354,18 +363,11 @@ impl Etcd {
         let mut stream = self
             .call(self.lease.clone().lease_keep_alive(request))
             .await?;
-        match tokio::time::timeout(CALL_TIMEOUT, stream.message()).await {
-            Ok(Ok(Some(r))) => Ok(r.ttl > 0),
-            Ok(Ok(None)) => Ok(false),
-            Ok(Err(status)) => Err(EtcdError::Rpc {
-                endpoints: self.endpoints.clone(),
-                status: Box::new(status),
-            }),
-            Err(_) => Err(EtcdError::Timeout {
-                endpoints: self.endpoints.clone(),
-                limit: CALL_TIMEOUT,
-            }),
-        }
+        // No answer (the stream ended): etcd no longer knows the lease.
+        Ok(self
+            .timed(stream.message())
+            .await?
+            .is_some_and(|r| r.ttl > 0))
     }
 
     pub async fn lease_revoke(&self, lease: i64) -> Result<(), EtcdError> {

@@ -231,26 +231,8 @@ impl Torusd {
             .spawn()
             .expect("start torusd");
         // The one line on stdout says the node is ready.
-        let mut stdout = child.stdout.take().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut line = Vec::new();
-        let mut byte = [0u8; 1];
-        while !line.ends_with(b"\n") {
-            assert!(
-                Instant::now() < deadline,
-                "torusd did not become ready; log:\n{}",
-                self.log_text()
-            );
-            match stdout.read(&mut byte) {
-                Ok(1) => line.push(byte[0]),
-                _ => panic!(
-                    "torusd exited before it was ready: {:?}; log:\n{}",
-                    child.try_wait(),
-                    self.log_text()
-                ),
-            }
-        }
-        self.stdout = String::from_utf8_lossy(&line).into_owned();
+        let (line, mut stdout) = ready_line(&mut child, &self.log);
+        self.stdout = line;
         // Keep draining stdout so torusd never blocks on it.
         std::thread::spawn(move || {
             let mut sink = Vec::new();
@@ -337,6 +319,33 @@ impl Drop for Torusd {
             let _ = c.wait();
         }
     }
+}
+
+/// Reads torusd's one stdout line, which it prints once it serves, failing the test with
+/// torusd's log (`log`) if it exits first or takes over 60 s. Returns the line and the rest of
+/// stdout, which the caller must keep draining.
+pub fn ready_line(child: &mut Child, log: &Path) -> (String, std::process::ChildStdout) {
+    let log_text = || std::fs::read_to_string(log).unwrap_or_default();
+    let mut stdout = child.stdout.take().expect("torusd's stdout is piped");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while !line.ends_with(b"\n") {
+        assert!(
+            Instant::now() < deadline,
+            "torusd did not become ready; log:\n{}",
+            log_text()
+        );
+        match stdout.read(&mut byte) {
+            Ok(1) => line.push(byte[0]),
+            _ => panic!(
+                "torusd exited before it was ready: {:?}; log:\n{}",
+                child.try_wait(),
+                log_text()
+            ),
+        }
+    }
+    (String::from_utf8_lossy(&line).into_owned(), stdout)
 }
 
 pub fn wait_timeout(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {

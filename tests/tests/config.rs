@@ -1,10 +1,9 @@
 //! `torusd --config FILE.toml`: a node started from a config file is the node its flags make,
 //! and a mistake in the file stops torusd with one line naming the key and the file.
 
-use std::io::Read;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use torus_tests::*;
 
 /// Starts torusd with `args` in `dir` and returns it once its one stdout line (the serving
@@ -18,21 +17,8 @@ fn serve(dir: &Path, args: &[String]) -> (Child, String) {
         .stderr(log)
         .spawn()
         .expect("start torusd");
-    let mut stdout = child.stdout.take().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    while !line.ends_with(b"\n") {
-        assert!(Instant::now() < deadline, "torusd did not become ready");
-        match stdout.read(&mut byte) {
-            Ok(1) => line.push(byte[0]),
-            _ => panic!(
-                "torusd exited before it was ready: {}",
-                std::fs::read_to_string(dir.join("torusd.log")).unwrap_or_default()
-            ),
-        }
-    }
-    (child, String::from_utf8(line).unwrap())
+    let (line, _stdout) = ready_line(&mut child, &dir.join("torusd.log"));
+    (child, line)
 }
 
 /// SIGTERM, and torusd must exit 0.
