@@ -12,8 +12,11 @@
 //! mounted on one sees a pause, not an error.
 
 pub mod control;
+pub mod error;
 pub mod queue;
 pub mod sys;
+
+pub use error::{ControlCommand, UblkError};
 
 use crate::exports::Exports;
 use control::Control;
@@ -24,6 +27,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use torus_engine::{Message, Shared};
+
+/// How long the cores may take to start a device's queues (each queues a fetch per tag: no
+/// I/O, so a core that takes this long is stuck).
+pub const QUEUE_START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the cores may take to let go of a stopped device (the stop aborts every fetch;
+/// requests in flight finish first).
+pub const QUEUE_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A device as `torusblk ublk` and the admin API show it.
 #[derive(Debug, Clone)]
@@ -75,7 +85,7 @@ fn device_params(size: u64, read_only: bool) -> sys::Params {
 }
 
 /// Opens `/dev/ublkcN`, waiting briefly for devtmpfs/udev to make it.
-fn open_cdev(id: u32) -> Result<std::os::fd::OwnedFd, String> {
+fn open_cdev(id: u32) -> Result<std::os::fd::OwnedFd, UblkError> {
     let path = format!("/dev/ublkc{id}");
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -88,7 +98,7 @@ fn open_cdev(id: u32) -> Result<std::os::fd::OwnedFd, String> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(20))
             }
-            Err(e) => return Err(format!("open {path}: {e}")),
+            Err(source) => return Err(UblkError::OpenCharDevice { dev_id: id, source }),
         }
     }
 }
@@ -108,12 +118,12 @@ impl UblkTarget {
         }
     }
 
-    fn control(&self) -> Result<Arc<Control>, String> {
+    fn control(&self) -> Result<Arc<Control>, UblkError> {
         let mut c = self.control.lock();
         if let Some(c) = &*c {
             return Ok(c.clone());
         }
-        let opened = Arc::new(Control::open().map_err(|e| e.to_string())?);
+        let opened = Arc::new(Control::open()?);
         *c = Some(opened.clone());
         Ok(opened)
     }
@@ -123,22 +133,15 @@ impl UblkTarget {
     }
 
     /// Serves `volume` as a new `/dev/ublkbN`.
-    pub fn create(&self, volume: &str) -> Result<DeviceView, String> {
-        let attachment = self.exports.attach_checked(volume).map_err(|e| match e {
-            None => format!("no volume named {volume:?}"),
-            Some(why) => why,
-        })?;
+    pub fn create(&self, volume: &str) -> Result<DeviceView, UblkError> {
+        let attachment = self.attach(volume)?;
         let control = self.control()?;
         let queues = self.shared.mailboxes.len() as u16;
-        let info = control
-            .add(queues, QUEUE_DEPTH, MAX_IO_BYTES)
-            .map_err(|e| format!("add a ublk device: {e}"))?;
+        let info = control.add(queues, QUEUE_DEPTH, MAX_IO_BYTES)?;
         let id = info.dev_id;
         let v = attachment.0.clone();
         let started = (|| {
-            control
-                .set_params(id, &device_params(v.size(), v.read_only))
-                .map_err(|e| format!("set the parameters of ublk device {id}: {e}"))?;
+            control.set_params(id, &device_params(v.size(), v.read_only))?;
             let device = Arc::new(Device {
                 id,
                 cdev: open_cdev(id)?,
@@ -147,10 +150,8 @@ impl UblkTarget {
                 attachment,
             });
             self.start_queues(&device)?;
-            control
-                .start(id)
-                .map_err(|e| format!("start ublk device {id}: {e}"))?;
-            Ok::<_, String>(device)
+            control.start(id)?;
+            Ok::<_, UblkError>(device)
         })();
         match started {
             Ok(device) => {
@@ -167,7 +168,17 @@ impl UblkTarget {
         }
     }
 
-    fn start_queues(&self, device: &Arc<Device>) -> Result<(), String> {
+    /// Claims `volume` for a device (the attach policy may refuse it).
+    fn attach(&self, volume: &str) -> Result<crate::exports::Attachment, UblkError> {
+        self.exports.attach_checked(volume).map_err(|e| match e {
+            None => UblkError::NoVolume {
+                volume: volume.to_owned(),
+            },
+            Some(why) => UblkError::Refused { why },
+        })
+    }
+
+    fn start_queues(&self, device: &Arc<Device>) -> Result<(), UblkError> {
         let (tx, rx) = crossbeam_channel::bounded(device.queues as usize);
         for q in 0..device.queues {
             self.shared.mailboxes[q as usize].send(Message::Service(Box::new(StartQueue {
@@ -177,36 +188,32 @@ impl UblkTarget {
             })));
         }
         for _ in 0..device.queues {
-            rx.recv_timeout(Duration::from_secs(10))
-                .map_err(|_| "a core did not start its ublk queue within 10 s".to_string())??;
+            rx.recv_timeout(QUEUE_START_TIMEOUT)
+                .map_err(|_| UblkError::QueueStartTimeout)??;
         }
         Ok(())
     }
 
     /// Stops and deletes device `id`: the block device goes away, after the kernel has
     /// flushed what its users wrote.
-    pub fn remove(&self, id: u32) -> Result<(), String> {
+    pub fn remove(&self, id: u32) -> Result<(), UblkError> {
         let device = self
             .devices
             .lock()
             .remove(&id)
-            .ok_or_else(|| format!("ublk device {id} is not served by this node"))?;
+            .ok_or(UblkError::NotServed { dev_id: id })?;
         let control = self.control()?;
-        control
-            .stop(id)
-            .map_err(|e| format!("stop ublk device {id}: {e}"))?;
+        control.stop(id)?;
         // The stop aborts every queue's fetches; each core then drops its share.
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + QUEUE_STOP_TIMEOUT;
         while Arc::strong_count(&device) > 1 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
         if Arc::strong_count(&device) > 1 {
-            return Err(format!("ublk device {id}: queues did not stop within 10 s"));
+            return Err(UblkError::QueueStopTimeout { dev_id: id });
         }
         drop(device);
-        control
-            .delete(id)
-            .map_err(|e| format!("delete ublk device {id}: {e}"))?;
+        control.delete(id)?;
         self.save();
         Ok(())
     }
@@ -230,43 +237,34 @@ impl UblkTarget {
         self.save();
     }
 
-    fn recover_one(&self, id: u32, volume: &str) -> Result<(), String> {
+    fn recover_one(&self, id: u32, volume: &str) -> Result<(), UblkError> {
         let control = self.control()?;
         // The kernel quiesces a device shortly after its server's rings close.
         let deadline = Instant::now() + Duration::from_secs(15);
         let info = loop {
-            let info = control
-                .info(id)
-                .map_err(|e| format!("the kernel has no such device ({e})"))?;
+            let info = control.info(id)?;
             if info.state == sys::S_DEV_QUIESCED || Instant::now() > deadline {
                 break info;
             }
             std::thread::sleep(Duration::from_millis(50));
         };
         if info.state != sys::S_DEV_QUIESCED {
-            return Err(format!(
-                "device state {} (not waiting for a server)",
-                info.state
-            ));
+            return Err(UblkError::NotQuiesced { state: info.state });
         }
         if info.nr_hw_queues as usize != self.shared.mailboxes.len() {
-            return Err(format!(
-                "it has {} queues and this torusd runs {} cores",
-                info.nr_hw_queues,
-                self.shared.mailboxes.len()
-            ));
+            return Err(UblkError::QueueCountMismatch {
+                queues: info.nr_hw_queues,
+                cores: self.shared.mailboxes.len(),
+            });
         }
-        let attachment = self.exports.attach_checked(volume).map_err(|e| match e {
-            None => format!("no volume named {volume:?}"),
-            Some(why) => why,
-        })?;
+        let attachment = self.attach(volume)?;
         loop {
             match control.start_recovery(id) {
                 Ok(()) => break,
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                Err(e) if e.errno() == Some(libc::EBUSY) && Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(50))
                 }
-                Err(e) => return Err(format!("start recovery: {e}")),
+                Err(e) => return Err(e),
             }
         }
         let device = Arc::new(Device {
@@ -277,9 +275,7 @@ impl UblkTarget {
             attachment,
         });
         self.start_queues(&device)?;
-        control
-            .end_recovery(id)
-            .map_err(|e| format!("end recovery: {e}"))?;
+        control.end_recovery(id)?;
         self.devices.lock().insert(id, device);
         Ok(())
     }

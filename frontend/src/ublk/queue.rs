@@ -9,6 +9,7 @@
 //! data out of it when the commit arrives. Memory per queue: `QUEUE_DEPTH × MAX_IO_BYTES`
 //! (64 MiB of address space, resident only as far as requests used it).
 
+use super::error::UblkError;
 use super::sys;
 use crate::exports::Attachment;
 use crate::nbd::transmission::{piece_len, piece_start, pieces};
@@ -40,7 +41,7 @@ pub struct Device {
 pub struct StartQueue {
     pub device: Arc<Device>,
     pub q: u16,
-    pub ready: crossbeam_channel::Sender<Result<(), String>>,
+    pub ready: crossbeam_channel::Sender<Result<(), UblkError>>,
 }
 
 struct Tag {
@@ -147,8 +148,8 @@ impl UblkService {
             )
         };
         if descs == libc::MAP_FAILED {
-            let e = std::io::Error::last_os_error();
-            let _ = ready.send(Err(format!("map the descriptors of queue {q}: {e}")));
+            let source = std::io::Error::last_os_error();
+            let _ = ready.send(Err(UblkError::MapDescriptors { queue: q, source }));
             return;
         }
         let depth = device.depth;
