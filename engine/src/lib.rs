@@ -18,6 +18,7 @@ pub mod quota;
 pub mod reactor;
 pub mod request;
 pub mod slot_allocator;
+pub mod socket;
 mod store;
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -30,6 +30,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use torus_engine::reactor::TAG_KIND_PEER;
+use torus_engine::socket::{self, SocketResult};
 use torus_engine::{AlignedBuf, Completion, CoreContext, CoreService, Message, Shared};
 
 /// A frame is cut at this many entries or bytes of data.
@@ -437,11 +438,14 @@ impl PeerService {
         if c.closing {
             return self.maybe_remove(id);
         }
-        if result <= 0 {
-            flush_every_core(c, ctx.shared());
-            return self.close(id);
-        }
-        let n = result as usize;
+        let n = match socket::classify(result) {
+            SocketResult::Data(n) => n,
+            SocketResult::TryAgain => return self.arm_recv(ctx, id),
+            SocketResult::EndOfStream | SocketResult::Error(_) => {
+                flush_every_core(c, ctx.shared());
+                return self.close(id);
+            }
+        };
         if c.recv_into_body {
             if let Some((_, _, got)) = &mut c.body {
                 *got += n;
@@ -600,11 +604,15 @@ impl PeerService {
         if c.closing {
             return self.maybe_remove(id);
         }
-        if result <= 0 {
-            flush_every_core(c, ctx.shared());
-            return self.close(id);
-        }
-        c.sent += result as usize;
+        c.sent += match socket::classify(result) {
+            SocketResult::Data(n) => n,
+            // Nothing went out: the rest is submitted again below.
+            SocketResult::TryAgain => 0,
+            SocketResult::EndOfStream | SocketResult::Error(_) => {
+                flush_every_core(c, ctx.shared());
+                return self.close(id);
+            }
+        };
         if c.sent < c.out.len() {
             let fd = c.fd.as_ref().map(|f| f.as_raw_fd()).expect("sending");
             return submit_send(ctx, id, c, fd);

@@ -31,6 +31,7 @@ use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use torus_engine::socket::{self, SocketResult};
 use torus_engine::{
     AlignedBuf, BlockError, Completion, CoreContext, CoreService, Output, CHUNK_SIZE,
 };
@@ -233,16 +234,15 @@ impl NbdService {
     fn on_recv(&mut self, ctx: &mut CoreContext, key: usize, result: i32) {
         let c = &mut self.connections[key];
         c.recv_armed = false;
-        if result == -libc::EINTR || result == -libc::EAGAIN {
-            self.arm_recv(ctx, key);
-            return;
-        }
-        if result <= 0 {
-            c.state = State::Draining;
-            self.maybe_close(key);
-            return;
-        }
-        let n = result as usize;
+        let n = match socket::classify(result) {
+            SocketResult::Data(n) => n,
+            SocketResult::TryAgain => return self.arm_recv(ctx, key),
+            SocketResult::EndOfStream | SocketResult::Error(_) => {
+                c.state = State::Draining;
+                self.maybe_close(key);
+                return;
+            }
+        };
         match c.payload.as_mut().filter(|p| p.got < p.len) {
             Some(p) => p.got += n,
             None => c.rend += n,

@@ -9,6 +9,7 @@ use super::{retire, Connection, NbdService, State, TAG_SEND};
 use crate::nbd::protocol::*;
 use io_uring::{opcode, types};
 use std::os::fd::AsRawFd;
+use torus_engine::socket::{self, SocketResult};
 use torus_engine::{AlignedBuf, CoreContext, BLOCK_SIZE};
 
 /// Replies per sendmsg, and iovecs per sendmsg (below IOV_MAX = 1024).
@@ -146,26 +147,29 @@ impl NbdService {
     pub(super) fn on_send(&mut self, ctx: &mut CoreContext, key: usize, result: i32) {
         let c = &mut self.connections[key];
         let mut batch = c.send.take().expect("send in flight");
-        if result == -libc::EINTR || result == -libc::EAGAIN {
-            c.send = Some(batch);
-            submit_send(ctx, key, c);
-            return;
-        }
-        if result < 0 {
-            // The client is gone: its replies are dropped, requests in flight still finish.
-            c.dead = true;
-            c.state = State::Draining;
-            if c.recv_armed {
-                // SAFETY: shutdown on our own socket; wakes the armed receive with EOF.
-                unsafe { libc::shutdown(c.fd.as_raw_fd(), libc::SHUT_RDWR) };
-            }
-        } else {
-            batch.sent += result as usize;
-            if batch.sent < batch.total {
-                build_iovecs(&mut batch);
+        match socket::classify(result) {
+            SocketResult::TryAgain => {
                 c.send = Some(batch);
                 submit_send(ctx, key, c);
                 return;
+            }
+            SocketResult::EndOfStream | SocketResult::Error(_) => {
+                // The client is gone: its replies are dropped, requests in flight still finish.
+                c.dead = true;
+                c.state = State::Draining;
+                if c.recv_armed {
+                    // SAFETY: shutdown on our own socket; wakes the armed receive with EOF.
+                    unsafe { libc::shutdown(c.fd.as_raw_fd(), libc::SHUT_RDWR) };
+                }
+            }
+            SocketResult::Data(n) => {
+                batch.sent += n;
+                if batch.sent < batch.total {
+                    build_iovecs(&mut batch);
+                    c.send = Some(batch);
+                    submit_send(ctx, key, c);
+                    return;
+                }
             }
         }
         for reply in batch.replies {
