@@ -36,10 +36,10 @@ cargo build --release -q --workspace --examples
     | grep -E 'mutated sessions|test result'
   echo
   echo "## 64 bit flips in one replica's data, then scrub (replicas=3)"
-  cargo test --release -q -p torus-tests --test cluster a_corrupt_local_copy -- --nocapture 2>&1 \
+  cargo test --release -q -p torus-tests --test cluster_recovery a_corrupt_local_copy -- --nocapture 2>&1 \
     | grep -E '^64 flips|^NODE|^[abc] |test result'
   echo
   echo "## a replica that acknowledges every 9th write without applying it, then scrub"
-  cargo test --release -q -p torus-tests --test cluster a_replica_that_lost_writes -- --nocapture 2>&1 \
+  cargo test --release -q -p torus-tests --test cluster_recovery a_replica_that_lost_writes -- --nocapture 2>&1 \
     | grep -E '^NODE|^[abc] |test result' | head -4
 } 2>&1 | tee "$out"

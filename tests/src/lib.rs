@@ -4,6 +4,7 @@
 //! A test that needs an external tool fails with a message naming the package when the tool
 //! is missing: nothing is skipped silently.
 
+pub mod cluster;
 pub mod fuzzing;
 pub mod nbd;
 
