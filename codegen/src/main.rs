@@ -31,7 +31,7 @@ struct Job {
 const JOBS: &[Job] = &[Job {
     proto: "net/proto/etcd.proto",
     package: "etcdserverpb",
-    out: "net/src/etcd/rpc.rs",
+    out: "net/src/kv/etcd/rpc.rs",
     client: true,
     server: false,
 }];

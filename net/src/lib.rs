@@ -5,7 +5,9 @@
 #![forbid(unsafe_code)]
 
 pub mod cluster;
-pub mod etcd;
+/// etcd, the cluster's metadata store (`kv::etcd`).
+pub use kv::etcd;
+pub mod kv;
 pub mod map;
 pub mod metadata;
 pub mod peer;

@@ -1,5 +1,5 @@
-//! The replication protocol's deterministic simulation, short form: a few hundred seeds of
-//! three and four nodes under network and node faults (net/src/sim.rs). The long form is a
+//! The cluster's deterministic simulation, short form: a few hundred seeds of three and four
+//! nodes running the cluster's own code under network and node faults (net/src/testing/sim/). The long form is a
 //! command: `cargo run --release -p torus-net --example cluster_sim -- --seeds 20000`.
 
 use torus_net::testing::sim::{run, SimConfig, SimReport, FAULT_KINDS};
@@ -22,12 +22,12 @@ fn run_seeds(seeds: std::ops::Range<u64>, nodes: usize) -> SimReport {
     total
 }
 
-/// One seed as `cluster_sim --seed SEED` runs it (three nodes for even seeds, four for odd).
-fn replay(seed: u64) -> SimReport {
+/// One seed as `cluster_sim --seed SEED --nodes NODES` runs it.
+fn replay(seed: u64, nodes: usize) -> SimReport {
     run(SimConfig {
         seed,
         seconds: 30,
-        nodes: 3 + (seed % 2) as usize,
+        nodes,
         faults: true,
         canary: false,
     })
@@ -105,60 +105,24 @@ fn the_canary_that_acknowledges_flushes_without_syncing_is_caught() {
     );
 }
 
-/// Seeds 2375 and 4884: a restarted last clean holder must copy whole groups from a holder cut off
-/// before the loss (fix 14); they fail when it revives from its own disk.
+/// Seed 1521 (three nodes): the client leaves a node and attaches to the same node again while
+/// a write of its first session is still being retried there and the lock's release has not
+/// reached etcd; the new session must take the writer lock under a new epoch, or that old
+/// write lands after the new session's writes and a read returns it (a stale read).
 #[test]
-fn a_restarted_last_clean_holder_copies_what_a_holder_cut_off_before_the_loss_has() {
-    // Seeds 2375 (four nodes) and 4884 (three): a node is cut off and marked down, and the
-    // last clean holder is killed before it flushed what the cut-off one still holds; the
-    // restarted holder's revival copies the whole PGs from the holder that covers the most
-    // (`replication::revival_source`). Reviving from its own disk instead, as before, loses
-    // acknowledged writes: both seeds fail with TORUS_SIM_REVIVE_OWN_DISK=1
-    // (`cargo run --release -p torus-net --example cluster_sim -- --seed 2375`).
-    for seed in [2375, 4884] {
-        let r = replay(seed);
-        assert!(r.revivals_whole > 0, "seed {seed}: {r:?}");
-    }
+fn a_new_writer_session_on_the_same_node_fences_the_last_ones_writes() {
+    // Before the fix the lock's value was "NODE LEASE": a session on the node that held it
+    // found its own value and kept the old epoch (`Cluster::take_writer`).
+    replay(1521, 3);
 }
 
-/// Seeds 59333 and 67642: the revival copies from the old holder of a moving slot, and from a node
-/// whose flush on return recorded the new map (fix 18).
+/// Seed 1355 (four nodes): a node killed and restarted before the leader noticed answers a
+/// flush for writes its predecessor lost; after a power loss of every node, the revival takes
+/// that node's disk and an acknowledged, flushed write is gone. A process the map does not
+/// name yet must answer a flush "ask again" (`Cluster::flush_vouched`).
 #[test]
-fn a_revival_copies_from_the_old_holder_of_a_moving_slot_and_from_a_flush_on_return() {
-    // Seed 59333: a PG moving off n0 (still a clean holder, it takes every write) loses n0 to
-    // a cut and its clean holder to a kill before that one flushed; n0 is recorded demoted
-    // and keeps its copy, which the revival takes (`map::ClusterMap::prune_demoted`).
-    // Seed 67642: a holder cut off, back long enough to install the map and flush, is killed;
-    // its flush records the map it installed first, so the revival knows its disk has the
-    // writes (`Cluster::install_map`). Both lost an acknowledged write before.
-    for seed in [59333, 67642] {
-        let r = replay(seed);
-        assert!(r.revivals_whole > 0, "seed {seed}: {r:?}");
-    }
-}
-
-/// Seed 3940: a holder cut off past its lease records its flush on its own disk, and a revival
-/// copies from it (fix 19).
-#[test]
-fn a_holder_cut_off_past_its_lease_records_its_flush_on_disk_for_a_revival() {
-    // Seed 3940: a and b hold a write under one map; a is cut off, b killed before it
-    // flushed, and b's last recorded flush is under the same map as a's. a flushed past its
-    // lease (refusing older writes from then on) and recorded that on its disk, published
-    // when it is restarted: b's revival copies the whole PGs from a. Without the record the
-    // two records tie and b revived from its own disk, losing the write.
-    let r = replay(3940);
-    assert!(r.revivals_whole > 0 && r.cut_records_published > 0, "{r:?}");
-}
-
-/// Seed 137830: a process restarted while its predecessor was being marked down forgets the dirty
-/// blocks it remembered from before (fix 20).
-#[test]
-fn a_process_restarted_as_its_predecessor_is_marked_down_forgets_its_older_dirty_blocks() {
-    // Seed 137830: n0 restarted while the map still named its dead predecessor up, took a
-    // write under that map (remembered as dirty), then the map marked the predecessor down
-    // and a newer write to the block went to the others only. Keeping the dirty block made
-    // catch-up skip it, and n0 kept the older version (`MapNode::after_break`).
-    replay(137830);
+fn a_process_the_map_does_not_name_yet_does_not_answer_for_a_flush() {
+    replay(1355, 4);
 }
 
 /// One seed (77, four nodes, 20 simulated seconds) run twice gives the same counts of events,

@@ -17,16 +17,15 @@
 use super::store::{clone_piece, deliver, error_of, sink, status_of};
 use super::Cluster;
 use crate::map::ClusterMap;
-use crate::peer::{self, Outgoing};
+use crate::peer::Outgoing;
 use crate::replication::{self, Route, Tally, WritePlan};
 use crate::wire::{self, status, Data, Entry, Op};
 use parking_lot::Mutex;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-use torus_engine::{
-    current_core, AlignedBuf, BlockError, Output, Piece, PieceKind, ReplyTo, Router, BLOCK_SIZE,
-};
+use std::time::Duration;
+use tokio::time::Instant;
+use torus_engine::{AlignedBuf, BlockError, Output, Piece, PieceKind, ReplyTo, Router, BLOCK_SIZE};
 
 /// How long a client request keeps retrying (primary moving, a node being declared dead)
 /// before it answers EIO. Longer than the default lease so a node loss is ridden out.
@@ -120,7 +119,7 @@ impl Router for ClusterRouter {
 impl Cluster {
     /// A piece from this node's frontends enters the cluster; writes of a paused volume wait.
     pub(super) fn route(self: &Arc<Self>, piece: Piece, reply: ReplyTo) {
-        let shared = self.shared.clone();
+        let host = self.host.clone();
         let volume = piece.volume;
         let is_write = matches!(piece.kind, PieceKind::Write { .. } | PieceKind::Zero { .. });
         let done: Done = if is_write {
@@ -142,10 +141,10 @@ impl Cluster {
                         }
                     }
                 }
-                deliver(&shared, reply, r.map_err(error_of))
+                deliver(&*host, reply, r.map_err(error_of))
             })
         } else {
-            Box::new(move |r| deliver(&shared, reply, r.map_err(error_of)))
+            Box::new(move |r| deliver(&*host, reply, r.map_err(error_of)))
         };
         self.submit(Request {
             piece,
@@ -175,20 +174,22 @@ impl Cluster {
             return (req.done)(Err(status::RETRY));
         }
         let me = self.clone();
-        self.rt.spawn(async move {
+        self.host.spawn(Box::pin(async move {
             tokio::time::sleep(RETRY_DELAY).await;
             me.submit(req);
-        });
+        }));
     }
 
     pub(super) fn submit(self: &Arc<Self>, req: Request) {
         // Everything about a PG is decided on the core that owns it: its writes reach the local
         // store and each replica's connection in one order, so replicas apply overlapping
         // writes in the order the primary did.
-        let owner = self.shared.core_for(req.piece.volume, req.piece.offset);
-        if current_core() != Some(owner) {
+        let owner = self.host.core_for(req.piece.volume, req.piece.offset);
+        if self.host.current_core() != Some(owner) {
             let me = self.clone();
-            return peer::run_on_core(&self.shared, owner, Box::new(move || me.submit(req)));
+            return self
+                .host
+                .run_on_core(owner, Box::new(move || me.submit(req)));
         }
         let Some(vol) = self.volume(req.piece.volume) else {
             if req.from_peer || Instant::now() >= req.deadline {
@@ -196,13 +197,13 @@ impl Cluster {
             }
             // Created on another node a moment ago: look again before giving up.
             let me = self.clone();
-            self.rt.spawn(async move {
+            self.host.spawn(Box::pin(async move {
                 let _ = me.refresh_volumes().await;
                 if me.volume(req.piece.volume).is_none() {
                     return (req.done)(Err(status::NOVOLUME));
                 }
                 me.submit(req);
-            });
+            }));
             return;
         };
         if !self.lease_fresh() {
@@ -276,7 +277,7 @@ impl Cluster {
         done: Done,
     ) {
         if others.is_empty() {
-            eprintln!("torusd: volume {volume} bytes {offset}+{len}: the local copy cannot be vouched for and no other replica is up: EIO");
+            self.host.log(&format!("volume {volume} bytes {offset}+{len}: the local copy cannot be vouched for and no other replica is up: EIO"));
             return done(Err(status::EIO));
         }
         let node = others.remove(0);
@@ -298,7 +299,7 @@ impl Cluster {
             group: 0,
             done: Box::new(move |r| match (r.status, r.data) {
                 (status::OK, Some(d)) if d.len == len as usize => {
-                    eprintln!("torusd: volume {volume} bytes {offset}+{len}: the local copy fails its checksum; answered from node {node}");
+                    me.log(&format!("volume {volume} bytes {offset}+{len}: the local copy fails its checksum; answered from node {node}"));
                     me.repaired_reads.fetch_add(1, Ordering::Relaxed);
                     done(Ok(read_output(&d)))
                 }
@@ -510,7 +511,7 @@ impl Cluster {
             me.inflight_done(epoch);
             match reply {
                 ReplyTo::Sink { sink, .. } => sink.0.complete(c),
-                other => deliver(&me.shared, other, c.output),
+                other => deliver(&*me.host, other, c.output),
             }
         });
         let pg = self.pg_of(piece.volume, piece.offset);

@@ -18,17 +18,19 @@
 
 use super::data_path::{REQUEST_DEADLINE, RETRY_DELAY};
 use super::store::{deliver, error_of, sink, status_of};
-use super::Cluster;
-use crate::etcd::{Etcd, EtcdError};
+use super::{Cluster, Host};
+use crate::etcd::EtcdError;
+use crate::kv::Kv;
 use crate::peer::{FlushRecorder, Outgoing};
-use crate::replication::{worse, Tally};
+use crate::replication::{self, worse, Tally};
 use crate::wire::{status, Entry, Op};
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
-use torus_engine::{Message, Output, Piece, PieceKind, ReplyTo, Shared};
+use std::time::Duration;
+use tokio::time::Instant;
+use torus_engine::{Message, Output, Piece, PieceKind, ReplyTo};
 
 /// Processes of this store whose recorded flush is kept (`Cluster::flushed_record`): a PG lost
 /// with one of them as its last clean holder waits for a revival that asks for it.
@@ -37,14 +39,15 @@ const FLUSH_RECORDS_KEPT: usize = 64;
 /// The cluster as the peer layer's `FlushRecorder`, for flushes started where it is not at
 /// hand (a peer's connection closing): they are recorded too (`Cluster::flush_local`). Once
 /// the cluster is gone, every core is flushed unrecorded.
-pub(super) struct Recorder(pub(super) Weak<Cluster>);
+pub(super) struct Recorder(pub(super) Weak<Cluster>, pub(super) Arc<dyn Host>);
 
 impl FlushRecorder for Recorder {
-    fn flush_recorded(&self, shared: &Shared) {
+    fn flush_recorded(&self) -> bool {
         match self.0.upgrade() {
             Some(c) => c.flush_local(Box::new(|_| {})),
-            None => flush_cores(shared, Box::new(|_| {})),
+            None => flush_cores(&*self.1, Box::new(|_| {})),
         }
+        true
     }
 }
 
@@ -64,21 +67,6 @@ fn count_down(counts: &mut BTreeMap<u64, u64>, epoch: u64) {
             counts.remove(&epoch);
         }
     }
-}
-
-/// Writes `bytes` to `path` so that it survives a power loss: a temporary file, synced, then
-/// renamed over it, and the directory synced.
-fn write_durably(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
 }
 
 /// `record` (this store's flush records, by incarnation) with process `inc`'s at `epoch` at
@@ -101,45 +89,50 @@ fn with_flush(mut record: Vec<(u64, u64)>, inc: u64, epoch: u64) -> Vec<(u64, u6
 /// then sees it. The file goes once etcd has it; one that cannot be read is reported and
 /// left alone.
 pub(super) async fn flush_records(
-    etcd: &Etcd,
+    kv: &dyn Kv,
+    host: &dyn Host,
     key: &str,
-    path: &std::path::Path,
 ) -> Result<Vec<(u64, u64)>, EtcdError> {
-    let record: Vec<(u64, u64)> = match etcd.get(key).await? {
+    let record: Vec<(u64, u64)> = match kv.get(key).await? {
         None => Vec::new(),
         Some((v, _)) => serde_json::from_slice(&v).map_err(|e| EtcdError::Corrupt {
             key: key.to_owned(),
             why: format!("not a list of (incarnation, map epoch): {e}"),
         })?,
     };
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(record),
+    let bytes = match host.read_cut_record() {
+        Ok(Some(b)) => b,
+        Ok(None) => return Ok(record),
         Err(e) => {
-            eprintln!("torusd: reading {}: {e}; not published", path.display());
+            host.log(&format!(
+                "reading {}: {e}; not published",
+                host.cut_record_name()
+            ));
             return Ok(record);
         }
     };
     let Ok((inc, epoch)) = serde_json::from_slice::<(u64, u64)>(&bytes) else {
-        eprintln!(
-            "torusd: {} is not a flush record (incarnation, map epoch); not published",
-            path.display()
-        );
+        host.log(&format!(
+            "{} is not a flush record (incarnation, map epoch); not published",
+            host.cut_record_name()
+        ));
         return Ok(record);
     };
     let record = with_flush(record, inc, epoch);
-    etcd.put(key, serde_json::to_vec(&record).expect("json"), None)
+    kv.put(key, serde_json::to_vec(&record).expect("json"), None)
         .await?;
-    eprintln!("torusd: published the flush its previous process made while cut off (map {epoch})");
-    let _ = std::fs::remove_file(path);
+    host.log(&format!(
+        "published the flush its previous process made while cut off (map {epoch})"
+    ));
+    let _ = host.remove_cut_record();
     Ok(record)
 }
 
 /// Flushes every core of a node; `done` gets the worst status.
-pub(super) fn flush_cores(shared: &Shared, done: Box<dyn FnOnce(u16) + Send>) {
-    let cores = shared.mailboxes.len();
+pub(super) fn flush_cores(host: &dyn Host, done: Box<dyn FnOnce(u16) + Send>) {
+    let cores = host.cores();
     let state = Arc::new(Mutex::new((Tally::new(cores), Some(done))));
-    for m in &shared.mailboxes {
+    for core in 0..cores {
         let state = state.clone();
         let flush = Piece {
             volume: 0,
@@ -147,19 +140,23 @@ pub(super) fn flush_cores(shared: &Shared, done: Box<dyn FnOnce(u16) + Send>) {
             len: 0,
             kind: PieceKind::Flush,
         };
-        m.send(Message::Piece(
-            flush,
-            sink(move |c| {
-                let mut st = state.lock();
-                let Some(worst) = st.0.add(c.output.map_or_else(status_of, |_| status::OK)) else {
-                    return;
-                };
-                if let Some(done) = st.1.take() {
-                    drop(st);
-                    done(worst);
-                }
-            }),
-        ));
+        host.to_core(
+            core,
+            Message::Piece(
+                flush,
+                sink(move |c| {
+                    let mut st = state.lock();
+                    let Some(worst) = st.0.add(c.output.map_or_else(status_of, |_| status::OK))
+                    else {
+                        return;
+                    };
+                    if let Some(done) = st.1.take() {
+                        drop(st);
+                        done(worst);
+                    }
+                }),
+            ),
+        );
     }
 }
 
@@ -195,7 +192,7 @@ impl Cluster {
     /// Flushes every node that is up, so every acknowledged write is durable on all of them.
     pub(super) fn flush_all(self: &Arc<Self>, reply: ReplyTo) {
         let me = self.clone();
-        self.rt.spawn(async move {
+        self.host.spawn(Box::pin(async move {
             let deadline = Instant::now() + REQUEST_DEADLINE;
             loop {
                 let map = me.map();
@@ -209,7 +206,7 @@ impl Cluster {
                 for node in nodes {
                     let (tx, rx) = tokio::sync::oneshot::channel::<u16>();
                     if node == me.me {
-                        me.flush_local(Box::new(move |s| {
+                        me.flush_vouched(Box::new(move |s| {
                             let _ = tx.send(s);
                         }));
                     } else if let Some(link) = me.link(&map, &node, 0) {
@@ -233,14 +230,14 @@ impl Cluster {
                     worst = worse(worst, w.await.unwrap_or(status::RETRY));
                 }
                 match worst {
-                    status::OK => return deliver(&me.shared, reply, Ok(Output::Done)),
+                    status::OK => return deliver(&*me.host, reply, Ok(Output::Done)),
                     status::RETRY if Instant::now() < deadline => {
                         tokio::time::sleep(RETRY_DELAY * 3).await;
                     }
-                    s => return deliver(&me.shared, reply, Err(error_of(s))),
+                    s => return deliver(&*me.host, reply, Err(error_of(s))),
                 }
             }
-        });
+        }));
     }
 
     /// Flushes every core, then, if this process has seen a newer map since its last recorded
@@ -251,7 +248,7 @@ impl Cluster {
         let seen = self.seen_epoch.load(Ordering::Acquire);
         let me = self.this.get().and_then(|w| w.upgrade());
         flush_cores(
-            &self.shared,
+            &*self.host,
             Box::new(move |s| match me {
                 Some(me) if s == status::OK => me.record_flush(seen, done),
                 _ => done(s),
@@ -259,19 +256,29 @@ impl Cluster {
         );
     }
 
+    /// A flush that answers for the writes the map says this node holds: `flush_local`, but
+    /// RETRY from a process the map does not name yet (restarted before the leader noticed:
+    /// its predecessor's unflushed writes may be lost, so its flush covers none of them).
+    pub(super) fn flush_vouched(&self, done: Box<dyn FnOnce(u16) + Send>) {
+        if !replication::names_me(&self.map(), &self.me, self.incarnation) {
+            return done(status::RETRY);
+        }
+        self.flush_local(done)
+    }
+
     fn record_flush(self: Arc<Self>, seen: u64, done: Box<dyn FnOnce(u16) + Send>) {
         if self.flushed_epoch.load(Ordering::Acquire) >= seen {
             return done(status::OK);
         }
         let me = self.clone();
-        self.rt.spawn(async move {
+        self.host.spawn(Box::pin(async move {
             let _one = me.record_lock.lock().await;
             if me.flushed_epoch.load(Ordering::Acquire) >= seen {
                 return done(status::OK);
             }
             let record = with_flush(me.flushed_record.lock().clone(), me.incarnation, seen);
             let put = me
-                .etcd
+                .kv
                 .put(
                     &me.flushed_key,
                     serde_json::to_vec(&record).expect("json"),
@@ -285,11 +292,11 @@ impl Cluster {
                     done(status::OK)
                 }
                 Err(e) => {
-                    eprintln!("torusd: recording a flush at map {seen} in etcd: {e}");
+                    me.log(&format!("recording a flush at map {seen} in etcd: {e}"));
                     done(status::RETRY)
                 }
             }
-        });
+        }));
     }
 
     /// Flushes every core of this node and waits: true when all succeeded.
@@ -329,36 +336,38 @@ impl Cluster {
             .is_some_and(|(&e, _)| e <= seen)
         {
             if Instant::now() >= deadline {
-                eprintln!("torusd: cut off from etcd past the lease: refusing writes under map {seen} and older; local writes still in flight, so no flush is recorded on disk");
+                self.host.log(&format!("cut off from etcd past the lease: refusing writes under map {seen} and older; local writes still in flight, so no flush is recorded on disk"));
                 return;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
         flush_cores(
-            &self.shared,
+            &*self.host,
             Box::new(move |s| {
                 let _ = tx.send(s);
             }),
         );
         if rx.await.unwrap_or(status::EIO) != status::OK {
-            eprintln!("torusd: cut off from etcd past the lease: refusing writes under map {seen} and older; the flush failed, so none is recorded on disk");
+            self.host.log(&format!("cut off from etcd past the lease: refusing writes under map {seen} and older; the flush failed, so none is recorded on disk"));
             return;
         }
-        let record = (self.incarnation, seen + 1);
-        let path = self.cfg.cut_record_path.clone();
-        let wrote = tokio::task::spawn_blocking(move || {
-            write_durably(&path, &serde_json::to_vec(&record).expect("json"))
-        })
-        .await;
-        match wrote {
-            Ok(Ok(())) => eprintln!(
-                "torusd: cut off from etcd past the lease: refusing writes under map {seen} and older; flushed, and recorded that on disk"
-            ),
-            Ok(Err(e)) => eprintln!(
-                "torusd: recording a flush made while cut off in {}: {e}",
-                self.cfg.cut_record_path.display()
-            ),
+        let bytes = serde_json::to_vec(&(self.incarnation, seen + 1)).expect("json");
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let host = self.host.clone();
+        self.host
+            .blocking(Box::new(move || {
+                let _ = tx.send(host.write_cut_record(&bytes));
+            }))
+            .await;
+        match rx.await {
+            Ok(Ok(())) => self.log(&format!(
+                "cut off from etcd past the lease: refusing writes under map {seen} and older; flushed, and recorded that on disk"
+            )),
+            Ok(Err(e)) => self.log(&format!(
+                "recording a flush made while cut off in {}: {e}",
+                self.host.cut_record_name()
+            )),
             Err(_) => {}
         }
     }
@@ -372,23 +381,15 @@ impl Cluster {
         if floor == 0 || floor <= self.map().epoch || !same_lease {
             return;
         }
-        let path = &self.cfg.cut_record_path;
-        match std::fs::remove_file(path) {
-            Ok(()) => {
-                if let Some(dir) = path.parent() {
-                    let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                eprintln!(
-                    "torusd: removing {}: {e}; still refusing old writes",
-                    path.display()
-                );
-                return;
-            }
+        if let Err(e) = self.host.remove_cut_record() {
+            self.log(&format!(
+                "removing {}: {e}; still refusing old writes",
+                self.host.cut_record_name()
+            ));
+            return;
         }
         self.write_floor.store(0, Ordering::Release);
-        eprintln!("torusd: the lease outlived the cut; taking writes again");
+        self.host
+            .log("the lease outlived the cut; taking writes again");
     }
 }

@@ -14,10 +14,11 @@ use crate::metadata::VolumeRecord;
 use crate::peer::{Handler, Responder};
 use crate::replication;
 #[cfg(feature = "testing")]
-use crate::testing::faults::replica_drops_this_write;
+use super::faults::replica_drops_this_write;
 use crate::wire::{self, status, Data, Entry, Op};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 use torus_engine::{AlignedBuf, Output, Piece, PieceKind, BLOCK_SIZE, CHUNK_SIZE};
 
 /// Answers a peer's request with what a piece produced.
@@ -55,7 +56,7 @@ pub(super) struct ClusterHandler(pub(super) Arc<Cluster>);
 
 impl Handler for ClusterHandler {
     fn cores(&self) -> u32 {
-        self.0.shared.mailboxes.len() as u32
+        self.0.host.cores() as u32
     }
 
     fn handle(&self, _from: &str, _core: u32, e: Entry, data: Option<Data>, respond: Responder) {
@@ -138,10 +139,10 @@ impl Handler for ClusterHandler {
                     sink(move |done| reply_output(respond, done.output.map_err(status_of), len)),
                 );
             }
-            Op::Flush => c.flush_local(Box::new(move |s| respond.reply(s, None))),
+            Op::Flush => c.flush_vouched(Box::new(move |s| respond.reply(s, None))),
             Op::List => {
                 let me = c.clone();
-                c.rt.spawn(me.serve_list(e, data, respond));
+                c.host.spawn(Box::pin(me.serve_list(e, data, respond)));
             }
             Op::Dirty => c.serve_dirty(data, respond),
             Op::CWrite | Op::CZero | Op::CRead | Op::CStatus => {
@@ -186,7 +187,7 @@ impl Handler for ClusterHandler {
     }
 }
 
-/// Test-only fault: never without the `testing` feature (see `testing::faults`).
+/// Test-only fault: never without the `testing` feature (see `faults.rs`).
 #[cfg(not(feature = "testing"))]
 fn replica_drops_this_write() -> bool {
     false
@@ -197,9 +198,9 @@ impl Cluster {
         let Some(vol) = self.volume(e.volume) else {
             // Perhaps created a moment ago: look again; the sender asks again meanwhile.
             let me = self.clone();
-            self.rt.spawn(async move {
+            self.host.spawn(Box::pin(async move {
                 let _ = me.refresh_volumes().await;
-            });
+            }));
             return Err(status::RETRY);
         };
         let end = e.offset.checked_add(e.len as u64).ok_or(status::EINVAL)?;
@@ -213,9 +214,9 @@ impl Cluster {
             // Grown a moment ago through another node: look again; the sender asks again
             // meanwhile (a request really past the end never leaves the frontend).
             let me = self.clone();
-            self.rt.spawn(async move {
+            self.host.spawn(Box::pin(async move {
                 let _ = me.refresh_volumes().await;
-            });
+            }));
             return Err(status::RETRY);
         }
         let wants_data = e.op == Op::Write as u8 || e.op == Op::CWrite as u8;
@@ -233,7 +234,7 @@ impl Cluster {
         let Some(d) = data else {
             return respond.reply(status::EINVAL, None);
         };
-        let pg_count = self.shared.geometry.pg_count as usize;
+        let pg_count = self.host.pg_count() as usize;
         if d.len != pg_count {
             return respond.reply(status::EINVAL, None);
         }
@@ -298,7 +299,7 @@ impl Cluster {
         let Some(d) = data else {
             return respond.reply(status::EINVAL, None);
         };
-        if d.len != self.shared.geometry.pg_count as usize {
+        if d.len != self.host.pg_count() as usize {
             return respond.reply(status::EINVAL, None);
         }
         let mut list = Vec::new();

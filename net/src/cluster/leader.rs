@@ -4,7 +4,7 @@
 //! is counted from the time the map records (`reconcile_at`, set by whichever leader first saw
 //! it down).
 
-use super::{now_ms, Cluster};
+use super::Cluster;
 use crate::map::NodeInfo;
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -22,7 +22,7 @@ impl Cluster {
             }
             let lease = self.lease.load(Ordering::Acquire) as i64;
             let Ok((holder, _)) = self
-                .etcd
+                .kv
                 .acquire("leader", self.me.clone().into_bytes(), lease)
                 .await
             else {
@@ -31,7 +31,7 @@ impl Cluster {
             if holder != self.me.as_bytes() {
                 continue;
             }
-            let Ok(nodes) = self.etcd.list("nodes/").await else {
+            let Ok(nodes) = self.kv.list("nodes/").await else {
                 continue;
             };
             let live: BTreeMap<String, NodeInfo> = nodes
@@ -39,16 +39,15 @@ impl Cluster {
                 .filter_map(|(k, v, _)| Some((k, serde_json::from_slice(&v).ok()?)))
                 .collect();
             if let Ok(Some(map)) = self
-                .etcd
-                .update_map(self.cfg.replicas_max, |m| m.reconcile_at(&live, now_ms()))
+                .update_map(|m| m.reconcile_at(&live, self.host.now_ms()))
                 .await
             {
-                eprintln!(
-                    "torusd: map epoch {}: {} nodes up, PGs {:?}",
+                self.host.log(&format!(
+                    "map epoch {}: {} nodes up, PGs {:?}",
                     map.epoch,
                     map.nodes.values().filter(|n| n.up).count(),
                     map.health()
-                );
+                ));
                 self.install_map(map);
             }
             if let Some(after) = self.cfg.down_out_after {
@@ -63,7 +62,7 @@ impl Cluster {
     async fn mark_out_long_down(&self, after: Duration) {
         let due: Vec<String> = self
             .map()
-            .down_nodes(now_ms())
+            .down_nodes(self.host.now_ms())
             .filter(|&(_, ms)| ms >= after.as_millis() as u64)
             .map(|(name, _)| name.clone())
             .collect();
@@ -71,8 +70,7 @@ impl Cluster {
         for name in due {
             let mut why = None;
             let marked = self
-                .etcd
-                .update_map(self.cfg.replicas_max, |m| match m.mark_out(&name) {
+                .update_map(|m| match m.mark_out(&name) {
                     Ok(()) => true,
                     Err(w) => {
                         why = Some(w);
@@ -82,16 +80,16 @@ impl Cluster {
                 .await;
             match (marked, why) {
                 (Ok(Some(map)), _) => {
-                    eprintln!(
-                        "torusd: map epoch {}: node {name} down for over {after:?}, marked out; its placement groups get their replicas back on the other nodes",
+                    self.host.log(&format!(
+                        "map epoch {}: node {name} down for over {after:?}, marked out; its placement groups get their replicas back on the other nodes",
                         map.epoch
-                    );
+                    ));
                     self.install_map(map);
                 }
                 (_, Some(why)) if self.out_refused.lock().insert(name.clone()) => {
-                    eprintln!(
-                        "torusd: node {name} down for over {after:?} but not marked out: {why}"
-                    );
+                    self.host.log(&format!(
+                        "node {name} down for over {after:?} but not marked out: {why}"
+                    ));
                 }
                 _ => {}
             }

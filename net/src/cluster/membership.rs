@@ -8,16 +8,17 @@
 //! from data that missed writes.
 
 use super::status::NodeStats;
-use super::{now_ms, Cluster};
+use super::Cluster;
 use crate::etcd::EtcdError;
 use crate::map::{ClusterMap, GiveUp};
 use crate::metadata::VolumeRecord;
 use crate::replication;
 use crate::wire::status;
-use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 const MAP_POLL: Duration = Duration::from_millis(200);
 const VOLUME_POLL: Duration = Duration::from_secs(1);
@@ -34,10 +35,10 @@ impl Cluster {
     }
 
     pub(super) async fn refresh_volumes(&self) -> Result<(), EtcdError> {
-        let list = self.etcd.volumes().await?;
+        let list = self.kv.volumes().await?;
         let changed = {
             let mut v = self.volumes.write();
-            let new: HashMap<u32, VolumeRecord> =
+            let new: BTreeMap<u32, VolumeRecord> =
                 list.volumes.iter().map(|r| (r.id, r.clone())).collect();
             let changed = *v != new;
             *v = new;
@@ -45,7 +46,9 @@ impl Cluster {
         };
         if changed {
             let local = self.local.clone();
-            let _ = tokio::task::spawn_blocking(move || local.volumes_changed(&list)).await;
+            self.host
+                .blocking(Box::new(move || local.volumes_changed(&list)))
+                .await;
         }
         Ok(())
     }
@@ -66,39 +69,45 @@ impl Cluster {
             }
             let lease = self.lease.load(Ordering::Acquire) as i64;
             let sent = Instant::now();
-            let renewed = matches!(self.etcd.keep_alive_once(lease).await, Ok(true));
+            let renewed = matches!(self.kv.keep_alive_once(lease).await, Ok(true));
             if !renewed && self.lease_ok.lock().elapsed() >= self.cfg.lease_ttl {
                 self.fence_cut_off().await;
             }
             if renewed {
                 self.lift_cut_off_fence();
                 *self.lease_ok.lock() = sent;
-            } else if let Ok(None) = self.etcd.get(&format!("nodes/{}", self.me)).await {
+            } else if let Ok(None) = self.kv.get(&format!("nodes/{}", self.me)).await {
                 // etcd answers but our key is gone: the lease expired while we were cut off,
                 // and the others took us out. Register again; we come back stale and catch up.
-                eprintln!("torusd: our lease expired; registering again (stale until caught up)");
+                self.host
+                    .log("our lease expired; registering again (stale until caught up)");
                 self.dirty_epochs.lock().lease_lost();
-                if let Ok(l) = self.etcd.lease_grant(self.cfg.lease_ttl).await {
+                if let Ok(l) = self.kv.lease_grant(self.cfg.lease_ttl).await {
                     let key = format!("nodes/{}", self.me);
                     let info = serde_json::to_vec(&self.info).expect("json");
-                    if self.etcd.put(&key, info, Some(l)).await.is_ok() {
+                    if self.kv.put(&key, info, Some(l)).await.is_ok() {
                         self.lease.store(l as u64, Ordering::Release);
                         *self.lease_ok.lock() = Instant::now();
                     }
                 }
             }
             let local = self.local.clone();
-            let used = tokio::task::spawn_blocking(move || local.used_bytes())
-                .await
-                .unwrap_or(0);
+            let used = Arc::new(AtomicU64::new(0));
+            let out = used.clone();
+            self.host
+                .blocking(Box::new(move || {
+                    out.store(local.used_bytes(), Ordering::Relaxed)
+                }))
+                .await;
+            let used = used.load(Ordering::Relaxed);
             let stats = NodeStats {
                 used_bytes: used,
-                heartbeat_unix_ms: now_ms(),
+                heartbeat_unix_ms: self.host.now_ms(),
                 recovery: self.recovery(),
             };
             let lease = self.lease.load(Ordering::Acquire) as i64;
             let _ = self
-                .etcd
+                .kv
                 .put(
                     &format!("stats/{}", self.me),
                     serde_json::to_vec(&stats).expect("json"),
@@ -118,9 +127,12 @@ impl Cluster {
         }
         drop(cur);
         if lost {
-            self.flush_local(Box::new(|s| {
+            let host = self.host.clone();
+            self.flush_local(Box::new(move |s| {
                 if s != status::OK {
-                    eprintln!("torusd: flush after a node left the map failed (status {s})");
+                    host.log(&format!(
+                        "flush after a node left the map failed (status {s})"
+                    ));
                 }
             }));
         }
@@ -177,7 +189,7 @@ impl Cluster {
     pub(super) async fn map_loop(self: Arc<Self>) {
         loop {
             let sent = Instant::now();
-            if let Ok((Some(map), _)) = self.etcd.map().await {
+            if let Ok((Some(map), _)) = self.kv.map().await {
                 self.install_map(map);
                 *self.map_ok.lock() = sent;
             }
@@ -188,7 +200,7 @@ impl Cluster {
     /// Gives up on a node that is down for good (`ClusterMap::give_up`).
     pub fn give_up_peer(&self, name: &str) -> Result<GiveUp, String> {
         let mut out = Err(String::new());
-        let r = self.block_on(self.etcd.update_map(self.cfg.replicas_max, |m| {
+        let r = self.block_on(self.update_map(|m| {
             let epoch = m.epoch;
             match m.give_up(name) {
                 Ok(g) => {
@@ -207,18 +219,14 @@ impl Cluster {
 
     /// Starts draining a node: its PGs move to the others, then it leaves the map.
     pub fn remove_peer(&self, name: &str) -> Result<(), String> {
-        let replicas_max = self.cfg.replicas_max;
         let mut why = None;
-        let r = self.block_on(self.etcd.update_map(
-            replicas_max,
-            |m| match m.start_removing(name) {
-                Ok(changed) => changed,
-                Err(w) => {
-                    why = Some(w);
-                    false
-                }
-            },
-        ));
+        let r = self.block_on(self.update_map(|m| match m.start_removing(name) {
+            Ok(changed) => changed,
+            Err(w) => {
+                why = Some(w);
+                false
+            }
+        }));
         if let Some(w) = why {
             return Err(w);
         }

@@ -33,12 +33,18 @@
 //! - `scrub.rs`: a volume's copies here checked and compared with the other replicas.
 //! - `writer.rs`: a volume's writer lock and its fence; the pause for a snapshot.
 //! - `handler.rs`: requests from other nodes.
+//! - `faults.rs` (with the `testing` feature only): fault switches `torusd-testing` reads.
+//! - `host.rs`: `Host`, what the cluster needs from its process (cores, store, links, tasks,
+//!   clock, log), and torusd's (`Process`); the cluster's metadata is a `Kv` (`kv.rs`).
 //! - `status.rs`: what `torusctl status` and `torusctl peers` show, and the stats a node
 //!   publishes.
 
 mod data_path;
 mod durability;
+#[cfg(feature = "testing")]
+mod faults;
 mod handler;
+mod host;
 mod leader;
 mod membership;
 mod recovery;
@@ -47,29 +53,32 @@ mod status;
 mod store;
 mod writer;
 
+pub use host::{wall_ms as now_ms, Host, Process};
 pub use scrub::ScrubReport;
 pub use status::{ClusterStatus, NodeStats, PeerView, Recovery};
 
 use crate::etcd::{Etcd, EtcdError};
+use crate::kv::Kv;
 use crate::map::{ClusterMap, NodeInfo};
 use crate::metadata::VolumeRecord;
-use crate::peer::{self, FlushRecorder, Handler, Link};
+use crate::peer::{self, FlushRecorder, Handler, PeerLink};
 use crate::replication::{self, Fence};
 use data_path::ClusterRouter;
 use durability::{flush_records, InFlight, Recorder};
 use handler::ClusterHandler;
 use parking_lot::{Mutex, RwLock};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 use torus_engine::layout::placement_group;
 use torus_engine::{Router, Shared, CHUNK_SIZE};
 use writer::Pause;
 
 /// Blocks (volume, block) of one PG written while it was not clean here, with the map epoch
 /// of each write.
-type DirtyBlocks = HashMap<(u32, u64), u64>;
+type DirtyBlocks = BTreeMap<(u32, u64), u64>;
 
 #[derive(Clone, Debug)]
 pub struct ClusterConfig {
@@ -92,7 +101,10 @@ pub struct ClusterConfig {
     pub cut_record_path: std::path::PathBuf,
 }
 
-/// Node-level hooks the cluster needs from torusd.
+/// Links by node, then by the node's core.
+type Links = BTreeMap<String, BTreeMap<u32, Arc<dyn PeerLink>>>;
+
+/// Node-level hooks the cluster needs from torusd (run with `Host::blocking`).
 pub trait Local: Send + Sync + 'static {
     /// Used bytes on this node's store.
     fn used_bytes(&self) -> u64;
@@ -104,40 +116,44 @@ pub struct Cluster {
     pub cfg: ClusterConfig,
     pub me: String,
     pub incarnation: u64,
-    pub etcd: Etcd,
-    rt: tokio::runtime::Handle,
-    shared: Arc<Shared>,
+    kv: Arc<dyn Kv>,
+    host: Arc<dyn Host>,
+    /// torusd's runtime, for `block_on` (set by `start`).
+    rt: std::sync::OnceLock<tokio::runtime::Handle>,
     local: Arc<dyn Local>,
     info: NodeInfo,
     map: RwLock<Arc<ClusterMap>>,
-    volumes: RwLock<HashMap<u32, VolumeRecord>>,
+    volumes: RwLock<BTreeMap<u32, VolumeRecord>>,
     /// Links by node, then by the node's core.
-    links: Mutex<HashMap<String, HashMap<u32, Arc<Link>>>>,
+    links: Mutex<Links>,
     lease: AtomicU64,
     lease_ok: Mutex<Instant>,
     /// When the last map fetch that succeeded was sent (see `lease_fresh`).
     map_ok: Mutex<Instant>,
     /// Highest writer epoch seen per volume; older writers are fenced.
     fence: Mutex<Fence>,
-    /// Writer locks this node holds: volume → epoch.
-    writing: Mutex<HashMap<u32, u64>>,
+    /// Writer locks this node holds: volume → epoch
+    /// (its epoch, and the lock's value this session took it with).
+    writing: Mutex<BTreeMap<u32, (u64, Vec<u8>)>>,
+    /// Sessions of the writer lock this process has started (`writer_value`).
+    writer_sessions: AtomicU64,
     /// Blocks written by replica writes while this node is not clean for their PG: catch-up
     /// must not overwrite them with what it copies.
     /// Per PG, the blocks written here while it was not clean or being scrubbed, each with
     /// the map epoch of the write (see `replication::DirtyEpochs`).
-    dirty: Mutex<HashMap<u32, DirtyBlocks>>,
+    dirty: Mutex<BTreeMap<u32, DirtyBlocks>>,
     /// Since when the dirty blocks are valid (see `replication::DirtyEpochs`).
     dirty_epochs: Mutex<replication::DirtyEpochs>,
     /// Writes in flight here (coordinated or applied as a replica; `enter_inflight`).
     inflight: Mutex<InFlight>,
     recovery: Mutex<Recovery>,
-    recovering: Mutex<HashSet<u32>>,
+    recovering: Mutex<BTreeSet<u32>>,
     repaired_reads: AtomicU64,
     stopping: AtomicBool,
     /// As leader: nodes whose marking out was refused (said once).
-    out_refused: Mutex<HashSet<String>>,
+    out_refused: Mutex<BTreeSet<String>>,
     /// PGs this node holds no slot of and whose blocks it has freed (this process).
-    let_go: Mutex<HashSet<u32>>,
+    let_go: Mutex<BTreeSet<u32>>,
     /// Writes held back while a snapshot of their volume is taken.
     pause: Mutex<Pause>,
     /// The newest map epoch this process has seen (installed, or in a write it applied), and
@@ -163,17 +179,9 @@ pub struct Cluster {
     this: std::sync::OnceLock<std::sync::Weak<Cluster>>,
 }
 
-/// Milliseconds since the Unix epoch (0 before it): the clock the map's times are in.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 impl Cluster {
-    /// Joins (or creates) the cluster: registers this node on a lease, installs the router,
-    /// listens for peers and starts the control loops.
+    /// Joins (or creates) the cluster in torusd: registers this node on a lease, installs the
+    /// router, listens for peers and starts the control loops.
     pub fn start(
         cfg: ClusterConfig,
         etcd: Etcd,
@@ -182,99 +190,14 @@ impl Cluster {
         local: Arc<dyn Local>,
         peer_listener: std::net::TcpListener,
     ) -> Result<Arc<Cluster>, EtcdError> {
-        let handle = rt.handle().clone();
-        let (node_id, capacity_bytes) = (cfg.node_id, cfg.capacity_bytes);
-        let incarnation =
-            now_ms() ^ (u64::from_le_bytes(node_id[..8].try_into().expect("8")) << 20);
-        let info = NodeInfo {
-            name: cfg.node_name.clone(),
-            peer_addr: cfg.peer_addr.clone(),
-            admin_addr: cfg.admin_addr.clone(),
-            nbd_addr: cfg.nbd_addr.clone(),
-            cores: shared.mailboxes.len() as u32,
-            capacity_bytes,
-            incarnation,
-        };
-        let node_key = format!("nodes/{}", cfg.node_name);
-        let id_hex: String = node_id.iter().map(|b| format!("{b:02x}")).collect();
-        let flushed_key = format!("flushed/{id_hex}");
-        let (lease, flushed_record) = rt.block_on(async {
-            // A name held by a different store is another node: refuse. The same store
-            // (restarted within the lease) takes its name back.
-            if let Some((bytes, _)) = etcd.get(&format!("ids/{}", cfg.node_name)).await? {
-                if bytes != id_hex.as_bytes() {
-                    return Err(EtcdError::Corrupt {
-                        key: node_key.clone(),
-                        why: format!(
-                            "node name {:?} belongs to another node's store; pick another --node-name",
-                            cfg.node_name
-                        ),
-                    });
-                }
-            } else {
-                etcd.put(&format!("ids/{}", cfg.node_name), id_hex.clone().into_bytes(), None)
-                    .await?;
-            }
-            let flushed = flush_records(&etcd, &flushed_key, &cfg.cut_record_path).await?;
-            let lease = etcd.lease_grant(cfg.lease_ttl).await?;
-            etcd.put(&node_key, serde_json::to_vec(&info).expect("json"), Some(lease))
-                .await?;
-            Ok((lease, flushed))
-        })?;
-        let (map, _) = rt.block_on(etcd.map())?;
-        let map = map.unwrap_or_else(|| ClusterMap::new(cfg.replicas_max));
-        if map.pg_count != shared.geometry.pg_count {
-            return Err(EtcdError::Corrupt {
-                key: "map".into(),
-                why: format!(
-                    "the cluster has {} placement groups, this store {}",
-                    map.pg_count, shared.geometry.pg_count
-                ),
-            });
-        }
-        let cluster = Arc::new(Cluster {
-            me: cfg.node_name.clone(),
-            cfg,
-            incarnation,
-            etcd,
-            rt: handle,
+        let host = Arc::new(Process {
             shared: shared.clone(),
-            local,
-            info,
-            map: RwLock::new(Arc::new(map)),
-            volumes: RwLock::new(HashMap::new()),
-            links: Mutex::new(HashMap::new()),
-            lease: AtomicU64::new(lease as u64),
-            lease_ok: Mutex::new(Instant::now()),
-            map_ok: Mutex::new(Instant::now()),
-            fence: Mutex::new(Fence::default()),
-            writing: Mutex::new(HashMap::new()),
-            dirty: Mutex::new(HashMap::new()),
-            dirty_epochs: Mutex::new(replication::DirtyEpochs::default()),
-            inflight: Mutex::new(InFlight::default()),
-            recovery: Mutex::new(Recovery::default()),
-            recovering: Mutex::new(HashSet::new()),
-            repaired_reads: AtomicU64::new(0),
-            stopping: AtomicBool::new(false),
-            out_refused: Mutex::new(HashSet::new()),
-            let_go: Mutex::new(HashSet::new()),
-            pause: Mutex::new(Pause::default()),
-            seen_epoch: AtomicU64::new(0),
-            flushed_epoch: AtomicU64::new(0),
-            flushed_key,
-            flushed_record: Mutex::new(flushed_record),
-            record_lock: tokio::sync::Mutex::new(()),
-            write_floor: AtomicU64::new(0),
-            fenced_lease: AtomicU64::new(0),
-            revival_wait: Mutex::new(String::new()),
-            this: std::sync::OnceLock::new(),
+            rt: rt.handle().clone(),
+            cut_record_path: cfg.cut_record_path.clone(),
         });
-        let _ = cluster.this.set(Arc::downgrade(&cluster));
-        rt.block_on(cluster.refresh_volumes())?;
-        rt.block_on(cluster.load_fences())?;
-        let _ = shared
-            .router
-            .set(Arc::new(ClusterRouter(cluster.clone())) as Arc<dyn Router>);
+        let cluster = rt.block_on(Cluster::join(cfg, Arc::new(etcd), host, local))?;
+        let _ = cluster.rt.set(rt.handle().clone());
+        let _ = shared.router.set(cluster.router());
         peer_listener
             .set_nonblocking(true)
             .map_err(|e| EtcdError::Corrupt {
@@ -288,27 +211,158 @@ impl Cluster {
                 why: e.to_string(),
             })?
         };
-        let handler: Arc<dyn Handler> = Arc::new(ClusterHandler(cluster.clone()));
-        rt.spawn(peer::listen(listener, handler, cluster.recorder(), shared));
-        let c = cluster.clone();
-        rt.spawn(async move { c.heartbeat_loop().await });
-        let c = cluster.clone();
-        rt.spawn(async move { c.map_loop().await });
-        let c = cluster.clone();
-        rt.spawn(async move { c.leader_loop().await });
-        let c = cluster.clone();
-        rt.spawn(async move { c.volume_loop().await });
-        let c = cluster.clone();
-        rt.spawn(async move { c.recovery_loop().await });
+        rt.spawn(peer::listen(
+            listener,
+            cluster.handler(),
+            cluster.recorder(),
+            shared,
+        ));
         Ok(cluster)
+    }
+
+    /// Joins (or creates) the cluster on any host: registers this node on a lease and starts
+    /// the control loops. Frontends reach it through `router`, peers through `handler`.
+    pub async fn join(
+        cfg: ClusterConfig,
+        kv: Arc<dyn Kv>,
+        host: Arc<dyn Host>,
+        local: Arc<dyn Local>,
+    ) -> Result<Arc<Cluster>, EtcdError> {
+        let (node_id, capacity_bytes) = (cfg.node_id, cfg.capacity_bytes);
+        let incarnation =
+            host.now_ms() ^ (u64::from_le_bytes(node_id[..8].try_into().expect("8")) << 20);
+        let info = NodeInfo {
+            name: cfg.node_name.clone(),
+            peer_addr: cfg.peer_addr.clone(),
+            admin_addr: cfg.admin_addr.clone(),
+            nbd_addr: cfg.nbd_addr.clone(),
+            cores: host.cores() as u32,
+            capacity_bytes,
+            incarnation,
+        };
+        let node_key = format!("nodes/{}", cfg.node_name);
+        let id_hex: String = node_id.iter().map(|b| format!("{b:02x}")).collect();
+        let flushed_key = format!("flushed/{id_hex}");
+        // A name held by a different store is another node: refuse. The same store
+        // (restarted within the lease) takes its name back.
+        if let Some((bytes, _)) = kv.get(&format!("ids/{}", cfg.node_name)).await? {
+            if bytes != id_hex.as_bytes() {
+                return Err(EtcdError::Corrupt {
+                    key: node_key.clone(),
+                    why: format!(
+                        "node name {:?} belongs to another node's store; pick another --node-name",
+                        cfg.node_name
+                    ),
+                });
+            }
+        } else {
+            kv.put(
+                &format!("ids/{}", cfg.node_name),
+                id_hex.clone().into_bytes(),
+                None,
+            )
+            .await?;
+        }
+        let flushed_record = flush_records(&*kv, &*host, &flushed_key).await?;
+        let lease = kv.lease_grant(cfg.lease_ttl).await?;
+        kv.put(
+            &node_key,
+            serde_json::to_vec(&info).expect("json"),
+            Some(lease),
+        )
+        .await?;
+        let (map, _) = kv.map().await?;
+        let map = map.unwrap_or_else(|| ClusterMap::new(cfg.replicas_max));
+        if map.pg_count != host.pg_count() {
+            return Err(EtcdError::Corrupt {
+                key: "map".into(),
+                why: format!(
+                    "the cluster has {} placement groups, this store {}",
+                    map.pg_count,
+                    host.pg_count()
+                ),
+            });
+        }
+        let cluster = Arc::new(Cluster {
+            me: cfg.node_name.clone(),
+            cfg,
+            incarnation,
+            kv,
+            host,
+            rt: std::sync::OnceLock::new(),
+            local,
+            info,
+            map: RwLock::new(Arc::new(map)),
+            volumes: RwLock::new(BTreeMap::new()),
+            links: Mutex::new(BTreeMap::new()),
+            lease: AtomicU64::new(lease as u64),
+            lease_ok: Mutex::new(Instant::now()),
+            map_ok: Mutex::new(Instant::now()),
+            fence: Mutex::new(Fence::default()),
+            writing: Mutex::new(BTreeMap::new()),
+            writer_sessions: AtomicU64::new(0),
+            dirty: Mutex::new(BTreeMap::new()),
+            dirty_epochs: Mutex::new(replication::DirtyEpochs::default()),
+            inflight: Mutex::new(InFlight::default()),
+            recovery: Mutex::new(Recovery::default()),
+            recovering: Mutex::new(BTreeSet::new()),
+            repaired_reads: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
+            out_refused: Mutex::new(BTreeSet::new()),
+            let_go: Mutex::new(BTreeSet::new()),
+            pause: Mutex::new(Pause::default()),
+            seen_epoch: AtomicU64::new(0),
+            flushed_epoch: AtomicU64::new(0),
+            flushed_key,
+            flushed_record: Mutex::new(flushed_record),
+            record_lock: tokio::sync::Mutex::new(()),
+            write_floor: AtomicU64::new(0),
+            fenced_lease: AtomicU64::new(0),
+            revival_wait: Mutex::new(String::new()),
+            this: std::sync::OnceLock::new(),
+        });
+        let _ = cluster.this.set(Arc::downgrade(&cluster));
+        cluster.refresh_volumes().await?;
+        cluster.load_fences().await?;
+        let c = cluster.clone();
+        cluster
+            .host
+            .spawn(Box::pin(async move { c.heartbeat_loop().await }));
+        let c = cluster.clone();
+        cluster
+            .host
+            .spawn(Box::pin(async move { c.map_loop().await }));
+        let c = cluster.clone();
+        cluster
+            .host
+            .spawn(Box::pin(async move { c.leader_loop().await }));
+        let c = cluster.clone();
+        cluster
+            .host
+            .spawn(Box::pin(async move { c.volume_loop().await }));
+        let c = cluster.clone();
+        cluster
+            .host
+            .spawn(Box::pin(async move { c.recovery_loop().await }));
+        Ok(cluster)
+    }
+
+    /// How this node's frontends reach the cluster (the engine's `Router`).
+    pub fn router(self: &Arc<Self>) -> Arc<dyn Router> {
+        Arc::new(ClusterRouter(self.clone()))
+    }
+
+    /// How requests from other nodes reach the cluster (the peer layer's `Handler`).
+    pub fn handler(self: &Arc<Self>) -> Arc<dyn Handler> {
+        Arc::new(ClusterHandler(self.clone()))
     }
 
     /// Leaves the cluster on shutdown: revokes the lease so the others notice at once.
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::Release);
         let lease = self.lease.load(Ordering::Acquire) as i64;
-        let _ = self.rt.block_on(async {
-            tokio::time::timeout(Duration::from_secs(2), self.etcd.lease_revoke(lease)).await
+        let _ = self.block_on(async {
+            tokio::time::timeout(Duration::from_secs(2), self.kv.lease_revoke(lease)).await
         });
     }
 
@@ -321,10 +375,10 @@ impl Cluster {
     }
 
     fn pg_of(&self, volume: u32, offset: u64) -> u32 {
-        placement_group(volume, offset / CHUNK_SIZE, self.shared.geometry.pg_count)
+        placement_group(volume, offset / CHUNK_SIZE, self.host.pg_count())
     }
 
-    fn link(&self, map: &ClusterMap, node: &str, pg: u32) -> Option<Arc<Link>> {
+    fn link(&self, map: &ClusterMap, node: &str, pg: u32) -> Option<Arc<dyn PeerLink>> {
         let n = map.nodes.get(node)?;
         let core = pg % n.info.cores.max(1);
         let mut links = self.links.lock();
@@ -336,14 +390,9 @@ impl Cluster {
             // its old link would go on dialing the old address.
             l.close();
         }
-        let l = Arc::new(Link::open(
-            &self.rt,
-            &self.shared,
-            n.info.peer_addr.clone(),
-            self.me.clone(),
-            core,
-            self.recorder(),
-        ));
+        let l = self
+            .host
+            .link(&n.info.peer_addr, &self.me, core, self.recorder());
         links
             .entry(node.to_owned())
             .or_default()
@@ -352,12 +401,30 @@ impl Cluster {
     }
 
     /// How the peer layer flushes this node when a connection fails (`Recorder`).
-    fn recorder(&self) -> Arc<dyn FlushRecorder> {
+    pub fn recorder(&self) -> Arc<dyn FlushRecorder> {
         let this = self.this.get().cloned().unwrap_or_default();
-        Arc::new(Recorder(this))
+        Arc::new(Recorder(this, self.host.clone()))
     }
 
+    /// Waits for `f` on torusd's runtime, for callers off it (the admin API's threads).
+    /// Only in torusd (`start`): a simulation calls the async methods.
     pub fn block_on<T>(&self, f: impl std::future::Future<Output = T>) -> T {
-        self.rt.block_on(f)
+        self.rt
+            .get()
+            .expect("block_on is for torusd's threads (Cluster::start)")
+            .block_on(f)
+    }
+
+    /// Changes the map in etcd (`Kv::update_map`).
+    async fn update_map(
+        &self,
+        mut change: impl FnMut(&mut ClusterMap) -> bool + Send,
+    ) -> Result<Option<ClusterMap>, EtcdError> {
+        self.kv.update_map(self.cfg.replicas_max, &mut change).await
+    }
+
+    /// One line of this node's log.
+    fn log(&self, line: &str) {
+        self.host.log(line)
     }
 }

@@ -16,7 +16,8 @@ use crate::wire::{self, status, Data, Entry, Op};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 use torus_engine::{AlignedBuf, Piece, PieceKind, BLOCK_SIZE};
 
 /// Reads of a catch-up round in flight at once.
@@ -48,12 +49,10 @@ impl Cluster {
                     Ok(()) => {
                         let list: Vec<u32> = reviving.iter().map(|p| p.0).collect();
                         let (me, inc) = (self.me.clone(), self.incarnation);
-                        if let Ok(Some(m)) = self
-                            .etcd
-                            .update_map(self.cfg.replicas_max, |m| m.mark_revived(&me, inc, &list))
-                            .await
+                        if let Ok(Some(m)) =
+                            self.update_map(|m| m.mark_revived(&me, inc, &list)).await
                         {
-                            eprintln!("torusd: {} placement groups lost with every clean holder are clean here again", list.len());
+                            self.host.log(&format!("{} placement groups lost with every clean holder are clean here again", list.len()));
                             self.install_map(m);
                             busy = true;
                         }
@@ -61,7 +60,8 @@ impl Cluster {
                     Err(why) => {
                         let mut last = self.revival_wait.lock();
                         if *last != why {
-                            eprintln!("torusd: reviving lost placement groups: {why}; retrying");
+                            self.host
+                                .log(&format!("reviving lost placement groups: {why}; retrying"));
                             *last = why;
                         }
                     }
@@ -81,10 +81,7 @@ impl Cluster {
                     let inc = self.incarnation;
                     let me = self.me.clone();
                     if let Ok(Some(m)) = self
-                        .etcd
-                        .update_map(self.cfg.replicas_max, |m| {
-                            m.mark_clean(&me, inc, listed_at, &list)
-                        })
+                        .update_map(|m| m.mark_clean(&me, inc, listed_at, &list))
                         .await
                     {
                         {
@@ -96,7 +93,9 @@ impl Cluster {
                         busy = true;
                     }
                 }
-                Err(why) => eprintln!("torusd: catch-up from {source}: {why}; retrying"),
+                Err(why) => self
+                    .host
+                    .log(&format!("catch-up from {source}: {why}; retrying")),
             }
             let mut rec = self.recovering.lock();
             for (pg, _) in &pgs {
@@ -143,10 +142,10 @@ impl Cluster {
             }
         }
         for (source, list) in &whole {
-            eprintln!(
-                "torusd: copying {} lost placement groups whole from {source}, whose copy has more than this store's disk",
+            self.host.log(&format!(
+                "copying {} lost placement groups whole from {source}, whose copy has more than this store's disk",
                 list.len()
-            );
+            ));
             let done = self.clone().catch_up(map, source, list).await;
             let mut rec = self.recovering.lock();
             for (pg, _) in list {
@@ -180,7 +179,7 @@ impl Cluster {
     /// The flushes `node`'s processes recorded (`Cluster::flushed_record`), from etcd.
     async fn flush_record_of(&self, node: &str) -> Result<Vec<(u64, u64)>, String> {
         let id = self
-            .etcd
+            .kv
             .get(&format!("ids/{node}"))
             .await
             .map_err(|e| format!("reading the store id of {node}: {e}"))?;
@@ -188,7 +187,7 @@ impl Cluster {
             return Ok(Vec::new());
         };
         let key = format!("flushed/{}", String::from_utf8_lossy(&id));
-        match self.etcd.get(&key).await {
+        match self.kv.get(&key).await {
             Err(e) => Err(format!("reading {key}: {e}")),
             Ok(None) => Ok(Vec::new()),
             Ok(Some((v, _))) => {
@@ -268,7 +267,7 @@ impl Cluster {
                 let _permit = permit;
                 if let Err(e) = me.copy_run(&map, &source, v, b, n, 0).await {
                     if !failed.swap(true, Ordering::AcqRel) {
-                        eprintln!("torusd: catch-up read of volume {v} block {b}: {e}");
+                        me.log(&format!("catch-up read of volume {v} block {b}: {e}"));
                     }
                 }
             }));
@@ -490,15 +489,15 @@ impl Cluster {
             freed &= w.await.unwrap_or(false);
         }
         if !freed {
-            return eprintln!(
-                "torusd: freeing blocks of placement groups that moved away failed; retrying"
-            );
+            return self
+                .host
+                .log("freeing blocks of placement groups that moved away failed; retrying");
         }
         if zeroed > 0 {
-            eprintln!(
-                "torusd: freed {zeroed} blocks of {} placement groups no longer held here",
+            self.host.log(&format!(
+                "freed {zeroed} blocks of {} placement groups no longer held here",
                 fresh.len() - kept.len()
-            );
+            ));
         }
         self.let_go
             .lock()

@@ -41,7 +41,7 @@ impl Cluster {
             report.problems.push("no such volume here".into());
             return report;
         };
-        if let Ok((Some(m), _)) = self.etcd.map().await {
+        if let Ok((Some(m), _)) = self.kv.map().await {
             self.install_map(m);
         }
         let map = self.map();
@@ -128,7 +128,7 @@ impl Cluster {
             }
             if fixed {
                 report.repaired += 1;
-                eprintln!("torusd: scrub: volume {volume} block {b} failed its checksum here; rewritten from a replica");
+                self.host.log(&format!("scrub: volume {volume} block {b} failed its checksum here; rewritten from a replica"));
             } else {
                 report.problems.push(format!(
                     "block {b}: bad here and no replica could supply it"
@@ -263,7 +263,7 @@ impl Cluster {
             };
             if fixed {
                 report.repaired += 1;
-                eprintln!("torusd: scrub: volume {volume} block {b} differed from the other replicas here; rewritten from them");
+                self.host.log(&format!("scrub: volume {volume} block {b} differed from the other replicas here; rewritten from them"));
             } else {
                 report.problems.push(format!(
                     "block {b}: differs from the other replicas and could not be rewritten"

@@ -4,7 +4,7 @@
 //!
 //! The views read the map fresh from etcd: a stale map here must not hide a problem.
 
-use super::{now_ms, Cluster};
+use super::Cluster;
 use crate::map::{ClusterMap, NodeInfo, PgHealth};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -92,14 +92,14 @@ impl Cluster {
 
     /// Fresh from etcd (a stale map here must not hide a problem).
     pub(super) fn fresh_map(&self) -> Arc<ClusterMap> {
-        if let Ok((Some(m), _)) = self.block_on(self.etcd.map()) {
+        if let Ok((Some(m), _)) = self.block_on(self.kv.map()) {
             self.install_map(m);
         }
         self.map()
     }
 
     fn all_stats(&self) -> HashMap<String, NodeStats> {
-        self.block_on(self.etcd.list("stats/"))
+        self.block_on(self.kv.list("stats/"))
             .unwrap_or_default()
             .into_iter()
             .filter_map(|(k, v, _)| Some((k, serde_json::from_slice(&v).ok()?)))
@@ -109,7 +109,7 @@ impl Cluster {
     pub fn peers(&self) -> Vec<PeerView> {
         let map = self.fresh_map();
         let stats = self.all_stats();
-        let now = now_ms();
+        let now = self.host.now_ms();
         map.nodes
             .iter()
             .map(|(name, n)| {
@@ -147,11 +147,11 @@ impl Cluster {
         let map = self.fresh_map();
         let stats = self.all_stats();
         let leader = self
-            .block_on(self.etcd.get("leader"))
+            .block_on(self.kv.get("leader"))
             .ok()
             .flatten()
             .map(|(v, _)| String::from_utf8_lossy(&v).into_owned());
-        let now = now_ms();
+        let now = self.host.now_ms();
         let overdue = (self.cfg.lease_ttl / 3 * 2).as_millis() as u64 + 500;
         let silent = map
             .nodes
@@ -165,7 +165,7 @@ impl Cluster {
             })
             .collect();
         let live: HashMap<String, NodeInfo> = self
-            .block_on(self.etcd.list("nodes/"))
+            .block_on(self.kv.list("nodes/"))
             .unwrap_or_default()
             .into_iter()
             .filter_map(|(k, v, _)| Some((k, serde_json::from_slice(&v).ok()?)))

@@ -4,13 +4,12 @@
 //! (`deliver`); the engine's errors map to wire status codes and back (`status_of`,
 //! `error_of`).
 
-use super::Cluster;
+use super::{Cluster, Host};
 use crate::wire::status;
 use parking_lot::Mutex;
 use std::sync::Arc;
 use torus_engine::{
-    BlockError, Completion, CompletionSink, Message, Output, Piece, PieceKind, ReplyTo, Shared,
-    Sink,
+    BlockError, Completion, CompletionSink, Message, Output, Piece, PieceKind, ReplyTo, Sink,
 };
 
 type OnCompletion = Box<dyn FnOnce(Completion) + Send>;
@@ -53,18 +52,12 @@ pub(super) fn error_of(s: u16) -> BlockError {
 }
 
 /// Delivers an answer to whoever asked, from any thread.
-pub(super) fn deliver(shared: &Shared, reply: ReplyTo, output: Result<Output, BlockError>) {
+pub(super) fn deliver(host: &dyn Host, reply: ReplyTo, output: Result<Output, BlockError>) {
     let c = Completion {
         token: reply.token(),
         output,
     };
-    match reply {
-        ReplyTo::Core { core, .. } => shared.mailboxes[core].send(Message::Done(c)),
-        ReplyTo::Channel { sender, .. } => {
-            let _ = sender.send(c);
-        }
-        ReplyTo::Sink { sink, .. } => sink.0.complete(c),
-    }
+    host.deliver(reply, c)
 }
 
 pub(super) fn clone_piece(p: &Piece) -> Piece {
@@ -92,8 +85,8 @@ pub(super) fn clone_piece(p: &Piece) -> Piece {
 
 impl Cluster {
     pub(super) fn send_local(&self, piece: Piece, reply: ReplyTo) {
-        let core = self.shared.core_for(piece.volume, piece.offset);
-        self.shared.mailboxes[core].send(Message::Piece(piece, reply));
+        let core = self.host.core_for(piece.volume, piece.offset);
+        self.host.to_core(core, Message::Piece(piece, reply));
     }
 
     /// `send_local`, answered on a channel: true when the store did it.
@@ -110,14 +103,17 @@ impl Cluster {
 
     pub(super) async fn list_local(&self, bitmap: &[bool]) -> Vec<(u32, u64, u32)> {
         let mut waits = Vec::new();
-        for m in &self.shared.mailboxes {
+        for core in 0..self.host.cores() {
             let (tx, rx) = tokio::sync::oneshot::channel();
-            m.send(Message::ListBlocks {
-                pgs: bitmap.to_vec(),
-                reply: Box::new(move |v| {
-                    let _ = tx.send(v);
-                }),
-            });
+            self.host.to_core(
+                core,
+                Message::ListBlocks {
+                    pgs: bitmap.to_vec(),
+                    reply: Box::new(move |v| {
+                        let _ = tx.send(v);
+                    }),
+                },
+            );
             waits.push(rx);
         }
         let mut all = Vec::new();

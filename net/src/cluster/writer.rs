@@ -12,7 +12,8 @@ use crate::etcd::EtcdError;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 use torus_engine::{Piece, ReplyTo};
 
 /// Volumes whose new writes wait (a snapshot is being taken), and the writes each volume has
@@ -33,38 +34,71 @@ fn holder_node(value: &[u8]) -> String {
 impl Cluster {
     /// The epoch of the writer lock this node holds on `volume` (0: none).
     pub(super) fn writer_epoch(&self, volume: u32) -> u64 {
-        self.writing.lock().get(&volume).copied().unwrap_or(0)
+        self.writing.lock().get(&volume).map_or(0, |w| w.0)
     }
 
+    /// The writer lock's value for a new session of this node: "NODE LEASE SESSION". Each
+    /// session is its own, so that a lock left by an earlier session here (its release not
+    /// done yet, or failed) is not taken for this one's: writes of that session still being
+    /// retried must be fenced by a new epoch.
     fn writer_value(&self) -> Vec<u8> {
-        format!("{} {}", self.me, self.lease.load(Ordering::Acquire)).into_bytes()
+        let session = self.writer_sessions.fetch_add(1, Ordering::Relaxed);
+        format!(
+            "{} {} {session}",
+            self.me,
+            self.lease.load(Ordering::Acquire)
+        )
+        .into_bytes()
     }
 
     /// Takes the writer lock of a volume (one writing node per volume), waiting up to a lease
     /// for a holder that may have died. Its create revision is the fencing epoch that every
-    /// write from this node carries from now on.
+    /// write from this node carries from now on. Blocks: for torusd's threads.
     pub fn acquire_writer(&self, volume: u32) -> Result<u64, String> {
+        self.block_on(self.take_writer(volume))
+    }
+
+    /// `acquire_writer`, awaited.
+    pub async fn take_writer(&self, volume: u32) -> Result<u64, String> {
         let deadline = Instant::now() + self.cfg.lease_ttl + Duration::from_secs(1);
         let key = format!("writers/{volume}");
+        let mine = self.writer_value();
         loop {
             let lease = self.lease.load(Ordering::Acquire) as i64;
-            let mine = self.writer_value();
-            match self.block_on(self.etcd.acquire(&key, mine.clone(), lease)) {
+            match self.kv.acquire(&key, mine.clone(), lease).await {
                 Ok((holder, epoch)) if holder == mine => {
                     // Recorded for good (the lock's key goes with its lease): a node that
                     // restarts fences every older writer from the start (`load_fences`).
-                    let recorded = self.block_on(self.etcd.put(
-                        &format!("fence/{volume}"),
-                        epoch.to_string().into_bytes(),
-                        None,
-                    ));
+                    let recorded = self
+                        .kv
+                        .put(
+                            &format!("fence/{volume}"),
+                            epoch.to_string().into_bytes(),
+                            None,
+                        )
+                        .await;
                     if let Err(e) = recorded {
-                        self.block_on(async { self.etcd.release(&key, mine).await.ok() });
+                        let _ = self.kv.release(&key, mine).await;
                         return Err(format!("cannot record the volume's writer epoch: {e}"));
                     }
                     self.fence.lock().admit(volume, epoch as u64);
-                    self.writing.lock().insert(volume, epoch as u64);
+                    self.writing
+                        .lock()
+                        .insert(volume, (epoch as u64, mine.clone()));
                     return Ok(epoch as u64);
+                }
+                Ok((holder, _)) if holder_node(&holder) == self.me => {
+                    // Held by a session of this process that is still open: shared, as
+                    // before (an operator's change while a client writes through this node).
+                    let open = self.writing.lock().get(&volume).cloned();
+                    if let Some((epoch, _)) = open.filter(|(_, v)| *v == holder) {
+                        return Ok(epoch);
+                    }
+                    // An earlier session's lock here, not released yet: this session takes
+                    // it anew (a new create revision, so a new epoch).
+                    if let Err(e) = self.kv.release(&key, holder).await {
+                        return Err(format!("cannot take the volume's writer lock: {e}"));
+                    }
                 }
                 Ok((holder, _)) => {
                     if Instant::now() >= deadline {
@@ -73,30 +107,35 @@ impl Cluster {
                             holder_node(&holder)
                         ));
                     }
-                    std::thread::sleep(Duration::from_millis(250));
+                    tokio::time::sleep(Duration::from_millis(250)).await;
                 }
                 Err(e) => return Err(format!("cannot take the volume's writer lock: {e}")),
             }
         }
     }
 
-    /// Gives up the writer lock (the last connection here closed).
+    /// Gives up the writer lock (the last connection here closed). Blocks: for torusd's
+    /// threads.
     pub fn release_writer(&self, volume: u32) {
-        self.writing.lock().remove(&volume);
-        let value = self.writer_value();
-        let _ = self.block_on(async {
-            tokio::time::timeout(
-                Duration::from_secs(3),
-                self.etcd.release(&format!("writers/{volume}"), value),
-            )
-            .await
-        });
+        self.block_on(self.give_up_writer(volume))
+    }
+
+    /// `release_writer`, awaited.
+    pub async fn give_up_writer(&self, volume: u32) {
+        let Some((_, value)) = self.writing.lock().remove(&volume) else {
+            return;
+        };
+        let _ = tokio::time::timeout(
+            Duration::from_secs(3),
+            self.kv.release(&format!("writers/{volume}"), value),
+        )
+        .await;
     }
 
     /// The node holding `volume`'s writer lock, if any.
     pub fn writer_holder(&self, volume: u32) -> Result<Option<String>, String> {
         let got = self
-            .block_on(self.etcd.get(&format!("writers/{volume}")))
+            .block_on(self.kv.get(&format!("writers/{volume}")))
             .map_err(|e| format!("read the writer lock: {e}"))?;
         Ok(got.map(|(v, _)| holder_node(&v)))
     }
@@ -105,8 +144,8 @@ impl Cluster {
     /// writer lock held now), so a request of a replaced writer that arrives after a restart
     /// is refused here as on every other replica.
     pub(super) async fn load_fences(&self) -> Result<(), EtcdError> {
-        let recorded = self.etcd.list("fence/").await?;
-        let held = self.etcd.list("writers/").await?;
+        let recorded = self.kv.list("fence/").await?;
+        let held = self.kv.list("writers/").await?;
         let mut fence = self.fence.lock();
         for (k, v, _) in recorded {
             let epoch = String::from_utf8_lossy(&v).parse::<u64>().ok();

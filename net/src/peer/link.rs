@@ -134,3 +134,18 @@ fn name_buf(name: &str) -> AlignedBuf {
     b[..name.len()].copy_from_slice(name.as_bytes());
     b
 }
+
+impl super::PeerLink for Link {
+    fn send(&self, o: Outgoing) {
+        Link::send(self, o)
+    }
+    fn close(&self) {
+        Link::close(self)
+    }
+    fn dead(&self) -> bool {
+        Link::dead(self)
+    }
+    fn addr(&self) -> &str {
+        Link::addr(self)
+    }
+}

@@ -33,6 +33,7 @@
 //! - `listener.rs`: accepting connections from other nodes and reading their hello.
 //! - `service.rs`: `PeerService`, the peer connections one core owns: frames in and out
 //!   through its io_uring, requests served with a `Responder`.
+//! - `responder.rs`: `Responder`, how a node answers one request.
 //! - `awaiting.rs`: how many replies a core may sleep for.
 //!
 //! The peer layer does not know the cluster: it serves requests through the `Handler`, and
@@ -42,11 +43,13 @@
 mod awaiting;
 mod link;
 mod listener;
+mod responder;
 mod service;
 
 pub use link::Link;
 pub use listener::{accept, listen, HELLO_WAITING};
-pub use service::{PeerService, Responder, SERVED_MAX, SERVED_PER_PEER, SERVE_IN_FLIGHT};
+pub use responder::Responder;
+pub use service::{PeerService, SERVED_MAX, SERVED_PER_PEER, SERVE_IN_FLIGHT};
 
 use crate::wire::{status, Data, Entry};
 use link::LinkInner;
@@ -169,8 +172,20 @@ pub trait Handler: Send + Sync + 'static {
 /// other (the cluster's `Cluster::flush_local`). The cluster hands it to the peer layer with
 /// each link it opens and with the listener.
 pub trait FlushRecorder: Send + Sync + 'static {
-    /// Flushes every core of the node whose cores `shared` holds, recorded.
-    fn flush_recorded(&self, shared: &Shared);
+    /// Flushes every core of the node, recorded. False when the node's cluster is gone (the
+    /// caller flushes the cores itself, unrecorded).
+    fn flush_recorded(&self) -> bool;
+}
+
+/// This node's way to one core of another node (`Link`, or the simulation's network).
+pub trait PeerLink: Send + Sync + 'static {
+    /// Queues a request; its callback gets the reply, or `RETRY` when the link fails.
+    fn send(&self, o: Outgoing);
+    /// Tears the link down now: every request it holds fails with `RETRY`.
+    fn close(&self);
+    fn dead(&self) -> bool;
+    /// The address the link connects to.
+    fn addr(&self) -> &str;
 }
 
 /// Lets a repeated log line through at most once per 10 s.

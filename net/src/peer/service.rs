@@ -18,11 +18,12 @@
 
 use super::awaiting::Awaiting;
 use super::link::{connect, LinkInner};
+use super::Responder;
 use super::{
     retry, Callback, FlushRecorder, Handler, LogEvery, Outgoing, PeerMsg, Reply, COUNTERS,
     OP_TIMEOUT,
 };
-use crate::wire::{self, status, Data, Entry, Header, Op, HEADER_LEN};
+use crate::wire::{self, Data, Entry, Header, Op, HEADER_LEN};
 use io_uring::{opcode, types};
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::AsRawFd;
@@ -31,7 +32,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use torus_engine::reactor::TAG_KIND_PEER;
 use torus_engine::socket::{self, SocketResult};
-use torus_engine::{AlignedBuf, Completion, CoreContext, CoreService, Message, Shared};
+use torus_engine::{
+    AlignedBuf, Completion, CompletionSink, CoreContext, CoreService, Message, Piece, PieceKind,
+    ReplyTo, Shared, Sink,
+};
 
 /// A frame is cut at this many entries or bytes of data.
 const BATCH_ENTRIES: usize = 1024;
@@ -75,44 +79,6 @@ fn count_received(entries: usize) {
     COUNTERS
         .entries_received
         .fetch_add(entries as u64, Ordering::Relaxed);
-}
-
-/// How a served connection answers one request. Dropped without a reply, it answers `RETRY`.
-pub struct Responder {
-    shared: Arc<Shared>,
-    core: usize,
-    conn: u64,
-    id: u64,
-    replied: bool,
-}
-
-impl Responder {
-    pub fn reply(mut self, status: u16, data: Option<Data>) {
-        self.replied = true;
-        self.send(status, data);
-    }
-
-    fn send(&self, status: u16, data: Option<Data>) {
-        let entry = Entry {
-            op: Op::Reply as u8,
-            status,
-            id: self.id,
-            ..Entry::default()
-        };
-        self.shared.mailboxes[self.core].send(Message::Service(Box::new(PeerMsg::Reply {
-            conn: self.conn,
-            entry,
-            data,
-        })));
-    }
-}
-
-impl Drop for Responder {
-    fn drop(&mut self) {
-        if !self.replied {
-            self.send(status::RETRY, None);
-        }
-    }
 }
 
 enum Role {
@@ -535,13 +501,7 @@ impl PeerService {
                 let (from, handler) = (from.clone(), handler.clone());
                 *in_flight += frame.entries.len();
                 for (e, start) in &frame.entries {
-                    let respond = Responder {
-                        shared: ctx.shared().clone(),
-                        core: self.core,
-                        conn: id,
-                        id: e.id,
-                        replied: false,
-                    };
+                    let respond = Responder::conn(ctx.shared().clone(), self.core, id, e.id);
                     handler.handle(&from, self.core as u32, *e, data_of(e, *start), respond);
                 }
             }
@@ -626,7 +586,30 @@ impl PeerService {
 /// seconds later when the map says the peer is gone, so that another failure meanwhile cannot
 /// lose them.
 fn flush_every_core(c: &Conn, shared: &Shared) {
-    c.recorder().flush_recorded(shared);
+    if !c.recorder().flush_recorded() {
+        flush_cores_unrecorded(shared);
+    }
+}
+
+/// Flushes every core of this node without recording it (the cluster is gone).
+fn flush_cores_unrecorded(shared: &Shared) {
+    struct Ignore;
+    impl CompletionSink for Ignore {
+        fn complete(&self, _: Completion) {}
+    }
+    for m in &shared.mailboxes {
+        let flush = Piece {
+            volume: 0,
+            offset: 0,
+            len: 0,
+            kind: PieceKind::Flush,
+        };
+        let reply = ReplyTo::Sink {
+            sink: Sink(Arc::new(Ignore)),
+            token: 0,
+        };
+        m.send(Message::Piece(flush, reply));
+    }
 }
 
 fn submit_send(ctx: &mut CoreContext, id: u64, c: &mut Conn, fd: i32) {

@@ -14,6 +14,7 @@
 //! plane's tokio runtime. Every etcd call has a timeout, so a node cut off from etcd answers
 //! an error instead of hanging.
 
+use super::{parse, BoxFuture, Kv, Listing, Value, FAMILY_PREFIX, NEXT_KEY};
 use crate::map::ClusterMap;
 use crate::metadata::{validate_name, validate_size, Metadata, MetadataError, VolumeRecord};
 use rpc::compare::{CompareResult, CompareTarget, TargetUnion};
@@ -34,9 +35,6 @@ use tonic::transport::{Channel, Endpoint};
 pub mod rpc;
 
 pub const PREFIX: &str = "/torus/";
-const NEXT_KEY: &str = "volumes/=next";
-/// `volumes/=family-<family id>`: the next member number of a family (snapshots, clones).
-const FAMILY_PREFIX: &str = "=family-";
 
 /// What the volume poller reads: see `Etcd::volumes`.
 #[derive(Debug, Clone, Default)]
@@ -96,13 +94,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// HTTP/2 pings on an idle connection, so a dead etcd host is noticed without a call.
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(2);
 const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(2);
-
-fn parse<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, EtcdError> {
-    serde_json::from_slice(value).map_err(|e| EtcdError::Corrupt {
-        key: key.to_owned(),
-        why: e.to_string(),
-    })
-}
 
 /// `host:port` or a URL; etcd's own clients take both.
 fn endpoint(url: &str) -> Result<Endpoint, EtcdError> {
@@ -378,54 +369,66 @@ impl Etcd {
 
     /// The cluster map and its revision (0 when there is none yet).
     pub async fn map(&self) -> Result<(Option<ClusterMap>, i64), EtcdError> {
-        match self.get("map").await? {
-            Some((v, rev)) => Ok((Some(parse("map", &v)?), rev)),
-            None => Ok((None, 0)),
-        }
+        Kv::map(self).await
     }
 
-    /// Changes the map by compare-and-swap, retrying on conflict. `change` returns false to
-    /// leave the map as it is.
+    /// Changes the map by compare-and-swap (`Kv::update_map`).
     pub async fn update_map(
         &self,
         replicas_max: u32,
-        mut change: impl FnMut(&mut ClusterMap) -> bool,
+        mut change: impl FnMut(&mut ClusterMap) -> bool + Send,
     ) -> Result<Option<ClusterMap>, EtcdError> {
-        loop {
-            let (map, rev) = self.map().await?;
-            let mut map = map.unwrap_or_else(|| ClusterMap::new(replicas_max));
-            if !change(&mut map) {
-                return Ok(None);
-            }
-            let bytes = serde_json::to_vec(&map).expect("map serializes");
-            if self.cas("map", rev, bytes).await? {
-                return Ok(Some(map));
-            }
-        }
+        Kv::update_map(self, replicas_max, &mut change).await
     }
 
-    /// Volumes and the next id, read at one revision.
-    /// Every volume (snapshots and clones too), the next volume id, and the next member
-    /// number of each family that has had members, read at one revision.
+    /// Every volume, the next id and the families' next numbers (`Kv::volumes`).
     pub async fn volumes(&self) -> Result<VolumeList, EtcdError> {
-        let mut list = VolumeList {
-            volumes: Vec::new(),
-            next_id: 1,
-            families: HashMap::new(),
-        };
-        for (k, v, _) in self.list("volumes/").await? {
-            if k == "=next" {
-                list.next_id = parse(NEXT_KEY, &v)?;
-            } else if let Some(f) = k.strip_prefix(FAMILY_PREFIX) {
-                if let Ok(family) = f.parse::<u32>() {
-                    list.families
-                        .insert(family, parse(&format!("volumes/{k}"), &v)?);
-                }
-            } else {
-                list.volumes.push(parse(&format!("volumes/{k}"), &v)?);
-            }
-        }
-        Ok(list)
+        Kv::volumes(self).await
+    }
+}
+
+impl Kv for Etcd {
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Value>, EtcdError>> {
+        Box::pin(Etcd::get(self, key))
+    }
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Listing, EtcdError>> {
+        Box::pin(Etcd::list(self, prefix))
+    }
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        value: Vec<u8>,
+        lease: Option<i64>,
+    ) -> BoxFuture<'a, Result<(), EtcdError>> {
+        Box::pin(Etcd::put(self, key, value, lease))
+    }
+    fn cas<'a>(
+        &'a self,
+        key: &'a str,
+        revision: i64,
+        value: Vec<u8>,
+    ) -> BoxFuture<'a, Result<bool, EtcdError>> {
+        Box::pin(Etcd::cas(self, key, revision, value))
+    }
+    fn acquire<'a>(
+        &'a self,
+        key: &'a str,
+        value: Vec<u8>,
+        lease: i64,
+    ) -> BoxFuture<'a, Result<(Vec<u8>, i64), EtcdError>> {
+        Box::pin(Etcd::acquire(self, key, value, lease))
+    }
+    fn release<'a>(&'a self, key: &'a str, value: Vec<u8>) -> BoxFuture<'a, Result<(), EtcdError>> {
+        Box::pin(Etcd::release(self, key, value))
+    }
+    fn lease_grant(&self, ttl: Duration) -> BoxFuture<'_, Result<i64, EtcdError>> {
+        Box::pin(Etcd::lease_grant(self, ttl))
+    }
+    fn keep_alive_once(&self, lease: i64) -> BoxFuture<'_, Result<bool, EtcdError>> {
+        Box::pin(Etcd::keep_alive_once(self, lease))
+    }
+    fn lease_revoke(&self, lease: i64) -> BoxFuture<'_, Result<(), EtcdError>> {
+        Box::pin(Etcd::lease_revoke(self, lease))
     }
 }
 
