@@ -15,6 +15,7 @@
 //! text in DejaVu Sans from Debian's fonts-dejavu-core) into a new results folder.
 
 mod charts;
+mod counts;
 mod fio;
 mod targets;
 
@@ -43,6 +44,22 @@ struct Args {
 enum Cmd {
     /// Run the comparison and write results.json and results.md into a results folder.
     Compare(CompareArgs),
+    /// Allocations and cluster locks per replicated 4 KiB write, from a counters build of
+    /// torusd (run through benches/write_path_counts.sh, which builds and places it).
+    Counts(CountsArgs),
+}
+
+#[derive(clap::Args, Clone)]
+struct CountsArgs {
+    /// Writes per queue depth.
+    #[arg(long, default_value_t = 20000)]
+    ios: u64,
+    /// Queue depths (comma separated).
+    #[arg(long, default_value = "1,32")]
+    depths: String,
+    /// Where the nodes' data goes.
+    #[arg(long, default_value = ".")]
+    work: PathBuf,
 }
 
 #[derive(clap::Args, Clone)]
@@ -355,6 +372,19 @@ fn main() {
     let args = Args::parse();
     let r = match args.command {
         Cmd::Compare(a) => compare(a),
+        Cmd::Counts(a) => a
+            .depths
+            .split(',')
+            .map(|d| d.trim().parse::<u32>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(anyhow::Error::from)
+            .and_then(|depths| {
+                let work = a.work.join(format!("torus-counts-{}", std::process::id()));
+                std::fs::create_dir_all(&work)?;
+                let r = counts::counts(&work, a.ios, &depths);
+                let _ = std::fs::remove_dir_all(&work);
+                r
+            }),
     };
     if let Err(e) = r {
         eprintln!("torus-bench: {e:#}");

@@ -16,6 +16,8 @@ pub struct Target {
     pub server: Option<Child>,
     /// More processes of the target (the other nodes of a cluster, etcd): their CPU counts.
     pub others: Vec<Child>,
+    /// The admin API ports of its torus nodes (a cluster's: a, b, c).
+    pub admins: Vec<u16>,
 }
 
 impl Target {
@@ -125,6 +127,7 @@ fn start_cluster(work: &Path, size: u64) -> Result<Target> {
     }
     let admin = nodes[0].2;
     let port = nodes[0].1;
+    let admins: Vec<u16> = nodes.iter().map(|n| n.2).collect();
     let deadline = Instant::now() + Duration::from_secs(120);
     while !torusctl(admin, &["status"])?.status.success() {
         if Instant::now() > deadline {
@@ -160,6 +163,7 @@ fn start_cluster(work: &Path, size: u64) -> Result<Target> {
         ],
         server: Some(server),
         others,
+        admins,
     })
 }
 
@@ -198,10 +202,11 @@ pub fn start_targets(names: &[&str], work: &Path, size: u64) -> Result<Vec<Targe
                     ],
                     server: None,
                     others: Vec::new(),
+                    admins: Vec::new(),
                 }
             }
             "torus" => {
-                let (child, port, _) = start_torusd(&work.join("torus"), size, None)?;
+                let (child, port, admin) = start_torusd(&work.join("torus"), size, None)?;
                 Target {
                     name: name.into(),
                     fio: vec![
@@ -210,6 +215,7 @@ pub fn start_targets(names: &[&str], work: &Path, size: u64) -> Result<Vec<Targe
                     ],
                     server: Some(child),
                     others: Vec::new(),
+                    admins: vec![admin],
                 }
             }
             "torus-3x" => start_cluster(work, size)?,
@@ -244,6 +250,7 @@ pub fn start_targets(names: &[&str], work: &Path, size: u64) -> Result<Vec<Targe
                     ],
                     server: Some(child),
                     others: Vec::new(),
+                    admins: Vec::new(),
                 }
             }
             "nbdkit" => {
@@ -274,6 +281,7 @@ pub fn start_targets(names: &[&str], work: &Path, size: u64) -> Result<Vec<Targe
                     ],
                     server: Some(child),
                     others: Vec::new(),
+                    admins: Vec::new(),
                 }
             }
             other => bail!("unknown target {other:?} (disk, torus, torus-3x, qemu-nbd, nbdkit)"),

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cluster;
+pub mod counted;
 /// etcd, the cluster's metadata store (`kv::etcd`).
 pub use kv::etcd;
 pub mod kv;

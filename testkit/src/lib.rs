@@ -3,6 +3,8 @@
 //! `/proc`, and finding a tool on `PATH`. One copy, so a test and a benchmark measure a
 //! process the same way.
 
+pub mod alloc;
+
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

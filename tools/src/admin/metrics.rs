@@ -206,6 +206,19 @@ pub fn render(node: &Node) -> String {
             );
         }
     }
+    #[cfg(feature = "counters")]
+    {
+        let _ = writeln!(
+            out,
+            "# HELP torus_counted_allocations_total Allocations by this process (a counters build)\n# TYPE torus_counted_allocations_total counter\ntorus_counted_allocations_total {}",
+            torus_testkit::alloc::allocations()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP torus_counted_locks_total Locks the cluster took (a counters build)\n# TYPE torus_counted_locks_total counter\ntorus_counted_locks_total {}",
+            torus_net::counted::locks_taken()
+        );
+    }
     if let Some(c) = &node.cluster {
         let p = &torus_net::peer::COUNTERS;
         for (name, help, v) in [
