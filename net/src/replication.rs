@@ -14,7 +14,7 @@
 //!   replica copies, unmaps and skips.
 
 use crate::map::{min_size, ClusterMap, SlotState, Targets};
-use crate::wire::status;
+use crate::wire::Status;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use torus_engine::layout::placement_group;
 use torus_engine::{BLOCK_SIZE, CHUNK_SIZE};
@@ -103,10 +103,10 @@ fn write_plan(map: &ClusterMap, t: Targets, me: &str, pg: u32, replicas: u32) ->
 }
 
 /// Orders outcomes of one replicated write: any hard error wins over "ask again".
-pub fn worse(a: u16, b: u16) -> u16 {
-    let rank = |s: u16| match s {
-        status::OK => 0,
-        status::RETRY => 1,
+pub fn worse(a: Status, b: Status) -> Status {
+    let rank = |s: Status| match s {
+        Status::Ok => 0,
+        Status::Retry => 1,
         _ => 2,
     };
     if rank(b) > rank(a) {
@@ -120,19 +120,19 @@ pub fn worse(a: u16, b: u16) -> u16 {
 #[derive(Debug)]
 pub struct Tally {
     remaining: usize,
-    worst: u16,
+    worst: Status,
 }
 
 impl Tally {
     pub fn new(copies: usize) -> Tally {
         Tally {
             remaining: copies,
-            worst: status::OK,
+            worst: Status::Ok,
         }
     }
 
     /// Counts one answer; the write's outcome once every copy has answered.
-    pub fn add(&mut self, s: u16) -> Option<u16> {
+    pub fn add(&mut self, s: Status) -> Option<Status> {
         self.worst = worse(self.worst, s);
         self.remaining = self.remaining.checked_sub(1)?;
         (self.remaining == 0).then_some(self.worst)
@@ -173,13 +173,13 @@ pub fn admit_write(
     volume: u32,
     pg: Option<u32>,
     writer: u64,
-) -> Result<(), u16> {
+) -> Result<(), Status> {
     let seen = pg.map_or(0, |pg| fence.pgs.get(&pg).copied().unwrap_or(0));
     if epoch < map_epoch.max(seen) {
-        return Err(status::RETRY);
+        return Err(Status::Retry);
     }
     if !fence.admit(volume, writer) {
-        return Err(status::FENCED);
+        return Err(Status::Fenced);
     }
     if let Some(pg) = pg {
         fence.pgs.insert(pg, epoch);
@@ -560,13 +560,13 @@ mod tests {
     #[test]
     fn tally_finishes_once_with_the_worst_answer() {
         let mut t = Tally::new(3);
-        assert_eq!(t.add(status::OK), None);
-        assert_eq!(t.add(status::RETRY), None);
-        assert_eq!(t.add(status::OK), Some(status::RETRY));
+        assert_eq!(t.add(Status::Ok), None);
+        assert_eq!(t.add(Status::Retry), None);
+        assert_eq!(t.add(Status::Ok), Some(Status::Retry));
         let mut t = Tally::new(2);
-        assert_eq!(t.add(status::RETRY), None);
-        assert_eq!(t.add(status::EIO), Some(status::EIO));
-        assert_eq!(t.add(status::OK), None, "an extra answer is ignored");
+        assert_eq!(t.add(Status::Retry), None);
+        assert_eq!(t.add(Status::Eio), Some(Status::Eio));
+        assert_eq!(t.add(Status::Ok), None, "an extra answer is ignored");
     }
 
     #[test]
@@ -576,11 +576,11 @@ mod tests {
         assert!(f.admit(1, 5));
         assert!(!f.admit(1, 4));
         assert!(f.admit(2, 1), "per volume");
-        assert_eq!(admit_write(3, 2, &mut f, 1, None, 6), Err(status::RETRY));
-        assert_eq!(admit_write(3, 3, &mut f, 1, None, 4), Err(status::FENCED));
+        assert_eq!(admit_write(3, 2, &mut f, 1, None, 6), Err(Status::Retry));
+        assert_eq!(admit_write(3, 3, &mut f, 1, None, 4), Err(Status::Fenced));
         assert_eq!(admit_write(3, 4, &mut f, 1, Some(7), 6), Ok(()));
         // A copy of PG 7 coordinated under map 3 after one under map 4 was applied here.
-        assert_eq!(admit_write(3, 3, &mut f, 1, Some(7), 6), Err(status::RETRY));
+        assert_eq!(admit_write(3, 3, &mut f, 1, Some(7), 6), Err(Status::Retry));
         assert_eq!(admit_write(3, 3, &mut f, 1, Some(8), 6), Ok(()), "per PG");
     }
 

@@ -20,7 +20,7 @@
 //! write goes from the socket to the disk with `O_DIRECT` and no copy. A frame with a bad
 //! magic, version, length or checksum closes the connection; nothing in it is acted on.
 
-use torus_engine::AlignedBuf;
+use torus_engine::{AlignedBuf, BlockError};
 
 pub const MAGIC: u32 = 0x4652_5054; // "TPRF" read as little-endian bytes
 pub const VERSION: u16 = 1;
@@ -85,19 +85,94 @@ pub const FLAG_FUA: u8 = 1;
 /// the node is not a clean holder.
 pub const FLAG_DIRTY: u8 = 2;
 
-/// Reply status codes.
-pub mod status {
-    pub const OK: u16 = 0;
-    pub const EIO: u16 = 1;
-    pub const ENOSPC: u16 = 2;
-    pub const EINVAL: u16 = 3;
+/// A reply's status: the `status` field of its entry, as a code on the wire (`as_u16`,
+/// `from_u16`). The codes are frozen (`status_codes_are_frozen`); a code this node does not
+/// know, from a newer peer, is `Unknown`: taken as a hard error, like EIO, and passed on
+/// unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum Status {
+    Ok = 0,
+    Eio = 1,
+    Enospc = 2,
+    Einval = 3,
     /// Ask again after refreshing the map: not the primary, an old map epoch, not enough
     /// replicas up, or the peer went away.
-    pub const RETRY: u16 = 4;
+    Retry = 4,
     /// The write carries an older writer epoch than one already seen for this volume.
-    pub const FENCED: u16 = 5;
-    pub const SHUTDOWN: u16 = 6;
-    pub const NOVOLUME: u16 = 7;
+    Fenced = 5,
+    Shutdown = 6,
+    NoVolume = 7,
+    /// A code no variant above names.
+    Unknown(u16),
+}
+
+impl Status {
+    /// The status a peer sent; never fails (see `Unknown`).
+    pub const fn from_u16(code: u16) -> Status {
+        match code {
+            0 => Status::Ok,
+            1 => Status::Eio,
+            2 => Status::Enospc,
+            3 => Status::Einval,
+            4 => Status::Retry,
+            5 => Status::Fenced,
+            6 => Status::Shutdown,
+            7 => Status::NoVolume,
+            other => Status::Unknown(other),
+        }
+    }
+
+    /// The code on the wire.
+    pub const fn as_u16(self) -> u16 {
+        match self {
+            Status::Ok => 0,
+            Status::Eio => 1,
+            Status::Enospc => 2,
+            Status::Einval => 3,
+            Status::Retry => 4,
+            Status::Fenced => 5,
+            Status::Shutdown => 6,
+            Status::NoVolume => 7,
+            Status::Unknown(code) => code,
+        }
+    }
+
+    /// The status of an engine's answer: `Ok`, or its error's.
+    pub fn of<T>(result: &Result<T, BlockError>) -> Status {
+        match result {
+            Ok(_) => Status::Ok,
+            Err(e) => Status::from(*e),
+        }
+    }
+}
+
+impl From<BlockError> for Status {
+    fn from(e: BlockError) -> Status {
+        match e {
+            BlockError::Io => Status::Eio,
+            BlockError::NoSpace => Status::Enospc,
+            BlockError::Invalid => Status::Einval,
+            BlockError::NoVolume => Status::NoVolume,
+            BlockError::ShuttingDown => Status::Shutdown,
+        }
+    }
+}
+
+/// The engine's error for a status that is not `Ok`: one the engine has a name for, else
+/// `Io` (`Retry` and `Fenced` past their retries, or a code this node does not know).
+impl From<Status> for BlockError {
+    fn from(s: Status) -> BlockError {
+        match s {
+            Status::Enospc => BlockError::NoSpace,
+            Status::Einval => BlockError::Invalid,
+            Status::NoVolume => BlockError::NoVolume,
+            Status::Shutdown => BlockError::ShuttingDown,
+            Status::Ok | Status::Eio | Status::Retry | Status::Fenced | Status::Unknown(_) => {
+                BlockError::Io
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -290,10 +365,10 @@ pub fn encode_frame(items: &mut [(Entry, Option<Data>)], out: &mut Vec<u8>) {
 
 /// A block listing (volume, block, crc32c) as the data of a reply; None when empty. EINVAL
 /// when it would not fit in a frame.
-pub fn encode_list(list: &[(u32, u64, u32)]) -> Result<Option<Data>, u16> {
+pub fn encode_list(list: &[(u32, u64, u32)]) -> Result<Option<Data>, Status> {
     let bytes = list.len() * LIST_ENTRY_LEN;
     if bytes > BODY_MAX - (64 << 10) {
-        return Err(status::EINVAL);
+        return Err(Status::Einval);
     }
     let mut buf = AlignedBuf::zeroed(bytes.div_ceil(4096).max(1) * 4096);
     for (i, (v, b, c)) in list.iter().enumerate() {
@@ -479,6 +554,48 @@ mod tests {
                 b[i] = (x >> 32) as u8;
             }
             let _ = decode(&b);
+        }
+    }
+
+    #[test]
+    fn status_codes_are_frozen() {
+        // Nodes of different builds talk to each other: a code never changes meaning.
+        let codes = [
+            (Status::Ok, 0),
+            (Status::Eio, 1),
+            (Status::Enospc, 2),
+            (Status::Einval, 3),
+            (Status::Retry, 4),
+            (Status::Fenced, 5),
+            (Status::Shutdown, 6),
+            (Status::NoVolume, 7),
+        ];
+        for (status, code) in codes {
+            assert_eq!(status.as_u16(), code, "{status:?}");
+            assert_eq!(Status::from_u16(code), status);
+        }
+    }
+
+    #[test]
+    fn an_unknown_status_code_is_kept_not_refused() {
+        for code in 0..=u16::MAX {
+            let status = Status::from_u16(code);
+            assert_eq!(status.as_u16(), code, "passed on unchanged");
+            assert_eq!(matches!(status, Status::Unknown(_)), code > 7, "{code}");
+        }
+        assert_eq!(BlockError::from(Status::Unknown(9)), BlockError::Io);
+    }
+
+    #[test]
+    fn engine_errors_cross_the_wire_and_come_back() {
+        use BlockError::*;
+        for e in [Io, NoSpace, Invalid, NoVolume, ShuttingDown] {
+            assert_eq!(BlockError::from(Status::from(e)), e);
+        }
+        assert_eq!(Status::of(&Ok::<(), BlockError>(())), Status::Ok);
+        assert_eq!(Status::of(&Err::<(), _>(NoSpace)), Status::Enospc);
+        for s in [Status::Retry, Status::Fenced] {
+            assert_eq!(BlockError::from(s), Io, "{s:?} past its retries");
         }
     }
 

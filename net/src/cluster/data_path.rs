@@ -14,12 +14,12 @@
 //! writes in the order the primary did (`submit`). A request forwarded by a peer is tried once
 //! and answered "ask again": the peer owns its retries (`retry_later`).
 
-use super::store::{clone_piece, deliver, error_of, sink, status_of};
+use super::store::{clone_piece, deliver, sink};
 use super::Cluster;
 use crate::map::ClusterMap;
 use crate::peer::Outgoing;
 use crate::replication::{self, Route, Tally, WritePlan};
-use crate::wire::{self, status, Data, Entry, Op};
+use crate::wire::{self, Data, Entry, Op, Status};
 use parking_lot::Mutex;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -34,7 +34,7 @@ pub(super) const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
 pub(super) const PEER_REQUEST_DEADLINE: Duration = Duration::from_secs(4);
 pub(super) const RETRY_DELAY: Duration = Duration::from_millis(100);
 
-pub(super) type Done = Box<dyn FnOnce(Result<Output, u16>) + Send>;
+pub(super) type Done = Box<dyn FnOnce(Result<Output, Status>) + Send>;
 
 pub(super) struct Request {
     pub(super) piece: Piece,
@@ -141,10 +141,10 @@ impl Cluster {
                         }
                     }
                 }
-                deliver(&*host, reply, r.map_err(error_of))
+                deliver(&*host, reply, r.map_err(BlockError::from))
             })
         } else {
-            Box::new(move |r| deliver(&*host, reply, r.map_err(error_of)))
+            Box::new(move |r| deliver(&*host, reply, r.map_err(BlockError::from)))
         };
         self.submit(Request {
             piece,
@@ -167,11 +167,11 @@ impl Cluster {
             PieceKind::Write { .. } | PieceKind::Zero { .. }
         );
         if is_write && !req.from_peer && self.writer_epoch(req.piece.volume) != req.writer {
-            return (req.done)(Err(status::FENCED));
+            return (req.done)(Err(Status::Fenced));
         }
         if req.from_peer || Instant::now() >= req.deadline || self.stopping.load(Ordering::Acquire)
         {
-            return (req.done)(Err(status::RETRY));
+            return (req.done)(Err(Status::Retry));
         }
         let me = self.clone();
         self.host.spawn(Box::pin(async move {
@@ -193,14 +193,14 @@ impl Cluster {
         }
         let Some(vol) = self.volume(req.piece.volume) else {
             if req.from_peer || Instant::now() >= req.deadline {
-                return (req.done)(Err(status::NOVOLUME));
+                return (req.done)(Err(Status::NoVolume));
             }
             // Created on another node a moment ago: look again before giving up.
             let me = self.clone();
             self.host.spawn(Box::pin(async move {
                 let _ = me.refresh_volumes().await;
                 if me.volume(req.piece.volume).is_none() {
-                    return (req.done)(Err(status::NOVOLUME));
+                    return (req.done)(Err(Status::NoVolume));
                 }
                 me.submit(req);
             }));
@@ -229,7 +229,7 @@ impl Cluster {
             Route::Read => {}
             Route::Write(plan) => return self.coordinate(req, map.epoch, plan, pg),
             Route::Retry => return self.retry_later(req),
-            Route::Refuse => return (req.done)(Err(status::RETRY)),
+            Route::Refuse => return (req.done)(Err(Status::Retry)),
             Route::Forward(primary) => return self.forward(req, &map, &primary, pg),
         }
         match req.piece.kind {
@@ -253,16 +253,19 @@ impl Cluster {
                                 .collect();
                             me.read_elsewhere(volume, offset, len, pg, others, done)
                         }
-                        other => done(other.map_err(status_of)),
+                        other => done(other.map_err(Status::from)),
                     }),
                 );
             }
             PieceKind::Status => {
                 let done = req.done;
-                self.send_local(req.piece, sink(move |c| done(c.output.map_err(status_of))));
+                self.send_local(
+                    req.piece,
+                    sink(move |c| done(c.output.map_err(Status::from))),
+                );
             }
             // Writes were planned by `route`; a flush is not routed to one PG.
-            _ => (req.done)(Err(status::EINVAL)),
+            _ => (req.done)(Err(Status::Einval)),
         }
     }
 
@@ -278,7 +281,7 @@ impl Cluster {
     ) {
         if others.is_empty() {
             self.host.log(&format!("volume {volume} bytes {offset}+{len}: the local copy cannot be vouched for and no other replica is up: EIO"));
-            return done(Err(status::EIO));
+            return done(Err(Status::Eio));
         }
         let node = others.remove(0);
         let map = self.map();
@@ -298,7 +301,7 @@ impl Cluster {
             data: None,
             group: 0,
             done: Box::new(move |r| match (r.status, r.data) {
-                (status::OK, Some(d)) if d.len == len as usize => {
+                (Status::Ok, Some(d)) if d.len == len as usize => {
                     me.log(&format!("volume {volume} bytes {offset}+{len}: the local copy fails its checksum; answered from node {node}"));
                     me.repaired_reads.fetch_add(1, Ordering::Relaxed);
                     done(Ok(read_output(&d)))
@@ -314,7 +317,7 @@ impl Cluster {
             return self.retry_later(req);
         };
         let Some((entry, data)) = to_wire(&req.piece, true, map.epoch, req.writer) else {
-            return (req.done)(Err(status::EINVAL));
+            return (req.done)(Err(Status::Einval));
         };
         let me = self.clone();
         link.send(Outgoing {
@@ -322,24 +325,24 @@ impl Cluster {
             data,
             group: 0,
             done: Box::new(move |r| match r.status {
-                status::OK => {
+                Status::Ok => {
                     let output = match (&req.piece.kind, r.data) {
                         (PieceKind::Read, Some(d)) if d.len == req.piece.len as usize => {
                             read_output(&d)
                         }
-                        (PieceKind::Read, _) => return (req.done)(Err(status::EIO)),
+                        (PieceKind::Read, _) => return (req.done)(Err(Status::Eio)),
                         (PieceKind::Status, Some(d)) => Output::Status {
                             mapped: d.buf[d.start..d.start + d.len]
                                 .iter()
                                 .map(|&b| b != 0)
                                 .collect(),
                         },
-                        (PieceKind::Status, None) => return (req.done)(Err(status::EIO)),
+                        (PieceKind::Status, None) => return (req.done)(Err(Status::Eio)),
                         _ => Output::Done,
                     };
                     (req.done)(Ok(output))
                 }
-                status::RETRY => me.retry_later(req),
+                Status::Retry => me.retry_later(req),
                 s => (req.done)(Err(s)),
             }),
         });
@@ -360,7 +363,7 @@ impl Cluster {
         );
         match admitted {
             Ok(()) => {}
-            Err(status::RETRY) => return self.retry_later(req),
+            Err(Status::Retry) => return self.retry_later(req),
             Err(s) => return (req.done)(Err(s)),
         }
         if !self.enter_inflight(epoch) {
@@ -374,10 +377,10 @@ impl Cluster {
         let read_back = plan.stale_target && is_partial(&req.piece) && !remote.is_empty();
         // The local write and one per remote replica.
         let state = Arc::new(Mutex::new((Tally::new(remote.len() + 1), Some(req))));
-        let call: Arc<dyn Fn(u16) + Send + Sync> = {
+        let call: Arc<dyn Fn(Status) + Send + Sync> = {
             let me = self.clone();
             let state = state.clone();
-            Arc::new(move |s: u16| {
+            Arc::new(move |s: Status| {
                 let mut st = state.lock();
                 let Some(worst) = st.0.add(s) else {
                     return;
@@ -386,8 +389,8 @@ impl Cluster {
                 drop(st);
                 me.inflight_done(epoch);
                 match worst {
-                    status::OK => (req.done)(Ok(Output::Done)),
-                    status::RETRY => me.retry_later(req),
+                    Status::Ok => (req.done)(Ok(Output::Done)),
+                    Status::Retry => me.retry_later(req),
                     s => (req.done)(Err(s)),
                 }
             })
@@ -401,7 +404,7 @@ impl Cluster {
                 let group = crate::peer::new_group();
                 for node in remote {
                     let Some(link) = me.link(&map, node, pg) else {
-                        call(status::RETRY);
+                        call(Status::Retry);
                         continue;
                     };
                     let (entry, data) =
@@ -431,8 +434,8 @@ impl Cluster {
                 local_piece,
                 sink(move |c| {
                     me.local_done(epoch);
-                    let s = c.output.map_or_else(status_of, |_| status::OK);
-                    if s != status::OK {
+                    let s = Status::of(&c.output);
+                    if s != Status::Ok {
                         for _ in 0..remote.len() {
                             call2(s);
                         }
@@ -458,10 +461,10 @@ impl Cluster {
                                     },
                                 };
                                 send_remote(&full, &remote);
-                                call2(status::OK);
+                                call2(Status::Ok);
                             }
                             other => {
-                                let s = other.err().map_or(status::EIO, status_of);
+                                let s = other.err().map_or(Status::Eio, Status::from);
                                 for _ in 0..remote.len() {
                                     call2(s);
                                 }
@@ -480,7 +483,7 @@ impl Cluster {
             epoch,
             sink(move |c| {
                 me.local_done(epoch);
-                call_local(c.output.map_or_else(status_of, |_| status::OK))
+                call_local(Status::of(&c.output))
             }),
         );
         send_remote(&local_piece, &remote);

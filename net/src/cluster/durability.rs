@@ -17,20 +17,20 @@
 //! counts under one lock with the floor's setting).
 
 use super::data_path::{REQUEST_DEADLINE, RETRY_DELAY};
-use super::store::{deliver, error_of, sink, status_of};
+use super::store::{deliver, sink};
 use super::{Cluster, Host};
 use crate::etcd::EtcdError;
 use crate::kv::Kv;
 use crate::peer::{FlushRecorder, Outgoing};
 use crate::replication::{self, worse, Tally};
-use crate::wire::{status, Entry, Op};
+use crate::wire::{Entry, Op, Status};
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::time::Instant;
-use torus_engine::{Message, Output, Piece, PieceKind, ReplyTo};
+use torus_engine::{BlockError, Message, Output, Piece, PieceKind, ReplyTo};
 
 /// Processes of this store whose recorded flush is kept (`Cluster::flushed_record`): a PG lost
 /// with one of them as its last clean holder waits for a revival that asks for it.
@@ -129,7 +129,7 @@ pub(super) async fn flush_records(
 }
 
 /// Flushes every core of a node; `done` gets the worst status.
-pub(super) fn flush_cores(host: &dyn Host, done: Box<dyn FnOnce(u16) + Send>) {
+pub(super) fn flush_cores(host: &dyn Host, done: Box<dyn FnOnce(Status) + Send>) {
     let cores = host.cores();
     let state = Arc::new(Mutex::new((Tally::new(cores), Some(done))));
     for core in 0..cores {
@@ -146,8 +146,7 @@ pub(super) fn flush_cores(host: &dyn Host, done: Box<dyn FnOnce(u16) + Send>) {
                 flush,
                 sink(move |c| {
                     let mut st = state.lock();
-                    let Some(worst) = st.0.add(c.output.map_or_else(status_of, |_| status::OK))
-                    else {
+                    let Some(worst) = st.0.add(Status::of(&c.output)) else {
                         return;
                     };
                     if let Some(done) = st.1.take() {
@@ -204,7 +203,7 @@ impl Cluster {
                     .collect();
                 let mut waits = Vec::new();
                 for node in nodes {
-                    let (tx, rx) = tokio::sync::oneshot::channel::<u16>();
+                    let (tx, rx) = tokio::sync::oneshot::channel::<Status>();
                     if node == me.me {
                         me.flush_vouched(Box::new(move |s| {
                             let _ = tx.send(s);
@@ -225,16 +224,16 @@ impl Cluster {
                     }
                     waits.push(rx);
                 }
-                let mut worst = status::OK;
+                let mut worst = Status::Ok;
                 for w in waits {
-                    worst = worse(worst, w.await.unwrap_or(status::RETRY));
+                    worst = worse(worst, w.await.unwrap_or(Status::Retry));
                 }
                 match worst {
-                    status::OK => return deliver(&*me.host, reply, Ok(Output::Done)),
-                    status::RETRY if Instant::now() < deadline => {
+                    Status::Ok => return deliver(&*me.host, reply, Ok(Output::Done)),
+                    Status::Retry if Instant::now() < deadline => {
                         tokio::time::sleep(RETRY_DELAY * 3).await;
                     }
-                    s => return deliver(&*me.host, reply, Err(error_of(s))),
+                    s => return deliver(&*me.host, reply, Err(BlockError::from(s))),
                 }
             }
         }));
@@ -244,13 +243,13 @@ impl Cluster {
     /// flush, records that epoch in etcd before answering (RETRY when it cannot): a revival
     /// compares these records to find the disk with the most (`replication::revival_source`).
     /// The first flush after each new map pays one etcd write.
-    pub(super) fn flush_local(&self, done: Box<dyn FnOnce(u16) + Send>) {
+    pub(super) fn flush_local(&self, done: Box<dyn FnOnce(Status) + Send>) {
         let seen = self.seen_epoch.load(Ordering::Acquire);
         let me = self.this.get().and_then(|w| w.upgrade());
         flush_cores(
             &*self.host,
             Box::new(move |s| match me {
-                Some(me) if s == status::OK => me.record_flush(seen, done),
+                Some(me) if s == Status::Ok => me.record_flush(seen, done),
                 _ => done(s),
             }),
         );
@@ -259,22 +258,22 @@ impl Cluster {
     /// A flush that answers for the writes the map says this node holds: `flush_local`, but
     /// RETRY from a process the map does not name yet (restarted before the leader noticed:
     /// its predecessor's unflushed writes may be lost, so its flush covers none of them).
-    pub(super) fn flush_vouched(&self, done: Box<dyn FnOnce(u16) + Send>) {
+    pub(super) fn flush_vouched(&self, done: Box<dyn FnOnce(Status) + Send>) {
         if !replication::names_me(&self.map(), &self.me, self.incarnation) {
-            return done(status::RETRY);
+            return done(Status::Retry);
         }
         self.flush_local(done)
     }
 
-    fn record_flush(self: Arc<Self>, seen: u64, done: Box<dyn FnOnce(u16) + Send>) {
+    fn record_flush(self: Arc<Self>, seen: u64, done: Box<dyn FnOnce(Status) + Send>) {
         if self.flushed_epoch.load(Ordering::Acquire) >= seen {
-            return done(status::OK);
+            return done(Status::Ok);
         }
         let me = self.clone();
         self.host.spawn(Box::pin(async move {
             let _one = me.record_lock.lock().await;
             if me.flushed_epoch.load(Ordering::Acquire) >= seen {
-                return done(status::OK);
+                return done(Status::Ok);
             }
             let record = with_flush(me.flushed_record.lock().clone(), me.incarnation, seen);
             let put = me
@@ -289,11 +288,11 @@ impl Cluster {
                 Ok(()) => {
                     *me.flushed_record.lock() = record;
                     me.flushed_epoch.store(seen, Ordering::Release);
-                    done(status::OK)
+                    done(Status::Ok)
                 }
                 Err(e) => {
                     me.log(&format!("recording a flush at map {seen} in etcd: {e}"));
-                    done(status::RETRY)
+                    done(Status::Retry)
                 }
             }
         }));
@@ -305,7 +304,7 @@ impl Cluster {
         self.flush_local(Box::new(move |s| {
             let _ = tx.send(s);
         }));
-        rx.await.unwrap_or(status::EIO) == status::OK
+        rx.await.unwrap_or(Status::Eio) == Status::Ok
     }
 
     /// Cut off from etcd past its lease, this node is being taken out of the map: no write
@@ -348,7 +347,7 @@ impl Cluster {
                 let _ = tx.send(s);
             }),
         );
-        if rx.await.unwrap_or(status::EIO) != status::OK {
+        if rx.await.unwrap_or(Status::Eio) != Status::Ok {
             self.host.log(&format!("cut off from etcd past the lease: refusing writes under map {seen} and older; the flush failed, so none is recorded on disk"));
             return;
         }

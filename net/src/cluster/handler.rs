@@ -8,24 +8,24 @@
 //! may have been cut off since).
 
 use super::data_path::{Request, PEER_REQUEST_DEADLINE};
-use super::store::{sink, status_of};
+#[cfg(feature = "testing")]
+use super::faults::replica_drops_this_write;
+use super::store::sink;
 use super::Cluster;
 use crate::metadata::VolumeRecord;
 use crate::peer::{Handler, Responder};
 use crate::replication;
-#[cfg(feature = "testing")]
-use super::faults::replica_drops_this_write;
-use crate::wire::{self, status, Data, Entry, Op};
+use crate::wire::{self, Data, Entry, Op, Status};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 use torus_engine::{AlignedBuf, Output, Piece, PieceKind, BLOCK_SIZE, CHUNK_SIZE};
 
 /// Answers a peer's request with what a piece produced.
-fn reply_output(respond: Responder, output: Result<Output, u16>, len: usize) {
+fn reply_output(respond: Responder, output: Result<Output, Status>, len: usize) {
     match output {
         Ok(Output::Read { data, head }) => respond.reply(
-            status::OK,
+            Status::Ok,
             Some(Data {
                 buf: Arc::new(data),
                 start: head,
@@ -38,7 +38,7 @@ fn reply_output(respond: Responder, output: Result<Output, u16>, len: usize) {
                 buf[i] = *m as u8;
             }
             respond.reply(
-                status::OK,
+                Status::Ok,
                 Some(Data {
                     buf: Arc::new(buf),
                     start: 0,
@@ -46,7 +46,7 @@ fn reply_output(respond: Responder, output: Result<Output, u16>, len: usize) {
                 }),
             )
         }
-        Ok(Output::Done) => respond.reply(status::OK, None),
+        Ok(Output::Done) => respond.reply(Status::Ok, None),
         Err(s) => respond.reply(s, None),
     }
 }
@@ -62,7 +62,7 @@ impl Handler for ClusterHandler {
     fn handle(&self, _from: &str, _core: u32, e: Entry, data: Option<Data>, respond: Responder) {
         let c = &self.0;
         let Some(op) = Op::from_u8(e.op) else {
-            return respond.reply(status::EINVAL, None);
+            return respond.reply(Status::Einval, None);
         };
         let fua = e.flags & wire::FLAG_FUA != 0;
         let piece_of = |kind: PieceKind| Piece {
@@ -79,7 +79,7 @@ impl Handler for ClusterHandler {
                 let map_epoch = c.map().epoch;
                 let pg = c.pg_of(e.volume, e.offset);
                 if !c.enter_inflight(e.epoch) {
-                    return respond.reply(status::RETRY, None);
+                    return respond.reply(Status::Retry, None);
                 }
                 let admitted = replication::admit_write(
                     map_epoch,
@@ -97,7 +97,7 @@ impl Handler for ClusterHandler {
                 if data.is_some() && replica_drops_this_write() {
                     c.local_done(e.epoch);
                     c.inflight_done(e.epoch);
-                    return respond.reply(status::OK, None);
+                    return respond.reply(Status::Ok, None);
                 }
                 let kind = match data {
                     Some(d) => PieceKind::Write {
@@ -110,9 +110,7 @@ impl Handler for ClusterHandler {
                 c.apply_replica(
                     piece_of(kind),
                     e.epoch,
-                    sink(move |done| {
-                        respond.reply(done.output.map_or_else(status_of, |_| status::OK), None)
-                    }),
+                    sink(move |done| respond.reply(Status::of(&done.output), None)),
                 );
             }
             Op::Read | Op::Status => {
@@ -126,7 +124,7 @@ impl Handler for ClusterHandler {
                     replication::serves_copies(&c.map(), &c.me, c.incarnation, [pg].into_iter())
                 };
                 if !serves {
-                    return respond.reply(status::RETRY, None);
+                    return respond.reply(Status::Retry, None);
                 }
                 let kind = if op == Op::Read {
                     PieceKind::Read
@@ -136,7 +134,7 @@ impl Handler for ClusterHandler {
                 let len = e.len as usize;
                 c.send_local(
                     piece_of(kind),
-                    sink(move |done| reply_output(respond, done.output.map_err(status_of), len)),
+                    sink(move |done| reply_output(respond, done.output.map_err(Status::from), len)),
                 );
             }
             Op::Flush => c.flush_vouched(Box::new(move |s| respond.reply(s, None))),
@@ -154,11 +152,11 @@ impl Handler for ClusterHandler {
                 // map if it is still alive.
                 let map_epoch = c.map().epoch;
                 if e.epoch < map_epoch {
-                    return respond.reply(status::RETRY, None);
+                    return respond.reply(Status::Retry, None);
                 }
                 let is_write = matches!(op, Op::CWrite | Op::CZero);
                 if is_write && !c.fence.lock().admit(e.volume, e.writer) {
-                    return respond.reply(status::FENCED, None);
+                    return respond.reply(Status::Fenced, None);
                 }
                 let kind = match op {
                     Op::CRead => PieceKind::Read,
@@ -182,7 +180,7 @@ impl Handler for ClusterHandler {
                     writer: e.writer,
                 });
             }
-            Op::Hello | Op::Reply => respond.reply(status::EINVAL, None),
+            Op::Hello | Op::Reply => respond.reply(Status::Einval, None),
         }
     }
 }
@@ -194,21 +192,21 @@ fn replica_drops_this_write() -> bool {
 }
 
 impl Cluster {
-    fn validate(self: &Arc<Self>, e: &Entry, data: &Option<Data>) -> Result<VolumeRecord, u16> {
+    fn validate(self: &Arc<Self>, e: &Entry, data: &Option<Data>) -> Result<VolumeRecord, Status> {
         let Some(vol) = self.volume(e.volume) else {
             // Perhaps created a moment ago: look again; the sender asks again meanwhile.
             let me = self.clone();
             self.host.spawn(Box::pin(async move {
                 let _ = me.refresh_volumes().await;
             }));
-            return Err(status::RETRY);
+            return Err(Status::Retry);
         };
-        let end = e.offset.checked_add(e.len as u64).ok_or(status::EINVAL)?;
+        let end = e.offset.checked_add(e.len as u64).ok_or(Status::Einval)?;
         let in_chunk = e.len > 0
             && e.len as u64 <= CHUNK_SIZE
             && e.offset / CHUNK_SIZE == (end - 1) / CHUNK_SIZE;
         if !in_chunk {
-            return Err(status::EINVAL);
+            return Err(Status::Einval);
         }
         if end > vol.size_bytes {
             // Grown a moment ago through another node: look again; the sender asks again
@@ -217,12 +215,12 @@ impl Cluster {
             self.host.spawn(Box::pin(async move {
                 let _ = me.refresh_volumes().await;
             }));
-            return Err(status::RETRY);
+            return Err(Status::Retry);
         }
         let wants_data = e.op == Op::Write as u8 || e.op == Op::CWrite as u8;
         let has = data.as_ref().map_or(0, |d| d.len);
         if wants_data != (has > 0) || (wants_data && has != e.len as usize) {
-            return Err(status::EINVAL);
+            return Err(Status::Einval);
         }
         Ok(vol)
     }
@@ -232,11 +230,11 @@ impl Cluster {
     /// epoch), so the listing holds every write the asking node did not receive itself.
     async fn serve_list(self: Arc<Self>, e: Entry, data: Option<Data>, respond: Responder) {
         let Some(d) = data else {
-            return respond.reply(status::EINVAL, None);
+            return respond.reply(Status::Einval, None);
         };
         let pg_count = self.host.pg_count() as usize;
         if d.len != pg_count {
-            return respond.reply(status::EINVAL, None);
+            return respond.reply(Status::Einval, None);
         }
         let bitmap: Vec<bool> = d.buf[d.start..d.start + d.len]
             .iter()
@@ -250,17 +248,17 @@ impl Cluster {
                 break;
             }
             if Instant::now() > deadline {
-                return respond.reply(status::RETRY, None);
+                return respond.reply(Status::Retry, None);
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let pgs = (0..bitmap.len() as u32).filter(|&pg| bitmap[pg as usize]);
         if !replication::serves_copies(&self.map(), &self.me, self.incarnation, pgs) {
-            return respond.reply(status::RETRY, None);
+            return respond.reply(Status::Retry, None);
         }
         let list = self.list_local(&bitmap).await;
         match wire::encode_list(&list) {
-            Ok(data) => respond.reply(status::OK, data),
+            Ok(data) => respond.reply(Status::Ok, data),
             Err(s) => respond.reply(s, None),
         }
     }
@@ -297,10 +295,10 @@ impl Cluster {
     /// Answers `Op::Dirty`: the valid dirty blocks of the PGs in the bitmap.
     fn serve_dirty(&self, data: Option<Data>, respond: Responder) {
         let Some(d) = data else {
-            return respond.reply(status::EINVAL, None);
+            return respond.reply(Status::Einval, None);
         };
         if d.len != self.host.pg_count() as usize {
-            return respond.reply(status::EINVAL, None);
+            return respond.reply(Status::Einval, None);
         }
         let mut list = Vec::new();
         for (pg, &on) in d.buf[d.start..d.start + d.len].iter().enumerate() {
@@ -313,7 +311,7 @@ impl Cluster {
             }
         }
         match wire::encode_list(&list) {
-            Ok(data) => respond.reply(status::OK, data),
+            Ok(data) => respond.reply(Status::Ok, data),
             Err(s) => respond.reply(s, None),
         }
     }

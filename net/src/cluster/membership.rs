@@ -13,7 +13,7 @@ use crate::etcd::EtcdError;
 use crate::map::{ClusterMap, GiveUp};
 use crate::metadata::VolumeRecord;
 use crate::replication;
-use crate::wire::status;
+use crate::wire::Status;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -129,9 +129,10 @@ impl Cluster {
         if lost {
             let host = self.host.clone();
             self.flush_local(Box::new(move |s| {
-                if s != status::OK {
+                if s != Status::Ok {
                     host.log(&format!(
-                        "flush after a node left the map failed (status {s})"
+                        "flush after a node left the map failed (status {})",
+                        s.as_u16()
                     ));
                 }
             }));

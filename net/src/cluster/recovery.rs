@@ -12,7 +12,7 @@ use super::Cluster;
 use crate::map::ClusterMap;
 use crate::peer::Outgoing;
 use crate::replication::{self, Wanted};
-use crate::wire::{self, status, Data, Entry, Op};
+use crate::wire::{self, Data, Entry, Op, Status};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -320,8 +320,8 @@ impl Cluster {
             }),
         });
         let r = rx.await.map_err(|_| "link dropped")?;
-        if r.status != status::OK {
-            return Err(format!("status {}", r.status));
+        if r.status != Status::Ok {
+            return Err(format!("status {}", r.status.as_u16()));
         }
         let d = r.data.ok_or("no data")?;
         if d.len != (n as usize) * BLOCK_SIZE {
@@ -400,8 +400,8 @@ impl Cluster {
             }),
         });
         let r = rx.await.map_err(|_| "link dropped")?;
-        if r.status != status::OK {
-            return Err(format!("listing failed with status {}", r.status));
+        if r.status != Status::Ok {
+            return Err(format!("listing failed with status {}", r.status.as_u16()));
         }
         let Some(d) = r.data else {
             return Ok(Vec::new());

@@ -1,11 +1,10 @@
 //! This node's own store as the cluster reaches it: a piece goes to the core that owns its
 //! volume and offset (`send_local`), the core that also decides about its PG; a completion
 //! becomes a callback (`sink`); an answer reaches whoever asked, from any thread
-//! (`deliver`); the engine's errors map to wire status codes and back (`status_of`,
-//! `error_of`).
+//! (`deliver`). The engine's errors map to wire status codes and back beside the codes
+//! (`wire::Status`).
 
 use super::{Cluster, Host};
-use crate::wire::status;
 use parking_lot::Mutex;
 use std::sync::Arc;
 use torus_engine::{
@@ -28,26 +27,6 @@ pub(super) fn sink(f: impl FnOnce(Completion) + Send + 'static) -> ReplyTo {
     ReplyTo::Sink {
         sink: Sink(Arc::new(FnSink(Mutex::new(Some(Box::new(f)))))),
         token: 0,
-    }
-}
-
-pub(super) fn status_of(e: BlockError) -> u16 {
-    match e {
-        BlockError::Io => status::EIO,
-        BlockError::NoSpace => status::ENOSPC,
-        BlockError::Invalid => status::EINVAL,
-        BlockError::NoVolume => status::NOVOLUME,
-        BlockError::ShuttingDown => status::SHUTDOWN,
-    }
-}
-
-pub(super) fn error_of(s: u16) -> BlockError {
-    match s {
-        status::ENOSPC => BlockError::NoSpace,
-        status::EINVAL => BlockError::Invalid,
-        status::NOVOLUME => BlockError::NoVolume,
-        status::SHUTDOWN => BlockError::ShuttingDown,
-        _ => BlockError::Io,
     }
 }
 

@@ -7,8 +7,8 @@
 
 pub mod etcd;
 
-use etcd::{EtcdError, VolumeList};
 use crate::map::ClusterMap;
+use etcd::{EtcdError, VolumeList};
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;

@@ -51,7 +51,7 @@ pub use listener::{accept, listen, HELLO_WAITING};
 pub use responder::Responder;
 pub use service::{PeerService, SERVED_MAX, SERVED_PER_PEER, SERVE_IN_FLIGHT};
 
-use crate::wire::{status, Data, Entry};
+use crate::wire::{Data, Entry, Status};
 use link::LinkInner;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -87,7 +87,8 @@ pub static COUNTERS: Counters = Counters {
 };
 
 pub struct Reply {
-    pub status: u16,
+    /// The entry's status code, read (`Status::from_u16`).
+    pub status: Status,
     pub data: Option<Data>,
 }
 
@@ -113,7 +114,7 @@ pub fn new_group() -> u64 {
 
 fn retry() -> Reply {
     Reply {
-        status: status::RETRY,
+        status: Status::Retry,
         data: None,
     }
 }

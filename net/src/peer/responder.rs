@@ -4,7 +4,7 @@
 //! `RETRY`.
 
 use super::PeerMsg;
-use crate::wire::{status, Data, Entry, Op};
+use crate::wire::{Data, Entry, Op, Status};
 use std::sync::Arc;
 use torus_engine::{Message, Shared};
 
@@ -27,7 +27,7 @@ enum Answer {
     Fn(Option<ReplyFn>),
 }
 
-type ReplyFn = Box<dyn FnOnce(u16, Option<Data>) + Send>;
+type ReplyFn = Box<dyn FnOnce(Status, Option<Data>) + Send>;
 
 impl Responder {
     /// A responder for request `id` of connection `conn`, served by core `core`.
@@ -44,19 +44,19 @@ impl Responder {
     }
 
     /// A responder whose answer goes to `f` (a request that did not come on a connection).
-    pub fn to_fn(f: impl FnOnce(u16, Option<Data>) + Send + 'static) -> Responder {
+    pub fn to_fn(f: impl FnOnce(Status, Option<Data>) + Send + 'static) -> Responder {
         Responder {
             to: Answer::Fn(Some(Box::new(f))),
             replied: false,
         }
     }
 
-    pub fn reply(mut self, status: u16, data: Option<Data>) {
+    pub fn reply(mut self, status: Status, data: Option<Data>) {
         self.replied = true;
         self.send(status, data);
     }
 
-    fn send(&mut self, status: u16, data: Option<Data>) {
+    fn send(&mut self, status: Status, data: Option<Data>) {
         match &mut self.to {
             Answer::Conn {
                 shared,
@@ -66,7 +66,7 @@ impl Responder {
             } => {
                 let entry = Entry {
                     op: Op::Reply as u8,
-                    status,
+                    status: status.as_u16(),
                     id: *id,
                     ..Entry::default()
                 };
@@ -88,7 +88,7 @@ impl Responder {
 impl Drop for Responder {
     fn drop(&mut self) {
         if !self.replied {
-            self.send(status::RETRY, None);
+            self.send(Status::Retry, None);
         }
     }
 }

@@ -23,7 +23,7 @@ use super::{
     retry, Callback, FlushRecorder, Handler, LogEvery, Outgoing, PeerMsg, Reply, COUNTERS,
     OP_TIMEOUT,
 };
-use crate::wire::{self, Data, Entry, Header, Op, HEADER_LEN};
+use crate::wire::{self, Data, Entry, Header, Op, Status, HEADER_LEN};
 use io_uring::{opcode, types};
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::AsRawFd;
@@ -486,7 +486,7 @@ impl PeerService {
                     if let Some((cb, _, group)) = pending.remove(&e.id) {
                         self.awaiting.answered(group);
                         cb(Reply {
-                            status: e.status,
+                            status: Status::from_u16(e.status),
                             data: data_of(e, *start),
                         });
                     }

@@ -11,7 +11,7 @@
 
 use super::world::{later, on_core, World};
 use crate::peer::{FlushRecorder, Outgoing, PeerLink, Reply, Responder, OP_TIMEOUT};
-use crate::wire::{status, Data, Entry};
+use crate::wire::{Data, Entry, Status};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -51,7 +51,7 @@ pub(super) struct SimLink {
 
 fn retry() -> Reply {
     Reply {
-        status: status::RETRY,
+        status: Status::Retry,
         data: None,
     }
 }
@@ -202,7 +202,7 @@ fn arrive(w: &World, conn: u64, req: u64, entry: Entry, data: Option<Data>) {
 }
 
 /// The answer travels back on the same connection.
-fn answer(w: &World, conn: u64, req: u64, st: u16, data: Option<Data>) {
+fn answer(w: &World, conn: u64, req: u64, st: Status, data: Option<Data>) {
     let mut s = w.lock();
     let Some(c) = s.conns.get(&conn) else { return };
     let (from, to) = (c.from, c.to);
