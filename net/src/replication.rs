@@ -11,7 +11,9 @@
 //! - `list_ready`: when a catch-up listing may be answered (no write of an older map still in
 //!   flight here);
 //! - `recovery_round`, `Wanted`, `catch_up_plan`, `copy_runs` and `clean_spans`: what a stale
-//!   replica copies, unmaps and skips.
+//!   replica copies, unmaps and skips;
+//! - `revival_source`: where a restarted last clean holder of a lost PG copies it from, or
+//!   what it waits for (`RevivalWait`).
 
 use crate::map::{min_size, ClusterMap, SlotState, Targets};
 use crate::wire::Status;
@@ -365,7 +367,7 @@ pub fn revival_source(
     pg: u32,
     me: &str,
     flushed: impl Fn(&str, u64) -> u64,
-) -> Result<Option<String>, String> {
+) -> Result<Option<String>, RevivalWait> {
     let Some(lost) = map.last_clean.get(&pg) else {
         return Ok(None);
     };
@@ -403,10 +405,20 @@ pub fn revival_source(
     match best {
         None => Ok(None),
         Some(((_, true, _), node)) => Ok(Some(node.clone())),
-        Some((_, node)) => Err(format!(
-            "PG {pg} waits for {node} (down), which may hold acknowledged writes this node lost in its restart"
-        )),
+        Some((_, node)) => Err(RevivalWait {
+            pg,
+            node: node.clone(),
+        }),
     }
+}
+
+/// What a revival waits for (`revival_source`): `node`, down, may hold acknowledged writes of
+/// `pg` that this node lost in its restart.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("PG {pg} waits for {node} (down), which may hold acknowledged writes this node lost in its restart")]
+pub struct RevivalWait {
+    pub pg: u32,
+    pub node: String,
 }
 
 /// A block listing asked under map `asked` is answered once this node has that map and no

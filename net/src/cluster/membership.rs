@@ -209,7 +209,7 @@ impl Cluster {
                     m.epoch != epoch
                 }
                 Err(w) => {
-                    out = Err(w);
+                    out = Err(w.to_string());
                     false
                 }
             }
@@ -229,7 +229,7 @@ impl Cluster {
             }
         }));
         if let Some(w) = why {
-            return Err(w);
+            return Err(w.to_string());
         }
         r.map(|_| ()).map_err(|e| e.to_string())
     }

@@ -136,7 +136,9 @@ impl Cluster {
         };
         let mut whole: BTreeMap<String, Vec<(u32, usize)>> = BTreeMap::new();
         for (pg, _) in pgs {
-            if let Some(source) = replication::revival_source(map, *pg, &self.me, flushed)? {
+            let source = replication::revival_source(map, *pg, &self.me, flushed)
+                .map_err(|e| e.to_string())?;
+            if let Some(source) = source {
                 let slot = map.slot_of(*pg, &self.me).unwrap_or(0);
                 whole.entry(source).or_default().push((*pg, slot));
             }

@@ -17,14 +17,17 @@
 //! decisions on it are pure functions in the files beside it: `placement` (where a PG lives
 //! and where a piece goes), `reconcile` (the leader's step), `slots` (clean and stale slots,
 //! and the PG counts), `lost` (clean holders demoted, PGs that lost every clean holder, and
-//! their revival) and `removal` (nodes drained, marked out or given up by the operator).
+//! their revival) and `removal` (nodes drained, marked out or given up by the operator),
+//! whose refusals are `MapError` (`error`).
 
+mod error;
 mod lost;
 mod placement;
 mod reconcile;
 mod removal;
 mod slots;
 
+pub use error::MapError;
 pub use placement::{min_size, score, Targets};
 pub use removal::GiveUp;
 pub use slots::PgHealth;

@@ -3,7 +3,7 @@
 //! take the best copy left. Each refuses, saying why, what would leave too few nodes for the
 //! replicas or give up the only good copy of a PG.
 
-use super::ClusterMap;
+use super::{ClusterMap, MapError};
 use serde::{Deserialize, Serialize};
 
 /// What `ClusterMap::give_up` changed.
@@ -20,16 +20,20 @@ impl ClusterMap {
     /// Starts draining `name` (`torusctl peer remove`): its PGs move to the others, then it
     /// leaves the map. False when it is being removed already; refused, saying why, when it
     /// is unknown or when fewer nodes than `replicas_max` would be left.
-    pub fn start_removing(&mut self, name: &str) -> Result<bool, String> {
+    pub fn start_removing(&mut self, name: &str) -> Result<bool, MapError> {
         let remaining = self.nodes.values().filter(|n| !n.removing).count();
         match self.nodes.get_mut(name) {
-            None => Err(format!("no node named {name:?} in the cluster")),
+            None => Err(MapError::NotInCluster {
+                name: name.to_owned(),
+            }),
             Some(n) if n.removing => Ok(false),
-            Some(_) if remaining <= self.replicas_max as usize => Err(format!(
-                "removing {name:?} would leave {} nodes for {} replicas; add a node first",
-                remaining - 1,
-                self.replicas_max
-            )),
+            Some(_) if remaining <= self.replicas_max as usize => {
+                Err(MapError::RemovalLeavesTooFew {
+                    name: name.to_owned(),
+                    left: remaining - 1,
+                    replicas: self.replicas_max,
+                })
+            }
             Some(n) => {
                 n.removing = true;
                 self.epoch += 1;
@@ -42,24 +46,27 @@ impl ClusterMap {
     /// why, when it is up or already leaving, when fewer nodes than `replicas_max` would be
     /// left to hold its PGs, or while a PG it holds has no other clean holder up (its copy
     /// may be the only good one: it waits for a revival or for the node).
-    pub fn mark_out(&mut self, name: &str) -> Result<(), String> {
+    pub fn mark_out(&mut self, name: &str) -> Result<(), MapError> {
         let remaining = self.nodes.values().filter(|n| !n.removing).count();
         match self.nodes.get(name) {
-            None => return Err(format!("no node named {name:?} in the map")),
-            Some(n) if n.up => return Err("it is up".into()),
-            Some(n) if n.removing => return Err("it is leaving already".into()),
+            None => {
+                return Err(MapError::NotInMap {
+                    name: name.to_owned(),
+                })
+            }
+            Some(n) if n.up => return Err(MapError::Up),
+            Some(n) if n.removing => return Err(MapError::Leaving),
             Some(_) => {}
         }
         if remaining <= self.replicas_max as usize {
-            return Err(format!(
-                "{} nodes would be left for {} replicas; add a node",
-                remaining - 1,
-                self.replicas_max
-            ));
+            return Err(MapError::MarkOutLeavesTooFew {
+                left: remaining - 1,
+                replicas: self.replicas_max,
+            });
         }
         for pg in 0..self.pg_count {
             if self.slot_of(pg, name).is_some() && self.clean_holders(pg).is_empty() {
-                return Err(format!("PG {pg} has no other clean replica up"));
+                return Err(MapError::OnlyCleanCopy { pg });
             }
         }
         let n = self.nodes.get_mut(name).expect("checked");
@@ -76,13 +83,17 @@ impl ClusterMap {
     /// else the first of its slots' holders that is up (revived from its own copy, plus what
     /// the holders up since the loss wrote). Writes only `name` had are lost; that is what
     /// the operator accepts. Refused while it is up.
-    pub fn give_up(&mut self, name: &str) -> Result<GiveUp, String> {
+    pub fn give_up(&mut self, name: &str) -> Result<GiveUp, MapError> {
         match self.nodes.get(name) {
-            None => return Err(format!("no node named {name:?} in the map")),
+            None => {
+                return Err(MapError::NotInMap {
+                    name: name.to_owned(),
+                })
+            }
             Some(n) if n.up => {
-                return Err(format!(
-                    "{name} is up, so it is not lost (torusctl peer remove drains a node out)"
-                ))
+                return Err(MapError::UpNotLost {
+                    name: name.to_owned(),
+                })
             }
             Some(_) => {}
         }

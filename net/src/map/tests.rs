@@ -145,8 +145,7 @@ fn a_restarted_last_clean_holder_revives_from_a_holder_demoted_before_the_loss()
     m.reconcile(&live(&[("b", 2)]));
     let wait = source(&m, demoted_a - 1);
     assert!(
-        wait.as_ref()
-            .is_err_and(|w| w.contains("waits for a (down)")),
+        wait.as_ref().is_err_and(|w| w.node == "a" && w.pg == pg),
         "{wait:?}"
     );
     m.nodes.get_mut("a").unwrap().removing = true;
@@ -295,10 +294,7 @@ fn a_pg_whose_holders_all_went_down_comes_back_with_the_last_clean_one() {
     // time, may still have them (`Demoted`): the revival waits for a.
     assert_eq!(m.health().down, PG_COUNT);
     let wait = replication::revival_source(&m, 0, "c", |_, _| 0);
-    assert!(
-        wait.as_ref().is_err_and(|w| w.contains("waits for a")),
-        "{wait:?}"
-    );
+    assert!(wait.as_ref().is_err_and(|w| w.node == "a"), "{wait:?}");
     // a restarted too, before it recorded a flush: c's copy is the best there is.
     m.reconcile(&live(&[("a", 4), ("b", 3), ("c", 3)]));
     assert_eq!(replication::revival_source(&m, 0, "c", |_, _| 0), Ok(None));
@@ -411,9 +407,9 @@ fn the_old_holder_of_a_moving_slot_that_goes_down_keeps_its_copy_for_a_revival()
     let me = m.last_clean[&p].holders[0].0.clone();
     let before = |_: &str, _: u64| demoted_x - 1;
     let wait = replication::revival_source(&m, p, &me, before);
-    assert!(
-        wait.as_ref()
-            .is_err_and(|w| w.contains(&format!("waits for {x} (down)"))),
+    assert_eq!(
+        wait.as_ref().map_err(|w| w.to_string()),
+        Err(format!("PG {p} waits for {x} (down), which may hold acknowledged writes this node lost in its restart")),
         "{wait:?}"
     );
     // x is back, the same process: the PG is copied from it first.
@@ -444,11 +440,15 @@ fn a_lost_pg_stops_waiting_for_a_node_given_up_and_takes_the_best_copy_left() {
     m.reconcile(&live(&[("a", 1), ("c", 1)]));
     m.reconcile(&live(&[("c", 1)]));
     assert_eq!(m.health().down, PG_COUNT, "a had the only clean copy");
+    let up = m.give_up("c").unwrap_err();
+    assert_eq!(up, MapError::UpNotLost { name: "c".into() });
     assert_eq!(
-        m.give_up("c"),
-        Err("c is up, so it is not lost (torusctl peer remove drains a node out)".into())
+        up.to_string(),
+        "c is up, so it is not lost (torusctl peer remove drains a node out)"
     );
-    assert_eq!(m.give_up("e"), Err("no node named \"e\" in the map".into()));
+    let unknown = m.give_up("e").unwrap_err();
+    assert_eq!(unknown, MapError::NotInMap { name: "e".into() });
+    assert_eq!(unknown.to_string(), "no node named \"e\" in the map");
     // a will not come back: the PGs wait for b, demoted before the loss, instead.
     let epoch = m.epoch;
     let all: Vec<u32> = (0..PG_COUNT).collect();
@@ -580,6 +580,25 @@ fn a_drained_node_stays_out_until_it_restarts() {
 }
 
 #[test]
+fn a_removal_is_refused_saying_why_when_too_few_nodes_would_be_left() {
+    let mut m = ClusterMap::new(3);
+    m.reconcile(&live(&[("a", 1), ("b", 1), ("c", 1), ("d", 1)]));
+    let epoch = m.epoch;
+    assert_eq!(m.start_removing("d"), Ok(true));
+    assert_eq!(m.start_removing("d"), Ok(false), "being removed already");
+    assert_eq!(m.epoch, epoch + 1);
+    let refused = m.start_removing("c").unwrap_err();
+    assert_eq!(
+        refused.to_string(),
+        "removing \"c\" would leave 2 nodes for 3 replicas; add a node first"
+    );
+    let unknown = m.start_removing("e").unwrap_err();
+    assert_eq!(unknown.to_string(), "no node named \"e\" in the cluster");
+    assert_eq!(m.epoch, epoch + 1, "a refusal changes nothing");
+    assert!(!m.nodes["c"].removing);
+}
+
+#[test]
 fn the_time_a_node_went_down_is_kept_in_the_map_until_it_is_up_again() {
     let mut m = ClusterMap::new(3);
     let abcd = live(&[("a", 1), ("b", 1), ("c", 1), ("d", 1)]);
@@ -614,7 +633,8 @@ fn a_node_marked_out_gives_its_slots_to_the_others_and_comes_back_in() {
     m.reconcile(&abcd);
     all_clean(&mut m);
     let abc = live(&[("a", 1), ("b", 1), ("c", 1)]);
-    assert_eq!(m.mark_out("d"), Err("it is up".into()));
+    assert_eq!(m.mark_out("d"), Err(MapError::Up));
+    assert_eq!(MapError::Up.to_string(), "it is up");
     m.reconcile(&abc);
     assert!(m.health().degraded > 0, "d is down");
     let epoch = m.epoch;
@@ -642,10 +662,18 @@ fn a_node_marked_out_gives_its_slots_to_the_others_and_comes_back_in() {
     // Refused with too few nodes left, or when its copy may be the only good one.
     let mut three = clean_abc();
     three.reconcile(&live(&[("a", 1), ("b", 1)]));
-    assert!(three
-        .mark_out("c")
-        .unwrap_err()
-        .contains("2 nodes would be left"));
+    let too_few = three.mark_out("c").unwrap_err();
+    assert_eq!(
+        too_few,
+        MapError::MarkOutLeavesTooFew {
+            left: 2,
+            replicas: 3
+        }
+    );
+    assert_eq!(
+        too_few.to_string(),
+        "2 nodes would be left for 3 replicas; add a node"
+    );
     let mut m = ClusterMap::new(3);
     m.reconcile(&abcd);
     all_clean(&mut m);
@@ -653,10 +681,14 @@ fn a_node_marked_out_gives_its_slots_to_the_others_and_comes_back_in() {
     m.reconcile(&live(&[("a", 1), ("b", 2), ("c", 2)])); // b and c restarted: stale
     m.reconcile(&live(&[("b", 2), ("c", 2)])); // a down too
     let err = m.mark_out("d").unwrap_err();
-    assert!(err.contains("no other clean replica"), "{err}");
+    assert!(matches!(err, MapError::OnlyCleanCopy { .. }), "{err}");
+    assert!(
+        err.to_string().contains("has no other clean replica up"),
+        "{err}"
+    );
     assert_eq!(
         m.mark_out("e"),
-        Err("no node named \"e\" in the map".into())
+        Err(MapError::NotInMap { name: "e".into() })
     );
 }
 
