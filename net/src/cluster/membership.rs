@@ -8,7 +8,7 @@
 //! from data that missed writes.
 
 use super::status::NodeStats;
-use super::Cluster;
+use super::{Cluster, ClusterError};
 use crate::etcd::EtcdError;
 use crate::map::{ClusterMap, GiveUp};
 use crate::metadata::VolumeRecord;
@@ -198,28 +198,24 @@ impl Cluster {
         }
     }
 
-    /// Gives up on a node that is down for good (`ClusterMap::give_up`).
-    pub fn give_up_peer(&self, name: &str) -> Result<GiveUp, String> {
-        let mut out = Err(String::new());
-        let r = self.block_on(self.update_map(|m| {
+    /// Gives up on a node that is down for good (`ClusterMap::give_up`). etcd's failure is
+    /// said first, then the map's refusal.
+    pub fn give_up_peer(&self, name: &str) -> Result<GiveUp, ClusterError> {
+        let mut out = None;
+        self.block_on(self.update_map(|m| {
             let epoch = m.epoch;
-            match m.give_up(name) {
-                Ok(g) => {
-                    out = Ok(g);
-                    m.epoch != epoch
-                }
-                Err(w) => {
-                    out = Err(w.to_string());
-                    false
-                }
-            }
-        }));
-        r.map_err(|e| e.to_string())?;
-        out
+            let given_up = m.give_up(name);
+            let changed = given_up.is_ok() && m.epoch != epoch;
+            out = Some(given_up);
+            changed
+        }))?;
+        let given_up = out.expect("a map update that succeeds has run its change");
+        Ok(given_up?)
     }
 
-    /// Starts draining a node: its PGs move to the others, then it leaves the map.
-    pub fn remove_peer(&self, name: &str) -> Result<(), String> {
+    /// Starts draining a node: its PGs move to the others, then it leaves the map. The map's
+    /// refusal is said first, then etcd's failure.
+    pub fn remove_peer(&self, name: &str) -> Result<(), ClusterError> {
         let mut why = None;
         let r = self.block_on(self.update_map(|m| match m.start_removing(name) {
             Ok(changed) => changed,
@@ -229,8 +225,9 @@ impl Cluster {
             }
         }));
         if let Some(w) = why {
-            return Err(w.to_string());
+            return Err(w.into());
         }
-        r.map(|_| ()).map_err(|e| e.to_string())
+        r?;
+        Ok(())
     }
 }

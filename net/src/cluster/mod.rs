@@ -32,6 +32,8 @@
 //! - `recovery.rs`: catch-up, revival of lost PGs, letting go of PGs that moved away.
 //! - `scrub.rs`: a volume's copies here checked and compared with the other replicas.
 //! - `writer.rs`: a volume's writer lock and its fence; the pause for a snapshot.
+//! - `error.rs`: `ClusterError`, what goes wrong in all of the above but the data path (whose
+//!   outcomes are wire `Status` codes).
 //! - `handler.rs`: requests from other nodes.
 //! - `faults.rs` (with the `testing` feature only): fault switches `torusd-testing` reads.
 //! - `host.rs`: `Host`, what the cluster needs from its process (cores, store, links, tasks,
@@ -41,6 +43,7 @@
 
 mod data_path;
 mod durability;
+mod error;
 #[cfg(feature = "testing")]
 mod faults;
 mod handler;
@@ -53,6 +56,7 @@ mod status;
 mod store;
 mod writer;
 
+pub use error::ClusterError;
 pub use host::{wall_ms as now_ms, Host, Process};
 pub use scrub::ScrubReport;
 pub use status::{ClusterStatus, NodeStats, PeerView, Recovery};

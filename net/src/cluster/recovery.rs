@@ -8,7 +8,7 @@
 //! them alone (`copy_run`, `unmap_local`). A PG that comes back to this node after it was let
 //! go comes back stale and is caught up like any other, so nothing dropped is missed.
 
-use super::Cluster;
+use super::{Cluster, ClusterError};
 use crate::map::ClusterMap;
 use crate::peer::Outgoing;
 use crate::replication::{self, Wanted};
@@ -58,6 +58,7 @@ impl Cluster {
                         }
                     }
                     Err(why) => {
+                        let why = why.to_string();
                         let mut last = self.revival_wait.lock();
                         if *last != why {
                             self.host
@@ -114,7 +115,7 @@ impl Cluster {
         self: Arc<Self>,
         map: &ClusterMap,
         pgs: &[(u32, Vec<String>)],
-    ) -> Result<(), String> {
+    ) -> Result<(), ClusterError> {
         // The flushes recorded by this store's processes and by the other candidates'.
         let mut records = HashMap::new();
         records.insert(self.me.clone(), self.flushed_record.lock().clone());
@@ -136,9 +137,7 @@ impl Cluster {
         };
         let mut whole: BTreeMap<String, Vec<(u32, usize)>> = BTreeMap::new();
         for (pg, _) in pgs {
-            let source = replication::revival_source(map, *pg, &self.me, flushed)
-                .map_err(|e| e.to_string())?;
-            if let Some(source) = source {
+            if let Some(source) = replication::revival_source(map, *pg, &self.me, flushed)? {
                 let slot = map.slot_of(*pg, &self.me).unwrap_or(0);
                 whole.entry(source).or_default().push((*pg, slot));
             }
@@ -173,28 +172,30 @@ impl Cluster {
             }
         }
         if !self.flushed_here().await {
-            return Err("local flush failed".into());
+            return Err(ClusterError::LocalFlushFailed);
         }
         Ok(())
     }
 
     /// The flushes `node`'s processes recorded (`Cluster::flushed_record`), from etcd.
-    async fn flush_record_of(&self, node: &str) -> Result<Vec<(u64, u64)>, String> {
+    async fn flush_record_of(&self, node: &str) -> Result<Vec<(u64, u64)>, ClusterError> {
         let id = self
             .kv
             .get(&format!("ids/{node}"))
             .await
-            .map_err(|e| format!("reading the store id of {node}: {e}"))?;
+            .map_err(|source| ClusterError::ReadStoreId {
+                node: node.to_owned(),
+                source,
+            })?;
         let Some((id, _)) = id else {
             return Ok(Vec::new());
         };
         let key = format!("flushed/{}", String::from_utf8_lossy(&id));
         match self.kv.get(&key).await {
-            Err(e) => Err(format!("reading {key}: {e}")),
+            Err(source) => Err(ClusterError::ReadFlushRecord { key, source }),
             Ok(None) => Ok(Vec::new()),
-            Ok(Some((v, _))) => {
-                serde_json::from_slice(&v).map_err(|e| format!("{key} is not a flush record: {e}"))
-            }
+            Ok(Some((v, _))) => serde_json::from_slice(&v)
+                .map_err(|source| ClusterError::BadFlushRecord { key, source }),
         }
     }
 
@@ -204,7 +205,7 @@ impl Cluster {
         map: &ClusterMap,
         source: &str,
         pgs: &[(u32, usize)],
-    ) -> Result<(), String> {
+    ) -> Result<(), ClusterError> {
         let pg_count = map.pg_count as usize;
         let mut bitmap = vec![false; pg_count];
         {
@@ -221,7 +222,7 @@ impl Cluster {
         // and the PG marked clean without them.
         self.refresh_volumes()
             .await
-            .map_err(|e| format!("reading the volumes: {e}"))?;
+            .map_err(ClusterError::ReadVolumes)?;
         let volumes: HashMap<u32, u32> = self
             .volumes
             .read()
@@ -230,9 +231,10 @@ impl Cluster {
             .collect();
         let remote = self.list_remote(map, source, &bitmap).await?;
         if let Some(&(v, _, _)) = remote.iter().find(|(v, _, _)| !volumes.contains_key(v)) {
-            return Err(format!(
-                "{source} lists blocks of volume {v}, not known here yet"
-            ));
+            return Err(ClusterError::UnknownVolume {
+                node: source.to_owned(),
+                volume: v,
+            });
         }
         let wanted = Wanted::new(map, source, pgs, volumes);
         let local = self.list_local(&bitmap).await;
@@ -251,7 +253,7 @@ impl Cluster {
                 .clone()
                 .acquire_owned()
                 .await
-                .map_err(|e| e.to_string())?;
+                .expect("the semaphore is never closed");
             // Throttle: stay under the configured rate.
             let copied = self.recovery.lock().bytes_copied as f64;
             let allowed = self.cfg.recovery_rate as f64 * started.elapsed().as_secs_f64();
@@ -278,15 +280,18 @@ impl Cluster {
             let _ = t.await;
         }
         if failed.load(Ordering::Acquire) {
-            return Err("a read from the source failed".into());
+            return Err(ClusterError::SourceReadFailed);
         }
         for (v, b) in unmap {
             if !self.unmap_local(v, b).await {
-                return Err(format!("unmapping volume {v} block {b} failed"));
+                return Err(ClusterError::UnmapFailed {
+                    volume: v,
+                    block: b,
+                });
             }
         }
         if !self.flushed_here().await {
-            return Err("local flush failed".into());
+            return Err(ClusterError::LocalFlushFailed);
         }
         Ok(())
     }
@@ -301,9 +306,11 @@ impl Cluster {
         block: u64,
         n: u32,
         flags: u8,
-    ) -> Result<(), String> {
+    ) -> Result<(), ClusterError> {
         let pg = self.pg_of(volume, block * BLOCK_SIZE as u64);
-        let link = self.link(map, source, pg).ok_or("source left the map")?;
+        let link = self
+            .link(map, source, pg)
+            .ok_or(ClusterError::SourceLeftMap)?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         link.send(Outgoing {
             entry: Entry {
@@ -321,13 +328,13 @@ impl Cluster {
                 let _ = tx.send(r);
             }),
         });
-        let r = rx.await.map_err(|_| "link dropped")?;
+        let r = rx.await.map_err(|_| ClusterError::LinkDropped)?;
         if r.status != Status::Ok {
-            return Err(format!("status {}", r.status.as_u16()));
+            return Err(ClusterError::ReadStatus(r.status));
         }
-        let d = r.data.ok_or("no data")?;
+        let d = r.data.ok_or(ClusterError::NoData)?;
         if d.len != (n as usize) * BLOCK_SIZE {
-            return Err("short read".into());
+            return Err(ClusterError::ShortRead);
         }
         let mut waits = Vec::new();
         {
@@ -351,7 +358,7 @@ impl Cluster {
         }
         for w in waits {
             if !w.await.unwrap_or(false) {
-                return Err("local write failed".into());
+                return Err(ClusterError::LocalWriteFailed);
             }
         }
         let mut rec = self.recovery.lock();
@@ -365,7 +372,7 @@ impl Cluster {
         map: &ClusterMap,
         source: &str,
         bitmap: &[bool],
-    ) -> Result<Vec<(u32, u64, u32)>, String> {
+    ) -> Result<Vec<(u32, u64, u32)>, ClusterError> {
         self.list_remote_op(map, source, bitmap, Op::List).await
     }
 
@@ -377,8 +384,10 @@ impl Cluster {
         source: &str,
         bitmap: &[bool],
         op: Op,
-    ) -> Result<Vec<(u32, u64, u32)>, String> {
-        let link = self.link(map, source, 0).ok_or("source left the map")?;
+    ) -> Result<Vec<(u32, u64, u32)>, ClusterError> {
+        let link = self
+            .link(map, source, 0)
+            .ok_or(ClusterError::SourceLeftMap)?;
         let mut buf = AlignedBuf::zeroed(bitmap.len().div_ceil(4096) * 4096);
         for (i, &b) in bitmap.iter().enumerate() {
             buf[i] = b as u8;
@@ -401,16 +410,16 @@ impl Cluster {
                 let _ = tx.send(r);
             }),
         });
-        let r = rx.await.map_err(|_| "link dropped")?;
+        let r = rx.await.map_err(|_| ClusterError::LinkDropped)?;
         if r.status != Status::Ok {
-            return Err(format!("listing failed with status {}", r.status.as_u16()));
+            return Err(ClusterError::ListingStatus(r.status));
         }
         let Some(d) = r.data else {
             return Ok(Vec::new());
         };
         // A listing cut mid-entry is refused like any other malformed frame: the round that
         // asked for it fails and is tried again.
-        wire::decode_list(&d.buf[d.start..d.start + d.len]).map_err(|e| e.to_string())
+        Ok(wire::decode_list(&d.buf[d.start..d.start + d.len])?)
     }
 
     /// Unmaps one block here (it reads as zeroes) for a catch-up or a scrub, unless a write

@@ -7,7 +7,7 @@
 //! flight are answered (each by every replica), the point at which a snapshot is the same on
 //! every replica (`pause_writes`, then `resume_writes`).
 
-use super::Cluster;
+use super::{Cluster, ClusterError};
 use crate::etcd::EtcdError;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -54,12 +54,12 @@ impl Cluster {
     /// Takes the writer lock of a volume (one writing node per volume), waiting up to a lease
     /// for a holder that may have died. Its create revision is the fencing epoch that every
     /// write from this node carries from now on. Blocks: for torusd's threads.
-    pub fn acquire_writer(&self, volume: u32) -> Result<u64, String> {
+    pub fn acquire_writer(&self, volume: u32) -> Result<u64, ClusterError> {
         self.block_on(self.take_writer(volume))
     }
 
     /// `acquire_writer`, awaited.
-    pub async fn take_writer(&self, volume: u32) -> Result<u64, String> {
+    pub async fn take_writer(&self, volume: u32) -> Result<u64, ClusterError> {
         let deadline = Instant::now() + self.cfg.lease_ttl + Duration::from_secs(1);
         let key = format!("writers/{volume}");
         let mine = self.writer_value();
@@ -79,7 +79,7 @@ impl Cluster {
                         .await;
                     if let Err(e) = recorded {
                         let _ = self.kv.release(&key, mine).await;
-                        return Err(format!("cannot record the volume's writer epoch: {e}"));
+                        return Err(ClusterError::RecordWriterEpoch(e));
                     }
                     self.fence.lock().admit(volume, epoch as u64);
                     self.writing
@@ -97,19 +97,18 @@ impl Cluster {
                     // An earlier session's lock here, not released yet: this session takes
                     // it anew (a new create revision, so a new epoch).
                     if let Err(e) = self.kv.release(&key, holder).await {
-                        return Err(format!("cannot take the volume's writer lock: {e}"));
+                        return Err(ClusterError::TakeWriterLock(e));
                     }
                 }
                 Ok((holder, _)) => {
                     if Instant::now() >= deadline {
-                        return Err(format!(
-                            "volume is open for writing on node {}; a volume has one writing node at a time",
-                            holder_node(&holder)
-                        ));
+                        return Err(ClusterError::WriterElsewhere {
+                            node: holder_node(&holder),
+                        });
                     }
                     tokio::time::sleep(Duration::from_millis(250)).await;
                 }
-                Err(e) => return Err(format!("cannot take the volume's writer lock: {e}")),
+                Err(e) => return Err(ClusterError::TakeWriterLock(e)),
             }
         }
     }
@@ -133,10 +132,10 @@ impl Cluster {
     }
 
     /// The node holding `volume`'s writer lock, if any.
-    pub fn writer_holder(&self, volume: u32) -> Result<Option<String>, String> {
+    pub fn writer_holder(&self, volume: u32) -> Result<Option<String>, ClusterError> {
         let got = self
             .block_on(self.kv.get(&format!("writers/{volume}")))
-            .map_err(|e| format!("read the writer lock: {e}"))?;
+            .map_err(ClusterError::ReadWriterLock)?;
         Ok(got.map(|(v, _)| holder_node(&v)))
     }
 
@@ -164,15 +163,17 @@ impl Cluster {
     /// Holds back new writes to `volume` from this node and waits until those in flight are
     /// answered (each by every replica): the point at which a snapshot is the same on every
     /// replica. `resume_writes` must follow.
-    pub fn pause_writes(self: &Arc<Self>, volume: u32, limit: Duration) -> Result<(), String> {
+    pub fn pause_writes(
+        self: &Arc<Self>,
+        volume: u32,
+        limit: Duration,
+    ) -> Result<(), ClusterError> {
         self.pause.lock().paused.insert(volume);
         let deadline = Instant::now() + limit;
         while self.pause.lock().inflight.contains_key(&volume) {
             if Instant::now() > deadline {
                 self.resume_writes(volume);
-                return Err(format!(
-                    "writes to the volume did not drain within {limit:?}"
-                ));
+                return Err(ClusterError::WritesDidNotDrain { limit });
             }
             std::thread::sleep(Duration::from_millis(1));
         }

@@ -164,7 +164,7 @@ impl AttachPolicy for WriterPolicy {
                 "torusd: refused a connection to volume {}: {why}",
                 volume.name
             );
-            why
+            why.to_string()
         })
     }
     fn last(&self, volume: &Volume) {

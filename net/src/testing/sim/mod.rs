@@ -426,20 +426,20 @@ impl Sim {
         // A process that dies meanwhile never answers: the client gives up on it.
         let limit = LEASE_TTL + Duration::from_secs(2);
         let taken = tokio::time::timeout(limit, cluster.take_writer(VOLUME)).await;
-        match taken.unwrap_or_else(|_| Err("no answer".into())) {
-            Ok(epoch) => {
+        let why = match taken {
+            Ok(Ok(epoch)) => {
                 if !self.w.lock().alive(node, gen) {
                     return false;
                 }
                 self.log(format!("client attached to n{node} (writer epoch {epoch})"));
                 self.client.lock().at = Some((node, gen, cluster));
-                true
+                return true;
             }
-            Err(e) => {
-                self.log(format!("client: n{node}: {e}"));
-                false
-            }
-        }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "no answer".to_owned(),
+        };
+        self.log(format!("client: n{node}: {why}"));
+        false
     }
 
     async fn load(&self, until: Instant) {
@@ -598,6 +598,8 @@ impl Sim {
         // whose lease ran out meanwhile is caught up again): clean again before comparing.
         let settled = Instant::now();
         while !self.clean_everywhere() {
+            // A drain that ended meanwhile: that node is started again too.
+            self.restart_drained();
             if settled.elapsed() > CONVERGE_BOUND {
                 return Err(self.failure(format!(
                     "not clean {} s after the last writes: PGs {:?}",
