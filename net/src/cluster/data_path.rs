@@ -16,11 +16,11 @@
 
 use super::store::{clone_piece, deliver, sink};
 use super::Cluster;
+use crate::counted::Mutex;
 use crate::map::ClusterMap;
 use crate::peer::Outgoing;
 use crate::replication::{self, Route, Tally, WritePlan};
 use crate::wire::{self, Data, Entry, Op, Status};
-use parking_lot::Mutex;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;

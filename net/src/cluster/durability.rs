@@ -19,12 +19,12 @@
 use super::data_path::{REQUEST_DEADLINE, RETRY_DELAY};
 use super::store::{deliver, sink};
 use super::{Cluster, Host};
+use crate::counted::Mutex;
 use crate::etcd::EtcdError;
 use crate::kv::Kv;
 use crate::peer::{FlushRecorder, Outgoing};
 use crate::replication::{self, worse, Tally};
 use crate::wire::{Entry, Op, Status};
-use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};

@@ -61,6 +61,7 @@ pub use host::{wall_ms as now_ms, Host, Process};
 pub use scrub::ScrubReport;
 pub use status::{ClusterStatus, NodeStats, PeerView, Recovery};
 
+use crate::counted::{Mutex, RwLock};
 use crate::etcd::{Etcd, EtcdError};
 use crate::kv::Kv;
 use crate::map::{ClusterMap, NodeInfo};
@@ -70,7 +71,6 @@ use crate::replication::{self, Fence};
 use data_path::ClusterRouter;
 use durability::{flush_records, InFlight, Recorder};
 use handler::ClusterHandler;
-use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

@@ -5,7 +5,7 @@
 //! (`wire::Status`).
 
 use super::{Cluster, Host};
-use parking_lot::Mutex;
+use crate::counted::Mutex;
 use std::sync::Arc;
 use torus_engine::{
     BlockError, Completion, CompletionSink, Message, Output, Piece, PieceKind, ReplyTo, Sink,
