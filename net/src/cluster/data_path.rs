@@ -16,10 +16,9 @@
 
 use super::store::{clone_piece, deliver, sink};
 use super::Cluster;
-use crate::counted::Mutex;
 use crate::map::ClusterMap;
 use crate::peer::Outgoing;
-use crate::replication::{self, Route, Tally, WritePlan};
+use crate::replication::{self, Copies, Route, WritePlan};
 use crate::wire::{self, Data, Entry, Op, Status};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -123,24 +122,19 @@ impl Cluster {
         let volume = piece.volume;
         let is_write = matches!(piece.kind, PieceKind::Write { .. } | PieceKind::Zero { .. });
         let done: Done = if is_write {
-            let mut p = self.pause.lock();
-            if p.paused.contains(&volume) {
-                p.parked.push((piece, reply));
-                return;
-            }
-            *p.inflight.entry(volume).or_insert(0) += 1;
-            drop(p);
-            let me = self.clone();
-            Box::new(move |r| {
-                {
-                    let mut p = me.pause.lock();
-                    if let Some(n) = p.inflight.get_mut(&volume) {
-                        *n -= 1;
-                        if *n == 0 {
-                            p.inflight.remove(&volume);
-                        }
-                    }
+            // Counted in, then checked for a pause (see `WritesIn`).
+            let count = self.writes_in.counter(volume);
+            count.fetch_add(1, Ordering::SeqCst);
+            if self.writes_in.paused.load(Ordering::SeqCst) > 0 {
+                let mut p = self.pause.lock();
+                if p.paused.contains(&volume) {
+                    count.fetch_sub(1, Ordering::SeqCst);
+                    p.parked.push((piece, reply));
+                    return;
                 }
+            }
+            Box::new(move |r| {
+                count.fetch_sub(1, Ordering::SeqCst);
                 deliver(&*host, reply, r.map_err(BlockError::from))
             })
         } else {
@@ -356,7 +350,7 @@ impl Cluster {
         let admitted = replication::admit_write(
             epoch,
             epoch,
-            &mut self.fence.lock(),
+            &self.fence,
             req.piece.volume,
             Some(pg),
             req.writer,
@@ -376,24 +370,10 @@ impl Cluster {
         // block it has not copied yet): send what the primary holds after its own write.
         let read_back = plan.stale_target && is_partial(&req.piece) && !remote.is_empty();
         // The local write and one per remote replica.
-        let state = Arc::new(Mutex::new((Tally::new(remote.len() + 1), Some(req))));
-        let call: Arc<dyn Fn(Status) + Send + Sync> = {
+        let copies = Arc::new(Copies::new(remote.len() + 1, req));
+        let call = {
             let me = self.clone();
-            let state = state.clone();
-            Arc::new(move |s: Status| {
-                let mut st = state.lock();
-                let Some(worst) = st.0.add(s) else {
-                    return;
-                };
-                let req = st.1.take().expect("finished once");
-                drop(st);
-                me.inflight_done(epoch);
-                match worst {
-                    Status::Ok => (req.done)(Ok(Output::Done)),
-                    Status::Retry => me.retry_later(req),
-                    s => (req.done)(Err(s)),
-                }
-            })
+            move |s: Status| me.copy_answered(&copies, epoch, s)
         };
         let send_remote = {
             let me = self.clone();
@@ -489,6 +469,19 @@ impl Cluster {
         send_remote(&local_piece, &remote);
     }
 
+    /// One copy of a coordinated write answered; the last one answers the write.
+    fn copy_answered(self: &Arc<Self>, copies: &Copies<Request>, epoch: u64, s: Status) {
+        let Some((worst, req)) = copies.add(s) else {
+            return;
+        };
+        self.inflight_done(epoch);
+        match worst {
+            Status::Ok => (req.done)(Ok(Output::Done)),
+            Status::Retry => self.retry_later(req),
+            s => (req.done)(Err(s)),
+        }
+    }
+
     /// A coordinated local write: while its PG is being scrubbed here, the blocks it touches
     /// are remembered so the scrub does not overwrite them with a replica's older copy.
     fn send_local_tracked(&self, piece: Piece, epoch: u64, reply: ReplyTo) {
@@ -505,27 +498,29 @@ impl Cluster {
     }
 
     /// A replica write from a coordinator whose map had `epoch`, counted in flight under that
-    /// epoch by the caller (`enter_inflight`) until done.
-    pub(super) fn apply_replica(self: &Arc<Self>, piece: Piece, epoch: u64, reply: ReplyTo) {
+    /// epoch by the caller (`enter_inflight`) until done; `done` gets the store's answer.
+    pub(super) fn apply_replica(
+        self: &Arc<Self>,
+        piece: Piece,
+        epoch: u64,
+        done: impl FnOnce(Status) + Send + 'static,
+    ) {
         self.seen_epoch.fetch_max(epoch, Ordering::AcqRel);
         let me = self.clone();
         let reply = sink(move |c| {
             me.local_done(epoch);
             me.inflight_done(epoch);
-            match reply {
-                ReplyTo::Sink { sink, .. } => sink.0.complete(c),
-                other => deliver(&*me.host, other, c.output),
-            }
+            done(Status::of(&c.output))
         });
         let pg = self.pg_of(piece.volume, piece.offset);
         // A newer map than ours may already say we are stale: count as not clean.
         let clean = replication::replica_is_clean(
-            &self.map.read(),
+            &self.map.load(),
             epoch,
             pg,
             &self.me,
             self.incarnation,
-            self.recovering.lock().contains(&pg),
+            self.recovering.contains(pg),
         );
         if clean {
             return self.send_local(piece, reply);

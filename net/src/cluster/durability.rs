@@ -7,14 +7,16 @@
 //! (`replication::revival_source`). Flushes the peer layer starts when a connection closes
 //! are recorded too (`Recorder`).
 //!
-//! Writes in flight here are counted by the map epoch they started under (`enter_inflight`).
+//! Writes in flight here are counted by the map epoch they started under (`enter_inflight`,
+//! `inflight.rs`).
 //! Cut off from etcd past its lease, a node refuses writes under the maps it has seen
 //! (`write_floor`), waits for the local copies of those already in flight, flushes, and
 //! records on its own disk that the flush covers every write of those maps, for its next
 //! process to publish (`fence_cut_off`, `flush_records`).
 //!
 //! Invariant: a write the fence does not find in flight finds the floor (`enter_inflight`
-//! counts under one lock with the floor's setting).
+//! counts itself in before it reads the floor, the fence sets the floor before it reads what
+//! is in flight, all sequentially consistent).
 
 use super::data_path::{REQUEST_DEADLINE, RETRY_DELAY};
 use super::store::{deliver, sink};
@@ -25,7 +27,6 @@ use crate::kv::Kv;
 use crate::peer::{FlushRecorder, Outgoing};
 use crate::replication::{self, worse, Tally};
 use crate::wire::{Entry, Op, Status};
-use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -52,25 +53,6 @@ impl FlushRecorder for Recorder {
 }
 
 /// Writes in flight on a node, by the map epoch they started under.
-#[derive(Default)]
-pub(super) struct InFlight {
-    /// Until answered (coordinated: until every replica answered).
-    writes: BTreeMap<u64, u64>,
-    /// Until the local copy is done (`fence_cut_off` waits for these).
-    local: BTreeMap<u64, u64>,
-}
-
-fn count_down(counts: &mut BTreeMap<u64, u64>, epoch: u64) {
-    if let Some(n) = counts.get_mut(&epoch) {
-        *n -= 1;
-        if *n == 0 {
-            counts.remove(&epoch);
-        }
-    }
-}
-
-/// `record` (this store's flush records, by incarnation) with process `inc`'s at `epoch` at
-/// least, the oldest processes' dropped past `FLUSH_RECORDS_KEPT`.
 fn with_flush(mut record: Vec<(u64, u64)>, inc: u64, epoch: u64) -> Vec<(u64, u64)> {
     let epoch = record
         .iter()
@@ -165,27 +147,30 @@ impl Cluster {
     /// the fence does not find in flight finds the floor.
     /// Its local copy is counted too, until `local_done`.
     pub(super) fn enter_inflight(&self, epoch: u64) -> bool {
-        let mut inflight = self.inflight.lock();
-        if epoch < self.write_floor.load(Ordering::Acquire) {
+        // Counted in, then checked against the floor; `fence_cut_off` sets the floor, then
+        // looks at what is in flight. Both sequentially consistent: a write the fence does
+        // not find in flight finds the floor.
+        self.inflight.enter(epoch);
+        if epoch < self.write_floor.load(Ordering::SeqCst) {
+            self.inflight.local_done(epoch);
+            self.inflight.write_done(epoch);
             return false;
         }
-        *inflight.writes.entry(epoch).or_insert(0) += 1;
-        *inflight.local.entry(epoch).or_insert(0) += 1;
         true
     }
 
     pub(super) fn inflight_done(&self, epoch: u64) {
-        count_down(&mut self.inflight.lock().writes, epoch);
+        self.inflight.write_done(epoch);
     }
 
     /// The local copy of a write under map `epoch` is done (or will not be made).
     pub(super) fn local_done(&self, epoch: u64) {
-        count_down(&mut self.inflight.lock().local, epoch);
+        self.inflight.local_done(epoch);
     }
 
     /// The map epoch of the oldest write in flight here (coordinated or applied as a replica).
     pub(super) fn oldest_in_flight(&self) -> Option<u64> {
-        self.inflight.lock().writes.keys().next().copied()
+        self.inflight.oldest()
     }
 
     /// Flushes every node that is up, so every acknowledged write is durable on all of them.
@@ -319,21 +304,13 @@ impl Cluster {
         if self.write_floor.load(Ordering::Acquire) > seen {
             return;
         }
-        {
-            let _inflight = self.inflight.lock();
-            self.write_floor.fetch_max(seen + 1, Ordering::AcqRel);
-            let lease = self.lease.load(Ordering::Acquire);
-            self.fenced_lease.store(lease, Ordering::Release);
-        }
+        // See `enter_inflight`.
+        self.write_floor.fetch_max(seen + 1, Ordering::SeqCst);
+        let lease = self.lease.load(Ordering::Acquire);
+        self.fenced_lease.store(lease, Ordering::Release);
         // Writes admitted before the floor may still be on their way to the disk.
         let deadline = Instant::now() + self.cfg.lease_ttl;
-        while self
-            .inflight
-            .lock()
-            .local
-            .first_key_value()
-            .is_some_and(|(&e, _)| e <= seen)
-        {
+        while self.inflight.oldest_local().is_some_and(|e| e <= seen) {
             if Instant::now() >= deadline {
                 self.host.log(&format!("cut off from etcd past the lease: refusing writes under map {seen} and older; local writes still in flight, so no flush is recorded on disk"));
                 return;

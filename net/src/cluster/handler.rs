@@ -84,7 +84,7 @@ impl Handler for ClusterHandler {
                 let admitted = replication::admit_write(
                     map_epoch,
                     e.epoch,
-                    &mut c.fence.lock(),
+                    &c.fence,
                     e.volume,
                     Some(pg),
                     e.writer,
@@ -107,11 +107,7 @@ impl Handler for ClusterHandler {
                     },
                     None => PieceKind::Zero { fua },
                 };
-                c.apply_replica(
-                    piece_of(kind),
-                    e.epoch,
-                    sink(move |done| respond.reply(Status::of(&done.output), None)),
-                );
+                c.apply_replica(piece_of(kind), e.epoch, move |s| respond.reply(s, None));
             }
             Op::Read | Op::Status => {
                 if let Err(s) = c.validate(&e, &data) {
@@ -155,7 +151,7 @@ impl Handler for ClusterHandler {
                     return respond.reply(Status::Retry, None);
                 }
                 let is_write = matches!(op, Op::CWrite | Op::CZero);
-                if is_write && !c.fence.lock().admit(e.volume, e.writer) {
+                if is_write && !c.fence.admit(e.volume, e.writer) {
                     return respond.reply(Status::Fenced, None);
                 }
                 let kind = match op {
@@ -192,7 +188,11 @@ fn replica_drops_this_write() -> bool {
 }
 
 impl Cluster {
-    fn validate(self: &Arc<Self>, e: &Entry, data: &Option<Data>) -> Result<VolumeRecord, Status> {
+    fn validate(
+        self: &Arc<Self>,
+        e: &Entry,
+        data: &Option<Data>,
+    ) -> Result<Arc<VolumeRecord>, Status> {
         let Some(vol) = self.volume(e.volume) else {
             // Perhaps created a moment ago: look again; the sender asks again meanwhile.
             let me = self.clone();

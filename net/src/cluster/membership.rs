@@ -30,20 +30,23 @@ impl Cluster {
     /// renews its lease before it fetches the map that says it is down; until then its old
     /// map would have it serve reads from data that missed writes.)
     pub(super) fn lease_fresh(&self) -> bool {
-        let limit = self.cfg.lease_ttl.mul_f64(0.8);
-        self.lease_ok.lock().elapsed() < limit && self.map_ok.lock().elapsed() < limit
+        let limit = self.cfg.lease_ttl.mul_f64(0.8).as_nanos() as u64;
+        let now = self.since_born(Instant::now());
+        let fresh = |at: &AtomicU64| now.saturating_sub(at.load(Ordering::Acquire)) < limit;
+        fresh(&self.lease_ok) && fresh(&self.map_ok)
     }
 
     pub(super) async fn refresh_volumes(&self) -> Result<(), EtcdError> {
         let list = self.kv.volumes().await?;
-        let changed = {
-            let mut v = self.volumes.write();
-            let new: BTreeMap<u32, VolumeRecord> =
-                list.volumes.iter().map(|r| (r.id, r.clone())).collect();
-            let changed = *v != new;
-            *v = new;
-            changed
-        };
+        let new: BTreeMap<u32, Arc<VolumeRecord>> = list
+            .volumes
+            .iter()
+            .map(|r| (r.id, Arc::new(r.clone())))
+            .collect();
+        let changed = **self.volumes.load() != new;
+        if changed {
+            self.volumes.store(Arc::new(new));
+        }
         if changed {
             let local = self.local.clone();
             self.host
@@ -70,12 +73,16 @@ impl Cluster {
             let lease = self.lease.load(Ordering::Acquire) as i64;
             let sent = Instant::now();
             let renewed = matches!(self.kv.keep_alive_once(lease).await, Ok(true));
-            if !renewed && self.lease_ok.lock().elapsed() >= self.cfg.lease_ttl {
+            let lease_age = self
+                .since_born(Instant::now())
+                .saturating_sub(self.lease_ok.load(Ordering::Acquire));
+            if !renewed && lease_age >= self.cfg.lease_ttl.as_nanos() as u64 {
                 self.fence_cut_off().await;
             }
             if renewed {
                 self.lift_cut_off_fence();
-                *self.lease_ok.lock() = sent;
+                self.lease_ok
+                    .fetch_max(self.since_born(sent), Ordering::AcqRel);
             } else if let Ok(None) = self.kv.get(&format!("nodes/{}", self.me)).await {
                 // etcd answers but our key is gone: the lease expired while we were cut off,
                 // and the others took us out. Register again; we come back stale and catch up.
@@ -87,7 +94,8 @@ impl Cluster {
                     let info = serde_json::to_vec(&self.info).expect("json");
                     if self.kv.put(&key, info, Some(l)).await.is_ok() {
                         self.lease.store(l as u64, Ordering::Release);
-                        *self.lease_ok.lock() = Instant::now();
+                        self.lease_ok
+                            .fetch_max(self.since_born(Instant::now()), Ordering::AcqRel);
                     }
                 }
             }
@@ -118,14 +126,16 @@ impl Cluster {
     }
 
     pub(super) fn install_map(&self, map: ClusterMap) {
-        let mut cur = self.map.write();
+        let install = self.map_install.lock();
+        let cur = self.map.load();
         let newer = map.epoch > cur.epoch;
         let lost = newer && replication::lost_a_node(&cur, &map);
+        drop(cur);
         if newer {
             self.seen_epoch.fetch_max(map.epoch, Ordering::AcqRel);
-            *cur = Arc::new(map);
+            self.map.store(Arc::new(map));
         }
-        drop(cur);
+        drop(install);
         if lost {
             let host = self.host.clone();
             self.flush_local(Box::new(move |s| {
@@ -151,14 +161,15 @@ impl Cluster {
             // under this map, instead of waiting for the link's timeout (a stopped or cut-off
             // node keeps its TCP connections open).
             let map = self.map();
-            let mut links = self.links.lock();
-            let gone: Vec<String> = links.keys().filter(|n| !map.up(n)).cloned().collect();
-            for node in gone {
-                for link in links
-                    .remove(&node)
-                    .into_iter()
-                    .flat_map(|l| l.into_values())
-                {
+            let _change = self.links_change.lock();
+            let current = self.links.load_full();
+            if current.keys().any(|n| !map.up(n)) {
+                let (gone, kept): (BTreeMap<_, _>, BTreeMap<_, _>) = current
+                    .iter()
+                    .map(|(n, l)| (n.clone(), l.clone()))
+                    .partition(|(n, _)| !map.up(n));
+                self.links.store(Arc::new(kept));
+                for link in gone.into_values().flat_map(|l| l.into_values()) {
                     link.close();
                 }
             }
@@ -167,7 +178,7 @@ impl Cluster {
         // them when this node was down in a map since they were recorded (it missed writes:
         // a block it holds is not newer than its source's just because it was written here).
         let map = self.map();
-        let recovering = self.recovering.lock().clone();
+        let recovering = self.recovering.to_set();
         let names_me = replication::names_me(&map, &self.me, self.incarnation);
         let (up_since, after_break) = map
             .nodes
@@ -192,7 +203,8 @@ impl Cluster {
             let sent = Instant::now();
             if let Ok((Some(map), _)) = self.kv.map().await {
                 self.install_map(map);
-                *self.map_ok.lock() = sent;
+                self.map_ok
+                    .fetch_max(self.since_born(sent), Ordering::AcqRel);
             }
             tokio::time::sleep(MAP_POLL).await;
         }

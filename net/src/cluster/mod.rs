@@ -48,8 +48,10 @@ mod error;
 mod faults;
 mod handler;
 mod host;
+mod inflight;
 mod leader;
 mod membership;
+mod pg_set;
 mod recovery;
 mod scrub;
 mod status;
@@ -61,16 +63,19 @@ pub use host::{wall_ms as now_ms, Host, Process};
 pub use scrub::ScrubReport;
 pub use status::{ClusterStatus, NodeStats, PeerView, Recovery};
 
-use crate::counted::{Mutex, RwLock};
+use crate::counted::Mutex;
 use crate::etcd::{Etcd, EtcdError};
 use crate::kv::Kv;
 use crate::map::{ClusterMap, NodeInfo};
 use crate::metadata::VolumeRecord;
 use crate::peer::{self, FlushRecorder, Handler, PeerLink};
 use crate::replication::{self, Fence};
+use arc_swap::ArcSwap;
 use data_path::ClusterRouter;
-use durability::{flush_records, InFlight, Recorder};
+use durability::{flush_records, Recorder};
 use handler::ClusterHandler;
+use inflight::InFlight;
+use pg_set::PgSet;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -78,7 +83,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use torus_engine::layout::placement_group;
 use torus_engine::{Router, Shared, CHUNK_SIZE};
-use writer::Pause;
+use writer::{Pause, WritesIn};
 
 /// Blocks (volume, block) of one PG written while it was not clean here, with the map epoch
 /// of each write.
@@ -126,19 +131,30 @@ pub struct Cluster {
     rt: std::sync::OnceLock<tokio::runtime::Handle>,
     local: Arc<dyn Local>,
     info: NodeInfo,
-    map: RwLock<Arc<ClusterMap>>,
-    volumes: RwLock<BTreeMap<u32, VolumeRecord>>,
-    /// Links by node, then by the node's core.
-    links: Mutex<Links>,
+    /// The map and the volume table: snapshots, read without a lock and replaced whole
+    /// (`install_map` one at a time, under `map_install`; `refresh_volumes`).
+    map: ArcSwap<ClusterMap>,
+    map_install: Mutex<()>,
+    volumes: ArcSwap<BTreeMap<u32, Arc<VolumeRecord>>>,
+    /// Links by node, then by the node's core: a snapshot, replaced (under `links_change`)
+    /// when a link is opened or closed.
+    links: ArcSwap<Links>,
+    links_change: Mutex<()>,
     lease: AtomicU64,
-    lease_ok: Mutex<Instant>,
-    /// When the last map fetch that succeeded was sent (see `lease_fresh`).
-    map_ok: Mutex<Instant>,
+    /// When the last keep-alive that succeeded was sent, in nanoseconds since `born` (see
+    /// `lease_fresh`).
+    lease_ok: AtomicU64,
+    /// When the last map fetch that succeeded was sent, the same way.
+    map_ok: AtomicU64,
+    /// When this process joined: the base of `lease_ok` and `map_ok`.
+    born: Instant,
     /// Highest writer epoch seen per volume; older writers are fenced.
-    fence: Mutex<Fence>,
+    fence: Fence,
     /// Writer locks this node holds: volume → epoch
     /// (its epoch, and the lock's value this session took it with).
     writing: Mutex<BTreeMap<u32, (u64, Vec<u8>)>>,
+    /// The epochs of `writing`, as a snapshot for the data path (replaced with `writing`).
+    writer_epochs: ArcSwap<BTreeMap<u32, u64>>,
     /// Sessions of the writer lock this process has started (`writer_value`).
     writer_sessions: AtomicU64,
     /// Blocks written by replica writes while this node is not clean for their PG: catch-up
@@ -149,9 +165,10 @@ pub struct Cluster {
     /// Since when the dirty blocks are valid (see `replication::DirtyEpochs`).
     dirty_epochs: Mutex<replication::DirtyEpochs>,
     /// Writes in flight here (coordinated or applied as a replica; `enter_inflight`).
-    inflight: Mutex<InFlight>,
+    inflight: InFlight,
     recovery: Mutex<Recovery>,
-    recovering: Mutex<BTreeSet<u32>>,
+    /// PGs being caught up or scrubbed here.
+    recovering: PgSet,
     repaired_reads: AtomicU64,
     stopping: AtomicBool,
     /// As leader: nodes whose marking out was refused (said once).
@@ -160,6 +177,7 @@ pub struct Cluster {
     let_go: Mutex<BTreeSet<u32>>,
     /// Writes held back while a snapshot of their volume is taken.
     pause: Mutex<Pause>,
+    writes_in: WritesIn,
     /// The newest map epoch this process has seen (installed, or in a write it applied), and
     /// the newest one a flush of it is recorded at in etcd (`flush_local`; its entry in
     /// `flushed_record`, kept apart as an atomic for the check every flush makes). The record
@@ -287,6 +305,8 @@ impl Cluster {
                 ),
             });
         }
+        let pg_count = host.pg_count();
+        let fence = Fence::new(pg_count);
         let cluster = Arc::new(Cluster {
             me: cfg.node_name.clone(),
             cfg,
@@ -296,25 +316,30 @@ impl Cluster {
             rt: std::sync::OnceLock::new(),
             local,
             info,
-            map: RwLock::new(Arc::new(map)),
-            volumes: RwLock::new(BTreeMap::new()),
-            links: Mutex::new(BTreeMap::new()),
+            map: ArcSwap::from_pointee(map),
+            map_install: Mutex::new(()),
+            volumes: ArcSwap::from_pointee(BTreeMap::new()),
+            links: ArcSwap::from_pointee(BTreeMap::new()),
+            links_change: Mutex::new(()),
             lease: AtomicU64::new(lease as u64),
-            lease_ok: Mutex::new(Instant::now()),
-            map_ok: Mutex::new(Instant::now()),
-            fence: Mutex::new(Fence::default()),
+            lease_ok: AtomicU64::new(0),
+            map_ok: AtomicU64::new(0),
+            born: Instant::now(),
+            fence,
             writing: Mutex::new(BTreeMap::new()),
+            writer_epochs: ArcSwap::from_pointee(BTreeMap::new()),
             writer_sessions: AtomicU64::new(0),
             dirty: Mutex::new(BTreeMap::new()),
             dirty_epochs: Mutex::new(replication::DirtyEpochs::default()),
-            inflight: Mutex::new(InFlight::default()),
+            inflight: InFlight::default(),
             recovery: Mutex::new(Recovery::default()),
-            recovering: Mutex::new(BTreeSet::new()),
+            recovering: PgSet::new(pg_count),
             repaired_reads: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
             out_refused: Mutex::new(BTreeSet::new()),
             let_go: Mutex::new(BTreeSet::new()),
             pause: Mutex::new(Pause::default()),
+            writes_in: WritesIn::default(),
             seen_epoch: AtomicU64::new(0),
             flushed_epoch: AtomicU64::new(0),
             flushed_key,
@@ -371,11 +396,16 @@ impl Cluster {
     }
 
     pub fn map(&self) -> Arc<ClusterMap> {
-        self.map.read().clone()
+        self.map.load_full()
     }
 
-    fn volume(&self, id: u32) -> Option<VolumeRecord> {
-        self.volumes.read().get(&id).cloned()
+    fn volume(&self, id: u32) -> Option<Arc<VolumeRecord>> {
+        self.volumes.load().get(&id).cloned()
+    }
+
+    /// Nanoseconds from `born` to `t` (0 for an instant before it).
+    fn since_born(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.born).as_nanos() as u64
     }
 
     fn pg_of(&self, volume: u32, offset: u64) -> u32 {
@@ -385,11 +415,22 @@ impl Cluster {
     fn link(&self, map: &ClusterMap, node: &str, pg: u32) -> Option<Arc<dyn PeerLink>> {
         let n = map.nodes.get(node)?;
         let core = pg % n.info.cores.max(1);
-        let mut links = self.links.lock();
-        if let Some(l) = links.get(node).and_then(|by_core| by_core.get(&core)) {
-            if !l.dead() && l.addr() == n.info.peer_addr {
-                return Some(l.clone());
-            }
+        let usable = |links: &Links| {
+            links
+                .get(node)
+                .and_then(|by_core| by_core.get(&core))
+                .filter(|l| !l.dead() && l.addr() == n.info.peer_addr)
+                .cloned()
+        };
+        if let Some(l) = usable(&self.links.load()) {
+            return Some(l);
+        }
+        let _change = self.links_change.lock();
+        let current = self.links.load_full();
+        if let Some(l) = usable(&current) {
+            return Some(l);
+        }
+        if let Some(l) = current.get(node).and_then(|by_core| by_core.get(&core)) {
             // The node came back listening elsewhere (restarted with another --peer-listen):
             // its old link would go on dialing the old address.
             l.close();
@@ -397,10 +438,11 @@ impl Cluster {
         let l = self
             .host
             .link(&n.info.peer_addr, &self.me, core, self.recorder());
-        links
-            .entry(node.to_owned())
+        let mut next = (*current).clone();
+        next.entry(node.to_owned())
             .or_default()
             .insert(core, l.clone());
+        self.links.store(Arc::new(next));
         Some(l)
     }
 

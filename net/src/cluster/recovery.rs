@@ -98,9 +98,8 @@ impl Cluster {
                     .host
                     .log(&format!("catch-up from {source}: {why}; retrying")),
             }
-            let mut rec = self.recovering.lock();
             for (pg, _) in &pgs {
-                rec.remove(pg);
+                self.recovering.remove(*pg);
             }
         }
     }
@@ -148,11 +147,9 @@ impl Cluster {
                 list.len()
             ));
             let done = self.clone().catch_up(map, source, list).await;
-            let mut rec = self.recovering.lock();
             for (pg, _) in list {
-                rec.remove(pg);
+                self.recovering.remove(*pg);
             }
-            drop(rec);
             done?;
         }
         let mut by_source: BTreeMap<&str, Vec<bool>> = BTreeMap::new();
@@ -209,11 +206,10 @@ impl Cluster {
         let pg_count = map.pg_count as usize;
         let mut bitmap = vec![false; pg_count];
         {
-            let mut rec = self.recovering.lock();
             let mut dirty = self.dirty.lock();
             for (pg, _) in pgs {
                 bitmap[*pg as usize] = true;
-                rec.insert(*pg);
+                self.recovering.insert(*pg);
                 dirty.entry(*pg).or_default();
             }
         }
@@ -225,7 +221,7 @@ impl Cluster {
             .map_err(ClusterError::ReadVolumes)?;
         let volumes: HashMap<u32, u32> = self
             .volumes
-            .read()
+            .load()
             .values()
             .map(|v| (v.id, v.replicas))
             .collect();

@@ -49,7 +49,6 @@ impl Cluster {
         let mut bitmap = vec![false; pg_count];
         let mut pgs = Vec::new();
         {
-            let mut rec = self.recovering.lock();
             let mut dirty = self.dirty.lock();
             let mut busy = 0;
             let mut not_clean = 0;
@@ -59,11 +58,10 @@ impl Cluster {
                 }
                 if !map.clean_holder(pg, vol.replicas, &self.me) {
                     not_clean += 1;
-                } else if rec.contains(&pg) {
+                } else if !self.recovering.insert(pg) {
                     busy += 1;
                 } else {
                     bitmap[pg as usize] = true;
-                    rec.insert(pg);
                     dirty.entry(pg).or_default();
                     pgs.push(pg);
                 }
@@ -142,9 +140,8 @@ impl Cluster {
                 .problems
                 .push("flush after the repairs failed".into());
         }
-        let mut rec = self.recovering.lock();
         for pg in pgs {
-            rec.remove(&pg);
+            self.recovering.remove(pg);
         }
         report
     }

@@ -8,21 +8,54 @@
 //! every replica (`pause_writes`, then `resume_writes`).
 
 use super::{Cluster, ClusterError};
+use crate::counted::Mutex;
 use crate::etcd::EtcdError;
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::Ordering;
+use arc_swap::ArcSwap;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 use torus_engine::{Piece, ReplyTo};
 
-/// Volumes whose new writes wait (a snapshot is being taken), and the writes each volume has
-/// in flight from this node's frontends.
+/// Volumes whose new writes wait (a snapshot is being taken), and the writes waiting.
 #[derive(Default)]
 pub(super) struct Pause {
     pub(super) paused: HashSet<u32>,
-    pub(super) inflight: HashMap<u32, u64>,
     pub(super) parked: Vec<(Piece, ReplyTo)>,
+}
+
+/// The writes each volume has in flight from this node's frontends, a counter per volume read
+/// without a lock (the table is a snapshot, replaced under `adding` for a volume's first
+/// write), and how many volumes are paused: while none is, a write passes without a lock.
+///
+/// A write counts itself in, then looks at `paused`; a pause marks its volume paused, then
+/// waits for the count to reach zero. Both are sequentially consistent, so either the write
+/// sees the pause (and waits, parked) or the pause sees the write (and waits for it).
+#[derive(Default)]
+pub(super) struct WritesIn {
+    counts: ArcSwap<HashMap<u32, Arc<AtomicU64>>>,
+    adding: Mutex<()>,
+    pub(super) paused: AtomicUsize,
+}
+
+impl WritesIn {
+    /// `volume`'s counter (made on its first write).
+    pub(super) fn counter(&self, volume: u32) -> Arc<AtomicU64> {
+        if let Some(c) = self.counts.load().get(&volume) {
+            return c.clone();
+        }
+        let _adding = self.adding.lock();
+        let current = self.counts.load_full();
+        if let Some(c) = current.get(&volume) {
+            return c.clone();
+        }
+        let c = Arc::new(AtomicU64::new(0));
+        let mut next = (*current).clone();
+        next.insert(volume, c.clone());
+        self.counts.store(Arc::new(next));
+        c
+    }
 }
 
 /// The node named by a writer lock's value (`writer_value`: "NODE LEASE").
@@ -34,7 +67,13 @@ fn holder_node(value: &[u8]) -> String {
 impl Cluster {
     /// The epoch of the writer lock this node holds on `volume` (0: none).
     pub(super) fn writer_epoch(&self, volume: u32) -> u64 {
-        self.writing.lock().get(&volume).map_or(0, |w| w.0)
+        self.writer_epochs.load().get(&volume).copied().unwrap_or(0)
+    }
+
+    /// `writer_epochs` from `writing` (called with it locked, after every change).
+    fn publish_writers(&self, writing: &BTreeMap<u32, (u64, Vec<u8>)>) {
+        let epochs = writing.iter().map(|(v, (e, _))| (*v, *e)).collect();
+        self.writer_epochs.store(Arc::new(epochs));
     }
 
     /// The writer lock's value for a new session of this node: "NODE LEASE SESSION". Each
@@ -81,10 +120,10 @@ impl Cluster {
                         let _ = self.kv.release(&key, mine).await;
                         return Err(ClusterError::RecordWriterEpoch(e));
                     }
-                    self.fence.lock().admit(volume, epoch as u64);
-                    self.writing
-                        .lock()
-                        .insert(volume, (epoch as u64, mine.clone()));
+                    self.fence.admit(volume, epoch as u64);
+                    let mut writing = self.writing.lock();
+                    writing.insert(volume, (epoch as u64, mine.clone()));
+                    self.publish_writers(&writing);
                     return Ok(epoch as u64);
                 }
                 Ok((holder, _)) if holder_node(&holder) == self.me => {
@@ -121,7 +160,13 @@ impl Cluster {
 
     /// `release_writer`, awaited.
     pub async fn give_up_writer(&self, volume: u32) {
-        let Some((_, value)) = self.writing.lock().remove(&volume) else {
+        let removed = {
+            let mut writing = self.writing.lock();
+            let removed = writing.remove(&volume);
+            self.publish_writers(&writing);
+            removed
+        };
+        let Some((_, value)) = removed else {
             return;
         };
         let _ = tokio::time::timeout(
@@ -145,7 +190,7 @@ impl Cluster {
     pub(super) async fn load_fences(&self) -> Result<(), EtcdError> {
         let recorded = self.kv.list("fence/").await?;
         let held = self.kv.list("writers/").await?;
-        let mut fence = self.fence.lock();
+        let fence = &self.fence;
         for (k, v, _) in recorded {
             let epoch = String::from_utf8_lossy(&v).parse::<u64>().ok();
             if let (Ok(volume), Some(epoch)) = (k.parse::<u32>(), epoch) {
@@ -168,9 +213,15 @@ impl Cluster {
         volume: u32,
         limit: Duration,
     ) -> Result<(), ClusterError> {
-        self.pause.lock().paused.insert(volume);
+        {
+            let mut p = self.pause.lock();
+            if p.paused.insert(volume) {
+                self.writes_in.paused.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let count = self.writes_in.counter(volume);
         let deadline = Instant::now() + limit;
-        while self.pause.lock().inflight.contains_key(&volume) {
+        while count.load(Ordering::SeqCst) > 0 {
             if Instant::now() > deadline {
                 self.resume_writes(volume);
                 return Err(ClusterError::WritesDidNotDrain { limit });
@@ -183,7 +234,9 @@ impl Cluster {
     pub fn resume_writes(self: &Arc<Self>, volume: u32) {
         let parked: Vec<(Piece, ReplyTo)> = {
             let mut p = self.pause.lock();
-            p.paused.remove(&volume);
+            if p.paused.remove(&volume) {
+                self.writes_in.paused.fetch_sub(1, Ordering::SeqCst);
+            }
             let (mine, rest) = std::mem::take(&mut p.parked)
                 .into_iter()
                 .partition(|(piece, _)| piece.volume == volume);

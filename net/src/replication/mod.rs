@@ -4,8 +4,10 @@
 //!
 //! - `route`: who decides a piece (this node, the PG's primary, or nobody yet);
 //! - `write_plan`: which nodes must have a write before it is acknowledged;
-//! - `Tally`: one write's outcome from its copies' answers;
-//! - `admit_replica_write` and `Fence`: what a replica refuses (an older map, a fenced writer);
+//! - `Tally`: one write's outcome from its copies' answers (`Copies`: the same without a
+//!   lock, for answers arriving on any thread);
+//! - `admit_write` and `Fence` (`fence.rs`): what a replica refuses (an older map, a fenced
+//!   writer);
 //! - `replica_is_clean`: whether a replica's write must be remembered as dirty so catch-up
 //!   leaves it alone;
 //! - `list_ready`: when a catch-up listing may be answered (no write of an older map still in
@@ -14,6 +16,12 @@
 //!   replica copies, unmaps and skips;
 //! - `revival_source`: where a restarted last clean holder of a lost PG copies it from, or
 //!   what it waits for (`RevivalWait`).
+
+mod copies;
+mod fence;
+
+pub use copies::Copies;
+pub use fence::{admit_write, Fence};
 
 use crate::map::{min_size, ClusterMap, SlotState, Targets};
 use crate::wire::Status;
@@ -139,54 +147,6 @@ impl Tally {
         self.remaining = self.remaining.checked_sub(1)?;
         (self.remaining == 0).then_some(self.worst)
     }
-}
-
-/// What a node has seen of the writes it applied: the highest writer epoch per volume (a write
-/// carrying a lower one comes from a writer that has been replaced, and is refused) and the
-/// highest map epoch per PG (a copy coordinated under an older map than one already applied
-/// here may have been overtaken by a newer write of another coordinator, and is refused).
-#[derive(Debug, Default)]
-pub struct Fence {
-    writers: HashMap<u32, u64>,
-    pgs: HashMap<u32, u64>,
-}
-
-impl Fence {
-    /// True when `writer` may write `volume` (and remembers it as the newest seen).
-    pub fn admit(&mut self, volume: u32, writer: u64) -> bool {
-        let seen = self.writers.entry(volume).or_insert(0);
-        if writer < *seen {
-            return false;
-        }
-        *seen = writer;
-        true
-    }
-}
-
-/// What a node answers a write sent under map `epoch`: an older map than this node's, or than
-/// a write of the same PG applied here (`pg`, for a copy about to be applied), means the
-/// sender may have been cut off or overtaken since, so it asks again with a fresh map; a
-/// replaced writer is fenced. Under one map a PG's writes have one coordinator, whose
-/// connections keep their order, so these two checks order every copy a replica applies.
-pub fn admit_write(
-    map_epoch: u64,
-    epoch: u64,
-    fence: &mut Fence,
-    volume: u32,
-    pg: Option<u32>,
-    writer: u64,
-) -> Result<(), Status> {
-    let seen = pg.map_or(0, |pg| fence.pgs.get(&pg).copied().unwrap_or(0));
-    if epoch < map_epoch.max(seen) {
-        return Err(Status::Retry);
-    }
-    if !fence.admit(volume, writer) {
-        return Err(Status::Fenced);
-    }
-    if let Some(pg) = pg {
-        fence.pgs.insert(pg, epoch);
-    }
-    Ok(())
 }
 
 /// Whether `map` knows this process (`incarnation`): a process restarted before the leader
@@ -579,21 +539,6 @@ mod tests {
         assert_eq!(t.add(Status::Retry), None);
         assert_eq!(t.add(Status::Eio), Some(Status::Eio));
         assert_eq!(t.add(Status::Ok), None, "an extra answer is ignored");
-    }
-
-    #[test]
-    fn fence_refuses_an_older_writer() {
-        let mut f = Fence::default();
-        assert!(f.admit(1, 5));
-        assert!(f.admit(1, 5));
-        assert!(!f.admit(1, 4));
-        assert!(f.admit(2, 1), "per volume");
-        assert_eq!(admit_write(3, 2, &mut f, 1, None, 6), Err(Status::Retry));
-        assert_eq!(admit_write(3, 3, &mut f, 1, None, 4), Err(Status::Fenced));
-        assert_eq!(admit_write(3, 4, &mut f, 1, Some(7), 6), Ok(()));
-        // A copy of PG 7 coordinated under map 3 after one under map 4 was applied here.
-        assert_eq!(admit_write(3, 3, &mut f, 1, Some(7), 6), Err(Status::Retry));
-        assert_eq!(admit_write(3, 3, &mut f, 1, Some(8), 6), Ok(()), "per PG");
     }
 
     #[test]
