@@ -6,6 +6,7 @@
 
 pub mod cluster;
 pub mod counted;
+pub mod counter_table;
 /// etcd, the cluster's metadata store (`kv::etcd`).
 pub use kv::etcd;
 pub mod kv;

@@ -123,7 +123,7 @@ impl Cluster {
         let is_write = matches!(piece.kind, PieceKind::Write { .. } | PieceKind::Zero { .. });
         let done: Done = if is_write {
             // Counted in, then checked for a pause (see `WritesIn`).
-            let count = self.writes_in.counter(volume);
+            let count = self.writes_in.counts.get(volume);
             count.fetch_add(1, Ordering::SeqCst);
             if self.writes_in.paused.load(Ordering::SeqCst) > 0 {
                 let mut p = self.pause.lock();

@@ -21,11 +21,10 @@
 use super::data_path::{REQUEST_DEADLINE, RETRY_DELAY};
 use super::store::{deliver, sink};
 use super::{Cluster, Host};
-use crate::counted::Mutex;
 use crate::etcd::EtcdError;
 use crate::kv::Kv;
 use crate::peer::{FlushRecorder, Outgoing};
-use crate::replication::{self, worse, Tally};
+use crate::replication::{self, worse, Copies};
 use crate::wire::{Entry, Op, Status};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
@@ -113,9 +112,9 @@ pub(super) async fn flush_records(
 /// Flushes every core of a node; `done` gets the worst status.
 pub(super) fn flush_cores(host: &dyn Host, done: Box<dyn FnOnce(Status) + Send>) {
     let cores = host.cores();
-    let state = Arc::new(Mutex::new((Tally::new(cores), Some(done))));
+    let copies = Arc::new(Copies::new(cores, done));
     for core in 0..cores {
-        let state = state.clone();
+        let copies = copies.clone();
         let flush = Piece {
             volume: 0,
             offset: 0,
@@ -127,12 +126,7 @@ pub(super) fn flush_cores(host: &dyn Host, done: Box<dyn FnOnce(Status) + Send>)
             Message::Piece(
                 flush,
                 sink(move |c| {
-                    let mut st = state.lock();
-                    let Some(worst) = st.0.add(Status::of(&c.output)) else {
-                        return;
-                    };
-                    if let Some(done) = st.1.take() {
-                        drop(st);
+                    if let Some((worst, done)) = copies.add(Status::of(&c.output)) {
                         done(worst);
                     }
                 }),

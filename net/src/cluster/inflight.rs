@@ -77,20 +77,16 @@ impl InFlight {
         self.epochs.store(Arc::new(next));
     }
 
-    fn counts(&self, epoch: u64) -> Option<Arc<Counts>> {
-        self.epochs.load().get(&epoch).cloned()
-    }
-
     /// The write under `epoch` is answered (every copy of it).
     pub(super) fn write_done(&self, epoch: u64) {
-        if let Some(c) = self.counts(epoch) {
+        if let Some(c) = self.epochs.load().get(&epoch) {
             c.writes.fetch_sub(1, Ordering::SeqCst);
         }
     }
 
     /// Its local copy is done (or will not be made).
     pub(super) fn local_done(&self, epoch: u64) {
-        if let Some(c) = self.counts(epoch) {
+        if let Some(c) = self.epochs.load().get(&epoch) {
             c.local.fetch_sub(1, Ordering::SeqCst);
         }
     }

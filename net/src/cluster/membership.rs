@@ -43,11 +43,8 @@ impl Cluster {
             .iter()
             .map(|r| (r.id, Arc::new(r.clone())))
             .collect();
-        let changed = **self.volumes.load() != new;
-        if changed {
+        if **self.volumes.load() != new {
             self.volumes.store(Arc::new(new));
-        }
-        if changed {
             let local = self.local.clone();
             self.host
                 .blocking(Box::new(move || local.volumes_changed(&list)))

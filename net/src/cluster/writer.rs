@@ -8,11 +8,10 @@
 //! every replica (`pause_writes`, then `resume_writes`).
 
 use super::{Cluster, ClusterError};
-use crate::counted::Mutex;
+use crate::counter_table::CounterTable;
 use crate::etcd::EtcdError;
-use arc_swap::ArcSwap;
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -26,36 +25,16 @@ pub(super) struct Pause {
 }
 
 /// The writes each volume has in flight from this node's frontends, a counter per volume read
-/// without a lock (the table is a snapshot, replaced under `adding` for a volume's first
-/// write), and how many volumes are paused: while none is, a write passes without a lock.
+/// without a lock, and how many volumes are paused: while none is, a write passes without a
+/// lock.
 ///
 /// A write counts itself in, then looks at `paused`; a pause marks its volume paused, then
 /// waits for the count to reach zero. Both are sequentially consistent, so either the write
 /// sees the pause (and waits, parked) or the pause sees the write (and waits for it).
 #[derive(Default)]
 pub(super) struct WritesIn {
-    counts: ArcSwap<HashMap<u32, Arc<AtomicU64>>>,
-    adding: Mutex<()>,
+    pub(super) counts: CounterTable,
     pub(super) paused: AtomicUsize,
-}
-
-impl WritesIn {
-    /// `volume`'s counter (made on its first write).
-    pub(super) fn counter(&self, volume: u32) -> Arc<AtomicU64> {
-        if let Some(c) = self.counts.load().get(&volume) {
-            return c.clone();
-        }
-        let _adding = self.adding.lock();
-        let current = self.counts.load_full();
-        if let Some(c) = current.get(&volume) {
-            return c.clone();
-        }
-        let c = Arc::new(AtomicU64::new(0));
-        let mut next = (*current).clone();
-        next.insert(volume, c.clone());
-        self.counts.store(Arc::new(next));
-        c
-    }
 }
 
 /// The node named by a writer lock's value (`writer_value`: "NODE LEASE").
@@ -219,7 +198,7 @@ impl Cluster {
                 self.writes_in.paused.fetch_add(1, Ordering::SeqCst);
             }
         }
-        let count = self.writes_in.counter(volume);
+        let count = self.writes_in.counts.get(volume);
         let deadline = Instant::now() + limit;
         while count.load(Ordering::SeqCst) > 0 {
             if Instant::now() > deadline {

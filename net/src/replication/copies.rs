@@ -1,5 +1,6 @@
-//! One write's copies answering from whichever thread their answers arrive on: `Tally`
-//! counted with atomics. The answer that completes the count takes what the write was waiting
+//! One write's copies (local and remote, or a node's cores) answering, from whichever thread
+//! their answers arrive on: done when all have, with the worst answer (`worse`), counted with
+//! atomics. The answer that completes the count takes what the write was waiting
 //! with (its request), once: the one lock, uncontended (handing it over without one would
 //! take `unsafe`, which this crate forbids).
 
@@ -65,6 +66,10 @@ mod tests {
         assert!(c.add(Status::Ok).is_none());
         assert!(c.add(Status::Retry).is_none());
         assert_eq!(c.add(Status::Ok), Some((Status::Retry, "req")));
+        assert_eq!(c.add(Status::Ok), None, "an extra answer is ignored");
+        let c = Copies::new(2, ());
+        assert_eq!(c.add(Status::Retry), None);
+        assert_eq!(c.add(Status::Eio), Some((Status::Eio, ())));
         assert_eq!(c.add(Status::Ok), None, "an extra answer is ignored");
         let c = Copies::new(3, 7u32);
         assert!(c.add(Status::Retry).is_none());

@@ -3,22 +3,17 @@
 //! core that handles it, without a lock: each volume's writer epoch and each PG's map epoch
 //! is an atomic that only grows.
 
-use crate::counted::Mutex;
+use crate::counter_table::CounterTable;
 use crate::wire::Status;
-use arc_swap::ArcSwap;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 
 /// What a node has seen of the writes it applied: the highest writer epoch per volume (a write
 /// carrying a lower one comes from a writer that has been replaced, and is refused) and the
 /// highest map epoch per PG (a copy coordinated under an older map than one already applied
 /// here may have been overtaken by a newer write of another coordinator, and is refused).
 pub struct Fence {
-    /// A counter per volume; the table is a snapshot, replaced (under `adding`) when a
-    /// volume's first write arrives.
-    writers: ArcSwap<HashMap<u32, Arc<AtomicU64>>>,
-    adding: Mutex<()>,
+    /// Per volume.
+    writers: CounterTable,
     /// Per PG, indexed by PG.
     pgs: Box<[AtomicU64]>,
 }
@@ -26,30 +21,16 @@ pub struct Fence {
 impl Fence {
     pub fn new(pg_count: u32) -> Fence {
         Fence {
-            writers: ArcSwap::from_pointee(HashMap::new()),
-            adding: Mutex::new(()),
+            writers: CounterTable::default(),
             pgs: (0..pg_count).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 
     /// True when `writer` may write `volume` (and remembers it as the newest seen).
     pub fn admit(&self, volume: u32, writer: u64) -> bool {
-        if let Some(seen) = self.writers.load().get(&volume) {
-            return seen.fetch_max(writer, Ordering::AcqRel) <= writer;
-        }
-        let _adding = self.adding.lock();
-        let current = self.writers.load_full();
-        let seen = match current.get(&volume) {
-            Some(seen) => seen.clone(),
-            None => {
-                let seen = Arc::new(AtomicU64::new(0));
-                let mut next = (*current).clone();
-                next.insert(volume, seen.clone());
-                self.writers.store(Arc::new(next));
-                seen
-            }
-        };
-        seen.fetch_max(writer, Ordering::AcqRel) <= writer
+        self.writers.with(volume, |seen| {
+            seen.fetch_max(writer, Ordering::AcqRel) <= writer
+        })
     }
 }
 

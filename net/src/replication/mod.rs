@@ -4,8 +4,8 @@
 //!
 //! - `route`: who decides a piece (this node, the PG's primary, or nobody yet);
 //! - `write_plan`: which nodes must have a write before it is acknowledged;
-//! - `Tally`: one write's outcome from its copies' answers (`Copies`: the same without a
-//!   lock, for answers arriving on any thread);
+//! - `Copies` (`copies.rs`): one write's outcome from its copies' answers, arriving on any
+//!   thread;
 //! - `admit_write` and `Fence` (`fence.rs`): what a replica refuses (an older map, a fenced
 //!   writer);
 //! - `replica_is_clean`: whether a replica's write must be remembered as dirty so catch-up
@@ -123,29 +123,6 @@ pub fn worse(a: Status, b: Status) -> Status {
         b
     } else {
         a
-    }
-}
-
-/// One write's copies (local and remote) answering: done when all have.
-#[derive(Debug)]
-pub struct Tally {
-    remaining: usize,
-    worst: Status,
-}
-
-impl Tally {
-    pub fn new(copies: usize) -> Tally {
-        Tally {
-            remaining: copies,
-            worst: Status::Ok,
-        }
-    }
-
-    /// Counts one answer; the write's outcome once every copy has answered.
-    pub fn add(&mut self, s: Status) -> Option<Status> {
-        self.worst = worse(self.worst, s);
-        self.remaining = self.remaining.checked_sub(1)?;
-        (self.remaining == 0).then_some(self.worst)
     }
 }
 
@@ -528,18 +505,6 @@ pub fn clean_spans(n: u32, dirty: impl Fn(u32) -> bool) -> Vec<(u32, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tally_finishes_once_with_the_worst_answer() {
-        let mut t = Tally::new(3);
-        assert_eq!(t.add(Status::Ok), None);
-        assert_eq!(t.add(Status::Retry), None);
-        assert_eq!(t.add(Status::Ok), Some(Status::Retry));
-        let mut t = Tally::new(2);
-        assert_eq!(t.add(Status::Retry), None);
-        assert_eq!(t.add(Status::Eio), Some(Status::Eio));
-        assert_eq!(t.add(Status::Ok), None, "an extra answer is ignored");
-    }
 
     #[test]
     fn spans_skip_dirty_blocks() {
