@@ -132,6 +132,15 @@ impl Client {
         }
     }
 
+    /// Flush `op` is sent: what each block holds now is what it makes durable.
+    pub fn begin_flush(&mut self, op: u64) {
+        self.flushing = true;
+        for m in self.model.values_mut() {
+            m.next_base = Some((m.possible.clone(), Vec::new()));
+        }
+        self.in_flight.insert(op, (Kind::Flush, 0, Vec::new()));
+    }
+
     fn done(&mut self, op: u64, c: Completion) {
         let Some((kind, block, before)) = self.in_flight.remove(&op) else {
             return;
@@ -217,11 +226,7 @@ pub(super) fn issue(w: &World, client: &ClientRef) {
                 (s.rng.below(100), s.rng.below(c.model.len() as u64) as usize)
             };
             if roll < 5 && !c.flushing {
-                c.flushing = true;
-                for m in c.model.values_mut() {
-                    m.next_base = Some((m.possible.clone(), Vec::new()));
-                }
-                c.in_flight.insert(op, (Kind::Flush, 0, Vec::new()));
+                c.begin_flush(op);
                 (op, None, node, gen, cluster)
             } else {
                 let block = *c.model.keys().nth(pick).expect("a block");

@@ -29,10 +29,12 @@ mod host;
 mod kv;
 mod net;
 mod report;
+mod scenario;
 mod store;
 mod world;
 
 pub use report::{SimConfig, SimFailure, SimReport, DOWN_OUT_SECONDS, FAULT_KINDS};
+pub use scenario::{scenario, Stage};
 
 use crate::cluster::{Cluster, ClusterConfig, Local};
 use crate::etcd::VolumeList;
@@ -71,10 +73,14 @@ impl Local for NoLocal {
     fn volumes_changed(&self, _: &VolumeList) {}
 }
 
+#[derive(Clone)]
 struct Sim {
     cfg: SimConfig,
     w: World,
     client: ClientRef,
+    /// With four nodes, the leader marks out a node down for `DOWN_OUT_SECONDS` (a scenario
+    /// may turn this off).
+    down_out: bool,
 }
 
 fn small_map() -> ClusterMap {
@@ -111,6 +117,7 @@ impl Sim {
             report: SimReport::default(),
             verbose: std::env::var_os("TORUS_SIM_LOG").is_some(),
             canary: cfg.canary,
+            lose_unflushed: false,
             trace_block: std::env::var("TORUS_SIM_TRACE_BLOCK")
                 .ok()
                 .and_then(|b| b.parse().ok()),
@@ -135,6 +142,7 @@ impl Sim {
             cfg,
             w: Arc::new(Mutex::new(state)),
             client: Arc::new(Mutex::new(Client::new())),
+            down_out: true,
         }
     }
 
@@ -150,7 +158,8 @@ impl Sim {
             recovery_rate: 1 << 30,
             node_id: [i as u8 + 1; 16],
             capacity_bytes: 4 << 30,
-            down_out_after: (self.cfg.nodes == 4).then(|| Duration::from_secs(DOWN_OUT_SECONDS)),
+            down_out_after: (self.cfg.nodes == 4 && self.down_out)
+                .then(|| Duration::from_secs(DOWN_OUT_SECONDS)),
             cut_record_path: Default::default(),
         }
     }
@@ -222,9 +231,14 @@ impl Sim {
             for t in std::mem::take(&mut s.nodes[i].tasks) {
                 t.abort();
             }
-            let State { rng, nodes, .. } = &mut *s;
+            let State {
+                rng,
+                nodes,
+                lose_unflushed,
+                ..
+            } = &mut *s;
             for core in &mut nodes[i].cores {
-                core.crash(rng);
+                core.crash(|| !*lose_unflushed && rng.chance(0.5));
             }
         }
         for c in conns {
@@ -423,23 +437,31 @@ impl Sim {
         }
         let pick = self.w.lock().rng.below(candidates.len() as u64) as usize;
         let (node, gen, cluster) = candidates[pick].clone();
+        match self.attach_to(node, gen, cluster).await {
+            Ok(()) => true,
+            Err(why) => {
+                self.log(format!("client: n{node}: {why}"));
+                false
+            }
+        }
+    }
+
+    /// Attaches the client to process `gen` of node `node`, taking the writer lock there.
+    async fn attach_to(&self, node: usize, gen: u64, cluster: Arc<Cluster>) -> Result<(), String> {
         // A process that dies meanwhile never answers: the client gives up on it.
         let limit = LEASE_TTL + Duration::from_secs(2);
-        let taken = tokio::time::timeout(limit, cluster.take_writer(VOLUME)).await;
-        let why = match taken {
+        match tokio::time::timeout(limit, cluster.take_writer(VOLUME)).await {
             Ok(Ok(epoch)) => {
                 if !self.w.lock().alive(node, gen) {
-                    return false;
+                    return Err("the process died".to_owned());
                 }
                 self.log(format!("client attached to n{node} (writer epoch {epoch})"));
                 self.client.lock().at = Some((node, gen, cluster));
-                return true;
+                Ok(())
             }
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => "no answer".to_owned(),
-        };
-        self.log(format!("client: n{node}: {why}"));
-        false
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("no answer".to_owned()),
+        }
     }
 
     async fn load(&self, until: Instant) {
@@ -508,6 +530,13 @@ impl Sim {
         } else {
             self.load(end).await;
         }
+        self.heal_and_check().await
+    }
+
+    /// After the load and the faults: every node up and reachable again, every PG clean
+    /// within a bound, every block's last write settled, every replica as the model says, and
+    /// nothing kept of PGs a node holds no slot of.
+    async fn heal_and_check(&self) -> Result<SimReport, SimFailure> {
         if let Some(f) = self.client.lock().failure.clone() {
             return Err(self.failure(f));
         }
@@ -698,14 +727,22 @@ impl Sim {
 /// Runs one seed: a report, or the first failure with the command that replays it.
 pub fn run(cfg: SimConfig) -> Result<SimReport, SimFailure> {
     assert!((3..=4).contains(&cfg.nodes), "3 or 4 nodes");
+    let sim = Sim::new(cfg);
+    let w = sim.w.clone();
+    on_paused_clock(w, sim.run())
+}
+
+/// Runs a simulation to its end on one thread under tokio's paused clock.
+fn on_paused_clock(
+    w: World,
+    run: impl std::future::Future<Output = Result<SimReport, SimFailure>>,
+) -> Result<SimReport, SimFailure> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
         .build()
         .expect("a runtime");
-    let sim = Sim::new(cfg);
-    let w = sim.w.clone();
-    let out = rt.block_on(sim.run());
+    let out = rt.block_on(run);
     // Tasks of every process still running are dropped with the runtime, and the processes
     // with the world (a cluster holds its host, which holds the world).
     drop(rt);

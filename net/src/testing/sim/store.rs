@@ -9,7 +9,6 @@ use super::world::{CORES, PGS, VOLUME};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use torus_engine::layout::placement_group;
-use torus_engine::testing::sim::Rng;
 use torus_engine::{AlignedBuf, BlockError, Output, Piece, PieceKind, BLOCK_SIZE, CHUNK_SIZE};
 
 pub(super) fn pg_of_block(block: u64) -> u32 {
@@ -63,10 +62,10 @@ impl CoreStore {
         }
     }
 
-    /// The process died: each write since the last flush is kept or lost.
-    pub fn crash(&mut self, rng: &mut Rng) {
+    /// The process died: each write since the last flush is kept if `keep` says so.
+    pub fn crash(&mut self, mut keep: impl FnMut() -> bool) {
         for (k, v) in std::mem::take(&mut self.volatile) {
-            if rng.chance(0.5) {
+            if keep() {
                 match v {
                     Some(v) => self.durable.insert(k, v),
                     None => self.durable.remove(&k),

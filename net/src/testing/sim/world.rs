@@ -41,6 +41,9 @@ pub(super) struct State {
     /// Prints the log as it goes (`TORUS_SIM_LOG=1`).
     pub verbose: bool,
     pub canary: bool,
+    /// A process killed loses every write since its last flush (a scenario's choice; a seed's
+    /// run keeps or loses each at random).
+    pub lose_unflushed: bool,
     /// Logs every store operation on this block (`TORUS_SIM_TRACE_BLOCK`).
     pub trace_block: Option<u64>,
 }

@@ -1,0 +1,126 @@
+//! Scripted fault sequences against the cluster's own code in the simulation
+//! (`torus_net::testing::sim::scenario`): each is the sequence one fixed bug needed, written as
+//! steps that wait for the cluster's state, so it keeps pinning the bug when a change moves the
+//! cluster's events in time. Each fails with its fix taken out (the message that gives is in its
+//! doc comment). A killed process loses every write since its last flush.
+
+use torus_net::testing::sim::{scenario, SimReport, Stage};
+
+fn pass(r: Result<SimReport, torus_net::testing::sim::SimFailure>) -> SimReport {
+    r.unwrap_or_else(|f| panic!("{f}"))
+}
+
+/// A block of a PG that three of the four nodes hold, its holders in slot order, and the fourth
+/// node, which is made the leader (so the holders learn of a new map only when they poll it).
+async fn block_and_leader(s: &Stage) -> Result<(u64, Vec<usize>, usize), String> {
+    s.until_clean().await?;
+    let block = s.blocks()[0];
+    let h = s.holders(s.pg_of(block));
+    let d = (0..4)
+        .find(|i| !h.contains(i))
+        .ok_or("every node holds the PG")?;
+    s.make_leader(d).await?;
+    Ok((block, s.holders(s.pg_of(block)), d))
+}
+
+/// Fix 14 (the earlier model's seed 26700): a write reaches holders a and b while c is down; a
+/// is cut off and marked down; b is killed before it flushes and so loses the write. b comes
+/// back as the PG's last clean holder, and must copy the whole PG from a, whose copy covers
+/// more (`replication::revival_source`, `Cluster::revive`), waiting while a is still cut off,
+/// rather than revive from its own disk. With that copy taken out it fails: "after healing,
+/// node n1 holds version 0 of block 0 (PG 7), the model says 1".
+#[test]
+fn a_restarted_last_clean_holder_copies_what_a_holder_cut_off_before_it_has() {
+    let r = pass(scenario(
+        "a_restarted_last_clean_holder_copies_what_a_holder_cut_off_before_it_has",
+        4,
+        false,
+        async |s: Stage| {
+            let (block, h, leader) = block_and_leader(&s).await?;
+            let (a, b, c) = (h[0], h[1], h[2]);
+            s.attach(leader).await?;
+            s.kill(c);
+            s.until_down(c).await?;
+            s.write(block).await?;
+            s.isolate(a, true);
+            s.until_down(a).await?;
+            s.kill(b);
+            s.sleep_ms(500).await;
+            s.start(b);
+            s.sleep_ms(3000).await;
+            s.isolate(a, false);
+            s.start(c);
+            Ok(())
+        },
+    ));
+    assert!(r.revivals_whole > 0, "no revival copied a whole PG: {r:?}");
+}
+
+/// Fix 19 (the earlier model's seed 3940): holders a and b record a flush under the same map,
+/// then take a write while c is down; a is cut off and b is killed before it flushes; a's
+/// process dies while still cut off. A node cut off past its lease must refuse writes, flush,
+/// and record on its own disk that the flush covers every map it saw
+/// (`Cluster::fence_cut_off`); its next process publishes that before it registers, and b,
+/// started first, copies from a before it revives the PG. Without it, a's write dies with its
+/// process and b revives from its own disk: "after healing, node n1 holds version 0 of block 0
+/// (PG 7), the model says 1".
+#[test]
+fn a_holder_cut_off_past_its_lease_flushes_and_records_that_on_its_disk() {
+    let r = pass(scenario(
+        "a_holder_cut_off_past_its_lease_flushes_and_records_that_on_its_disk",
+        4,
+        false,
+        async |s: Stage| {
+            let (block, h, leader) = block_and_leader(&s).await?;
+            let (a, b, c) = (h[0], h[1], h[2]);
+            s.attach(leader).await?;
+            s.kill(c);
+            s.until_down(c).await?;
+            s.flush().await?;
+            s.write(block).await?;
+            s.isolate(a, true);
+            s.kill(b);
+            // a's lease runs out while it is cut off; then its process dies.
+            s.sleep_ms(5000).await;
+            s.kill(a);
+            s.start(b);
+            s.sleep_ms(2000).await;
+            s.isolate(a, false);
+            s.start(a);
+            s.start(c);
+            Ok(())
+        },
+    ));
+    assert!(r.cut_records_published > 0, "{r:?}");
+}
+
+/// The earlier model's seed 37141 (fix 15's exception): c is killed and started again before
+/// the leader notices; its new process is cut off from etcd as soon as it joins, so it never
+/// sees a map that names it, and takes a write as a stale replica (remembered as dirty: newer
+/// than its source's copy). Its lease runs out, the map marks it down, and a newer write reaches
+/// a and b only. When it registers again, the first map that knows it must void what it
+/// remembered (`DirtyEpochs::lease_lost` in the heartbeat loop); without that, catch-up skips
+/// the block as dirty and c keeps the older write: "after healing, node n3 holds version 1 of
+/// block 0 (PG 7), the model says 2".
+#[test]
+fn a_process_whose_lease_expired_forgets_the_dirty_blocks_it_remembered() {
+    pass(scenario(
+        "a_process_whose_lease_expired_forgets_the_dirty_blocks_it_remembered",
+        4,
+        false,
+        async |s: Stage| {
+            let (block, h, leader) = block_and_leader(&s).await?;
+            let c = h[2];
+            s.attach(leader).await?;
+            s.kill(c);
+            s.start(c);
+            s.until("c's new process runs", |s| s.running(c)).await?;
+            s.cut_etcd(c, true);
+            s.write(block).await?;
+            s.until_down(c).await?;
+            s.write(block).await?;
+            s.cut_etcd(c, false);
+            Ok(())
+        },
+    ));
+}
