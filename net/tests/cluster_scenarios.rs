@@ -41,9 +41,13 @@ fn a_restarted_last_clean_holder_copies_what_a_holder_cut_off_before_it_has() {
             s.attach(leader).await?;
             s.kill(c);
             s.until_down(c).await?;
+            s.until_installed(&[a, b]).await?;
             s.write(block).await?;
             s.isolate(a, true);
             s.until_down(a).await?;
+            if s.epoch_at(b) == Some(s.map().epoch) {
+                return Err("b took the map that marks a down before it was killed".into());
+            }
             s.kill(b);
             s.sleep_ms(500).await;
             s.start(b);
@@ -76,6 +80,7 @@ fn a_holder_cut_off_past_its_lease_flushes_and_records_that_on_its_disk() {
             s.attach(leader).await?;
             s.kill(c);
             s.until_down(c).await?;
+            s.until_installed(&[a, b]).await?;
             s.flush().await?;
             s.write(block).await?;
             s.isolate(a, true);
@@ -110,7 +115,7 @@ fn a_process_whose_lease_expired_forgets_the_dirty_blocks_it_remembered() {
         false,
         async |s: Stage| {
             let (block, h, leader) = block_and_leader(&s).await?;
-            let c = h[2];
+            let (a, b, c) = (h[0], h[1], h[2]);
             s.attach(leader).await?;
             s.kill(c);
             s.start(c);
@@ -118,6 +123,7 @@ fn a_process_whose_lease_expired_forgets_the_dirty_blocks_it_remembered() {
             s.cut_etcd(c, true);
             s.write(block).await?;
             s.until_down(c).await?;
+            s.until_installed(&[a, b]).await?;
             s.write(block).await?;
             s.cut_etcd(c, false);
             Ok(())

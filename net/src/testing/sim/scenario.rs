@@ -167,6 +167,15 @@ impl Stage {
             .await
     }
 
+    /// Waits until each of `nodes` runs the map that is in etcd now (or a newer one).
+    pub async fn until_installed(&self, nodes: &[usize]) -> Result<(), String> {
+        let epoch = self.map().epoch;
+        self.until(&format!("{nodes:?} run map {epoch}"), |s| {
+            nodes.iter().all(|&i| s.epoch_at(i) >= Some(epoch))
+        })
+        .await
+    }
+
     /// Makes node `i` the leader: the leader is killed and started again until `i` takes the
     /// key (at most ten times), then the script goes on once every PG is clean.
     pub async fn make_leader(&self, i: usize) -> Result<(), String> {
