@@ -128,6 +128,12 @@ pub(crate) struct Store {
     locks: HashMap<(u32, u64), VecDeque<usize>>,
     tasks: Slab<Task>,
     pending_writes: Vec<PendingWrite>,
+    /// The other half of `pending_writes`' double buffer (`flush_writes`), kept for its
+    /// capacity.
+    spare_writes: Vec<PendingWrite>,
+    /// Emptied `new_slots` and `crcs` of finished tasks, kept for their capacity (at most
+    /// `SPARE_VECS`): a write allocates none of its own.
+    spare_vecs: Vec<Vec<u32>>,
     batches: Slab<WriteBatch>,
     /// Registered read buffers, when the ring accepted them.
     pub(crate) read_pool: Option<std::sync::Arc<crate::buffer_pool::BufferPool>>,

@@ -224,6 +224,8 @@ impl Store {
             locks: HashMap::new(),
             tasks: Slab::new(),
             pending_writes: Vec::new(),
+            spare_writes: Vec::new(),
+            spare_vecs: Vec::new(),
             batches: Slab::new(),
             read_pool: None,
             quotas: Default::default(),

@@ -20,6 +20,9 @@ use crate::layout::{BLOCK_SIZE, PAGE_SIZE};
 use crate::request::{Output, PieceKind};
 use std::collections::VecDeque;
 
+/// Emptied task `Vec`s a core keeps for reuse (`Store::keep_vec`): a few KiB at most.
+const SPARE_VECS: usize = 64;
+
 /// A data write waiting for the end of the loop iteration, when writes to consecutive slots
 /// (from any tasks) are merged into one vectored write: slots are handed out in order, so a
 /// burst of small random writes becomes a few large sequential ones.
@@ -110,9 +113,24 @@ impl Store {
         true
     }
 
+    /// An empty `Vec` for a task's slots or checksums, from a finished task if one is kept.
+    fn spare_vec(&mut self) -> Vec<u32> {
+        self.spare_vecs.pop().unwrap_or_default()
+    }
+
+    /// Keeps a finished task's `Vec` for the next write (up to `SPARE_VECS` of them).
+    fn keep_vec(&mut self, mut v: Vec<u32>) {
+        if self.spare_vecs.len() < SPARE_VECS && v.capacity() > 0 {
+            v.clear();
+            self.spare_vecs.push(v);
+        }
+    }
+
     pub(super) fn fail_task(&mut self, io: &mut impl IoSubmit, tid: usize, e: BlockError) {
         self.unlock(io, tid);
-        let t = self.tasks.remove(tid);
+        let mut t = self.tasks.remove(tid);
+        self.keep_vec(std::mem::take(&mut t.new_slots));
+        self.keep_vec(std::mem::take(&mut t.crcs));
         if t.reserved > 0 {
             if let Some(q) = self.quota(t.arrived.piece.volume) {
                 q.sub(t.reserved);
@@ -242,7 +260,8 @@ impl Store {
             return self.fail_task(io, tid, BlockError::Io);
         }
         let count = self.tasks[tid].block_count as usize;
-        let mut slots = Vec::with_capacity(count);
+        let mut slots = self.spare_vec();
+        slots.reserve(count);
         for _ in 0..count {
             match self.alloc.allocate() {
                 Some(s) => slots.push(s),
@@ -250,9 +269,10 @@ impl Store {
             }
         }
         if slots.len() < count {
-            for s in slots {
+            for &s in &slots {
                 self.alloc.release(s);
             }
+            self.keep_vec(slots);
             let space_coming = !self.pending_frees.is_empty()
                 || self.commit.as_ref().is_some_and(|c| !c.frees.is_empty())
                 || !self.deferred_frees.is_empty();
@@ -270,14 +290,16 @@ impl Store {
             .filter(|i| self.map.get(volume, t.first_block + i).is_none())
             .count() as u64;
         if self.map.mapped_blocks() + self.entries_pending + new_entries > self.entries_max {
-            for s in slots {
+            for &s in &slots {
                 self.alloc.release(s);
             }
+            self.keep_vec(slots);
             log!("torus: core {}: the block map is full ({} entries: snapshots share slots, and a checkpoint holds no more); answering ENOSPC", self.core, self.entries_max);
             self.fail_task(io, tid, BlockError::NoSpace);
             return;
         }
         self.entries_pending += new_entries;
+        let mut crcs = self.spare_vec();
         let t = &mut self.tasks[tid];
         t.entries = new_entries;
         let source: *const u8 = match (&t.buf, &t.arrived.piece.kind) {
@@ -294,7 +316,8 @@ impl Store {
         };
         // SAFETY: source is valid for count blocks, as above.
         let bytes = unsafe { std::slice::from_raw_parts(source, count * BLOCK_SIZE) };
-        t.crcs = bytes.chunks_exact(BLOCK_SIZE).map(crc32c::crc32c).collect();
+        crcs.extend(bytes.chunks_exact(BLOCK_SIZE).map(crc32c::crc32c));
+        t.crcs = crcs;
         let mut i = 0;
         let mut ops = 0;
         while i < count {
@@ -400,7 +423,9 @@ impl Store {
 
     fn complete_write(&mut self, io: &mut impl IoSubmit, tid: usize) {
         self.unlock(io, tid);
-        let t = self.tasks.remove(tid);
+        let mut t = self.tasks.remove(tid);
+        self.keep_vec(std::mem::take(&mut t.new_slots));
+        self.keep_vec(std::mem::take(&mut t.crcs));
         let fua = matches!(
             t.arrived.piece.kind,
             PieceKind::Write { fua: true, .. } | PieceKind::Zero { fua: true }
@@ -422,7 +447,8 @@ impl Store {
         if self.pending_writes.is_empty() {
             return;
         }
-        let mut writes = std::mem::take(&mut self.pending_writes);
+        let spare = std::mem::take(&mut self.spare_writes);
+        let mut writes = std::mem::replace(&mut self.pending_writes, spare);
         writes.sort_unstable_by_key(|w| w.slot);
         let mut i = 0;
         while i < writes.len() {
@@ -480,6 +506,8 @@ impl Store {
             i += n;
             self.counters.write_ops += 1;
         }
+        writes.clear();
+        self.spare_writes = writes;
     }
 
     /// A vectored write of several tasks' data completed: each member is done as if written

@@ -224,7 +224,7 @@ impl Cluster {
             Route::Write(plan) => return self.coordinate(req, map.epoch, plan, pg),
             Route::Retry => return self.retry_later(req),
             Route::Refuse => return (req.done)(Err(Status::Retry)),
-            Route::Forward(primary) => return self.forward(req, &map, &primary, pg),
+            Route::Forward(primary) => return self.forward(req, &map, primary, pg),
         }
         match req.piece.kind {
             PieceKind::Read => {
@@ -343,7 +343,7 @@ impl Cluster {
     }
 
     /// The coordinator's write: local and every replica in `plan`; answers when all have it.
-    fn coordinate(self: &Arc<Self>, req: Request, epoch: u64, plan: WritePlan, pg: u32) {
+    fn coordinate(self: &Arc<Self>, req: Request, epoch: u64, plan: WritePlan<'_>, pg: u32) {
         // The local copy is fenced like the others: a request of a replaced writer (still
         // being retried here after its client moved to another node) must not overwrite
         // newer data here while every replica refuses it.
@@ -378,7 +378,7 @@ impl Cluster {
         let send_remote = {
             let me = self.clone();
             let call = call.clone();
-            move |piece: &Piece, remote: &[String]| {
+            move |piece: &Piece, remote: &[&str]| {
                 let map = me.map();
                 // The copies' replies are awaited together (one wake-up for all of them).
                 let group = crate::peer::new_group();
@@ -400,6 +400,9 @@ impl Cluster {
             }
         };
         if read_back {
+            // Rare (a partial write while a replica catches up): the names are kept past
+            // this call.
+            let remote: Vec<String> = remote.iter().map(|n| n.to_string()).collect();
             let me = self.clone();
             let call2 = call.clone();
             let fua = matches!(
@@ -440,7 +443,8 @@ impl Cluster {
                                         fua,
                                     },
                                 };
-                                send_remote(&full, &remote);
+                                let names: Vec<&str> = remote.iter().map(String::as_str).collect();
+                                send_remote(&full, &names);
                                 call2(Status::Ok);
                             }
                             other => {

@@ -237,7 +237,7 @@ impl Cluster {
             }
             if agree(best) * 2 == holders.len() + 1 {
                 let primary = map.targets(pg, vol.replicas).primary;
-                if let Some((_, crc)) = holders.iter().find(|(n, _)| Some(*n) == primary.as_ref()) {
+                if let Some((_, crc)) = holders.iter().find(|(n, _)| Some(n.as_str()) == primary) {
                     best = *crc;
                 } else {
                     best = mine;

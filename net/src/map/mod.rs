@@ -28,7 +28,7 @@ mod removal;
 mod slots;
 
 pub use error::MapError;
-pub use placement::{min_size, score, Targets};
+pub use placement::{min_size, score, Names, Targets};
 pub use removal::GiveUp;
 pub use slots::PgHealth;
 

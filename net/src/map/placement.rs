@@ -6,14 +6,19 @@
 //! (FNV-1a, then mixed): it decides where data lives, so it must not change between builds.
 
 use super::{ClusterMap, SlotState};
+use smallvec::SmallVec;
 
-/// Where a piece of one PG goes under one map.
+/// Node names borrowed from a map, inline for the usual handful (a replicated write routes
+/// without allocating).
+pub type Names<'a> = SmallVec<[&'a str; 6]>;
+
+/// Where a piece of one PG goes under one map (names borrowed from it).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Targets {
+pub struct Targets<'a> {
     /// The node that coordinates and serves reads: the first clean holder that is up.
-    pub primary: Option<String>,
+    pub primary: Option<&'a str>,
     /// Every up node that must have a write before it is acknowledged (primary included).
-    pub write: Vec<String>,
+    pub write: Names<'a>,
     /// Slots with at least one clean holder up.
     pub clean_up: usize,
 }
@@ -63,10 +68,10 @@ impl ClusterMap {
             .collect()
     }
 
-    pub fn targets(&self, pg: u32, replicas: u32) -> Targets {
+    pub fn targets(&self, pg: u32, replicas: u32) -> Targets<'_> {
         let mut t = Targets {
             primary: None,
-            write: Vec::new(),
+            write: Names::new(),
             clean_up: 0,
         };
         let Some(slots) = self.pgs.get(pg as usize) else {
@@ -74,20 +79,21 @@ impl ClusterMap {
         };
         for slot in slots.iter().take(replicas as usize) {
             let mut clean = None;
-            if let Some(prev) = &slot.prev {
+            if let Some(prev) = slot.prev.as_deref() {
                 if self.up(prev) {
-                    clean = Some(prev.clone());
-                    if !t.write.contains(prev) {
-                        t.write.push(prev.clone());
+                    clean = Some(prev);
+                    if !t.write.contains(&prev) {
+                        t.write.push(prev);
                     }
                 }
             }
-            if self.up(&slot.node) {
+            let node = slot.node.as_str();
+            if self.up(node) {
                 if slot.state == SlotState::Clean && clean.is_none() {
-                    clean = Some(slot.node.clone());
+                    clean = Some(node);
                 }
-                if !t.write.contains(&slot.node) {
-                    t.write.push(slot.node.clone());
+                if !t.write.contains(&node) {
+                    t.write.push(node);
                 }
             }
             if let Some(c) = clean {

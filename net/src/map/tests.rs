@@ -174,9 +174,10 @@ fn first_node_is_clean_and_joiners_catch_up() {
     let h = m.health();
     assert_eq!(h.recovering, PG_COUNT, "{h:?}");
     let t = m.targets(7, 3);
-    assert_eq!(t.primary.as_deref(), Some("a"));
+    assert_eq!(t.primary, Some("a"));
     assert_eq!(t.write.len(), 3);
     assert_eq!(t.clean_up, 1);
+    drop(t);
     all_clean(&mut m);
     assert_eq!(m.health().clean, PG_COUNT);
 }
@@ -190,7 +191,7 @@ fn a_lost_node_goes_stale_and_comes_back_through_catch_up() {
     for pg in 0..PG_COUNT {
         let t = m.targets(pg, 3);
         assert_eq!(t.clean_up, 2);
-        assert!(!t.write.contains(&"b".to_string()));
+        assert!(!t.write.contains(&"b"));
         assert!(t.primary.is_some());
     }
     assert_eq!(m.health().degraded, PG_COUNT);
@@ -199,7 +200,7 @@ fn a_lost_node_goes_stale_and_comes_back_through_catch_up() {
     for pg in 0..PG_COUNT {
         let t = m.targets(pg, 3);
         assert_eq!(t.write.len(), 3);
-        assert_ne!(t.primary.as_deref(), Some("b"));
+        assert_ne!(t.primary, Some("b"));
     }
     assert!(
         !m.mark_clean("b", 1, m.epoch, &[0]),
@@ -276,7 +277,7 @@ fn a_pg_whose_holders_all_went_down_comes_back_with_the_last_clean_one() {
     m.reconcile(&live(&[("a", 1), ("c", 1)]));
     assert_eq!(m.health().down, 0, "c was cut off, not restarted");
     for pg in 0..PG_COUNT {
-        assert_eq!(m.targets(pg, 3).primary.as_deref(), Some("c"));
+        assert_eq!(m.targets(pg, 3).primary, Some("c"));
     }
     let mut m = clean_abc();
     // b goes first and misses writes; then a and c go together. b alone must not serve.
@@ -303,7 +304,7 @@ fn a_pg_whose_holders_all_went_down_comes_back_with_the_last_clean_one() {
     assert!(m.mark_revived("c", 3, &pgs));
     assert_eq!(m.health().down, 0);
     for pg in 0..PG_COUNT {
-        assert_eq!(m.targets(pg, 3).primary.as_deref(), Some("c"));
+        assert_eq!(m.targets(pg, 3).primary, Some("c"));
     }
     assert!(m.last_clean.is_empty());
 }
@@ -334,7 +335,7 @@ fn a_last_clean_holder_that_is_no_longer_a_target_comes_back_as_the_source() {
         "d must stay the PG's clean holder until the others copied from it: {:?}",
         m.pgs[p as usize]
     );
-    assert_eq!(t.primary.as_deref(), Some("d"));
+    assert_eq!(t.primary, Some("d"));
     assert!(m.pgs[p as usize]
         .iter()
         .any(|s| s.prev.as_deref() == Some("d")));
@@ -467,7 +468,7 @@ fn a_lost_pg_stops_waiting_for_a_node_given_up_and_takes_the_best_copy_left() {
     assert_eq!(m.health().down, 0, "{:?}", m.pgs[0]);
     assert!(m.last_clean.is_empty() && m.demoted.is_empty());
     for pg in 0..PG_COUNT {
-        assert_eq!(m.targets(pg, 3).primary.as_deref(), Some("c"));
+        assert_eq!(m.targets(pg, 3).primary, Some("c"));
     }
     // Nothing waits any more: giving up again changes nothing.
     let epoch = m.epoch;

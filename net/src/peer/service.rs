@@ -92,7 +92,8 @@ enum Role {
     },
     /// A connection from another node: requests in, replies out.
     Served {
-        from: String,
+        /// The peer's name (shared: every frame it sends hands it to the handler).
+        from: Arc<str>,
         handler: Arc<dyn Handler>,
         recorder: Arc<dyn FlushRecorder>,
         in_flight: usize,
@@ -167,6 +168,8 @@ pub struct PeerService {
     refused: u64,
     said: LogEvery,
     awaiting: Awaiting,
+    /// The entries of the frame being sent, kept for its capacity (`try_send`).
+    send_batch: Vec<(Entry, Option<Data>)>,
 }
 
 impl PeerService {
@@ -181,6 +184,7 @@ impl PeerService {
             refused: 0,
             said: LogEvery::default(),
             awaiting: Awaiting::default(),
+            send_batch: Vec::new(),
         }
     }
 
@@ -304,7 +308,7 @@ impl PeerService {
             if let Role::Served { from: f, .. } = &c.role {
                 if !c.closing {
                     served += 1;
-                    if f == from {
+                    if &**f == from {
                         theirs.push(id);
                     }
                 }
@@ -519,7 +523,7 @@ impl PeerService {
         let Some(fd) = c.fd.as_ref().map(|f| f.as_raw_fd()) else {
             return;
         };
-        let mut batch: Vec<(Entry, Option<Data>)> = Vec::new();
+        let mut batch = std::mem::take(&mut self.send_batch);
         let mut bytes = 0usize;
         match &mut c.role {
             Role::Client {
@@ -547,13 +551,14 @@ impl PeerService {
                 }
             }
         }
-        if batch.is_empty() {
-            return;
+        if !batch.is_empty() {
+            wire::encode_frame(&mut batch, &mut c.out);
+            count_sent(batch.len(), c.out.len());
+            c.sent = 0;
+            submit_send(ctx, id, c, fd);
         }
-        wire::encode_frame(&mut batch, &mut c.out);
-        count_sent(batch.len(), c.out.len());
-        c.sent = 0;
-        submit_send(ctx, id, c, fd);
+        batch.clear();
+        self.send_batch = batch;
     }
 
     fn on_send(&mut self, ctx: &mut CoreContext, id: u64, result: i32) {
@@ -660,7 +665,7 @@ impl CoreService for PeerService {
                     return; // the socket is dropped: closed
                 }
                 let role = Role::Served {
-                    from,
+                    from: from.into(),
                     handler,
                     recorder,
                     in_flight: 0,

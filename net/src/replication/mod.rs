@@ -23,7 +23,7 @@ mod fence;
 pub use copies::Copies;
 pub use fence::{admit_write, Fence};
 
-use crate::map::{min_size, ClusterMap, SlotState, Targets};
+use crate::map::{min_size, ClusterMap, Names, SlotState, Targets};
 use crate::wire::Status;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use torus_engine::layout::placement_group;
@@ -34,13 +34,13 @@ pub const RECOVERY_PGS_PER_ROUND: usize = 64;
 
 /// Where a piece is decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Route {
+pub enum Route<'a> {
     /// This node reads it (a read or status).
     Read,
     /// This node coordinates the write, to these copies.
-    Write(WritePlan),
+    Write(WritePlan<'a>),
     /// Sent to the PG's primary on another node.
-    Forward(String),
+    Forward(&'a str),
     /// No replica of the PG is up under this map, or (a write) fewer than `min_size` clean
     /// ones: ask again later.
     Retry,
@@ -55,8 +55,8 @@ pub enum Route {
 /// waits while fewer than `min_size` clean replicas are up.
 /// `incarnation` must be the one the map knows (not an earlier process, clean before a crash).
 #[allow(clippy::too_many_arguments)]
-pub fn route(
-    map: &ClusterMap,
+pub fn route<'a>(
+    map: &'a ClusterMap,
     me: &str,
     incarnation: u64,
     pg: u32,
@@ -64,9 +64,9 @@ pub fn route(
     is_write: bool,
     from_peer: bool,
     holds_writer: bool,
-) -> Route {
+) -> Route<'a> {
     let t = map.targets(pg, replicas);
-    let Some(primary) = t.primary.clone() else {
+    let Some(primary) = t.primary else {
         return Route::Retry;
     };
     let current = map
@@ -89,16 +89,22 @@ pub fn route(
 
 /// The copies a write coordinated here must reach.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WritePlan {
+pub struct WritePlan<'a> {
     /// Every other node that is up and holds a slot (clean or catching up).
-    pub remote: Vec<String>,
+    pub remote: Names<'a>,
     /// A target is catching up: a partial-block write must be sent as whole blocks (it
     /// cannot merge into a block it has not copied yet).
     pub stale_target: bool,
 }
 
 /// `None` while fewer than `min_size` clean replicas are up (the write waits).
-fn write_plan(map: &ClusterMap, t: Targets, me: &str, pg: u32, replicas: u32) -> Option<WritePlan> {
+fn write_plan<'a>(
+    map: &ClusterMap,
+    t: Targets<'a>,
+    me: &str,
+    pg: u32,
+    replicas: u32,
+) -> Option<WritePlan<'a>> {
     if t.clean_up < min_size(replicas) {
         return None;
     }
@@ -107,7 +113,7 @@ fn write_plan(map: &ClusterMap, t: Targets, me: &str, pg: u32, replicas: u32) ->
         .take(replicas as usize)
         .any(|s| s.state == SlotState::Stale);
     Some(WritePlan {
-        remote: t.write.into_iter().filter(|n| n != me).collect(),
+        remote: t.write.into_iter().filter(|n| *n != me).collect(),
         stale_target,
     })
 }
@@ -379,7 +385,7 @@ pub fn recovery_round(
     for (pg, slot) in map.stale_slots(me) {
         if let Some(p) = map.targets(pg, map.replicas_max).primary {
             if p != me {
-                by_source.entry(p).or_default().push((pg, slot));
+                by_source.entry(p.to_owned()).or_default().push((pg, slot));
             }
         }
     }

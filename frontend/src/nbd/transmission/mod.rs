@@ -124,6 +124,9 @@ struct Connection {
     bytes_in_flight: usize,
     replies: VecDeque<Reply>,
     send: Option<Box<SendBatch>>,
+    /// The last send's batch, emptied and kept for the next one (one send is in flight at a
+    /// time, so one batch serves the connection).
+    spare_send: Option<Box<SendBatch>>,
     state: State,
     dead: bool,
 }
@@ -362,6 +365,7 @@ impl CoreService for NbdService {
             bytes_in_flight: 0,
             replies: VecDeque::new(),
             send: None,
+            spare_send: None,
             state: State::Open,
             dead: false,
         });

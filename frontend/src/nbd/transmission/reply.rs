@@ -8,6 +8,7 @@
 use super::{retire, Connection, NbdService, State, TAG_SEND};
 use crate::nbd::protocol::*;
 use io_uring::{opcode, types};
+use smallvec::SmallVec;
 use std::os::fd::AsRawFd;
 use torus_engine::socket::{self, SocketResult};
 use torus_engine::{AlignedBuf, CoreContext, BLOCK_SIZE};
@@ -17,7 +18,9 @@ const SEND_REPLIES_MAX: usize = 128;
 const SEND_IOVECS_MAX: usize = 1000;
 
 pub(super) struct Reply {
-    header: Vec<u8>,
+    /// Inline for the usual headers (a simple reply is 16 bytes, an offset-data chunk's 28);
+    /// an error message or block status spills to the heap.
+    header: SmallVec<[u8; 32]>,
     data: Vec<(AlignedBuf, usize, usize)>,
     request: usize,
 }
@@ -42,7 +45,7 @@ impl NbdService {
         let structured = c.structured;
         let req = &mut c.requests[r];
         let mut reply = Reply {
-            header: Vec::new(),
+            header: SmallVec::new(),
             data: Vec::new(),
             request: r,
         };
@@ -115,14 +118,18 @@ impl NbdService {
             }
             return;
         }
-        let mut batch = Box::new(SendBatch {
-            replies: Vec::new(),
-            iovecs: Vec::new(),
-            // SAFETY: msghdr is plain data; all-zero is a valid empty header.
-            msghdr: unsafe { std::mem::zeroed() },
-            total: 0,
-            sent: 0,
+        let mut batch = c.spare_send.take().unwrap_or_else(|| {
+            Box::new(SendBatch {
+                replies: Vec::new(),
+                iovecs: Vec::new(),
+                // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+                msghdr: unsafe { std::mem::zeroed() },
+                total: 0,
+                sent: 0,
+            })
         });
+        batch.total = 0;
+        batch.sent = 0;
         let mut iovecs = 0;
         while let Some(reply) = c.replies.front() {
             let n = 1 + reply.data.len();
@@ -172,9 +179,10 @@ impl NbdService {
                 }
             }
         }
-        for reply in batch.replies {
+        for reply in batch.replies.drain(..) {
             retire(c, reply.request, &self.stats.per_core[self.core]);
         }
+        c.spare_send = Some(batch);
         self.process(ctx, key);
     }
 }
@@ -191,7 +199,8 @@ fn submit_send(ctx: &mut CoreContext, key: usize, c: &Connection) {
 /// iovecs for the unsent part of a batch.
 fn build_iovecs(batch: &mut SendBatch) {
     let mut skip = batch.sent;
-    let mut iovecs = Vec::new();
+    let mut iovecs = std::mem::take(&mut batch.iovecs);
+    iovecs.clear();
     let mut push = |ptr: *const u8, len: usize, skip: &mut usize| {
         if *skip >= len {
             *skip -= len;
