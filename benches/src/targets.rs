@@ -121,6 +121,13 @@ fn start_cluster(work: &Path, size: u64) -> Result<Target> {
         .context("start etcd (Debian package etcd-server)")?;
     let mut others = vec![etcd];
     wait_port(client, "etcd")?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !torus_testkit::etcd_healthy(client) {
+        if std::time::Instant::now() > deadline {
+            bail!("etcd on port {client} did not answer /health within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let mut nodes = Vec::new();
     for name in ["a", "b", "c"] {
         nodes.push(start_torusd(&dir.join(name), size, Some((&url, name)))?);

@@ -288,23 +288,40 @@ fn data_start(count: usize, any_data: bool) -> usize {
     }
 }
 
+/// A frame's entries, each with where its data starts in the body: inline for a handful (a
+/// frame received allocates nothing for them).
+pub type Entries = smallvec::SmallVec<[(Entry, usize); 8]>;
+
 /// A decoded frame: its entries, and for each the byte range of its data in `body`.
 pub struct Frame {
     pub body: std::sync::Arc<AlignedBuf>,
-    pub entries: Vec<(Entry, usize)>,
+    pub entries: Entries,
 }
 
 /// Checks the body against its header and splits it into entries. `body` holds at least
 /// `header.len` bytes (the rest is padding of the aligned buffer).
 pub fn decode_body(header: &Header, body: AlignedBuf) -> Result<Frame, FrameError> {
-    let bytes = &body[..header.len];
+    let (entries, _) = split_body(header, &body[..header.len])?;
+    Ok(Frame {
+        body: std::sync::Arc::new(body),
+        entries,
+    })
+}
+
+/// Checks a frame's body (`header.len` bytes, wherever they are) against its header and
+/// splits it into entries; also returns how many bytes of data the entries carry (0: a
+/// frame of replies or requests without data, which needs no buffer of its own).
+pub fn split_body(header: &Header, bytes: &[u8]) -> Result<(Entries, usize), FrameError> {
+    if bytes.len() != header.len {
+        return Err(FrameError::Layout);
+    }
     if crc32c::crc32c(bytes) != header.body_crc {
         return Err(FrameError::BodyChecksum);
     }
     if header.count * ENTRY_LEN > header.len {
         return Err(FrameError::Layout);
     }
-    let mut entries = Vec::with_capacity(header.count);
+    let mut entries = Entries::with_capacity(header.count);
     let mut data_total = 0usize;
     for i in 0..header.count {
         let e = Entry::decode(&bytes[i * ENTRY_LEN..(i + 1) * ENTRY_LEN]);
@@ -321,10 +338,7 @@ pub fn decode_body(header: &Header, body: AlignedBuf) -> Result<Frame, FrameErro
         *start = at;
         at += e.data_len as usize;
     }
-    Ok(Frame {
-        body: std::sync::Arc::new(body),
-        entries,
-    })
+    Ok((entries, data_total))
 }
 
 /// Data to send after an entry: a byte range of a shared buffer.

@@ -1,6 +1,6 @@
 //! What the process-level tests (`tests/`) and the benchmarks (`benches/`) both need to drive
 //! real processes: loopback ports nobody uses, a process's CPU time and memory read from
-//! `/proc`, and finding a tool on `PATH`. One copy, so a test and a benchmark measure a
+//! `/proc`, finding a tool on `PATH`, and whether etcd is ready. One copy, so a test and a benchmark measure a
 //! process the same way.
 
 pub mod alloc;
@@ -97,6 +97,25 @@ pub fn which(tool: &str) -> Option<PathBuf> {
         .map(|dir| Path::new(dir).join(tool))
         .find(|p| p.exists());
     found
+}
+
+/// True when etcd on loopback `port` answers `GET /health` with its health true. A port that
+/// accepts is not enough: etcd listens before it can serve, and a node whose first call
+/// times out there exits.
+pub fn etcd_healthy(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    answer.contains("\"health\":\"true\"")
 }
 
 #[cfg(test)]

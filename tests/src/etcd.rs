@@ -2,8 +2,6 @@
 //! stopped when dropped.
 
 use crate::{free_port, require_tool, TempDir};
-use std::io::Read;
-use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -67,7 +65,7 @@ impl Etcd {
                     );
                     break;
                 }
-                if etcd_healthy(client) {
+                if torus_testkit::etcd_healthy(client) {
                     return Etcd {
                         child,
                         url,
@@ -80,23 +78,6 @@ impl Etcd {
         }
         panic!("etcd exited before it was ready three times");
     }
-}
-
-/// True when etcd on `port` answers `GET /health` with its health true.
-fn etcd_healthy(port: u16) -> bool {
-    use std::io::Write;
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-        .is_err()
-    {
-        return false;
-    }
-    let mut answer = String::new();
-    let _ = s.read_to_string(&mut answer);
-    answer.contains("\"health\":\"true\"")
 }
 
 impl Drop for Etcd {

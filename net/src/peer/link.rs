@@ -3,7 +3,7 @@
 //! the hello sent off the core (`connect`), then handed to the core. A closed link fails every
 //! request it holds with `RETRY`, and every request sent on it after.
 
-use super::{keepalive, retry, FlushRecorder, Outgoing, PeerMsg, CONNECT_TIMEOUT};
+use super::{keepalive, retry, to_core, FlushRecorder, Outgoing, PeerMsg, CONNECT_TIMEOUT};
 use crate::wire::{self, Data, Entry, Op};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -82,8 +82,7 @@ impl Link {
         let core = current_core()
             .filter(|c| *c < cores)
             .unwrap_or(self.0.core as usize % cores);
-        self.0.shared.mailboxes[core]
-            .send(Message::Service(Box::new(PeerMsg::Send(self.0.clone(), o))));
+        to_core(&self.0.shared, core, PeerMsg::Send(self.0.clone(), o));
     }
 }
 

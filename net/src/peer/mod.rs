@@ -143,6 +143,30 @@ enum PeerMsg {
     Run(Box<dyn FnOnce() + Send>),
 }
 
+thread_local! {
+    /// Messages for this core's own peer service from code running on the core (a write's
+    /// copies, a served request's reply): taken at the end of the loop iteration
+    /// (`PeerService::end_of_iteration`) instead of boxed through the core's own mailbox.
+    static FOR_THIS_CORE: std::cell::RefCell<std::collections::VecDeque<PeerMsg>> =
+        const { std::cell::RefCell::new(std::collections::VecDeque::new()) };
+}
+
+/// Hands `m` to core `core`'s peer service: from that core itself onto its queue for the end
+/// of the loop iteration (no allocation, no trip through the mailbox), from anywhere else
+/// through its mailbox.
+fn to_core(shared: &Shared, core: usize, m: PeerMsg) {
+    if current_core() == Some(core) {
+        FOR_THIS_CORE.with(|q| q.borrow_mut().push_back(m));
+    } else {
+        shared.mailboxes[core].send(Message::Service(Box::new(m)));
+    }
+}
+
+/// The next message `to_core` queued on this core.
+fn next_for_this_core() -> Option<PeerMsg> {
+    FOR_THIS_CORE.with(|q| q.borrow_mut().pop_front())
+}
+
 /// Runs `f` on core `core`'s thread (right away when called there).
 pub fn run_on_core(shared: &Shared, core: usize, f: Box<dyn FnOnce() + Send>) {
     if current_core() == Some(core) {

@@ -3,10 +3,10 @@
 //! from the simulation's network (to a function). Dropped without a reply, it answers
 //! `RETRY`.
 
-use super::PeerMsg;
+use super::{to_core, PeerMsg};
 use crate::wire::{Data, Entry, Op, Status};
 use std::sync::Arc;
-use torus_engine::{Message, Shared};
+use torus_engine::Shared;
 
 /// How a served connection answers one request. Dropped without a reply, it answers `RETRY`.
 pub struct Responder {
@@ -70,11 +70,15 @@ impl Responder {
                     id: *id,
                     ..Entry::default()
                 };
-                shared.mailboxes[*core].send(Message::Service(Box::new(PeerMsg::Reply {
-                    conn: *conn,
-                    entry,
-                    data,
-                })));
+                to_core(
+                    shared,
+                    *core,
+                    PeerMsg::Reply {
+                        conn: *conn,
+                        entry,
+                        data,
+                    },
+                );
             }
             Answer::Fn(f) => {
                 if let Some(f) = f.take() {

@@ -451,7 +451,7 @@ impl PeerService {
                 }
                 let (h, buf, _) = c.body.take().expect("checked");
                 let frame = wire::decode_body(&h, buf)?;
-                self.dispatch(ctx, id, frame);
+                self.dispatch(ctx, id, frame.entries, Some(frame.body));
                 continue;
             }
             if c.rend - c.rstart < HEADER_LEN {
@@ -462,19 +462,41 @@ impl PeerService {
                 .expect("header length");
             let h = wire::decode_header(&raw)?;
             c.rstart += HEADER_LEN;
+            if c.rend - c.rstart >= h.len {
+                // The whole body is here: decoded where it is, and copied out only if its
+                // entries carry data (a frame of replies needs no buffer).
+                let bytes = &c.rbuf[c.rstart..c.rstart + h.len];
+                let (entries, data) = wire::split_body(&h, bytes)?;
+                let body = (data > 0).then(|| {
+                    let mut buf = AlignedBuf::zeroed(h.len.div_ceil(4096) * 4096);
+                    buf[..h.len].copy_from_slice(bytes);
+                    Arc::new(buf)
+                });
+                c.rstart += h.len;
+                self.dispatch(ctx, id, entries, body);
+                continue;
+            }
             let buf = AlignedBuf::zeroed(h.len.div_ceil(4096).max(1) * 4096);
             c.body = Some((h, buf, 0));
         }
     }
 
-    fn dispatch(&mut self, ctx: &mut CoreContext, id: u64, frame: wire::Frame) {
-        count_received(frame.entries.len());
+    /// Acts on a frame's entries; `body` holds their data (none when they carry none).
+    fn dispatch(
+        &mut self,
+        ctx: &mut CoreContext,
+        id: u64,
+        entries: wire::Entries,
+        body: Option<Arc<AlignedBuf>>,
+    ) {
+        count_received(entries.len());
         let Some(c) = self.conns.get_mut(&id) else {
             return;
         };
         let data_of = |e: &Entry, start: usize| {
-            (e.data_len > 0).then(|| Data {
-                buf: frame.body.clone(),
+            let buf = body.as_ref().filter(|_| e.data_len > 0)?;
+            Some(Data {
+                buf: buf.clone(),
                 start,
                 len: e.data_len as usize,
             })
@@ -483,7 +505,7 @@ impl PeerService {
             Role::Client { pending, .. } => {
                 // A callback reaches this service only through the mailbox, so it can run
                 // while the connection is borrowed (no list of them is gathered first).
-                for (e, start) in &frame.entries {
+                for (e, start) in &entries {
                     if e.op != Op::Reply as u8 {
                         continue;
                     }
@@ -503,8 +525,8 @@ impl PeerService {
                 ..
             } => {
                 let (from, handler) = (from.clone(), handler.clone());
-                *in_flight += frame.entries.len();
-                for (e, start) in &frame.entries {
+                *in_flight += entries.len();
+                for (e, start) in &entries {
                     let respond = Responder::conn(ctx.shared().clone(), self.core, id, e.id);
                     handler.handle(&from, self.core as u32, *e, data_of(e, *start), respond);
                 }
@@ -627,12 +649,10 @@ fn submit_send(ctx: &mut CoreContext, id: u64, c: &mut Conn, fd: i32) {
     ctx.submit_io(entry, tag(OP_SEND, id));
 }
 
-impl CoreService for PeerService {
-    fn on_message(&mut self, ctx: &mut CoreContext, message: Box<dyn std::any::Any + Send>) {
-        let Ok(m) = message.downcast::<PeerMsg>() else {
-            return;
-        };
-        match *m {
+impl PeerService {
+    /// Acts on a message for this core's peer service (from its mailbox or its own queue).
+    fn handle(&mut self, ctx: &mut CoreContext, m: PeerMsg) {
+        match m {
             PeerMsg::Send(link, o) => self.send_on(ctx, link, o),
             PeerMsg::Close(link) => {
                 if let Some(id) = self.links.remove(&link) {
@@ -693,6 +713,14 @@ impl CoreService for PeerService {
             }
         }
     }
+}
+
+impl CoreService for PeerService {
+    fn on_message(&mut self, ctx: &mut CoreContext, message: Box<dyn std::any::Any + Send>) {
+        if let Ok(m) = message.downcast::<PeerMsg>() {
+            self.handle(ctx, *m);
+        }
+    }
 
     fn on_io(&mut self, ctx: &mut CoreContext, tag: u64, result: i32, _flags: u32) {
         let id = tag >> 8;
@@ -719,6 +747,10 @@ impl CoreService for PeerService {
     }
 
     fn end_of_iteration(&mut self, ctx: &mut CoreContext) {
+        // What code on this core queued for it (and what handling that queues in turn).
+        while let Some(m) = super::next_for_this_core() {
+            self.handle(ctx, m);
+        }
         if self.to_send.is_empty() {
             return;
         }
