@@ -192,13 +192,7 @@ impl Cluster {
             }
         }
         let (me, inc) = (&self.me, self.incarnation);
-        dirty.retain(|pg, _| {
-            let keep = replication::keep_dirty(&map, *pg, me, inc, recovering.contains(pg));
-            if !keep {
-                self.dirty_pgs.remove(*pg);
-            }
-            keep
-        });
+        dirty.retain(|pg, _| replication::keep_dirty(&map, *pg, me, inc, recovering.contains(pg)));
     }
 
     pub(super) async fn map_loop(self: Arc<Self>) {
