@@ -288,6 +288,12 @@ fn data_start(count: usize, any_data: bool) -> usize {
     }
 }
 
+/// An aligned buffer for a frame's body of `len` bytes (whole pages, so the data in it can be
+/// written to the disk as it is).
+pub fn body_buffer(len: usize) -> AlignedBuf {
+    AlignedBuf::zeroed(len.div_ceil(ALIGN).max(1) * ALIGN)
+}
+
 /// A frame's entries, each with where its data starts in the body: inline for a handful (a
 /// frame received allocates nothing for them).
 pub type Entries = smallvec::SmallVec<[(Entry, usize); 8]>;
@@ -439,7 +445,7 @@ async fn read_frame_within<R: tokio::io::AsyncRead + Unpin>(
     if header.len > limit {
         return Err(invalid(FrameError::HelloTooLong(header.len)));
     }
-    let mut body = AlignedBuf::zeroed(header.len.div_ceil(ALIGN).max(1) * ALIGN);
+    let mut body = body_buffer(header.len);
     r.read_exact(&mut body[..header.len]).await?;
     decode_body(&header, body).map_err(invalid)
 }
@@ -461,7 +467,7 @@ mod tests {
     fn decode(bytes: &[u8]) -> Result<Frame, FrameError> {
         let h: [u8; HEADER_LEN] = bytes[..HEADER_LEN].try_into().unwrap();
         let header = decode_header(&h)?;
-        let mut body = AlignedBuf::zeroed(header.len.div_ceil(ALIGN).max(1) * ALIGN);
+        let mut body = body_buffer(header.len);
         let avail = (bytes.len() - HEADER_LEN).min(header.len);
         body[..avail].copy_from_slice(&bytes[HEADER_LEN..HEADER_LEN + avail]);
         decode_body(&header, body)

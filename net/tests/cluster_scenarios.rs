@@ -10,17 +10,42 @@ fn pass(r: Result<SimReport, torus_net::testing::sim::SimFailure>) -> SimReport 
     r.unwrap_or_else(|f| panic!("{f}"))
 }
 
-/// A block of a PG that three of the four nodes hold, its holders in slot order, and the fourth
-/// node, which is made the leader (so the holders learn of a new map only when they poll it).
-async fn block_and_leader(s: &Stage) -> Result<(u64, Vec<usize>, usize), String> {
+/// A block of a PG that three of the four nodes hold, and those holders, a, b and c in slot
+/// order. The fourth node is made the leader (so the holders learn of a new map only when
+/// they poll it), and the client attaches to it.
+struct Roles {
+    block: u64,
+    a: usize,
+    b: usize,
+    c: usize,
+}
+
+async fn roles(s: &Stage) -> Result<Roles, String> {
     s.until_clean().await?;
     let block = s.blocks()[0];
     let h = s.holders(s.pg_of(block));
-    let d = (0..4)
+    let d = (0..s.nodes())
         .find(|i| !h.contains(i))
         .ok_or("every node holds the PG")?;
     s.make_leader(d).await?;
-    Ok((block, s.holders(s.pg_of(block)), d))
+    s.attach(d).await?;
+    let h = s.holders(s.pg_of(block));
+    Ok(Roles {
+        block,
+        a: h[0],
+        b: h[1],
+        c: h[2],
+    })
+}
+
+/// `roles`, then c is killed, and a and b run the map that marks it down: a write now reaches
+/// a and b only.
+async fn c_down(s: &Stage) -> Result<Roles, String> {
+    let r = roles(s).await?;
+    s.kill(r.c);
+    s.until_down(r.c).await?;
+    s.until_installed(&[r.a, r.b]).await?;
+    Ok(r)
 }
 
 /// Fix 14 (the earlier model's seed 26700): a write reaches holders a and b while c is down; a
@@ -36,12 +61,7 @@ fn a_restarted_last_clean_holder_copies_what_a_holder_cut_off_before_it_has() {
         4,
         false,
         async |s: Stage| {
-            let (block, h, leader) = block_and_leader(&s).await?;
-            let (a, b, c) = (h[0], h[1], h[2]);
-            s.attach(leader).await?;
-            s.kill(c);
-            s.until_down(c).await?;
-            s.until_installed(&[a, b]).await?;
+            let Roles { block, a, b, c } = c_down(&s).await?;
             s.write(block).await?;
             s.isolate(a, true);
             s.until_down(a).await?;
@@ -75,12 +95,7 @@ fn a_holder_cut_off_past_its_lease_flushes_and_records_that_on_its_disk() {
         4,
         false,
         async |s: Stage| {
-            let (block, h, leader) = block_and_leader(&s).await?;
-            let (a, b, c) = (h[0], h[1], h[2]);
-            s.attach(leader).await?;
-            s.kill(c);
-            s.until_down(c).await?;
-            s.until_installed(&[a, b]).await?;
+            let Roles { block, a, b, c } = c_down(&s).await?;
             s.flush().await?;
             s.write(block).await?;
             s.isolate(a, true);
@@ -114,9 +129,7 @@ fn a_process_whose_lease_expired_forgets_the_dirty_blocks_it_remembered() {
         4,
         false,
         async |s: Stage| {
-            let (block, h, leader) = block_and_leader(&s).await?;
-            let (a, b, c) = (h[0], h[1], h[2]);
-            s.attach(leader).await?;
+            let Roles { block, a, b, c } = roles(&s).await?;
             s.kill(c);
             s.start(c);
             s.until("c's new process runs", |s| s.running(c)).await?;

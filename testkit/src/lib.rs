@@ -1,7 +1,7 @@
 //! What the process-level tests (`tests/`) and the benchmarks (`benches/`) both need to drive
 //! real processes: loopback ports nobody uses, a process's CPU time and memory read from
-//! `/proc`, finding a tool on `PATH`, and whether etcd is ready. One copy, so a test and a benchmark measure a
-//! process the same way.
+//! `/proc`, finding a tool on `PATH`, and whether etcd is ready. One copy, so a test and a
+//! benchmark measure a process the same way.
 
 pub mod alloc;
 

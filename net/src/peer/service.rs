@@ -468,7 +468,7 @@ impl PeerService {
                 let bytes = &c.rbuf[c.rstart..c.rstart + h.len];
                 let (entries, data) = wire::split_body(&h, bytes)?;
                 let body = (data > 0).then(|| {
-                    let mut buf = AlignedBuf::zeroed(h.len.div_ceil(4096) * 4096);
+                    let mut buf = wire::body_buffer(h.len);
                     buf[..h.len].copy_from_slice(bytes);
                     Arc::new(buf)
                 });
@@ -476,7 +476,7 @@ impl PeerService {
                 self.dispatch(ctx, id, entries, body);
                 continue;
             }
-            let buf = AlignedBuf::zeroed(h.len.div_ceil(4096).max(1) * 4096);
+            let buf = wire::body_buffer(h.len);
             c.body = Some((h, buf, 0));
         }
     }

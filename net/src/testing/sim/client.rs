@@ -132,6 +132,20 @@ impl Client {
         }
     }
 
+    /// A write of the next version of `block` is sent (a block the client does not use:
+    /// `None`): its request number and version.
+    pub fn begin_write(&mut self, block: u64) -> Option<(u64, u64)> {
+        let (op, v) = (self.next_op, self.next_version);
+        let m = self.model.get_mut(&block)?;
+        m.issue(v);
+        m.writing = true;
+        self.next_op += 1;
+        self.next_version += 1;
+        self.in_flight
+            .insert(op, (Kind::Write(v), block, Vec::new()));
+        Some((op, v))
+    }
+
     /// Flush `op` is sent: what each block holds now is what it makes durable.
     pub fn begin_flush(&mut self, op: u64) {
         self.flushing = true;

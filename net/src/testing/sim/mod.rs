@@ -81,6 +81,10 @@ struct Sim {
     /// With four nodes, the leader marks out a node down for `DOWN_OUT_SECONDS` (a scenario
     /// may turn this off).
     down_out: bool,
+    /// What a failure is called ("seed N", or a scenario's name) and the command that replays
+    /// it.
+    label: String,
+    replay: String,
 }
 
 fn small_map() -> ClusterMap {
@@ -139,10 +143,12 @@ impl Sim {
             .put("volumes/v", serde_json::to_vec(&volume).expect("json"), 0);
         state.kv.put("volumes/=next", b"2".to_vec(), 0);
         Sim {
-            cfg,
             w: Arc::new(Mutex::new(state)),
             client: Arc::new(Mutex::new(Client::new())),
             down_out: true,
+            label: format!("seed {}", cfg.seed),
+            replay: cfg.replay_command(),
+            cfg,
         }
     }
 
@@ -490,11 +496,11 @@ impl Sim {
         let log: Vec<String> = self.w.lock().log.iter().cloned().collect();
         SimFailure {
             message: format!(
-                "seed {}: {what}\nlast log lines:\n{}",
-                self.cfg.seed,
+                "{}: {what}\nlast log lines:\n{}",
+                self.label,
                 log[log.len().saturating_sub(60)..].join("\n")
             ),
-            replay: self.cfg.replay_command(),
+            replay: self.replay.clone(),
         }
     }
 
@@ -594,22 +600,12 @@ impl Sim {
                 }
                 Some((node, gen, cluster)) => {
                     for block in unknown {
-                        let op = {
-                            let mut c = self.client.lock();
-                            let (op, v) = (c.next_op, c.next_version);
-                            c.next_op += 1;
-                            c.next_version += 1;
-                            let m = c.model.get_mut(&block).expect("a block");
-                            m.issue(v);
-                            m.writing = true;
-                            c.in_flight.insert(op, (Kind::Write(v), block, Vec::new()));
-                            (op, v)
-                        };
-                        let piece = client::piece_for(Kind::Write(op.1), block);
+                        let (op, v) = self.client.lock().begin_write(block).expect("a block");
+                        let piece = client::piece_for(Kind::Write(v), block);
                         client::submit(
                             &self.w,
                             &self.client,
-                            op.0,
+                            op,
                             Some(piece),
                             node,
                             gen,

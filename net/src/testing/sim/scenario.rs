@@ -41,6 +41,10 @@ pub fn scenario(
         canary: false,
     });
     sim.down_out = down_out;
+    sim.label = name.to_owned();
+    sim.replay = format!(
+        "TORUS_SIM_LOG=1 cargo test --release -p torus-net --test cluster_scenarios -- --exact {name}"
+    );
     sim.w.lock().lose_unflushed = true;
     let w = sim.w.clone();
     on_paused_clock(w, async move {
@@ -51,13 +55,6 @@ pub fn scenario(
             return Err(sim.failure(format!("the script stopped: {why}")));
         }
         sim.heal_and_check().await
-    })
-    .map_err(|mut f| {
-        f.message = f.message.replacen("seed 1: ", &format!("{name}: "), 1);
-        f.replay = format!(
-            "TORUS_SIM_LOG=1 cargo test --release -p torus-net --test cluster_scenarios -- --exact {name}"
-        );
-        f
     })
 }
 
@@ -149,15 +146,23 @@ impl Stage {
 
     /// Waits until `f` holds, looking every millisecond.
     pub async fn until(&self, what: &str, f: impl Fn(&Stage) -> bool) -> Result<(), String> {
-        let start = Instant::now();
-        while !f(self) {
-            if start.elapsed() > WAIT_LIMIT {
-                return Err(format!("{what}: not within {} s", WAIT_LIMIT.as_secs()));
-            }
-            sleep(Duration::from_millis(1)).await;
+        if !self.wait(Duration::from_millis(1), f).await {
+            return Err(format!("{what}: not within {} s", WAIT_LIMIT.as_secs()));
         }
         self.log(&format!("{what} (map {})", self.map().epoch));
         Ok(())
+    }
+
+    /// Looks at `f` every `every` until it holds (true) or `WAIT_LIMIT` has passed (false).
+    async fn wait(&self, every: Duration, f: impl Fn(&Stage) -> bool) -> bool {
+        let start = Instant::now();
+        while !f(self) {
+            if start.elapsed() > WAIT_LIMIT {
+                return false;
+            }
+            sleep(every).await;
+        }
+        true
     }
 
     /// Waits until etcd's map marks node `i` down.
@@ -197,16 +202,15 @@ impl Stage {
 
     /// Waits until every PG is clean and every node runs etcd's map as the process it names.
     pub async fn until_clean(&self) -> Result<(), String> {
-        let start = Instant::now();
-        while !self.0.clean_everywhere() {
-            if start.elapsed() > WAIT_LIMIT {
-                return Err(format!(
-                    "not clean within {} s: {:?}",
-                    WAIT_LIMIT.as_secs(),
-                    self.map().health()
-                ));
-            }
-            sleep(Duration::from_millis(10)).await;
+        if !self
+            .wait(Duration::from_millis(10), |s| s.0.clean_everywhere())
+            .await
+        {
+            return Err(format!(
+                "not clean within {} s: {:?}",
+                WAIT_LIMIT.as_secs(),
+                self.map().health()
+            ));
         }
         self.log("every PG is clean");
         Ok(())
@@ -228,20 +232,12 @@ impl Stage {
     /// Writes the next version of `block` through the client's node and waits for the
     /// answer: the version, or the error.
     pub async fn write(&self, block: u64) -> Result<u64, String> {
-        let (op, v) = {
-            let mut c = self.0.client.lock();
-            let (op, v) = (c.next_op, c.next_version);
-            c.next_op += 1;
-            c.next_version += 1;
-            let m = c
-                .model
-                .get_mut(&block)
-                .ok_or("not one of the client's blocks")?;
-            m.issue(v);
-            m.writing = true;
-            c.in_flight.insert(op, (Kind::Write(v), block, Vec::new()));
-            (op, v)
-        };
+        let (op, v) = self
+            .0
+            .client
+            .lock()
+            .begin_write(block)
+            .ok_or("not one of the client's blocks")?;
         self.send(op, Some(client::piece_for(Kind::Write(v), block)))
             .await?;
         if self.0.client.lock().model[&block].possible == [v] {
@@ -276,12 +272,9 @@ impl Stage {
             return Err("the client is not attached".to_owned());
         };
         client::submit(&self.0.w, &self.0.client, op, piece, node, gen, cluster);
-        let start = Instant::now();
-        while self.0.client.lock().in_flight.contains_key(&op) {
-            if start.elapsed() > WAIT_LIMIT {
-                return Err(format!("request {op}: no answer"));
-            }
-            sleep(Duration::from_millis(1)).await;
+        let answered = |s: &Stage| !s.0.client.lock().in_flight.contains_key(&op);
+        if !self.wait(Duration::from_millis(1), answered).await {
+            return Err(format!("request {op}: no answer"));
         }
         Ok(())
     }
