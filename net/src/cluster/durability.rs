@@ -342,6 +342,37 @@ impl Cluster {
         }
     }
 
+    /// Registered again on a new lease while its cut-off fence stands, this node needs a map
+    /// newer than the fence to take writes. The leader publishes one when it saw the node's
+    /// key gone; when it did not (it registered again before the leader's next look, the
+    /// leader itself stalled), the node moves etcd's map past the fence itself: the same map,
+    /// one epoch past the floor, so no write is taken under the epoch its cut-off record
+    /// claims (`fence_cut_off`). Tried again at every heartbeat until a map past the floor is
+    /// installed; a newer map already in etcd is left to the map loop.
+    pub(super) async fn pass_cut_off_fence(&self) {
+        let floor = self.write_floor.load(Ordering::Acquire);
+        if floor == 0 || self.map().epoch >= floor {
+            return;
+        }
+        let passed = self
+            .update_map(|m| {
+                if m.epoch >= floor {
+                    return false;
+                }
+                m.epoch = floor + 1;
+                true
+            })
+            .await;
+        if let Ok(Some(map)) = passed {
+            self.log(&format!(
+                "registered again behind the cut-off fence (writes under map {} and older refused): map epoch {} published",
+                floor - 1,
+                map.epoch
+            ));
+            self.install_map(map);
+        }
+    }
+
     /// The lease is still alive after all (the fence came early: the map may not change):
     /// the record of the fence goes first, then writes are taken again.
     pub(super) fn lift_cut_off_fence(&self) {

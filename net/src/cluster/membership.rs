@@ -80,6 +80,8 @@ impl Cluster {
                 self.lift_cut_off_fence();
                 self.lease_ok
                     .fetch_max(self.since_born(sent), Ordering::AcqRel);
+                // A lease taken since the fence (a beat before, whose map did not pass).
+                self.pass_cut_off_fence().await;
             } else if let Ok(None) = self.kv.get(&format!("nodes/{}", self.me)).await {
                 // etcd answers but our key is gone: the lease expired while we were cut off,
                 // and the others took us out. Register again; we come back stale and catch up.
@@ -93,6 +95,7 @@ impl Cluster {
                         self.lease.store(l as u64, Ordering::Release);
                         self.lease_ok
                             .fetch_max(self.since_born(Instant::now()), Ordering::AcqRel);
+                        self.pass_cut_off_fence().await;
                     }
                 }
             }

@@ -54,6 +54,13 @@ impl KvState {
         self.keys.get(key).map(|e| (e.value.clone(), e.modified))
     }
 
+    /// How long the lease `key` is held on has left, if etcd has the key on a lease.
+    pub fn lease_left(&mut self, key: &str) -> Option<Duration> {
+        self.expire();
+        let at = self.leases.get(&self.keys.get(key)?.lease)?;
+        Some(at.saturating_duration_since(Instant::now()))
+    }
+
     pub fn put(&mut self, key: &str, value: Vec<u8>, lease: i64) -> bool {
         self.expire();
         if lease != 0 && !self.leases.contains_key(&lease) {

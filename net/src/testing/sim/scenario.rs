@@ -85,6 +85,16 @@ impl Stage {
             .collect()
     }
 
+    /// How long node `i`'s lease has left in etcd, if etcd has its key (it is registered).
+    pub fn lease_left(&self, i: usize) -> Option<Duration> {
+        self.0.w.lock().kv.lease_left(&format!("nodes/n{i}"))
+    }
+
+    /// The revision of etcd's last change to `key`, if etcd has it.
+    pub fn revision(&self, key: &str) -> Option<i64> {
+        self.0.w.lock().kv.get(key).map(|(_, rev)| rev)
+    }
+
     /// True when node `i`'s process has joined (its cluster code runs).
     pub fn running(&self, i: usize) -> bool {
         self.0.w.lock().nodes[i].cluster.is_some()
