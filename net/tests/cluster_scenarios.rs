@@ -145,6 +145,36 @@ fn a_process_whose_lease_expired_forgets_the_dirty_blocks_it_remembered() {
     ));
 }
 
+/// Fix 18b (the earlier model's seed 67642): holders a and b take a write while c is up, then
+/// c is killed and the map marks it down. Installing that map, a and b flush (what only they
+/// hold now must not wait for a client's flush), and that flush must be recorded under the new
+/// map, so `Cluster::install_map` takes the map first and flushes after: a revival compares
+/// these records (`replication::revival_source`), and a flush recorded under the older map
+/// would rank a disk that has the write with one that lost it. With the flush made before the
+/// map is taken it fails: "the script stopped: a and b record a flush under the map that
+/// marks c down: not within 60 s".
+#[test]
+fn a_flush_after_a_node_left_the_map_is_recorded_under_the_new_map() {
+    pass(scenario(
+        "a_flush_after_a_node_left_the_map_is_recorded_under_the_new_map",
+        4,
+        false,
+        async |s: Stage| {
+            let Roles { block, a, b, c } = roles(&s).await?;
+            s.write(block).await?;
+            s.kill(c);
+            s.until_down(c).await?;
+            let epoch = s.map().epoch;
+            s.until_installed(&[a, b]).await?;
+            s.until(
+                "a and b record a flush under the map that marks c down",
+                |s| s.flushed(a) >= epoch && s.flushed(b) >= epoch,
+            )
+            .await
+        },
+    ));
+}
+
 /// The known bug the 100,000-seed run found (seed 9297 of four nodes, on the code that kept
 /// dirty blocks on each PG's core): a, cut off from etcd, fences itself past its lease
 /// (`Cluster::fence_cut_off`: it refuses writes under every map it has seen) and registers

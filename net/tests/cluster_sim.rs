@@ -125,20 +125,10 @@ fn a_process_the_map_does_not_name_yet_does_not_answer_for_a_flush() {
     replay(1355, 4);
 }
 
-// Fixes 14, 19 and the earlier model's seed 37141 are pinned by scripted scenarios
+// Fixes 14, 18b, 19, 21 and the earlier model's seed 37141 are pinned by scripted scenarios
 // (tests/cluster_scenarios.rs), which keep failing with their fix taken out when a change
-// moves the cluster's events in time; a seed does not.
-
-/// Seed 7672 (four nodes) pins fix 18b of the earlier model (its seed 67642): a node installing
-/// a map that lost a node flushes, and that flush must be recorded under the new map, so
-/// `Cluster::install_map` takes the map first and flushes after. With the flush made before
-/// the map is taken, its record names the older epoch, a later revival takes the wrong copy,
-/// and it fails: "a stale read: block 302 read as version 1504, expected one of [1531]".
-#[test]
-fn a_flush_after_a_node_left_the_map_is_recorded_under_the_new_map() {
-    let r = replay(7672, 4);
-    assert!(r.revivals > 0 && r.marked_out > 0, "{r:?}");
-}
+// moves the cluster's events in time; a seed does not (seeds 1585, 7672 and 4865 pinned 14,
+// 18b and 37141 until the dirty-block tracking moved onto each PG's core).
 
 /// One seed (77, four nodes, 20 simulated seconds) run twice gives the same counts of events,
 /// messages, acknowledged writes and faults.

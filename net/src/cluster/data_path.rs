@@ -490,6 +490,12 @@ impl Cluster {
     /// are remembered so the scrub does not overwrite them with a replica's older copy.
     fn send_local_tracked(&self, piece: Piece, epoch: u64, reply: ReplyTo) {
         let pg = self.pg_of(piece.volume, piece.offset);
+        // On the PG's core: a scrub or catch-up that starts tracking the PG does so here too
+        // (`track_dirty`), so this write is either on the store's queue before what it reads
+        // next, or sees the PG tracked.
+        if !self.dirty_pgs.contains(pg) {
+            return self.send_local(piece, reply);
+        }
         let mut dirty = self.dirty.lock();
         if let Some(set) = dirty.get_mut(&pg) {
             let first = piece.offset / BLOCK_SIZE as u64;
@@ -499,6 +505,40 @@ impl Cluster {
             }
         }
         self.send_local(piece, reply);
+    }
+
+    /// Starts remembering the blocks coordinated writes make to `pgs` (a scrub or catch-up
+    /// about to read them), each on its PG's own core, where its coordinated writes run.
+    pub(super) async fn track_dirty(self: &Arc<Self>, pgs: Vec<u32>) {
+        let cores = self.host.cores();
+        let mut waits = Vec::new();
+        for core in 0..cores {
+            let mine: Vec<u32> = pgs
+                .iter()
+                .copied()
+                .filter(|pg| *pg as usize % cores == core)
+                .collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let me = self.clone();
+            self.host.run_on_core(
+                core,
+                Box::new(move || {
+                    let mut dirty = me.dirty.lock();
+                    for pg in mine {
+                        dirty.entry(pg).or_default();
+                        me.dirty_pgs.insert(pg);
+                    }
+                    let _ = tx.send(());
+                }),
+            );
+            waits.push(rx);
+        }
+        for rx in waits {
+            let _ = rx.await;
+        }
     }
 
     /// A replica write from a coordinator whose map had `epoch`, counted in flight under that
@@ -537,6 +577,7 @@ impl Cluster {
         // Not clean here: remember what newer data arrived, so catch-up leaves it alone. The
         // piece is queued under the same lock catch-up uses, so the core sees them in order.
         let mut dirty = self.dirty.lock();
+        self.dirty_pgs.insert(pg);
         let set = dirty.entry(pg).or_default();
         for b in full_blocks(&piece) {
             set.insert((piece.volume, b), epoch);

@@ -195,7 +195,13 @@ impl Cluster {
             }
         }
         let (me, inc) = (&self.me, self.incarnation);
-        dirty.retain(|pg, _| replication::keep_dirty(&map, *pg, me, inc, recovering.contains(pg)));
+        dirty.retain(|pg, _| {
+            let keep = replication::keep_dirty(&map, *pg, me, inc, recovering.contains(pg));
+            if !keep {
+                self.dirty_pgs.remove(*pg);
+            }
+            keep
+        });
     }
 
     pub(super) async fn map_loop(self: Arc<Self>) {

@@ -162,6 +162,10 @@ pub struct Cluster {
     /// Per PG, the blocks written here while it was not clean or being scrubbed, each with
     /// the map epoch of the write (see `replication::DirtyEpochs`).
     dirty: Mutex<BTreeMap<u32, DirtyBlocks>>,
+    /// The PGs `dirty` has an entry for, changed with it: a coordinated write looks here
+    /// first, without a lock (`send_local_tracked`; scrub and catch-up add theirs on the
+    /// PG's core, `track_dirty`).
+    dirty_pgs: PgSet,
     /// Since when the dirty blocks are valid (see `replication::DirtyEpochs`).
     dirty_epochs: Mutex<replication::DirtyEpochs>,
     /// Writes in flight here (coordinated or applied as a replica; `enter_inflight`).
@@ -330,6 +334,7 @@ impl Cluster {
             writer_epochs: ArcSwap::from_pointee(BTreeMap::new()),
             writer_sessions: AtomicU64::new(0),
             dirty: Mutex::new(BTreeMap::new()),
+            dirty_pgs: PgSet::new(pg_count),
             dirty_epochs: Mutex::new(replication::DirtyEpochs::default()),
             inflight: InFlight::default(),
             recovery: Mutex::new(Recovery::default()),

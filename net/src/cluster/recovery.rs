@@ -205,14 +205,12 @@ impl Cluster {
     ) -> Result<(), ClusterError> {
         let pg_count = map.pg_count as usize;
         let mut bitmap = vec![false; pg_count];
-        {
-            let mut dirty = self.dirty.lock();
-            for (pg, _) in pgs {
-                bitmap[*pg as usize] = true;
-                self.recovering.insert(*pg);
-                dirty.entry(*pg).or_default();
-            }
+        for (pg, _) in pgs {
+            bitmap[*pg as usize] = true;
+            self.recovering.insert(*pg);
         }
+        self.track_dirty(pgs.iter().map(|(pg, _)| *pg).collect())
+            .await;
         // The volumes as etcd has them now: one created while this node was cut off must be
         // known here before its blocks are compared, or they would be skipped as not wanted
         // and the PG marked clean without them.

@@ -49,7 +49,6 @@ impl Cluster {
         let mut bitmap = vec![false; pg_count];
         let mut pgs = Vec::new();
         {
-            let mut dirty = self.dirty.lock();
             let mut busy = 0;
             let mut not_clean = 0;
             for pg in 0..map.pg_count {
@@ -62,7 +61,6 @@ impl Cluster {
                     busy += 1;
                 } else {
                     bitmap[pg as usize] = true;
-                    dirty.entry(pg).or_default();
                     pgs.push(pg);
                 }
             }
@@ -77,6 +75,7 @@ impl Cluster {
                 ));
             }
         }
+        self.track_dirty(pgs.clone()).await;
         let blocks: Vec<u64> = self
             .list_local(&bitmap)
             .await

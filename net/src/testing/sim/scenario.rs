@@ -90,6 +90,28 @@ impl Stage {
         self.0.w.lock().kv.lease_left(&format!("nodes/n{i}"))
     }
 
+    /// The newest map epoch node `i`'s process (the one etcd's map names) has recorded a
+    /// flush at in etcd (0: none).
+    pub fn flushed(&self, i: usize) -> u64 {
+        let name = format!("n{i}");
+        let Some(inc) = self.map().nodes.get(&name).map(|n| n.info.incarnation) else {
+            return 0;
+        };
+        let mut s = self.0.w.lock();
+        let Some((id, _)) = s.kv.get(&format!("ids/{name}")) else {
+            return 0;
+        };
+        let key = format!("flushed/{}", String::from_utf8_lossy(&id));
+        let record: Vec<(u64, u64)> =
+            s.kv.get(&key)
+                .and_then(|(v, _)| serde_json::from_slice(&v).ok())
+                .unwrap_or_default();
+        record
+            .iter()
+            .find(|(i, _)| *i == inc)
+            .map_or(0, |&(_, epoch)| epoch)
+    }
+
     /// The revision of etcd's last change to `key`, if etcd has it.
     pub fn revision(&self, key: &str) -> Option<i64> {
         self.0.w.lock().kv.get(key).map(|(_, rev)| rev)
