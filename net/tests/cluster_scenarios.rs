@@ -185,13 +185,15 @@ fn a_flush_after_a_node_left_the_map_is_recorded_under_the_new_map() {
 /// primary of for good: "the script stopped: the write of version 1 of block 0 failed".
 #[test]
 fn a_node_registered_again_before_the_leader_saw_it_gone_takes_writes_again() {
-    pass(scenario(
+    let r = pass(scenario(
         "a_node_registered_again_before_the_leader_saw_it_gone_takes_writes_again",
         4,
         false,
         async |s: Stage| {
             let Roles { block, a, .. } = roles(&s).await?;
             let d = s.leader().ok_or("no leader")?;
+            let up_since = |s: &Stage| s.map().nodes[&format!("n{a}")].up_since;
+            let (epoch, since) = (s.map().epoch, up_since(&s));
             s.until("a renewed its lease", |s| {
                 s.lease_left(a) >= Some(Duration::from_millis(2990))
             })
@@ -215,7 +217,17 @@ fn a_node_registered_again_before_the_leader_saw_it_gone_takes_writes_again() {
                 return Err("the leader saw a gone: this no longer reaches the bug".into());
             }
             s.write(block).await?;
+            // a's own map, one past its fence (the map it fenced under, plus two), with no
+            // break in a's time up.
+            if (s.map().epoch, up_since(&s)) != (epoch + 2, since) {
+                return Err(format!(
+                    "map {} (a up since {}) after map {epoch} (a up since {since})",
+                    s.map().epoch,
+                    up_since(&s)
+                ));
+            }
             Ok(())
         },
     ));
+    assert!(r.cut_records > 0, "{r:?}");
 }

@@ -12,7 +12,10 @@
 //! Cut off from etcd past its lease, a node refuses writes under the maps it has seen
 //! (`write_floor`), waits for the local copies of those already in flight, flushes, and
 //! records on its own disk that the flush covers every write of those maps, for its next
-//! process to publish (`fence_cut_off`, `flush_records`).
+//! process to publish (`fence_cut_off`, `flush_records`). The fence ends with a map at or past
+//! its floor: the leader's, one the node publishes itself once its lease is alive again and
+//! the leader published none (`pass_cut_off_fence`), or, when the same lease turns out
+//! alive, by lifting it (`lift_cut_off_fence`).
 //!
 //! Invariant: a write the fence does not find in flight finds the floor (`enter_inflight`
 //! counts itself in before it reads the floor, the fence sets the floor before it reads what
@@ -342,13 +345,18 @@ impl Cluster {
         }
     }
 
-    /// Registered again on a new lease while its cut-off fence stands, this node needs a map
-    /// newer than the fence to take writes. The leader publishes one when it saw the node's
-    /// key gone; when it did not (it registered again before the leader's next look, the
-    /// leader itself stalled), the node moves etcd's map past the fence itself: the same map,
-    /// one epoch past the floor, so no write is taken under the epoch its cut-off record
-    /// claims (`fence_cut_off`). Tried again at every heartbeat until a map past the floor is
-    /// installed; a newer map already in etcd is left to the map loop.
+    /// Its lease alive again while its cut-off fence stands (registered again on a new lease,
+    /// or the fence's record could not be removed), this node needs a map at or past the
+    /// floor to take writes. The leader publishes one when it saw the node's key gone; when
+    /// it did not (the node registered again before the leader's next look; the leader
+    /// stalled), etcd still has the very map the node last saw, no write was acknowledged
+    /// without it under that map (every write needs every holder it names, and this node
+    /// refused them), and the node moves etcd's map past the fence itself: the same map, at
+    /// the floor plus one (the floor would do too: the cut-off record covers the maps below
+    /// it; one more keeps every epoch the record names free of this process's writes). Only
+    /// when etcd's map is the one it fenced under (one the node is down in is passed too: the
+    /// leader's next map takes it back in); tried again at every heartbeat until a map at or
+    /// past the floor is installed, and a newer map already in etcd is left to the map loop.
     pub(super) async fn pass_cut_off_fence(&self) {
         let floor = self.write_floor.load(Ordering::Acquire);
         if floor == 0 || self.map().epoch >= floor {
@@ -356,20 +364,29 @@ impl Cluster {
         }
         let passed = self
             .update_map(|m| {
-                if m.epoch >= floor {
+                // Not a map etcd lost (`update_map` starts from an empty one) or one restored
+                // from before the fence.
+                if m.nodes.is_empty() || m.epoch + 1 != floor {
                     return false;
                 }
                 m.epoch = floor + 1;
                 true
             })
             .await;
-        if let Ok(Some(map)) = passed {
-            self.log(&format!(
-                "registered again behind the cut-off fence (writes under map {} and older refused): map epoch {} published",
-                floor - 1,
-                map.epoch
-            ));
-            self.install_map(map);
+        match passed {
+            Ok(Some(map)) => {
+                self.log(&format!(
+                    "lease alive again behind the cut-off fence (writes under map {} and older refused): map epoch {} published",
+                    floor - 1,
+                    map.epoch
+                ));
+                self.install_map(map);
+            }
+            Ok(None) => {}
+            Err(e) => self.log(&format!(
+                "moving the map past the cut-off fence (map {}): {e}; trying again at the next heartbeat",
+                floor - 1
+            )),
         }
     }
 

@@ -80,7 +80,7 @@ impl Cluster {
                 self.lift_cut_off_fence();
                 self.lease_ok
                     .fetch_max(self.since_born(sent), Ordering::AcqRel);
-                // A lease taken since the fence (a beat before, whose map did not pass).
+                // Still fenced: a lease taken since the fence, or a record not removed.
                 self.pass_cut_off_fence().await;
             } else if let Ok(None) = self.kv.get(&format!("nodes/{}", self.me)).await {
                 // etcd answers but our key is gone: the lease expired while we were cut off,
