@@ -29,7 +29,9 @@ pub use layout::{Geometry, Superblock, BLOCK_SIZE, CHUNK_SIZE};
 pub use mailbox::Message;
 pub use metrics::CoreStats;
 pub use reactor::{current_core, CoreContext, CoreService, NoService, Shared};
-pub use request::{Completion, CompletionSink, Output, Piece, PieceKind, ReplyTo, Router, Sink};
+pub use request::{
+    Completion, CompletionSink, OnceReply, Output, Piece, PieceKind, ReplyTo, Router, Sink,
+};
 
 use layout::{SuperblockDecode, PAGE_SIZE, SUPERBLOCK_COPIES};
 use std::fs::{File, OpenOptions};

@@ -333,6 +333,8 @@ pub(crate) struct Reactor {
     receiver: Receiver<Message>,
     service: Box<dyn CoreService>,
     shutdown: Option<ReplyTo>,
+    /// A shutdown was asked for (`shutdown` holds its answer until the checkpoint takes it).
+    shutting_down: bool,
     draining: Option<ReplyTo>,
     cqes: Vec<cqueue::Entry>,
     routing: Vec<(ReplyTo, Completion)>,
@@ -398,6 +400,7 @@ impl Reactor {
             receiver,
             service,
             shutdown: None,
+            shutting_down: false,
             draining: None,
             cqes: Vec::with_capacity(256),
             routing: Vec::with_capacity(256),
@@ -455,22 +458,20 @@ impl Reactor {
             }
             if self.draining.is_some() && !self.service.busy() {
                 let reply = self.draining.take().expect("drain requested");
+                let token = reply.token();
                 self.ctx.store.out.push((
-                    reply.clone(),
+                    reply,
                     Completion {
-                        token: reply.token(),
+                        token,
                         output: Ok(crate::request::Output::Done),
                     },
                 ));
                 self.route();
             }
-            if self.shutdown.is_some()
-                && !self.service.busy()
-                && self.ctx.store.tasks_in_flight() == 0
-            {
+            if self.shutting_down && !self.service.busy() && self.ctx.store.tasks_in_flight() == 0 {
                 if !self.checkpoint_started {
                     self.checkpoint_started = true;
-                    let reply = self.shutdown.clone().expect("shutdown requested");
+                    let reply = self.shutdown.take().expect("shutdown requested");
                     self.ctx.store.checkpoint_now(&mut self.ctx.io, reply);
                     self.route();
                     work = true;
@@ -527,7 +528,7 @@ impl Reactor {
             // (with DEFER_TASKRUN the kernel wakes the core only when that many are in).
             let awaited = if sleep
                 && self.ctx.io.sync.store_in_flight == 0
-                && self.shutdown.is_none()
+                && !self.shutting_down
                 && self.draining.is_none()
             {
                 self.service.completions_awaited()
@@ -635,10 +636,11 @@ impl Reactor {
                             self.ctx.store.map().mapped_blocks_of(volume),
                         );
                     }
+                    let token = reply.token();
                     self.ctx.store.out.push((
-                        reply.clone(),
+                        reply,
                         Completion {
-                            token: reply.token(),
+                            token,
                             output: Ok(crate::request::Output::Done),
                         },
                     ));
@@ -664,7 +666,8 @@ impl Reactor {
                     self.draining = Some(reply);
                 }
                 Message::Shutdown(reply) => {
-                    if self.shutdown.is_none() {
+                    if !self.shutting_down {
+                        self.shutting_down = true;
                         self.shutdown = Some(reply);
                         if !self.service_stopped {
                             self.service_stopped = true;
@@ -695,6 +698,7 @@ impl Reactor {
                         let _ = sender.send(completion);
                     }
                     ReplyTo::Sink { sink, .. } => sink.0.complete(completion),
+                    ReplyTo::Once(f) => (f.0)(completion),
                 }
             }
             // Keep the larger buffer for the next round; `out` is empty now.

@@ -40,7 +40,7 @@ pub enum PieceKind {
 }
 
 /// Where the answer to a piece goes. `token` means whatever the requester wants it to.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum ReplyTo {
     Core {
         core: usize,
@@ -56,6 +56,18 @@ pub enum ReplyTo {
         sink: Sink,
         token: u64,
     },
+    /// A callback run once on the answering core's thread: it must not block. One
+    /// allocation and no lock per piece (the cluster layer's own replies).
+    Once(OnceReply),
+}
+
+/// The callback of `ReplyTo::Once`.
+pub struct OnceReply(pub Box<dyn FnOnce(Completion) + Send>);
+
+impl std::fmt::Debug for OnceReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnceReply")
+    }
 }
 
 /// Receives completions on whatever thread produced them.
@@ -78,6 +90,7 @@ impl ReplyTo {
             ReplyTo::Core { token, .. }
             | ReplyTo::Channel { token, .. }
             | ReplyTo::Sink { token, .. } => *token,
+            ReplyTo::Once(_) => 0,
         }
     }
 }

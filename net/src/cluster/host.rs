@@ -124,6 +124,7 @@ impl Host for Process {
                 let _ = sender.send(c);
             }
             ReplyTo::Sink { sink, .. } => sink.0.complete(c),
+            ReplyTo::Once(f) => (f.0)(c),
         }
     }
 

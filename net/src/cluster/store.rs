@@ -5,29 +5,11 @@
 //! (`wire::Status`).
 
 use super::{Cluster, Host};
-use crate::counted::Mutex;
-use std::sync::Arc;
-use torus_engine::{
-    BlockError, Completion, CompletionSink, Message, Output, Piece, PieceKind, ReplyTo, Sink,
-};
+use torus_engine::{BlockError, Completion, Message, OnceReply, Output, Piece, PieceKind, ReplyTo};
 
-type OnCompletion = Box<dyn FnOnce(Completion) + Send>;
-
-struct FnSink(Mutex<Option<OnCompletion>>);
-
-impl CompletionSink for FnSink {
-    fn complete(&self, c: Completion) {
-        if let Some(f) = self.0.lock().take() {
-            f(c)
-        }
-    }
-}
-
+/// A store's answer as a callback, run once on the answering core's thread.
 pub(super) fn sink(f: impl FnOnce(Completion) + Send + 'static) -> ReplyTo {
-    ReplyTo::Sink {
-        sink: Sink(Arc::new(FnSink(Mutex::new(Some(Box::new(f)))))),
-        token: 0,
-    }
+    ReplyTo::Once(OnceReply(Box::new(f)))
 }
 
 /// Delivers an answer to whoever asked, from any thread.

@@ -107,6 +107,7 @@ impl Host for SimHost {
     fn deliver(&self, reply: ReplyTo, c: Completion) {
         match reply {
             ReplyTo::Sink { sink, .. } => sink.0.complete(c),
+            ReplyTo::Once(f) => (f.0)(c),
             ReplyTo::Channel { sender, .. } => {
                 let _ = sender.send(c);
             }
