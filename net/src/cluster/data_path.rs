@@ -15,16 +15,19 @@
 //! and answered "ask again": the peer owns its retries (`retry_later`).
 
 use super::store::{clone_piece, deliver, sink};
-use super::Cluster;
+use super::{Cluster, Host};
 use crate::map::ClusterMap;
-use crate::peer::Outgoing;
+use crate::peer::{Answered, Callback, Outgoing, Reply, Responder};
 use crate::replication::{self, Copies, Route, WritePlan};
 use crate::wire::{self, Data, Entry, Op, Status};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
-use torus_engine::{AlignedBuf, BlockError, Output, Piece, PieceKind, ReplyTo, Router, BLOCK_SIZE};
+use torus_engine::{
+    AlignedBuf, BlockError, Completion, CompletionSink, Output, Piece, PieceKind, ReplyTo, Router,
+    Sink, BLOCK_SIZE,
+};
 
 /// How long a client request keeps retrying (primary moving, a node being declared dead)
 /// before it answers EIO. Longer than the default lease so a node loss is ridden out.
@@ -33,7 +36,32 @@ pub(super) const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
 pub(super) const PEER_REQUEST_DEADLINE: Duration = Duration::from_secs(4);
 pub(super) const RETRY_DELAY: Duration = Duration::from_millis(100);
 
-pub(super) type Done = Box<dyn FnOnce(Result<Output, Status>) + Send>;
+/// Where a request's answer goes, once (nothing is allocated for it).
+pub(super) enum Done {
+    /// A piece of this node's frontends: answered to `reply` through `host`; a write is
+    /// counted out of the volume's writes in first (`WritesIn`).
+    Frontend {
+        host: Arc<dyn Host>,
+        reply: ReplyTo,
+        write: Option<Arc<AtomicU64>>,
+    },
+    /// A peer's request: answered on its connection (`len`: the bytes a read answers).
+    Peer { respond: Responder, len: usize },
+}
+
+impl Done {
+    pub(super) fn call(self, r: Result<Output, Status>) {
+        match self {
+            Done::Frontend { host, reply, write } => {
+                if let Some(count) = write {
+                    count.fetch_sub(1, Ordering::SeqCst);
+                }
+                deliver(&*host, reply, r.map_err(BlockError::from))
+            }
+            Done::Peer { respond, len } => super::handler::reply_output(respond, r, len),
+        }
+    }
+}
 
 pub(super) struct Request {
     pub(super) piece: Piece,
@@ -115,13 +143,42 @@ impl Router for ClusterRouter {
     }
 }
 
+/// One coordinated write's copies answering: the local store's completion and each replica's
+/// reply reach this one receiver, which none of them allocates for; the last answers the
+/// write (`Cluster::copy_answered`).
+struct Coordinated {
+    cluster: Arc<Cluster>,
+    epoch: u64,
+    copies: Copies<Request>,
+}
+
+impl Coordinated {
+    fn answer(&self, s: Status) {
+        self.cluster.copy_answered(&self.copies, self.epoch, s)
+    }
+}
+
+impl Answered for Coordinated {
+    fn answered(&self, reply: Reply) {
+        self.answer(reply.status)
+    }
+}
+
+/// The local copy's completion (the store's answer).
+impl CompletionSink for Coordinated {
+    fn complete(&self, c: Completion) {
+        self.cluster.local_done(self.epoch);
+        self.answer(Status::of(&c.output))
+    }
+}
+
 impl Cluster {
     /// A piece from this node's frontends enters the cluster; writes of a paused volume wait.
     pub(super) fn route(self: &Arc<Self>, piece: Piece, reply: ReplyTo) {
         let host = self.host.clone();
         let volume = piece.volume;
         let is_write = matches!(piece.kind, PieceKind::Write { .. } | PieceKind::Zero { .. });
-        let done: Done = if is_write {
+        let write = if is_write {
             // Counted in, then checked for a pause (see `WritesIn`).
             let count = self.writes_in.counts.get(volume);
             count.fetch_add(1, Ordering::SeqCst);
@@ -133,13 +190,11 @@ impl Cluster {
                     return;
                 }
             }
-            Box::new(move |r| {
-                count.fetch_sub(1, Ordering::SeqCst);
-                deliver(&*host, reply, r.map_err(BlockError::from))
-            })
+            Some(count)
         } else {
-            Box::new(move |r| deliver(&*host, reply, r.map_err(BlockError::from)))
+            None
         };
+        let done = Done::Frontend { host, reply, write };
         self.submit(Request {
             piece,
             done,
@@ -161,11 +216,11 @@ impl Cluster {
             PieceKind::Write { .. } | PieceKind::Zero { .. }
         );
         if is_write && !req.from_peer && self.writer_epoch(req.piece.volume) != req.writer {
-            return (req.done)(Err(Status::Fenced));
+            return req.done.call(Err(Status::Fenced));
         }
         if req.from_peer || Instant::now() >= req.deadline || self.stopping.load(Ordering::Acquire)
         {
-            return (req.done)(Err(Status::Retry));
+            return req.done.call(Err(Status::Retry));
         }
         let me = self.clone();
         self.host.spawn(Box::pin(async move {
@@ -187,14 +242,14 @@ impl Cluster {
         }
         let Some(vol) = self.volume(req.piece.volume) else {
             if req.from_peer || Instant::now() >= req.deadline {
-                return (req.done)(Err(Status::NoVolume));
+                return req.done.call(Err(Status::NoVolume));
             }
             // Created on another node a moment ago: look again before giving up.
             let me = self.clone();
             self.host.spawn(Box::pin(async move {
                 let _ = me.refresh_volumes().await;
                 if me.volume(req.piece.volume).is_none() {
-                    return (req.done)(Err(Status::NoVolume));
+                    return req.done.call(Err(Status::NoVolume));
                 }
                 me.submit(req);
             }));
@@ -223,7 +278,7 @@ impl Cluster {
             Route::Read => {}
             Route::Write(plan) => return self.coordinate(req, map.epoch, plan, pg),
             Route::Retry => return self.retry_later(req),
-            Route::Refuse => return (req.done)(Err(Status::Retry)),
+            Route::Refuse => return req.done.call(Err(Status::Retry)),
             Route::Forward(primary) => return self.forward(req, &map, primary, pg),
         }
         match req.piece.kind {
@@ -247,7 +302,7 @@ impl Cluster {
                                 .collect();
                             me.read_elsewhere(volume, offset, len, pg, others, done)
                         }
-                        other => done(other.map_err(Status::from)),
+                        other => done.call(other.map_err(Status::from)),
                     }),
                 );
             }
@@ -255,11 +310,11 @@ impl Cluster {
                 let done = req.done;
                 self.send_local(
                     req.piece,
-                    sink(move |c| done(c.output.map_err(Status::from))),
+                    sink(move |c| done.call(c.output.map_err(Status::from))),
                 );
             }
             // Writes were planned by `route`; a flush is not routed to one PG.
-            _ => (req.done)(Err(Status::Einval)),
+            _ => req.done.call(Err(Status::Einval)),
         }
     }
 
@@ -275,7 +330,7 @@ impl Cluster {
     ) {
         if others.is_empty() {
             self.host.log(&format!("volume {volume} bytes {offset}+{len}: the local copy cannot be vouched for and no other replica is up: EIO"));
-            return done(Err(Status::Eio));
+            return done.call(Err(Status::Eio));
         }
         let node = others.remove(0);
         let map = self.map();
@@ -294,11 +349,11 @@ impl Cluster {
             },
             data: None,
             group: 0,
-            done: Box::new(move |r| match (r.status, r.data) {
+            done: Callback::once(move |r| match (r.status, r.data) {
                 (Status::Ok, Some(d)) if d.len == len as usize => {
                     me.log(&format!("volume {volume} bytes {offset}+{len}: the local copy fails its checksum; answered from node {node}"));
                     me.repaired_reads.fetch_add(1, Ordering::Relaxed);
-                    done(Ok(read_output(&d)))
+                    done.call(Ok(read_output(&d)))
                 }
                 _ => me.read_elsewhere(volume, offset, len, pg, others, done),
             }),
@@ -311,33 +366,33 @@ impl Cluster {
             return self.retry_later(req);
         };
         let Some((entry, data)) = to_wire(&req.piece, true, map.epoch, req.writer) else {
-            return (req.done)(Err(Status::Einval));
+            return req.done.call(Err(Status::Einval));
         };
         let me = self.clone();
         link.send(Outgoing {
             entry,
             data,
             group: 0,
-            done: Box::new(move |r| match r.status {
+            done: Callback::once(move |r| match r.status {
                 Status::Ok => {
                     let output = match (&req.piece.kind, r.data) {
                         (PieceKind::Read, Some(d)) if d.len == req.piece.len as usize => {
                             read_output(&d)
                         }
-                        (PieceKind::Read, _) => return (req.done)(Err(Status::Eio)),
+                        (PieceKind::Read, _) => return req.done.call(Err(Status::Eio)),
                         (PieceKind::Status, Some(d)) => Output::Status {
                             mapped: d.buf[d.start..d.start + d.len]
                                 .iter()
                                 .map(|&b| b != 0)
                                 .collect(),
                         },
-                        (PieceKind::Status, None) => return (req.done)(Err(Status::Eio)),
+                        (PieceKind::Status, None) => return req.done.call(Err(Status::Eio)),
                         _ => Output::Done,
                     };
-                    (req.done)(Ok(output))
+                    req.done.call(Ok(output))
                 }
                 Status::Retry => me.retry_later(req),
-                s => (req.done)(Err(s)),
+                s => req.done.call(Err(s)),
             }),
         });
     }
@@ -358,7 +413,7 @@ impl Cluster {
         match admitted {
             Ok(()) => {}
             Err(Status::Retry) => return self.retry_later(req),
-            Err(s) => return (req.done)(Err(s)),
+            Err(s) => return req.done.call(Err(s)),
         }
         if !self.enter_inflight(epoch) {
             return self.retry_later(req);
@@ -369,15 +424,20 @@ impl Cluster {
         // A replica catching up needs whole blocks (it cannot merge a partial write into a
         // block it has not copied yet): send what the primary holds after its own write.
         let read_back = plan.stale_target && is_partial(&req.piece) && !remote.is_empty();
-        // The local write and one per remote replica.
-        let copies = Arc::new(Copies::new(remote.len() + 1, req));
+        // The local write and one per remote replica, answering to one shared receiver.
+        let coord = Arc::new(Coordinated {
+            cluster: self.clone(),
+            epoch,
+            copies: Copies::new(remote.len() + 1, req),
+        });
         let call = {
-            let me = self.clone();
-            move |s: Status| me.copy_answered(&copies, epoch, s)
+            let coord = coord.clone();
+            move |s: Status| coord.answer(s)
         };
         let send_remote = {
             let me = self.clone();
             let call = call.clone();
+            let coord = coord.clone();
             move |piece: &Piece, remote: &[&str]| {
                 let map = me.map();
                 // The copies' replies are awaited together (one wake-up for all of them).
@@ -389,12 +449,11 @@ impl Cluster {
                     };
                     let (entry, data) =
                         to_wire(piece, false, epoch, writer).expect("only writes are coordinated");
-                    let call = call.clone();
                     link.send(Outgoing {
                         entry,
                         data,
                         group,
-                        done: Box::new(move |r| call(r.status)),
+                        done: Callback::Shared(coord.clone()),
                     });
                 }
             }
@@ -460,29 +519,27 @@ impl Cluster {
             );
             return;
         }
-        let call_local = call.clone();
-        let me = self.clone();
         self.send_local_tracked(
             clone_piece(&local_piece),
             epoch,
-            sink(move |c| {
-                me.local_done(epoch);
-                call_local(Status::of(&c.output))
-            }),
+            ReplyTo::Sink {
+                sink: Sink(coord),
+                token: 0,
+            },
         );
         send_remote(&local_piece, &remote);
     }
 
     /// One copy of a coordinated write answered; the last one answers the write.
-    fn copy_answered(self: &Arc<Self>, copies: &Copies<Request>, epoch: u64, s: Status) {
+    pub(super) fn copy_answered(self: &Arc<Self>, copies: &Copies<Request>, epoch: u64, s: Status) {
         let Some((worst, req)) = copies.add(s) else {
             return;
         };
         self.inflight_done(epoch);
         match worst {
-            Status::Ok => (req.done)(Ok(Output::Done)),
+            Status::Ok => req.done.call(Ok(Output::Done)),
             Status::Retry => self.retry_later(req),
-            s => (req.done)(Err(s)),
+            s => req.done.call(Err(s)),
         }
     }
 

@@ -26,7 +26,7 @@ use super::store::{deliver, sink};
 use super::{Cluster, Host};
 use crate::etcd::EtcdError;
 use crate::kv::Kv;
-use crate::peer::{FlushRecorder, Outgoing};
+use crate::peer::{Callback, FlushRecorder, Outgoing};
 use crate::replication::{self, worse, Copies};
 use crate::wire::{Entry, Op, Status};
 use std::sync::atomic::Ordering;
@@ -199,7 +199,7 @@ impl Cluster {
                             },
                             data: None,
                             group: 0,
-                            done: Box::new(move |r| {
+                            done: Callback::once(move |r| {
                                 let _ = tx.send(r.status);
                             }),
                         });

@@ -7,7 +7,7 @@
 //! (`serve_list`); a `C*` request sent under an older map is answered "ask again" (its sender
 //! may have been cut off since).
 
-use super::data_path::{Request, PEER_REQUEST_DEADLINE};
+use super::data_path::{Done, Request, PEER_REQUEST_DEADLINE};
 #[cfg(feature = "testing")]
 use super::faults::replica_drops_this_write;
 use super::store::sink;
@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use torus_engine::{AlignedBuf, Output, Piece, PieceKind, BLOCK_SIZE, CHUNK_SIZE};
 
 /// Answers a peer's request with what a piece produced.
-fn reply_output(respond: Responder, output: Result<Output, Status>, len: usize) {
+pub(super) fn reply_output(respond: Responder, output: Result<Output, Status>, len: usize) {
     match output {
         Ok(Output::Read { data, head }) => respond.reply(
             Status::Ok,
@@ -170,7 +170,7 @@ impl Handler for ClusterHandler {
                 let len = e.len as usize;
                 c.submit(Request {
                     piece: piece_of(kind),
-                    done: Box::new(move |r| reply_output(respond, r, len)),
+                    done: Done::Peer { respond, len },
                     deadline: Instant::now() + PEER_REQUEST_DEADLINE,
                     from_peer: true,
                     writer: e.writer,

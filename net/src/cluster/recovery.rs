@@ -10,7 +10,7 @@
 
 use super::{Cluster, ClusterError};
 use crate::map::ClusterMap;
-use crate::peer::Outgoing;
+use crate::peer::{Callback, Outgoing};
 use crate::replication::{self, Wanted};
 use crate::wire::{self, Data, Entry, Op, Status};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -318,7 +318,7 @@ impl Cluster {
             },
             data: None,
             group: 0,
-            done: Box::new(move |r| {
+            done: Callback::once(move |r| {
                 let _ = tx.send(r);
             }),
         });
@@ -400,7 +400,7 @@ impl Cluster {
                 len: bitmap.len(),
             }),
             group: 0,
-            done: Box::new(move |r| {
+            done: Callback::once(move |r| {
                 let _ = tx.send(r);
             }),
         });

@@ -76,7 +76,7 @@ impl Link {
     /// woken); elsewhere through the core with the peer core's index.
     pub fn send(&self, o: Outgoing) {
         if self.dead() {
-            return (o.done)(retry());
+            return o.done.call(retry());
         }
         let cores = self.0.shared.mailboxes.len();
         let core = current_core()

@@ -92,8 +92,32 @@ pub struct Reply {
     pub data: Option<Data>,
 }
 
-/// Runs on the core that sent the request (or wherever the link failed it).
-pub type Callback = Box<dyn FnOnce(Reply) + Send>;
+/// What a request's reply goes to; runs on the core that sent the request (or wherever the
+/// link failed it), once.
+pub enum Callback {
+    Once(Box<dyn FnOnce(Reply) + Send>),
+    /// A receiver several requests share (a replicated write's copies): no allocation per
+    /// request.
+    Shared(Arc<dyn Answered>),
+}
+
+/// Takes the replies of the requests that share it (`Callback::Shared`).
+pub trait Answered: Send + Sync {
+    fn answered(&self, reply: Reply);
+}
+
+impl Callback {
+    pub fn once(f: impl FnOnce(Reply) + Send + 'static) -> Callback {
+        Callback::Once(Box::new(f))
+    }
+
+    pub fn call(self, reply: Reply) {
+        match self {
+            Callback::Once(f) => f(reply),
+            Callback::Shared(a) => a.answered(reply),
+        }
+    }
+}
 
 pub struct Outgoing {
     pub entry: Entry,

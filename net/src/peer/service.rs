@@ -197,7 +197,7 @@ impl PeerService {
 
     fn send_on(&mut self, ctx: &mut CoreContext, link: Arc<LinkInner>, o: Outgoing) {
         if link.closed.load(Ordering::Acquire) {
-            return (o.done)(retry());
+            return o.done.call(retry());
         }
         let id = match self.links.get(&link.id) {
             Some(&id) => id,
@@ -294,7 +294,7 @@ impl PeerService {
         }
         self.maybe_remove(id);
         for cb in failed {
-            cb(retry());
+            cb.call(retry());
         }
     }
 
@@ -511,7 +511,7 @@ impl PeerService {
                     }
                     if let Some((cb, _, group)) = pending.remove(&e.id) {
                         self.awaiting.answered(group);
-                        cb(Reply {
+                        cb.call(Reply {
                             status: Status::from_u16(e.status),
                             data: data_of(e, *start),
                         });

@@ -59,7 +59,7 @@ fn retry() -> Reply {
 impl PeerLink for SimLink {
     fn send(&self, o: Outgoing) {
         if self.dead() {
-            return (o.done)(retry());
+            return o.done.call(retry());
         }
         let w = &self.world;
         let mut s = w.lock();
@@ -69,7 +69,7 @@ impl PeerLink for SimLink {
         let send_core = super::world::current(self.from, self.gen).unwrap_or(0);
         let Some(to) = s.index(&self.addr) else {
             drop(s);
-            return (o.done)(retry());
+            return o.done.call(retry());
         };
         let Some(to_gen) = s.nodes[to].gen else {
             // Refused: nobody listens.
@@ -81,7 +81,7 @@ impl PeerLink for SimLink {
                 gen,
                 send_core,
                 Duration::from_micros(200),
-                move || (o.done)(retry()),
+                move || o.done.call(retry()),
             );
         };
         s.report.messages += 1;
@@ -228,7 +228,7 @@ fn answer(w: &World, conn: u64, req: u64, st: Status, data: Option<Data>) {
             (done, c.from, c.from_gen, c.send_core)
         };
         on_core(&w2, from, gen, core, move || {
-            done(Reply { status: st, data })
+            done.call(Reply { status: st, data })
         });
     });
 }
@@ -254,7 +254,7 @@ pub(super) fn tear_down(w: &World, conn: u64, reset: bool) {
     let (from, gen, core) = (c.from, c.from_gen, c.send_core);
     let recorder = c.recorder.clone();
     for (_, done) in c.pending {
-        on_core(w, from, gen, core, move || done(retry()));
+        on_core(w, from, gen, core, move || done.call(retry()));
     }
     if reset {
         on_core(w, from, gen, core, move || {
