@@ -8,7 +8,8 @@
 //! grow the server's memory): `REQUESTS_IN_FLIGHT_MAX` requests and `BYTES_IN_FLIGHT_MAX`
 //! bytes of payload and read data, counted from the header until the reply is sent. At the
 //! limit the connection is not read until replies drain. Memory per connection is therefore at
-//! most the receive buffer plus 64 MiB (plus one 32 MiB payload that started under the limit).
+//! most the receive buffer plus 64 MiB (plus one 32 MiB payload that started under the limit);
+//! per core, the write payload buffers kept for reuse add at most 2 MiB (`payload_buffer`).
 //!
 //! Protocol errors that leave the stream unframed (a bad request magic, a payload over
 //! `PAYLOAD_MAX`) close the connection once in-flight requests are answered; every other bad
@@ -89,11 +90,14 @@ struct Request {
     reads: Vec<Option<(AlignedBuf, usize, usize)>>,
     status: Vec<Vec<bool>>,
     bytes: usize,
+    /// A write's payload, kept for `spare_payloads` once the reply is sent.
+    data: Option<Arc<AlignedBuf>>,
 }
 
 struct Payload {
     request: usize,
-    buf: AlignedBuf,
+    /// Held by nothing else until the write is dispatched.
+    buf: Arc<AlignedBuf>,
     got: usize,
     len: usize,
 }
@@ -138,8 +142,32 @@ unsafe impl Send for Connection {}
 pub struct NbdService {
     core: usize,
     connections: Slab<Connection>,
+    /// See `payload_buffer`.
+    spare_payloads: Vec<Arc<AlignedBuf>>,
     shutting_down: bool,
     stats: Arc<FrontendStats>,
+}
+
+/// Write payload buffers a core keeps for its next writes (a 4 KiB write then allocates
+/// nothing for its payload): at most `SPARE_PAYLOADS` of at most `SPARE_PAYLOAD_BYTES` each,
+/// 2 MiB per core at most. One is taken again once nothing else holds it (the store and the
+/// cluster's links may still, after the reply).
+const SPARE_PAYLOADS: usize = 32;
+const SPARE_PAYLOAD_BYTES: usize = 64 << 10;
+
+/// A buffer for a write payload of `len` bytes: a spare one of the same size that nothing
+/// else holds (its bytes past `len` zeroed), or a new one.
+fn payload_buffer(spare: &mut Vec<Arc<AlignedBuf>>, len: usize) -> Arc<AlignedBuf> {
+    let size = len.div_ceil(4096).max(1) * 4096;
+    let unique = spare
+        .iter_mut()
+        .position(|b| b.len() == size && Arc::get_mut(b).is_some());
+    if let Some(i) = unique {
+        let mut b = spare.swap_remove(i);
+        Arc::get_mut(&mut b).expect("held by nothing else")[len..].fill(0);
+        return b;
+    }
+    Arc::new(AlignedBuf::zeroed(len))
 }
 
 fn token(conn: usize, request: usize, piece: usize) -> u64 {
@@ -192,6 +220,7 @@ impl NbdService {
         NbdService {
             core,
             connections: Slab::new(),
+            spare_payloads: Vec::new(),
             shutting_down: false,
             stats,
         }
@@ -207,8 +236,9 @@ impl NbdService {
             return;
         }
         let (ptr, len) = if let Some(p) = c.payload.as_mut().filter(|p| p.got < p.len) {
+            let buf = Arc::get_mut(&mut p.buf).expect("a payload's buffer is its own");
             // SAFETY: got < len <= buf.len().
-            (unsafe { p.buf.as_mut_ptr().add(p.got) }, p.len - p.got)
+            (unsafe { buf.as_mut_ptr().add(p.got) }, p.len - p.got)
         } else {
             if c.requests.len() >= REQUESTS_IN_FLIGHT_MAX
                 || (c.bytes_in_flight >= BYTES_IN_FLIGHT_MAX && c.discard == 0)
@@ -262,7 +292,9 @@ impl NbdService {
             }
             if let Some(p) = c.payload.as_mut() {
                 let take = (c.rend - c.rstart).min(p.len - p.got);
-                p.buf[p.got..p.got + take].copy_from_slice(&c.rbuf[c.rstart..c.rstart + take]);
+                Arc::get_mut(&mut p.buf).expect("a payload's buffer is its own")
+                    [p.got..p.got + take]
+                    .copy_from_slice(&c.rbuf[c.rstart..c.rstart + take]);
                 p.got += take;
                 c.rstart += take;
                 if p.got < p.len {
@@ -319,7 +351,12 @@ impl NbdService {
         }
         if let Some(p) = c.payload.take() {
             // A write whose payload never fully arrived: it was never acknowledged, drop it.
-            retire(c, p.request, &self.stats.per_core[self.core]);
+            retire(
+                c,
+                p.request,
+                &self.stats.per_core[self.core],
+                &mut self.spare_payloads,
+            );
         }
         if c.requests.is_empty() && c.send.is_none() {
             let c = self.connections.remove(key);
@@ -331,10 +368,21 @@ impl NbdService {
 
 /// Forgets a request whose reply was sent (or can never be): its bytes and its slot count no
 /// more against the connection's limits.
-fn retire(c: &mut Connection, request: usize, counters: &FrontendCounters) {
+/// A write's payload buffer is kept for the next writes (`payload_buffer`).
+fn retire(
+    c: &mut Connection,
+    request: usize,
+    counters: &FrontendCounters,
+    spare: &mut Vec<Arc<AlignedBuf>>,
+) {
     let req = c.requests.remove(request);
     c.bytes_in_flight -= req.bytes;
     counters.requests_in_flight.fetch_sub(1, Ordering::Relaxed);
+    if let Some(data) = req.data {
+        if data.len() <= SPARE_PAYLOAD_BYTES && spare.len() < SPARE_PAYLOADS {
+            spare.push(data);
+        }
+    }
 }
 
 impl CoreService for NbdService {
@@ -464,6 +512,37 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_spare_payload_buffer_is_taken_again_only_when_nothing_else_holds_it() {
+        let mut spare = Vec::new();
+        let mut kept = payload_buffer(&mut spare, 4096);
+        Arc::get_mut(&mut kept).unwrap().fill(7);
+        let at = kept.as_ptr();
+        let held = kept.clone();
+        spare.push(kept);
+        let other = payload_buffer(&mut spare, 4096);
+        assert_ne!(
+            other.as_ptr(),
+            at,
+            "a buffer the store still holds is not reused"
+        );
+        assert_eq!(spare.len(), 1);
+        drop(held);
+        let wider = payload_buffer(&mut spare, 8192);
+        assert_ne!(
+            wider.as_ptr(),
+            at,
+            "only a buffer of the same size is reused"
+        );
+        let again = payload_buffer(&mut spare, 100);
+        assert_eq!(again.as_ptr(), at, "reused once nothing else holds it");
+        assert!(spare.is_empty());
+        assert!(
+            again[100..].iter().all(|&b| b == 0),
+            "past the payload it is zeroed"
+        );
     }
 
     #[test]

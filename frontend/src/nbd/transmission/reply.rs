@@ -114,7 +114,12 @@ impl NbdService {
         }
         if c.dead {
             while let Some(reply) = c.replies.pop_front() {
-                retire(c, reply.request, &self.stats.per_core[self.core]);
+                retire(
+                    c,
+                    reply.request,
+                    &self.stats.per_core[self.core],
+                    &mut self.spare_payloads,
+                );
             }
             return;
         }
@@ -180,7 +185,12 @@ impl NbdService {
             }
         }
         for reply in batch.replies.drain(..) {
-            retire(c, reply.request, &self.stats.per_core[self.core]);
+            retire(
+                c,
+                reply.request,
+                &self.stats.per_core[self.core],
+                &mut self.spare_payloads,
+            );
         }
         c.spare_send = Some(batch);
         self.process(ctx, key);

@@ -4,11 +4,12 @@
 //! (a write once its payload has arrived). A request's slot and bytes count against the
 //! connection's limits from here until its reply is sent (`retire`).
 
-use super::{pieces, token, NbdService, Payload, Request, State, BLOCK_STATUS_LENGTH_MAX};
+use super::{
+    payload_buffer, pieces, token, NbdService, Payload, Request, State, BLOCK_STATUS_LENGTH_MAX,
+};
 use crate::nbd::protocol::*;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use torus_engine::{AlignedBuf, CoreContext, Piece, PieceKind, ReplyTo};
+use torus_engine::{CoreContext, Piece, PieceKind, ReplyTo};
 
 impl NbdService {
     fn new_request(&mut self, key: usize, h: &RequestHeader, bytes: usize) -> usize {
@@ -29,6 +30,7 @@ impl NbdService {
             reads: Vec::new(),
             status: Vec::new(),
             bytes,
+            data: None,
         })
     }
 
@@ -104,7 +106,7 @@ impl NbdService {
                 let len = h.length as usize;
                 self.connections[key].payload = Some(Payload {
                     request: r,
-                    buf: AlignedBuf::zeroed(len),
+                    buf: payload_buffer(&mut self.spare_payloads, len),
                     got: 0,
                     len,
                 });
@@ -237,7 +239,8 @@ impl NbdService {
         let offset = req.offset;
         let length = req.length as u64;
         req.pieces_left = pieces(offset, length).count() as u32;
-        let data = Arc::new(p.buf);
+        let data = p.buf;
+        req.data = Some(data.clone());
         for (i, (at, len)) in pieces(offset, length).enumerate() {
             let kind = PieceKind::Write {
                 data: data.clone(),
