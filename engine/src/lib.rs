@@ -19,6 +19,7 @@ pub mod reactor;
 pub mod request;
 pub mod slot_allocator;
 pub mod socket;
+pub mod spare_buffers;
 mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -32,6 +33,7 @@ pub use reactor::{current_core, CoreContext, CoreService, NoService, Shared};
 pub use request::{
     Completion, CompletionSink, OnceReply, Output, Piece, PieceKind, ReplyTo, Router, Sink,
 };
+pub use spare_buffers::SpareBuffers;
 
 use layout::{SuperblockDecode, PAGE_SIZE, SUPERBLOCK_COPIES};
 use std::fs::{File, OpenOptions};

@@ -34,7 +34,7 @@ use torus_engine::reactor::TAG_KIND_PEER;
 use torus_engine::socket::{self, SocketResult};
 use torus_engine::{
     AlignedBuf, Completion, CompletionSink, CoreContext, CoreService, Message, Piece, PieceKind,
-    ReplyTo, Shared, Sink,
+    ReplyTo, Shared, Sink, SpareBuffers,
 };
 
 /// A frame is cut at this many entries or bytes of data.
@@ -170,7 +170,13 @@ pub struct PeerService {
     awaiting: Awaiting,
     /// The entries of the frame being sent, kept for its capacity (`try_send`).
     send_batch: Vec<(Entry, Option<Data>)>,
+    /// Bodies of received frames that carry data, kept for reuse once the store is done
+    /// with them (`SPARE_BODIES` of at most `SPARE_BODY_BYTES`: 2 MiB per core at most).
+    spare_bodies: SpareBuffers,
 }
+
+const SPARE_BODIES: usize = 32;
+const SPARE_BODY_BYTES: usize = 64 << 10;
 
 impl PeerService {
     pub fn new(core: usize) -> PeerService {
@@ -185,6 +191,7 @@ impl PeerService {
             said: LogEvery::default(),
             awaiting: Awaiting::default(),
             send_batch: Vec::new(),
+            spare_bodies: SpareBuffers::new(SPARE_BODIES, SPARE_BODY_BYTES),
         }
     }
 
@@ -468,9 +475,11 @@ impl PeerService {
                 let bytes = &c.rbuf[c.rstart..c.rstart + h.len];
                 let (entries, data) = wire::split_body(&h, bytes)?;
                 let body = (data > 0).then(|| {
-                    let mut buf = wire::body_buffer(h.len);
-                    buf[..h.len].copy_from_slice(bytes);
-                    Arc::new(buf)
+                    let mut buf = self.spare_bodies.take(h.len);
+                    Arc::get_mut(&mut buf).expect("held by nothing else")[..h.len]
+                        .copy_from_slice(bytes);
+                    self.spare_bodies.keep(buf.clone());
+                    buf
                 });
                 c.rstart += h.len;
                 self.dispatch(ctx, id, entries, body);

@@ -9,7 +9,7 @@
 //! bytes of payload and read data, counted from the header until the reply is sent. At the
 //! limit the connection is not read until replies drain. Memory per connection is therefore at
 //! most the receive buffer plus 64 MiB (plus one 32 MiB payload that started under the limit);
-//! per core, the write payload buffers kept for reuse add at most 2 MiB (`payload_buffer`).
+//! per core, the write payload buffers kept for reuse add at most 2 MiB (`SPARE_PAYLOADS`).
 //!
 //! Protocol errors that leave the stream unframed (a bad request magic, a payload over
 //! `PAYLOAD_MAX`) close the connection once in-flight requests are answered; every other bad
@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use torus_engine::socket::{self, SocketResult};
 use torus_engine::{
-    AlignedBuf, BlockError, Completion, CoreContext, CoreService, Output, CHUNK_SIZE,
+    AlignedBuf, BlockError, Completion, CoreContext, CoreService, Output, SpareBuffers, CHUNK_SIZE,
 };
 
 /// Receive buffer per connection: room for many request headers (and small payloads).
@@ -142,33 +142,16 @@ unsafe impl Send for Connection {}
 pub struct NbdService {
     core: usize,
     connections: Slab<Connection>,
-    /// See `payload_buffer`.
-    spare_payloads: Vec<Arc<AlignedBuf>>,
+    /// Write payload buffers kept for reuse.
+    spare_payloads: SpareBuffers,
     shutting_down: bool,
     stats: Arc<FrontendStats>,
 }
 
-/// Write payload buffers a core keeps for its next writes (a 4 KiB write then allocates
-/// nothing for its payload): at most `SPARE_PAYLOADS` of at most `SPARE_PAYLOAD_BYTES` each,
-/// 2 MiB per core at most. One is taken again once nothing else holds it (the store and the
-/// cluster's links may still, after the reply).
+/// Write payload buffers a core keeps for its next writes (`SpareBuffers`): at most
+/// `SPARE_PAYLOADS` of at most `SPARE_PAYLOAD_BYTES` each, 2 MiB per core at most.
 const SPARE_PAYLOADS: usize = 32;
 const SPARE_PAYLOAD_BYTES: usize = 64 << 10;
-
-/// A buffer for a write payload of `len` bytes: a spare one of the same size that nothing
-/// else holds (its bytes past `len` zeroed), or a new one.
-fn payload_buffer(spare: &mut Vec<Arc<AlignedBuf>>, len: usize) -> Arc<AlignedBuf> {
-    let size = len.div_ceil(4096).max(1) * 4096;
-    let unique = spare
-        .iter_mut()
-        .position(|b| b.len() == size && Arc::get_mut(b).is_some());
-    if let Some(i) = unique {
-        let mut b = spare.swap_remove(i);
-        Arc::get_mut(&mut b).expect("held by nothing else")[len..].fill(0);
-        return b;
-    }
-    Arc::new(AlignedBuf::zeroed(len))
-}
 
 fn token(conn: usize, request: usize, piece: usize) -> u64 {
     debug_assert!(conn < 1 << 23 && request < 1 << 20 && piece < 1 << 20);
@@ -220,7 +203,7 @@ impl NbdService {
         NbdService {
             core,
             connections: Slab::new(),
-            spare_payloads: Vec::new(),
+            spare_payloads: SpareBuffers::new(SPARE_PAYLOADS, SPARE_PAYLOAD_BYTES),
             shutting_down: false,
             stats,
         }
@@ -368,20 +351,18 @@ impl NbdService {
 
 /// Forgets a request whose reply was sent (or can never be): its bytes and its slot count no
 /// more against the connection's limits.
-/// A write's payload buffer is kept for the next writes (`payload_buffer`).
+/// A write's payload buffer is kept for the next writes (`spare_payloads`).
 fn retire(
     c: &mut Connection,
     request: usize,
     counters: &FrontendCounters,
-    spare: &mut Vec<Arc<AlignedBuf>>,
+    spare: &mut SpareBuffers,
 ) {
     let req = c.requests.remove(request);
     c.bytes_in_flight -= req.bytes;
     counters.requests_in_flight.fetch_sub(1, Ordering::Relaxed);
     if let Some(data) = req.data {
-        if data.len() <= SPARE_PAYLOAD_BYTES && spare.len() < SPARE_PAYLOADS {
-            spare.push(data);
-        }
+        spare.keep(data);
     }
 }
 
@@ -512,37 +493,6 @@ mod tests {
                 );
             }
         }
-    }
-
-    #[test]
-    fn a_spare_payload_buffer_is_taken_again_only_when_nothing_else_holds_it() {
-        let mut spare = Vec::new();
-        let mut kept = payload_buffer(&mut spare, 4096);
-        Arc::get_mut(&mut kept).unwrap().fill(7);
-        let at = kept.as_ptr();
-        let held = kept.clone();
-        spare.push(kept);
-        let other = payload_buffer(&mut spare, 4096);
-        assert_ne!(
-            other.as_ptr(),
-            at,
-            "a buffer the store still holds is not reused"
-        );
-        assert_eq!(spare.len(), 1);
-        drop(held);
-        let wider = payload_buffer(&mut spare, 8192);
-        assert_ne!(
-            wider.as_ptr(),
-            at,
-            "only a buffer of the same size is reused"
-        );
-        let again = payload_buffer(&mut spare, 100);
-        assert_eq!(again.as_ptr(), at, "reused once nothing else holds it");
-        assert!(spare.is_empty());
-        assert!(
-            again[100..].iter().all(|&b| b == 0),
-            "past the payload it is zeroed"
-        );
     }
 
     #[test]

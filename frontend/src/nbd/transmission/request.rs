@@ -4,9 +4,7 @@
 //! (a write once its payload has arrived). A request's slot and bytes count against the
 //! connection's limits from here until its reply is sent (`retire`).
 
-use super::{
-    payload_buffer, pieces, token, NbdService, Payload, Request, State, BLOCK_STATUS_LENGTH_MAX,
-};
+use super::{pieces, token, NbdService, Payload, Request, State, BLOCK_STATUS_LENGTH_MAX};
 use crate::nbd::protocol::*;
 use std::sync::atomic::Ordering;
 use torus_engine::{CoreContext, Piece, PieceKind, ReplyTo};
@@ -106,7 +104,7 @@ impl NbdService {
                 let len = h.length as usize;
                 self.connections[key].payload = Some(Payload {
                     request: r,
-                    buf: payload_buffer(&mut self.spare_payloads, len),
+                    buf: self.spare_payloads.take(len),
                     got: 0,
                     len,
                 });
