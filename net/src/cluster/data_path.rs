@@ -435,16 +435,14 @@ impl Cluster {
             move |s: Status| coord.answer(s)
         };
         let send_remote = {
-            let me = self.clone();
-            let call = call.clone();
             let coord = coord.clone();
             move |piece: &Piece, remote: &[&str]| {
-                let map = me.map();
+                let map = coord.cluster.map();
                 // The copies' replies are awaited together (one wake-up for all of them).
                 let group = crate::peer::new_group();
                 for node in remote {
-                    let Some(link) = me.link(&map, node, pg) else {
-                        call(Status::Retry);
+                    let Some(link) = coord.cluster.link(&map, node, pg) else {
+                        coord.answer(Status::Retry);
                         continue;
                     };
                     let (entry, data) =
