@@ -231,3 +231,126 @@ fn a_node_registered_again_before_the_leader_saw_it_gone_takes_writes_again() {
     ));
     assert!(r.cut_records > 0, "{r:?}");
 }
+
+/// Fix 18a (the earlier model's seed 59333): a PG's slot moves from x back to d, which was
+/// marked out while down and has returned, and x, the slot's previous holder, still takes every
+/// write until d has caught up. A write reaches x, b and c; x (the leader) is cut off before d
+/// has caught up, and b and c are killed just before x's lease runs out, so d, the leader now,
+/// drops x from the PG under a map that b and c never install (and so never flush under). x
+/// must be recorded as demoted like a clean holder (`ClusterMap::record_demotion`) and keep its
+/// copy, so that b and c, restarted, copy the PG from it before they revive it. Without that, x
+/// frees its copy and b revives from its own disk: "after healing, node n1 holds version 0 of
+/// block 0 (PG 7), the model says 1".
+#[test]
+fn the_old_holder_of_a_moving_slot_cut_off_keeps_what_the_others_lost() {
+    let r = pass(scenario(
+        "the_old_holder_of_a_moving_slot_cut_off_keeps_what_the_others_lost",
+        4,
+        true,
+        async |s: Stage| {
+            s.until_clean().await?;
+            let block = s.blocks()[0];
+            let pg = s.pg_of(block);
+            let h = s.holders(pg);
+            let (d, b, c) = (h[0], h[1], h[2]);
+            let x = (0..s.nodes())
+                .find(|i| !h.contains(i))
+                .ok_or("every node holds the PG")?;
+            s.make_leader(x).await?;
+            s.attach(x).await?;
+            // d is marked out; x takes its slot of the PG.
+            s.kill(d);
+            s.until("d is marked out", |s| {
+                s.map().nodes.get(&format!("n{d}")).is_some_and(|n| n.out)
+            })
+            .await?;
+            s.until("every PG is clean on x, b and c", |s| {
+                let m = s.map();
+                m.health().clean == m.pg_count
+            })
+            .await?;
+            if s.holders(pg) != [x, b, c] {
+                return Err(format!("the PG is held by {:?}", s.holders(pg)));
+            }
+            s.write(block).await?;
+            // d comes back in, and the PG's first slot moves back to it from x.
+            s.start(d);
+            let was_x = Some(format!("n{x}"));
+            s.until("x's slot of the PG moves back to d", |s| {
+                s.map().pgs[pg as usize][0].prev == was_x
+            })
+            .await?;
+            s.isolate(x, true);
+            s.until("x's lease is about to run out", |s| {
+                s.lease_left(x) < Some(Duration::from_millis(100))
+            })
+            .await?;
+            s.kill(b);
+            s.kill(c);
+            s.until_down(x).await?;
+            let m = s.map();
+            if !m.up(&format!("n{b}")) || !m.up(&format!("n{c}")) {
+                return Err("b and c went down in the same map as x".into());
+            }
+            if m.pgs[pg as usize].iter().any(|slot| slot.prev.is_some()) {
+                return Err("the slot still moves in the map that marks x down".into());
+            }
+            s.until_down(b).await?;
+            s.until_down(c).await?;
+            s.start(b);
+            s.start(c);
+            s.sleep_ms(3000).await;
+            s.isolate(x, false);
+            Ok(())
+        },
+    ));
+    assert!(r.revivals_whole > 0, "no revival copied a whole PG: {r:?}");
+}
+
+/// Fix 20 (the earlier model's seed 137830): c is killed, and once its lease has run out the
+/// leader d, whose etcd calls are slow, lists the nodes without it. Before d publishes the map
+/// that marks c down, c's new process registers and takes a write (a stale replica's, kept as
+/// dirty: newer than its source's copy) under the map that still names its predecessor. The
+/// map that marks c down comes, a newer write reaches a and b only, and the map after it is
+/// the first to know the new process. That map must say the restart came after a break
+/// (`after_break`), so the process voids what it remembered as dirty; without that, catch-up
+/// skips the block and c keeps the older write: "after healing, node n3 holds version 1 of
+/// block 0 (PG 7), the model says 2".
+#[test]
+fn a_process_restarted_as_its_predecessor_is_marked_down_forgets_its_dirty_blocks() {
+    pass(scenario(
+        "a_process_restarted_as_its_predecessor_is_marked_down_forgets_its_dirty_blocks",
+        4,
+        false,
+        async |s: Stage| {
+            let Roles { block, a, b, c } = roles(&s).await?;
+            let d = s.leader().ok_or("no leader")?;
+            s.slow_etcd(d, 400);
+            s.kill(c);
+            s.until("c's lease ran out", |s| s.lease_left(c).is_none())
+                .await?;
+            let listed = s.nodes_listed(d);
+            s.until("d listed the nodes without c", |s| {
+                s.nodes_listed(d) > listed
+            })
+            .await?;
+            s.start(c);
+            s.until("c's new process registered", |s| {
+                s.running(c) && s.lease_left(c).is_some()
+            })
+            .await?;
+            let name = format!("n{c}");
+            if !s.map().up(&name) {
+                return Err("the map marked c down before its new process took a write".into());
+            }
+            s.write(block).await?;
+            s.until_down(c).await?;
+            if s.lease_left(c).is_none() {
+                return Err("c's new process is not registered".into());
+            }
+            s.until_installed(&[a, b]).await?;
+            s.write(block).await?;
+            Ok(())
+        },
+    ));
+}

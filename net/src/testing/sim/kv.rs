@@ -108,7 +108,8 @@ impl SimKv {
         Box::pin(async move {
             let reach = {
                 let mut w = self.world.lock();
-                let d = Duration::from_micros(w.rng.range(100, 1500));
+                let d =
+                    Duration::from_micros(w.rng.range(100, 1500)) + w.nodes[self.node].etcd_slow;
                 w.alive(self.node, self.gen)
                     .then_some((w.nodes[self.node].etcd_cut, d))
             };
@@ -152,14 +153,22 @@ impl Kv for SimKv {
     }
 
     fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Listing, EtcdError>> {
-        self.call(move |kv| {
-            kv.expire();
-            Ok(kv
-                .keys
-                .range(prefix.to_owned()..)
-                .take_while(|(k, _)| k.starts_with(prefix))
-                .map(|(k, e)| (k[prefix.len()..].to_owned(), e.value.clone(), e.create))
-                .collect())
+        Box::pin(async move {
+            let listing = self
+                .call(move |kv| {
+                    kv.expire();
+                    Ok(kv
+                        .keys
+                        .range(prefix.to_owned()..)
+                        .take_while(|(k, _)| k.starts_with(prefix))
+                        .map(|(k, e)| (k[prefix.len()..].to_owned(), e.value.clone(), e.create))
+                        .collect())
+                })
+                .await;
+            if listing.is_ok() && prefix == "nodes/" {
+                self.world.lock().nodes[self.node].nodes_listed += 1;
+            }
+            listing
         })
     }
 

@@ -106,6 +106,8 @@ impl Sim {
                 cores: (0..CORES).map(|_| CoreStore::default()).collect(),
                 cut_record: None,
                 etcd_cut: false,
+                etcd_slow: Duration::ZERO,
+                nodes_listed: 0,
             })
             .collect();
         let mut state = State {
@@ -278,6 +280,7 @@ impl Sim {
         s.slow = None;
         for n in &mut s.nodes {
             n.etcd_cut = false;
+            n.etcd_slow = Duration::ZERO;
         }
     }
 

@@ -172,6 +172,19 @@ impl Stage {
         self.0.w.lock().nodes[i].etcd_cut = on;
     }
 
+    /// Makes each of node `i`'s etcd calls take `ms` milliseconds longer (a slow link to
+    /// etcd; under the etcd client's 3 s timeout, so the calls still succeed).
+    pub fn slow_etcd(&self, i: usize, ms: u64) {
+        self.log(&format!("n{i}'s etcd calls take {ms} ms longer"));
+        self.0.w.lock().nodes[i].etcd_slow = Duration::from_millis(ms);
+    }
+
+    /// How many times etcd has answered node `i`'s listing of the registered nodes (the
+    /// leader's, each tick).
+    pub fn nodes_listed(&self, i: usize) -> u64 {
+        self.0.w.lock().nodes[i].nodes_listed
+    }
+
     pub async fn sleep_ms(&self, ms: u64) {
         sleep(Duration::from_millis(ms)).await;
     }

@@ -60,6 +60,10 @@ pub(super) struct NodeState {
     pub cut_record: Option<Vec<u8>>,
     /// Cut off from etcd.
     pub etcd_cut: bool,
+    /// How much longer each of its etcd calls takes (a slow link to etcd).
+    pub etcd_slow: Duration,
+    /// How many times etcd has answered its listing of the registered nodes.
+    pub nodes_listed: u64,
 }
 
 impl State {
