@@ -236,6 +236,10 @@ impl Cluster {
         self.recovery.lock().blocks_compared += remote.len() as u64;
         let runs = replication::copy_runs(&fetch);
         let started = Instant::now();
+        let throttle = replication::Throttle::new(
+            self.cfg.recovery_rate,
+            self.recovery.lock().bytes_copied,
+        );
         let sem = Arc::new(tokio::sync::Semaphore::new(RECOVERY_READS_IN_FLIGHT));
         let failed = Arc::new(AtomicBool::new(false));
         let mut tasks = Vec::new();
@@ -248,14 +252,9 @@ impl Cluster {
                 .acquire_owned()
                 .await
                 .expect("the semaphore is never closed");
-            // Throttle: stay under the configured rate.
-            let copied = self.recovery.lock().bytes_copied as f64;
-            let allowed = self.cfg.recovery_rate as f64 * started.elapsed().as_secs_f64();
-            if copied > allowed + (8 << 20) as f64 {
-                tokio::time::sleep(Duration::from_secs_f64(
-                    (copied - allowed) / self.cfg.recovery_rate as f64,
-                ))
-                .await;
+            let copied = self.recovery.lock().bytes_copied;
+            if let Some(wait) = throttle.wait(copied, started.elapsed()) {
+                tokio::time::sleep(wait).await;
             }
             let me = self.clone();
             let failed = failed.clone();

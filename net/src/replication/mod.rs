@@ -14,14 +14,17 @@
 //!   flight here);
 //! - `recovery_round`, `Wanted`, `catch_up_plan`, `copy_runs` and `clean_spans`: what a stale
 //!   replica copies, unmaps and skips;
+//! - `Throttle` (`throttle.rs`): how fast a catch-up round copies;
 //! - `revival_source`: where a restarted last clean holder of a lost PG copies it from, or
 //!   what it waits for (`RevivalWait`).
 
 mod copies;
 mod fence;
+mod throttle;
 
 pub use copies::Copies;
 pub use fence::{admit_write, Fence};
+pub use throttle::Throttle;
 
 use crate::map::{min_size, ClusterMap, Names, SlotState, Targets};
 use crate::wire::Status;
