@@ -260,6 +260,28 @@ impl Torusd {
         }
     }
 
+    /// The admin token file torusd writes in its data dir.
+    pub fn token_file(&self) -> PathBuf {
+        let data = match self.extra.iter().position(|a| a == "--data-dir") {
+            Some(i) => self.dir.join(&self.extra[i + 1]),
+            None => self.dir.join("torus-data"),
+        };
+        data.join("admin.token")
+    }
+
+    /// `curl` of an admin API path with the admin token: its body.
+    pub fn admin_get(&self, path: &str) -> String {
+        let token = std::fs::read_to_string(self.token_file()).expect("the admin token file");
+        run_ok(
+            Command::new(require_tool("curl", "curl"))
+                .arg("-sf")
+                .arg("-H")
+                .arg(format!("Authorization: Bearer {}", token.trim()))
+                .arg(format!("{}{path}", self.admin())),
+            Duration::from_secs(30),
+        )
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.as_ref().expect("running").id() as i32
     }
@@ -298,6 +320,8 @@ impl Torusd {
         Command::new(bin("torusctl"))
             .arg("--server")
             .arg(self.admin())
+            .arg("--token-file")
+            .arg(self.token_file())
             .args(args)
             .output()
             .expect("run torusctl")

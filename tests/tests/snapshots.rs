@@ -22,11 +22,7 @@ fn ctl_fails(node: &Torusd, args: &[&str], expect: &str) {
 
 fn used(node: &Torusd) -> u64 {
     let v: serde_json::Value = serde_json::from_str(&String::from_utf8_lossy(
-        &run_ok(
-            Command::new("curl").args(["-s", &format!("{}/v1/status", node.admin())]),
-            T,
-        )
-        .into_bytes(),
+        &node.admin_get("/v1/status").into_bytes(),
     ))
     .unwrap();
     v["used_bytes"].as_u64().unwrap()

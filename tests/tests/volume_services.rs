@@ -20,10 +20,7 @@ fn ctl(node: &Torusd, args: &[&str]) -> std::process::Output {
 }
 
 fn status(node: &Torusd) -> serde_json::Value {
-    let out = run_ok(
-        Command::new("curl").args(["-s", &format!("{}/v1/status", node.admin())]),
-        T,
-    );
+    let out = node.admin_get("/v1/status");
     serde_json::from_str(&out).unwrap()
 }
 

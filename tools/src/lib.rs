@@ -8,6 +8,7 @@ pub mod client;
 pub mod config;
 pub mod node;
 pub mod size;
+pub mod token;
 pub mod transfer;
 
 /// The version every binary prints: the package version and the git commit it was built from.

@@ -54,6 +54,7 @@ mod membership;
 mod pg_set;
 mod recovery;
 mod scrub;
+mod secrets;
 mod status;
 mod store;
 mod writer;

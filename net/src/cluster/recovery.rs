@@ -236,10 +236,8 @@ impl Cluster {
         self.recovery.lock().blocks_compared += remote.len() as u64;
         let runs = replication::copy_runs(&fetch);
         let started = Instant::now();
-        let throttle = replication::Throttle::new(
-            self.cfg.recovery_rate,
-            self.recovery.lock().bytes_copied,
-        );
+        let throttle =
+            replication::Throttle::new(self.cfg.recovery_rate, self.recovery.lock().bytes_copied);
         let sem = Arc::new(tokio::sync::Semaphore::new(RECOVERY_READS_IN_FLIGHT));
         let failed = Arc::new(AtomicBool::new(false));
         let mut tasks = Vec::new();

@@ -4,41 +4,55 @@
 
 use super::metrics;
 use super::views::{
-    CloneLocal, CreateClone, CreateSnapshot, CreateUblk, CreateVolume, ResizeVolume, SetQuota,
-    UblkView,
+    CloneLocal, CreateClone, CreateSnapshot, CreateUblk, CreateVolume, GiveUpPeer, ResizeVolume,
+    SetQuota, UblkView,
 };
 use super::{error, json, node_error, Answer};
 use crate::node::{Node, SnapshotTaken};
 use torus_net::cluster::Cluster;
 
 /// The answer to one request.
-pub(super) fn handle(node: &Node, method: &tiny_http::Method, url: &str, body: &[u8]) -> Answer {
-    use tiny_http::Method::*;
+pub(super) fn handle(node: &Node, method: &str, url: &str, body: &[u8]) -> Answer {
     let path = url.split('?').next().unwrap_or("");
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (method, parts.as_slice()) {
-        (Get, ["metrics"]) => Answer {
+        ("GET", ["metrics"]) => Answer {
             code: 200,
             body: metrics::render(node),
             content_type: "text/plain; version=0.0.4",
         },
-        (Get, ["v1", "status"]) => {
+        ("GET", ["healthz"]) => Answer {
+            code: 200,
+            body: "ok\n".into(),
+            content_type: "text/plain",
+        },
+        ("GET", ["v1", "status"]) => {
             let s = node.status();
             json(200, &s)
         }
-        (Get, ["v1", "volumes"]) => json(200, &node.volume_views()),
-        (Get, ["v1", "peers"]) => on_cluster(node, |c| json(200, &c.peers())),
-        (Post, ["v1", "peers", name, "lost"]) => on_cluster(node, |c| match c.give_up_peer(name) {
-            Ok(g) => json(200, &g),
-            Err(e) => error(409, e),
-        }),
-        (Post, ["v1", "peers", name, "remove"]) => {
+        ("GET", ["v1", "volumes"]) => json(200, &node.volume_views()),
+        ("GET", ["v1", "peers"]) => on_cluster(node, |c| json(200, &c.peers())),
+        ("POST", ["v1", "peers", name, "lost"]) => {
+            match serde_json::from_slice::<GiveUpPeer>(body) {
+                Ok(GiveUpPeer {
+                    accept_data_loss: true,
+                }) => on_cluster(node, |c| match c.give_up_peer(name) {
+                    Ok(g) => json(200, &g),
+                    Err(e) => error(409, e),
+                }),
+                _ => error(
+                    400,
+                    format!("giving up on node {name} loses the writes only it had: send {{\"accept_data_loss\": true}} to confirm (torusctl peer lost {name} --accept-data-loss)"),
+                ),
+            }
+        }
+        ("POST", ["v1", "peers", name, "remove"]) => {
             on_cluster(node, |c| match c.remove_peer(name) {
                 Ok(()) => json(200, &serde_json::json!({ "removing": name })),
                 Err(e) => error(409, e),
             })
         }
-        (Post, ["v1", "volumes"]) => match serde_json::from_slice::<CreateVolume>(body) {
+        ("POST", ["v1", "volumes"]) => match serde_json::from_slice::<CreateVolume>(body) {
             Ok(c) => match node.create_volume(&c.name, c.size_bytes, c.replicas) {
                 Ok(v) => match c.quota_bytes {
                     None => json(201, &v),
@@ -48,23 +62,23 @@ pub(super) fn handle(node: &Node, method: &tiny_http::Method, url: &str, body: &
             },
             Err(e) => error(400, format!("bad request body: {e}")),
         },
-        (Delete, ["v1", "volumes", name]) => match node.delete_volume(name) {
+        ("DELETE", ["v1", "volumes", name]) => match node.delete_volume(name) {
             Ok(()) => json(200, &serde_json::json!({ "deleted": name })),
             Err(e) => node_error(e),
         },
-        (Post, ["v1", "volumes", name, "quota"]) => {
+        ("POST", ["v1", "volumes", name, "quota"]) => {
             match serde_json::from_slice::<SetQuota>(body) {
                 Ok(q) => set_quota(node, name, q.quota_bytes, 200),
                 Err(e) => error(400, format!("bad request body: {e}")),
             }
         }
-        (Post, ["v1", "volumes", name, "scrub"]) => {
+        ("POST", ["v1", "volumes", name, "scrub"]) => {
             match node.scrub(name, url.contains("local=1")) {
                 Ok(reports) => json(200, &reports),
                 Err(e) => node_error(e),
             }
         }
-        (Post, ["v1", "volumes", name, "resize"]) => {
+        ("POST", ["v1", "volumes", name, "resize"]) => {
             match serde_json::from_slice::<ResizeVolume>(body) {
                 Ok(r) => match node.resize_volume(name, r.size_bytes, r.force) {
                     Ok(v) => json(
@@ -76,13 +90,13 @@ pub(super) fn handle(node: &Node, method: &tiny_http::Method, url: &str, body: &
                 Err(e) => error(400, format!("bad request body: {e}")),
             }
         }
-        (Get, ["v1", "snapshots"]) => {
+        ("GET", ["v1", "snapshots"]) => {
             let volume = url
                 .split_once("volume=")
                 .map(|(_, v)| v.split('&').next().unwrap_or(""));
             json(200, &node.snapshot_views(volume))
         }
-        (Post, ["v1", "snapshots"]) => match serde_json::from_slice::<CreateSnapshot>(body) {
+        ("POST", ["v1", "snapshots"]) => match serde_json::from_slice::<CreateSnapshot>(body) {
             Ok(c) => match node.create_snapshot(&c.name) {
                 Ok(SnapshotTaken::Here(v)) => json(201, &v),
                 Ok(SnapshotTaken::ByWriter { code, body }) => Answer {
@@ -94,18 +108,18 @@ pub(super) fn handle(node: &Node, method: &tiny_http::Method, url: &str, body: &
             },
             Err(e) => error(400, format!("bad request body: {e}")),
         },
-        (Delete, ["v1", "snapshots", name]) => match node.delete_snapshot(name) {
+        ("DELETE", ["v1", "snapshots", name]) => match node.delete_snapshot(name) {
             Ok(()) => json(200, &serde_json::json!({ "deleted": name })),
             Err(e) => node_error(e),
         },
-        (Post, ["v1", "snapshots", name, "restore"]) => match node.restore_snapshot(name) {
+        ("POST", ["v1", "snapshots", name, "restore"]) => match node.restore_snapshot(name) {
             Ok(volume) => json(
                 200,
                 &serde_json::json!({ "restored": volume, "from": name }),
             ),
             Err(e) => node_error(e),
         },
-        (Post, ["v1", "volumes", "-", "clone-local"]) => {
+        ("POST", ["v1", "volumes", "-", "clone-local"]) => {
             match serde_json::from_slice::<CloneLocal>(body) {
                 Ok(c) => match node.clone_local(c.from, c.to) {
                     Ok(()) => json(200, &serde_json::json!({ "cloned": c.to })),
@@ -114,14 +128,14 @@ pub(super) fn handle(node: &Node, method: &tiny_http::Method, url: &str, body: &
                 Err(e) => error(400, format!("bad request body: {e}")),
             }
         }
-        (Post, ["v1", "clones"]) => match serde_json::from_slice::<CreateClone>(body) {
+        ("POST", ["v1", "clones"]) => match serde_json::from_slice::<CreateClone>(body) {
             Ok(c) => match node.create_clone(&c.snapshot, &c.name) {
                 Ok(v) => json(201, &v),
                 Err(e) => node_error(e),
             },
             Err(e) => error(400, format!("bad request body: {e}")),
         },
-        (Get, ["v1", "ublk"]) => json(
+        ("GET", ["v1", "ublk"]) => json(
             200,
             &node
                 .ublk
@@ -130,14 +144,14 @@ pub(super) fn handle(node: &Node, method: &tiny_http::Method, url: &str, body: &
                 .map(UblkView::from)
                 .collect::<Vec<_>>(),
         ),
-        (Post, ["v1", "ublk"]) => match serde_json::from_slice::<CreateUblk>(body) {
+        ("POST", ["v1", "ublk"]) => match serde_json::from_slice::<CreateUblk>(body) {
             Ok(c) => match node.ublk.create(&c.volume) {
                 Ok(d) => json(201, &UblkView::from(d)),
                 Err(e) => error(409, e),
             },
             Err(e) => error(400, format!("bad request body: {e}")),
         },
-        (Delete, ["v1", "ublk", id]) => match id.parse::<u32>() {
+        ("DELETE", ["v1", "ublk", id]) => match id.parse::<u32>() {
             Ok(id) => match node.ublk.remove(id) {
                 Ok(()) => json(200, &serde_json::json!({ "removed": id })),
                 Err(e) => error(409, e),

@@ -36,6 +36,13 @@ pub struct CreateSnapshot {
     pub name: String,
 }
 
+/// `POST /v1/peers/NAME/lost`: the confirmation that writes only that node had are lost.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct GiveUpPeer {
+    #[serde(default)]
+    pub accept_data_loss: bool,
+}
+
 #[derive(Serialize, Deserialize, Debug)]
 pub struct CloneLocal {
     pub from: u32,

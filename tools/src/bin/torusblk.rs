@@ -68,6 +68,9 @@ enum Command {
         /// Admin API of the torusd that serves the device (it must run on this machine).
         #[arg(long, default_value = "http://127.0.0.1:4321", value_name = "URL")]
         admin: String,
+        /// File with the admin token (default: as torusctl finds it).
+        #[arg(long, value_name = "PATH")]
+        token_file: Option<std::path::PathBuf>,
     },
 }
 
@@ -83,6 +86,9 @@ fn main() {
 }
 
 fn run(args: Args) -> Result<i32> {
+    if let Command::Ublk { token_file, .. } = &args.command {
+        torus_tools::client::use_token_file(token_file.clone());
+    }
     match args.command {
         Command::Nbd {
             disconnect: Some(device),

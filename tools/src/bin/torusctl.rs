@@ -24,6 +24,10 @@ struct Args {
         value_name = "URL"
     )]
     server: String,
+    /// File with the admin token (default: $TORUS_TOKEN_FILE, else the one the node on this
+    /// host wrote for --server's address, ./torus-data/admin.token, /var/lib/torus/admin.token).
+    #[arg(long, global = true, value_name = "PATH")]
+    token_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -157,6 +161,7 @@ fn main() {
 }
 
 fn run(args: Args) -> Result<i32> {
+    torus_tools::client::use_token_file(args.token_file.clone());
     let base = args.server.trim_end_matches('/');
     match args.command {
         Command::Volume(VolumeCommand::Create {
@@ -490,7 +495,7 @@ fn run(args: Args) -> Result<i32> {
             let g: GiveUp = serde_json::from_value(call(
                 "POST",
                 &format!("{base}/v1/peers/{name}/lost"),
-                None,
+                Some(serde_json::json!({ "accept_data_loss": true })),
             )?)?;
             if g.released.is_empty() {
                 println!("no placement group waited for {name}; nothing changed");

@@ -18,7 +18,7 @@ use torus_net::cluster::{Cluster, ClusterConfig, Local};
 use torus_net::etcd::{Etcd, EtcdMetadata};
 use torus_net::metadata::{EmbeddedMetadata, Metadata};
 use torus_net::peer::PeerService;
-use torus_tools::admin::{self, Node};
+use torus_tools::admin::{self, AdminServer, Node};
 use torus_tools::size::{human, parse_size};
 
 #[derive(Parser, Debug)]
@@ -542,10 +542,21 @@ fn run(args: Args) -> Result<()> {
         poke_addrs.push(sock.display().to_string());
         accept_threads.push(server.serve(Listener::Unix(l, sock.clone())));
     }
-    let admin_server =
-        Arc::new(tiny_http::Server::http(&args.admin_listen).map_err(|e| {
-            anyhow::anyhow!("listen for the admin API on {}: {e}", args.admin_listen)
-        })?);
+    let admin_listener = std::net::TcpListener::bind(&args.admin_listen)
+        .with_context(|| format!("listen for the admin API on {}", args.admin_listen))?;
+    // The bound address: with port 0 the kernel picked one.
+    let admin_addr = admin_listener.local_addr()?.to_string();
+    let credentials = admin::auth::node_credentials(&args.data_dir, cluster.as_deref())?;
+    let token_file = torus_tools::token::publish(
+        &credentials.admin,
+        &args.data_dir,
+        &token_addrs(&args.admin_listen, &admin_listener.local_addr()?),
+    )
+    .context("write the admin token")?;
+    eprintln!(
+        "torusd: the admin API takes the token in {} (torusctl on this host finds it)",
+        token_file.display()
+    );
     let ublk = Arc::new(UblkTarget::new(
         engine.shared().clone(),
         exports.clone(),
@@ -560,8 +571,15 @@ fn run(args: Args) -> Result<()> {
         nbd_urls,
         cluster: cluster.clone(),
         ublk: ublk.clone(),
+        node_token: credentials.node.clone(),
     });
-    let admin_thread = admin::serve(node, admin_server.clone());
+    let own_host = args
+        .admin_listen
+        .rsplit_once(':')
+        .map_or("", |(h, _)| h)
+        .to_owned();
+    let admin_server = AdminServer::start(node, admin_listener, credentials, own_host)
+        .context("start the admin API")?;
     // ublk devices a previous torusd served: taken back in the background (user recovery).
     let recovering = ublk.clone();
     std::thread::Builder::new()
@@ -577,11 +595,6 @@ fn run(args: Args) -> Result<()> {
     let signal = if args.nbd_stdin {
         serve_stdin(&server, signals)?
     } else {
-        // The bound address: with port 0 the kernel picked one.
-        let admin_addr = admin_server
-            .server_addr()
-            .to_ip()
-            .map_or_else(|| args.admin_listen.clone(), |a| a.to_string());
         print_ready(&metadata, &nbd_addr, &admin_addr);
         signals.forever().next()
     };
@@ -599,8 +612,7 @@ fn run(args: Args) -> Result<()> {
     if let Some(c) = &cluster {
         c.stop();
     }
-    admin_server.unblock();
-    let _ = admin_thread.join();
+    admin_server.stop();
     for t in accept_threads {
         let _ = t.join();
     }
@@ -610,6 +622,18 @@ fn run(args: Args) -> Result<()> {
     stopped.map_err(|e| anyhow::anyhow!("final flush failed: {e}"))?;
     eprintln!("torusd: stopped cleanly");
     Ok(())
+}
+
+/// The addresses `torusctl --server` may name this node's admin API by, for the token files
+/// it finds by address: as given, as bound, and on loopback when bound to every address.
+fn token_addrs(given: &str, bound: &std::net::SocketAddr) -> Vec<String> {
+    let mut addrs = vec![given.to_owned(), bound.to_string()];
+    if bound.ip().is_unspecified() {
+        addrs.push(format!("127.0.0.1:{}", bound.port()));
+        addrs.push(format!("localhost:{}", bound.port()));
+    }
+    addrs.dedup();
+    addrs
 }
 
 /// --nbd-stdin: the connection's bytes come from stdin and its replies go to stdout, through

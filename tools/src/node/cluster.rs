@@ -140,10 +140,8 @@ impl Node {
             }
             let url = format!("http://{}/v1/volumes/-/clone-local", p.admin_addr);
             loop {
-                let sent = ureq::AgentBuilder::new()
-                    .timeout(CLONE_LOCAL_TIMEOUT)
-                    .build()
-                    .post(&url)
+                let sent = self
+                    .to_node(ureq::AgentBuilder::new().timeout(CLONE_LOCAL_TIMEOUT), &url)
                     .send_json(serde_json::json!({ "from": from, "to": to }));
                 match sent {
                     Ok(_) => break,
@@ -192,10 +190,11 @@ impl Node {
                     return Err(NodeError::Unavailable(format!("volume {volume:?} is written through node {node}, which is not in the cluster map")));
                 };
                 let url = format!("http://{}/v1/snapshots", p.admin_addr);
-                match ureq::AgentBuilder::new()
-                    .timeout(SNAPSHOT_FORWARD_TIMEOUT)
-                    .build()
-                    .post(&url)
+                match self
+                    .to_node(
+                        ureq::AgentBuilder::new().timeout(SNAPSHOT_FORWARD_TIMEOUT),
+                        &url,
+                    )
                     .send_json(serde_json::json!({ "name": name }))
                 {
                     // The writer's answer, success or error, is this request's answer.
@@ -246,6 +245,15 @@ impl Node {
         taken.map(SnapshotTaken::Here)
     }
 
+    /// A POST to another node's admin API, with the cluster's node token.
+    fn to_node(&self, agent: ureq::AgentBuilder, url: &str) -> ureq::Request {
+        let request = agent.build().post(url);
+        match &self.node_token {
+            Some(t) => request.set("Authorization", &format!("Bearer {}", t.as_str())),
+            None => request,
+        }
+    }
+
     /// Reads every replica of the volume on every node that is up and repairs bad copies from
     /// good ones; `local_only`: this node's replicas only. Needs a cluster.
     pub fn scrub(&self, name: &str, local_only: bool) -> Result<Vec<ScrubReport>, NodeError> {
@@ -273,11 +281,8 @@ impl Node {
                 continue;
             }
             let url = format!("http://{}/v1/volumes/{name}/scrub?local=1", p.admin_addr);
-            let agent = ureq::AgentBuilder::new()
-                .timeout(SCRUB_LOCAL_TIMEOUT)
-                .build();
-            match agent
-                .post(&url)
+            match self
+                .to_node(ureq::AgentBuilder::new().timeout(SCRUB_LOCAL_TIMEOUT), &url)
                 .call()
                 .map_err(|e| e.to_string())
                 .and_then(|r| r.into_json::<Vec<ScrubReport>>().map_err(|e| e.to_string()))

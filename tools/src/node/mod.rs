@@ -46,6 +46,8 @@ pub struct Node {
     pub nbd_urls: Vec<String>,
     pub cluster: Option<Arc<Cluster>>,
     pub ublk: Arc<UblkTarget>,
+    /// The cluster's node token, which this node calls other nodes' admin APIs with.
+    pub node_token: Option<crate::token::Token>,
 }
 
 /// Why a volume service refused or failed. The message is the one the client sees.
