@@ -8,8 +8,10 @@ pub mod cluster;
 mod etcd;
 pub mod fuzzing;
 pub mod nbd;
+pub mod sockets;
 
 pub use etcd::Etcd;
+pub use sockets::{connect_from, still_open};
 
 use std::io::Read;
 use std::net::TcpStream;

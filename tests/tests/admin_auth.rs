@@ -135,8 +135,7 @@ fn slow_connections_from_one_address_leave_torusctl_served() {
     let addr: SocketAddr = node.admin().trim_start_matches("http://").parse().unwrap();
     let mut held = Vec::new();
     for i in 0..400 {
-        let sock = socket_from("127.0.0.2", addr);
-        let mut s = sock;
+        let mut s = connect_from("127.0.0.2", addr);
         if i % 2 == 0 {
             let _ = s.write_all(b"GET /v1/status HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ");
         }
@@ -166,54 +165,4 @@ fn slow_connections_from_one_address_leave_torusctl_served() {
     );
     drop(held);
     node.stop();
-}
-
-/// A TCP connection to `to` from the loopback address `from`.
-fn socket_from(from: &str, to: SocketAddr) -> TcpStream {
-    // std cannot bind a client socket before it connects: through libc.
-    use std::os::fd::FromRawFd;
-    let from: std::net::Ipv4Addr = from.parse().unwrap();
-    let SocketAddr::V4(to) = to else {
-        panic!("IPv4 only")
-    };
-    // SAFETY: plain socket calls on a descriptor this function owns until it is wrapped.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        assert!(fd >= 0);
-        let sin = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: port.to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(ip).to_be(),
-            },
-            sin_zero: [0; 8],
-        };
-        let local = sin(from, 0);
-        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        assert_eq!(
-            libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len),
-            0
-        );
-        let remote = sin(*to.ip(), to.port());
-        assert_eq!(
-            libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), len),
-            0,
-            "{}",
-            std::io::Error::last_os_error()
-        );
-        let s = TcpStream::from_raw_fd(fd);
-        s.set_nonblocking(true).unwrap();
-        s
-    }
-}
-
-/// False once the other end closed the connection (a read sees EOF or a reset).
-fn still_open(s: &mut TcpStream) -> bool {
-    let mut b = [0u8; 1];
-    match s.read(&mut b) {
-        Ok(0) => false,
-        Ok(_) => true,
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => true,
-        Err(_) => false,
-    }
 }
