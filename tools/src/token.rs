@@ -1,7 +1,8 @@
 //! The admin API's bearer tokens as files: made from the kernel's random source, written
 //! readable by their owner only, and found by `torusctl` (`find_for`): `--token-file`,
 //! `$TORUS_TOKEN_FILE`, the file a node on this host wrote for the admin address asked
-//! (`runtime_token_path`), `./torus-data/admin.token`, `/var/lib/torus/admin.token`.
+//! (`runtime_token_path`), and for a loopback address `/var/lib/torus/admin.token` and
+//! `./torus-data/admin.token`.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -79,8 +80,8 @@ impl Token {
 }
 
 /// Where a node keeps its admin token for `torusctl` on the same host to find by the admin
-/// address it talks to (`127.0.0.1:4321`): `$XDG_RUNTIME_DIR/torus/` or `/run/user/UID/torus/`,
-/// or `/run/torus/` for root; `None` when there is no such directory.
+/// address it talks to (`127.0.0.1:4321`): `/run/torus/` for root, else
+/// `$XDG_RUNTIME_DIR/torus/` or `/run/user/UID/torus/`; `None` when there is no such directory.
 pub fn runtime_token_path(admin_addr: &str) -> Option<PathBuf> {
     let dir = runtime_dir()?.join("torus");
     Some(dir.join(format!(
@@ -90,15 +91,17 @@ pub fn runtime_token_path(admin_addr: &str) -> Option<PathBuf> {
 }
 
 fn runtime_dir() -> Option<PathBuf> {
+    let uid = std::fs::metadata("/proc/self").ok()?.uid();
+    // root: /run, where systemd's unit for torusd makes /run/torus (its RuntimeDirectory), for
+    // torusd and a root torusctl alike, whatever sessions root has.
+    if uid == 0 {
+        return Some(PathBuf::from("/run"));
+    }
     if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
         return Some(PathBuf::from(d));
     }
-    let uid = std::fs::metadata("/proc/self").ok()?.uid();
     let user = PathBuf::from(format!("/run/user/{uid}"));
-    if user.is_dir() {
-        return Some(user);
-    }
-    (uid == 0).then(|| PathBuf::from("/run"))
+    user.is_dir().then_some(user)
 }
 
 /// Writes the admin token where `torusctl` looks for it: `DATA_DIR/admin.token`, and the
@@ -108,6 +111,10 @@ pub fn publish(token: &Token, data_dir: &Path, addrs: &[String]) -> std::io::Res
     let path = data_dir.join("admin.token");
     if Token::read(&path).ok().flatten().as_ref() != Some(token) {
         token.write(&path)?;
+    } else {
+        // The right token in a file made readable to others (restored from a backup): the
+        // owner's only again.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     }
     for a in addrs {
         if let Some(p) = runtime_token_path(a) {
@@ -127,8 +134,9 @@ pub fn publish(token: &Token, data_dir: &Path, addrs: &[String]) -> std::io::Res
 
 /// The token `torusctl` sends to the admin API at `server` (`http://HOST:PORT`), and the file
 /// it came from: `explicit` (`--token-file`) or `$TORUS_TOKEN_FILE` if given (an error if
-/// unreadable), else the first found of the file a node on this host wrote for that address,
-/// `./torus-data/admin.token` and `/var/lib/torus/admin.token`. `Ok(None)`: none found.
+/// unreadable), else the first found of the file a node on this host wrote for that address
+/// and, for a loopback address only, `/var/lib/torus/admin.token` and
+/// `./torus-data/admin.token`. `Ok(None)`: none found.
 pub fn find_for(
     server: &str,
     explicit: Option<&Path>,
@@ -151,10 +159,23 @@ pub fn find_for(
         .split('/')
         .next()
         .unwrap_or("");
-    let candidates = runtime_token_path(addr).into_iter().chain([
-        PathBuf::from("torus-data/admin.token"),
+    // A data dir's token goes only to a node on this host: to another one it would tell
+    // that node this one's secret, over plain HTTP.
+    let host = match addr.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => addr.rsplit_once(':').map_or(addr, |(h, _)| h),
+    };
+    let local = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    let data_dirs = [
         PathBuf::from("/var/lib/torus/admin.token"),
-    ]);
+        PathBuf::from("torus-data/admin.token"),
+    ];
+    let candidates = runtime_token_path(addr)
+        .into_iter()
+        .chain(data_dirs.into_iter().filter(|_| local));
     for path in candidates {
         if let Ok(Some(t)) = Token::read(&path) {
             return Ok(Some((t, path)));

@@ -115,7 +115,12 @@ impl Credentials {
         if access == Access::Public {
             return Ok(());
         }
-        let Some(presented) = authorization.and_then(|a| a.strip_prefix("Bearer ")) else {
+        // The scheme is case-insensitive (RFC 9110).
+        let presented = authorization.and_then(|a| {
+            let (scheme, token) = a.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then_some(token)
+        });
+        let Some(presented) = presented else {
             return Err((
                 401,
                 "this request needs the admin token (Authorization: Bearer TOKEN); torusctl \
@@ -139,8 +144,8 @@ impl Credentials {
 }
 
 /// True when a request's `Host` header may be answered: an IP address (with or without a
-/// port), `localhost`, or `own_host` (the host part of the admin address). Anything else is
-/// a name some page made resolve to this host (DNS rebinding).
+/// port), `localhost`, `own_host` (the host part of the admin address) or this machine's
+/// host name. Anything else is a name some page made resolve to this host (DNS rebinding).
 pub fn host_allowed(host: Option<&str>, own_host: &str) -> bool {
     let Some(host) = host else {
         return true; // HTTP/1.0 without Host: not a browser's request
@@ -149,9 +154,23 @@ pub fn host_allowed(host: Option<&str>, own_host: &str) -> bool {
         Some(v6) => v6.split(']').next().unwrap_or(""),
         None => host.rsplit_once(':').map_or(host, |(h, _)| h),
     };
+    let name = name.strip_suffix('.').unwrap_or(name);
     name.parse::<std::net::IpAddr>().is_ok()
         || name.eq_ignore_ascii_case("localhost")
         || name.eq_ignore_ascii_case(own_host)
+        || machine_name().is_some_and(|m| {
+            name.eq_ignore_ascii_case(&m)
+                || name
+                    .split_once('.')
+                    .is_some_and(|(short, _)| short.eq_ignore_ascii_case(&m))
+        })
+}
+
+/// This machine's host name (as `hostname` prints it).
+fn machine_name() -> Option<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    let name = name.trim();
+    (!name.is_empty()).then(|| name.to_owned())
 }
 
 #[cfg(test)]
@@ -194,6 +213,8 @@ mod tests {
             401
         );
         assert_eq!(c.check(Access::Client, Some(&bearer(&admin))), Ok(()));
+        let lower = format!("bearer {}", admin.as_str());
+        assert_eq!(c.check(Access::Client, Some(&lower)), Ok(()));
         assert_eq!(c.check(Access::Client, Some(&bearer(&node))), Ok(()));
         assert_eq!(
             c.check(Access::Node, Some(&bearer(&admin))).unwrap_err().0,
@@ -216,6 +237,7 @@ mod tests {
             assert!(host_allowed(Some(ok), "node1"), "{ok}");
         }
         assert!(host_allowed(None, "node1"));
+        assert!(host_allowed(Some("localhost.:4321"), "node1"));
         assert!(!host_allowed(Some("evil.example:4321"), "node1"));
         assert!(!host_allowed(Some("127.0.0.1.evil.example"), "node1"));
     }

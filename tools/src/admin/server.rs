@@ -27,6 +27,9 @@ use tokio::sync::{Notify, Semaphore};
 const BODY_MAX: usize = 64 * 1024;
 /// Requests worked on at once.
 const ADMIN_CONCURRENCY: usize = 32;
+/// `/metrics` renderings at once, apart from the others: a flood of scrapes (which need no
+/// token) cannot take the slots of torusctl and the other nodes.
+const METRICS_CONCURRENCY: usize = 2;
 const CONNECTIONS_MAX: usize = 1024;
 const CONNECTIONS_PER_SOURCE: usize = 64;
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -51,6 +54,7 @@ struct Ctx {
     /// The host part of the admin address, accepted in `Host` besides IPs and localhost.
     own_host: String,
     busy: Arc<Semaphore>,
+    scrapes: Arc<Semaphore>,
 }
 
 impl AdminServer {
@@ -69,20 +73,20 @@ impl AdminServer {
             credentials,
             own_host,
             busy: Arc::new(Semaphore::new(ADMIN_CONCURRENCY)),
+            scrapes: Arc::new(Semaphore::new(METRICS_CONCURRENCY)),
         });
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
+        let listener = {
+            let _entered = rt.enter();
+            tokio::net::TcpListener::from_std(listener)?
+        };
         let stopped = stop.clone();
         let thread = std::thread::Builder::new()
             .name("torus-admin".into())
             .spawn(move || {
-                rt.block_on(async move {
-                    match tokio::net::TcpListener::from_std(listener) {
-                        Ok(l) => accept_loop(l, ctx, stopped).await,
-                        Err(e) => eprintln!("torusd: admin API: {e}"),
-                    }
-                });
+                rt.block_on(accept_loop(listener, ctx, stopped));
                 rt.shutdown_timeout(Duration::from_secs(1));
             })?;
         Ok(AdminServer { addr, stop, thread })
@@ -194,7 +198,11 @@ fn admitted(req: &Request<Incoming>, ctx: &Ctx) -> Result<(), Answer> {
             "requests from web pages (with an Origin header) are refused",
         ));
     }
-    let host = req.headers().get(HOST).and_then(|h| h.to_str().ok());
+    let host = match req.headers().get(HOST).map(|h| h.to_str()) {
+        None => None,
+        Some(Ok(h)) => Some(h),
+        Some(Err(_)) => return Err(error(400, "a Host header that is not text")),
+    };
     if !auth::host_allowed(host, &ctx.own_host) {
         return Err(error(
             403,
@@ -240,7 +248,19 @@ async fn answer(req: Request<Incoming>, ctx: &Arc<Ctx>) -> Answer {
             )
         }
     };
-    let Ok(permit) = ctx.busy.clone().try_acquire_owned() else {
+    if method == "GET" && url == "/healthz" {
+        return Answer {
+            code: 200,
+            body: "ok\n".into(),
+            content_type: "text/plain",
+        };
+    }
+    let slots = if url.split('?').next() == Some("/metrics") {
+        &ctx.scrapes
+    } else {
+        &ctx.busy
+    };
+    let Ok(permit) = slots.clone().try_acquire_owned() else {
         return error(503, "too many admin requests at once; retry");
     };
     let (tx, rx) = tokio::sync::oneshot::channel();

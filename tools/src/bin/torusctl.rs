@@ -25,7 +25,8 @@ struct Args {
     )]
     server: String,
     /// File with the admin token (default: $TORUS_TOKEN_FILE, else the one the node on this
-    /// host wrote for --server's address, ./torus-data/admin.token, /var/lib/torus/admin.token).
+    /// host wrote for --server's address, and for a loopback --server
+    /// /var/lib/torus/admin.token and ./torus-data/admin.token).
     #[arg(long, global = true, value_name = "PATH")]
     token_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
