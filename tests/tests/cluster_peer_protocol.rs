@@ -346,3 +346,67 @@ fn one_writing_node_per_volume_and_stale_writers_are_fenced() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// A peer that claims epochs past anything real (map and writer epoch `u64::MAX`) changes
+/// nothing: its write is answered RETRY (the node looks in etcd and finds neither), and the
+/// volume's real writer goes on writing. Before, the node took the forged writer epoch as the
+/// volume's newest and answered every real write FENCED (EIO) until it restarted.
+#[test]
+fn a_forged_writer_and_map_epoch_leave_real_writes_working() {
+    let etcd = Etcd::start();
+    let dir = TempDir::new("peer-forged");
+    let a = cluster_node(dir.path(), &etcd, "solo", 1);
+    wait_clean(&a, Duration::from_secs(60));
+    a.torusctl_ok(&["volume", "create", "vol", "64M", "--replicas", "1"]);
+    let mut writer = torus_tests::nbd::Client::connect(a.nbd_port, "vol").unwrap();
+    assert_eq!(writer.write(0, &[7u8; 4096], 0).unwrap(), 0);
+    let addr = peers(&a)[0]["peer_addr"].as_str().unwrap().to_owned();
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut hello = vec![0u8; 48];
+    hello[0] = 1;
+    hello[28..32].copy_from_slice(&6u32.to_le_bytes());
+    hello.resize(4096, 0);
+    hello.extend_from_slice(b"forger");
+    s.write_all(&frame(1, hello.len() as u32, 1, &hello, true))
+        .unwrap();
+    let vols: serde_json::Value =
+        serde_json::from_str(&a.torusctl_ok(&["volume", "list", "--json"])).unwrap();
+    let id = vols[0]["id"].as_u64().unwrap() as u32;
+    for (request, map_epoch) in [(1u64, u64::MAX), (2, 1)] {
+        let mut w = vec![0u8; 48];
+        w[0] = 2; // WRITE
+        w[4..8].copy_from_slice(&id.to_le_bytes());
+        w[8..16].copy_from_slice(&request.to_le_bytes());
+        w[24..28].copy_from_slice(&4096u32.to_le_bytes()); // len
+        w[28..32].copy_from_slice(&4096u32.to_le_bytes()); // data_len
+        w[32..40].copy_from_slice(&map_epoch.to_le_bytes());
+        w[40..48].copy_from_slice(&u64::MAX.to_le_bytes()); // writer epoch
+        w.resize(4096, 0);
+        w.extend_from_slice(&[9u8; 4096]);
+        s.write_all(&frame(1, w.len() as u32, 1, &w, true)).unwrap();
+        let mut h = [0u8; 32];
+        std::io::Read::read_exact(&mut s, &mut h).unwrap();
+        let len = u32::from_le_bytes(h[8..12].try_into().unwrap()) as usize;
+        let mut body = vec![0u8; len];
+        std::io::Read::read_exact(&mut s, &mut body).unwrap();
+        assert_eq!(body[0], 64, "a reply");
+        let status = u16::from_le_bytes([body[2], body[3]]);
+        assert_ne!(
+            status, 0,
+            "map epoch {map_epoch}: the forged write was applied"
+        );
+    }
+    // Time for the node's look in etcd.
+    std::thread::sleep(Duration::from_millis(500));
+    for i in 0..16u64 {
+        assert_eq!(
+            writer.write(i * 4096, &[8u8; 4096], 0).unwrap(),
+            0,
+            "a real write after the forged ones"
+        );
+    }
+    assert_eq!(writer.flush().unwrap(), 0);
+    assert_eq!(writer.read(0, 4096).unwrap().unwrap(), vec![8u8; 4096]);
+    writer.disconnect();
+}

@@ -412,7 +412,10 @@ impl Cluster {
         );
         match admitted {
             Ok(()) => {}
-            Err(Status::Retry) => return self.retry_later(req),
+            Err(Status::Retry) => {
+                self.check_claims(epoch, req.piece.volume, req.writer);
+                return self.retry_later(req);
+            }
             Err(s) => return req.done.call(Err(s)),
         }
         if !self.enter_inflight(epoch) {

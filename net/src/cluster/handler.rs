@@ -78,6 +78,18 @@ impl Handler for ClusterHandler {
                 }
                 let map_epoch = c.map().epoch;
                 let pg = c.pg_of(e.volume, e.offset);
+                // A newer map than this node's: asked again once it is here, and not counted
+                // in flight (a peer's made-up epochs would each add a counter).
+                if e.epoch > map_epoch {
+                    let s = match c.fence.check(e.volume, e.writer) {
+                        Err(Status::Fenced) => Status::Fenced,
+                        _ => Status::Retry,
+                    };
+                    if s == Status::Retry {
+                        c.check_claims(e.epoch, e.volume, e.writer);
+                    }
+                    return respond.reply(s, None);
+                }
                 if !c.enter_inflight(e.epoch) {
                     return respond.reply(Status::Retry, None);
                 }
@@ -92,6 +104,9 @@ impl Handler for ClusterHandler {
                 if let Err(s) = admitted {
                     c.local_done(e.epoch);
                     c.inflight_done(e.epoch);
+                    if s == Status::Retry {
+                        c.check_claims(e.epoch, e.volume, e.writer);
+                    }
                     return respond.reply(s, None);
                 }
                 if data.is_some() && replica_drops_this_write() {
@@ -151,8 +166,13 @@ impl Handler for ClusterHandler {
                     return respond.reply(Status::Retry, None);
                 }
                 let is_write = matches!(op, Op::CWrite | Op::CZero);
-                if is_write && !c.fence.admit(e.volume, e.writer) {
-                    return respond.reply(Status::Fenced, None);
+                if is_write {
+                    if let Err(s) = c.fence.check(e.volume, e.writer) {
+                        if s == Status::Retry {
+                            c.check_claims(e.epoch, e.volume, e.writer);
+                        }
+                        return respond.reply(s, None);
+                    }
                 }
                 let kind = match op {
                     Op::CRead => PieceKind::Read,

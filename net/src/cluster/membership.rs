@@ -212,7 +212,13 @@ impl Cluster {
                 self.map_ok
                     .fetch_max(self.since_born(sent), Ordering::AcqRel);
             }
-            tokio::time::sleep(MAP_POLL).await;
+            // At the next poll, or sooner when a peer wrote under a newer map.
+            tokio::select! {
+                _ = tokio::time::sleep(MAP_POLL) => {}
+                _ = self.map_wanted.notified() => {
+                    tokio::time::sleep(super::claims::CLAIMED_MAP_FETCH_GAP).await;
+                }
+            }
         }
     }
 

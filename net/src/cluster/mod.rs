@@ -41,6 +41,7 @@
 //! - `status.rs`: what `torusctl status` and `torusctl peers` show, and the stats a node
 //!   publishes.
 
+mod claims;
 mod data_path;
 mod durability;
 mod error;
@@ -151,6 +152,11 @@ pub struct Cluster {
     born: Instant,
     /// Highest writer epoch seen per volume; older writers are fenced.
     fence: Fence,
+    /// Volumes whose writer epoch a peer claimed newer than `fence` knows, being looked up
+    /// in etcd (`check_claims`).
+    verifying: Mutex<BTreeSet<u32>>,
+    /// Wakes the map loop: a peer wrote under a newer map than this node's.
+    map_wanted: tokio::sync::Notify,
     /// Writer locks this node holds: volume → epoch
     /// (its epoch, and the lock's value this session took it with).
     writing: Mutex<BTreeMap<u32, (u64, Vec<u8>)>>,
@@ -331,6 +337,8 @@ impl Cluster {
             map_ok: AtomicU64::new(0),
             born: Instant::now(),
             fence,
+            verifying: Mutex::new(BTreeSet::new()),
+            map_wanted: tokio::sync::Notify::new(),
             writing: Mutex::new(BTreeMap::new()),
             writer_epochs: ArcSwap::from_pointee(BTreeMap::new()),
             writer_sessions: AtomicU64::new(0),

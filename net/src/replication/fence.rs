@@ -26,7 +26,26 @@ impl Fence {
         }
     }
 
-    /// True when `writer` may write `volume` (and remembers it as the newest seen).
+    /// The newest writer epoch this node knows for `volume` (0: none).
+    pub fn known(&self, volume: u32) -> u64 {
+        self.writers
+            .with(volume, |seen| seen.load(Ordering::Acquire))
+    }
+
+    /// Whether `writer` is `volume`'s writer as far as this node knows, without adopting it:
+    /// a newer one than any known is a claim to check first (in etcd, `Cluster::verify_writer`),
+    /// or a peer could fence every real write with one forged epoch.
+    pub fn check(&self, volume: u32, writer: u64) -> Result<(), Status> {
+        let known = self.known(volume);
+        match writer.cmp(&known) {
+            std::cmp::Ordering::Less => Err(Status::Fenced),
+            std::cmp::Ordering::Equal => Ok(()),
+            std::cmp::Ordering::Greater => Err(Status::Retry),
+        }
+    }
+
+    /// True when `writer` may write `volume` (and remembers it as the newest seen): for
+    /// epochs this node has from etcd (its own lock, the records, a checked claim).
     pub fn admit(&self, volume: u32, writer: u64) -> bool {
         self.writers.with(volume, |seen| {
             seen.fetch_max(writer, Ordering::AcqRel) <= writer
@@ -40,6 +59,11 @@ impl Fence {
 /// replaced writer is fenced. Under one map a PG's writes have one coordinator, whose
 /// connections keep their order, so these two checks order every copy a replica applies.
 /// A PG this node does not have is refused as invalid.
+///
+/// A newer map than this node's, or a newer writer than it knows, is not taken on the
+/// sender's word: the sender asks again once this node has the map from etcd, or has checked
+/// the writer there (`Cluster::check_claims`). So a peer that sends epoch `u64::MAX` changes
+/// nothing here.
 pub fn admit_write(
     map_epoch: u64,
     epoch: u64,
@@ -59,8 +83,9 @@ pub fn admit_write(
     if epoch < map_epoch.max(seen) {
         return Err(Status::Retry);
     }
-    if !fence.admit(volume, writer) {
-        return Err(Status::Fenced);
+    fence.check(volume, writer)?;
+    if epoch > map_epoch {
+        return Err(Status::Retry);
     }
     // A newer copy of the PG admitted meanwhile (on another thread) wins, as it would have
     // had it come first.
@@ -81,9 +106,10 @@ mod tests {
         assert!(f.admit(1, 5));
         assert!(!f.admit(1, 4));
         assert!(f.admit(2, 1), "per volume");
+        assert!(f.admit(1, 6));
         assert_eq!(admit_write(3, 2, &f, 1, None, 6), Err(Status::Retry));
         assert_eq!(admit_write(3, 3, &f, 1, None, 4), Err(Status::Fenced));
-        assert_eq!(admit_write(3, 4, &f, 1, Some(7), 6), Ok(()));
+        assert_eq!(admit_write(4, 4, &f, 1, Some(7), 6), Ok(()));
         // A copy of PG 7 coordinated under map 3 after one under map 4 was applied here.
         assert_eq!(admit_write(3, 3, &f, 1, Some(7), 6), Err(Status::Retry));
         assert_eq!(admit_write(3, 3, &f, 1, Some(8), 6), Ok(()), "per PG");
@@ -92,5 +118,28 @@ mod tests {
             Err(Status::Einval),
             "no such PG"
         );
+    }
+
+    #[test]
+    fn a_newer_map_or_writer_than_this_node_knows_is_not_adopted() {
+        let f = Fence::new(16);
+        assert!(f.admit(1, 6));
+        // A forged frame: map and writer epochs far past anything real.
+        assert_eq!(
+            admit_write(3, u64::MAX, &f, 1, Some(7), 6),
+            Err(Status::Retry)
+        );
+        assert_eq!(
+            admit_write(3, 3, &f, 1, Some(7), u64::MAX),
+            Err(Status::Retry)
+        );
+        assert_eq!(f.known(1), 6, "the forged writer was not adopted");
+        // Real writes go on.
+        assert_eq!(admit_write(3, 3, &f, 1, Some(7), 6), Ok(()));
+        // A new writer, once checked in etcd and admitted, fences the old one.
+        assert_eq!(admit_write(3, 3, &f, 1, Some(7), 9), Err(Status::Retry));
+        assert!(f.admit(1, 9));
+        assert_eq!(admit_write(3, 3, &f, 1, Some(7), 9), Ok(()));
+        assert_eq!(admit_write(3, 3, &f, 1, Some(7), 6), Err(Status::Fenced));
     }
 }
