@@ -410,3 +410,79 @@ fn a_forged_writer_and_map_epoch_leave_real_writes_working() {
     assert_eq!(writer.read(0, 4096).unwrap().unwrap(), vec![8u8; 4096]);
     writer.disconnect();
 }
+
+/// Resident memory of a process, in bytes.
+fn rss(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+/// A peer that sends reads (1 GiB of them, in eight frames of 1024 reads of 128 KiB) and never
+/// reads the replies holds at most `SERVE_READ_BYTES` (32 MiB) of the node's memory, plus the
+/// frame being sent: the node answers RETRY past that and stops reading the connection, and
+/// goes on serving everyone else. Before, a reply left the count when it was queued, not sent,
+/// and the queue had no bound: the node's memory grew by the whole 1 GiB.
+#[test]
+fn a_peer_that_never_reads_its_replies_holds_a_bounded_amount_of_memory() {
+    let etcd = Etcd::start();
+    let dir = TempDir::new("peer-reads");
+    let a = cluster_node(dir.path(), &etcd, "solo", 1);
+    wait_clean(&a, Duration::from_secs(60));
+    a.torusctl_ok(&["volume", "create", "vol", "256M", "--replicas", "1"]);
+    let vols: serde_json::Value =
+        serde_json::from_str(&a.torusctl_ok(&["volume", "list", "--json"])).unwrap();
+    let id = vols[0]["id"].as_u64().unwrap() as u32;
+    let addr = peers(&a)[0]["peer_addr"].as_str().unwrap().to_owned();
+    let before = rss(a.pid());
+    let mut s = TcpStream::connect(&addr).unwrap();
+    let mut hello = vec![0u8; 48];
+    hello[0] = 1;
+    hello[28..32].copy_from_slice(&6u32.to_le_bytes());
+    hello.resize(4096, 0);
+    hello.extend_from_slice(b"reader");
+    s.write_all(&frame(1, hello.len() as u32, 1, &hello, true))
+        .unwrap();
+    // Written from another thread: once the node stops reading, the writes block.
+    let sender = std::thread::spawn(move || {
+        let chunk = 128u64 << 10;
+        for f in 0..8u64 {
+            let mut body = Vec::with_capacity(1024 * 48);
+            for i in 0..1024u64 {
+                let mut e = vec![0u8; 48];
+                e[0] = 5; // READ
+                e[4..8].copy_from_slice(&id.to_le_bytes());
+                e[8..16].copy_from_slice(&(f * 1024 + i + 1).to_le_bytes());
+                e[16..24].copy_from_slice(&((i % 2048) * chunk).to_le_bytes());
+                e[24..28].copy_from_slice(&(chunk as u32).to_le_bytes());
+                e[32..40].copy_from_slice(&u64::MAX.to_le_bytes());
+                body.extend_from_slice(&e);
+            }
+            if s.write_all(&frame(1, body.len() as u32, 1024, &body, true))
+                .is_err()
+            {
+                break;
+            }
+        }
+        s
+    });
+    std::thread::sleep(Duration::from_secs(5));
+    let grown = rss(a.pid()).saturating_sub(before);
+    eprintln!("torusd grew by {} MiB", grown >> 20);
+    assert!(
+        grown < 96 << 20,
+        "torusd grew by {} MiB for a peer that reads no replies",
+        grown >> 20
+    );
+    // Still serving others.
+    let out = run_ok(
+        Command::new(require_tool("nbdinfo", "libnbd-bin")).arg(a.uri("vol")),
+        T,
+    );
+    assert!(out.contains("268435456"), "{out}");
+    drop(sender);
+}

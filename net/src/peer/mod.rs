@@ -41,6 +41,7 @@
 //! the cluster hands it with each link and with the listener.
 
 mod awaiting;
+mod conn;
 mod link;
 mod listener;
 mod responder;

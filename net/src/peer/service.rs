@@ -17,13 +17,11 @@
 //! completes (`maybe_remove`).
 
 use super::awaiting::Awaiting;
+use super::conn::{Conn, Role};
 use super::link::{connect, LinkInner};
 use super::Responder;
-use super::{
-    retry, Callback, FlushRecorder, Handler, LogEvery, Outgoing, PeerMsg, Reply, COUNTERS,
-    OP_TIMEOUT,
-};
-use crate::wire::{self, Data, Entry, Header, Op, Status, HEADER_LEN};
+use super::{retry, LogEvery, Outgoing, PeerMsg, Reply, COUNTERS, OP_TIMEOUT};
+use crate::wire::{self, Data, Entry, Op, Status, HEADER_LEN};
 use io_uring::{opcode, types};
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::AsRawFd;
@@ -41,8 +39,15 @@ use torus_engine::{
 const BATCH_ENTRIES: usize = 1024;
 const BATCH_BYTES: usize = 8 << 20;
 
-/// Requests one incoming connection may have in flight on this node before it is not read.
+/// Requests one incoming connection may have in flight on this node (until their replies are
+/// sent) before it is not read.
 pub const SERVE_IN_FLIGHT: usize = 2048;
+/// Bytes the reads one incoming connection has in flight may answer with; a read past it is
+/// answered RETRY at once (the sender asks again). Beside `SERVE_IN_FLIGHT`, this bounds what
+/// a peer that sends reads and never takes their replies holds of this node's memory.
+pub const SERVE_READ_BYTES: usize = 32 << 20;
+/// The same for every incoming connection of a core together.
+pub const CORE_READ_BYTES: usize = 256 << 20;
 /// Connections one core serves for one node. A node opens one per core of its own (and a new
 /// one when the last failed), so more means old ones its side has given up on (a peer cut off
 /// or restarted without a reset): the oldest is closed to make room.
@@ -50,9 +55,6 @@ pub const SERVED_PER_PEER: usize = 64;
 /// Connections one core serves in all; past that a new one is closed at once.
 pub const SERVED_MAX: usize = 1024;
 
-/// Receive buffer per connection; a frame larger than what it holds is received straight into
-/// the frame's own buffer.
-const RECV_BUFFER: usize = 64 * 1024;
 /// How often a core with requests out looks for overdue ones.
 const TICK: Duration = Duration::from_millis(500);
 
@@ -81,78 +83,6 @@ fn count_received(entries: usize) {
         .fetch_add(entries as u64, Ordering::Relaxed);
 }
 
-enum Role {
-    /// This core's connection on a link: requests out, replies in.
-    Client {
-        link: Arc<LinkInner>,
-        next_id: u64,
-        queue: VecDeque<Outgoing>,
-        /// Sent, not answered: the callback, when it was sent, its group.
-        pending: HashMap<u64, (Callback, Instant, u64)>,
-    },
-    /// A connection from another node: requests in, replies out.
-    Served {
-        /// The peer's name (shared: every frame it sends hands it to the handler).
-        from: Arc<str>,
-        handler: Arc<dyn Handler>,
-        recorder: Arc<dyn FlushRecorder>,
-        in_flight: usize,
-        replies: VecDeque<(Entry, Option<Data>)>,
-    },
-}
-
-struct Conn {
-    /// None while connecting.
-    fd: Option<std::net::TcpStream>,
-    role: Role,
-    rbuf: Box<[u8]>,
-    rstart: usize,
-    rend: usize,
-    /// The frame whose body is being received, and how much of it has arrived.
-    body: Option<(Header, AlignedBuf, usize)>,
-    recv_armed: bool,
-    recv_into_body: bool,
-    out: Vec<u8>,
-    sent: usize,
-    send_armed: bool,
-    closing: bool,
-}
-
-impl Conn {
-    fn new(fd: Option<std::net::TcpStream>, role: Role) -> Conn {
-        Conn {
-            fd,
-            role,
-            rbuf: vec![0u8; RECV_BUFFER].into_boxed_slice(),
-            rstart: 0,
-            rend: 0,
-            body: None,
-            recv_armed: false,
-            recv_into_body: false,
-            out: Vec::new(),
-            sent: 0,
-            send_armed: false,
-            closing: false,
-        }
-    }
-
-    fn who(&self) -> String {
-        match &self.role {
-            Role::Client { link, .. } => format!("{} (core {})", link.addr, link.core),
-            Role::Served { from, .. } => format!("node {from}"),
-        }
-    }
-
-    /// What flushes this node when the other end closes the connection (`flush_every_core`):
-    /// the cluster's, handed over with the link or the listener.
-    fn recorder(&self) -> &dyn FlushRecorder {
-        match &self.role {
-            Role::Client { link, .. } => &*link.recorder,
-            Role::Served { recorder, .. } => &**recorder,
-        }
-    }
-}
-
 /// The peer connections one core owns.
 pub struct PeerService {
     core: usize,
@@ -168,6 +98,8 @@ pub struct PeerService {
     refused: u64,
     said: LogEvery,
     awaiting: Awaiting,
+    /// Bytes the reads of every served connection have in flight (`CORE_READ_BYTES`).
+    read_bytes: usize,
     /// The entries of the frame being sent, kept for its capacity (`try_send`).
     send_batch: Vec<(Entry, Option<Data>)>,
     /// Bodies of received frames that carry data, kept for reuse once the store is done
@@ -190,6 +122,7 @@ impl PeerService {
             refused: 0,
             said: LogEvery::default(),
             awaiting: Awaiting::default(),
+            read_bytes: 0,
             send_batch: Vec::new(),
             spare_bodies: SpareBuffers::new(SPARE_BODIES, SPARE_BODY_BYTES),
         }
@@ -351,7 +284,13 @@ impl PeerService {
     fn maybe_remove(&mut self, id: u64) {
         if let Some(c) = self.conns.get(&id) {
             if c.closing && !c.recv_armed && !c.send_armed {
-                self.conns.remove(&id);
+                if let Some(Conn {
+                    role: Role::Served { read_bytes, .. },
+                    ..
+                }) = self.conns.remove(&id)
+                {
+                    self.read_bytes -= read_bytes;
+                }
             }
         }
     }
@@ -366,8 +305,13 @@ impl PeerService {
         let Some(fd) = c.fd.as_ref().map(|f| f.as_raw_fd()) else {
             return;
         };
-        if let Role::Served { in_flight, .. } = &c.role {
-            if *in_flight >= SERVE_IN_FLIGHT {
+        if let Role::Served {
+            in_flight,
+            read_bytes,
+            ..
+        } = &c.role
+        {
+            if *in_flight >= SERVE_IN_FLIGHT || *read_bytes >= SERVE_READ_BYTES {
                 return;
             }
         }
@@ -531,12 +475,27 @@ impl PeerService {
                 from,
                 handler,
                 in_flight,
+                read_bytes,
+                charged,
                 ..
             } => {
                 let (from, handler) = (from.clone(), handler.clone());
                 *in_flight += entries.len();
                 for (e, start) in &entries {
                     let respond = Responder::conn(ctx.shared().clone(), self.core, id, e.id);
+                    if e.op == Op::Read as u8 || e.op == Op::CRead as u8 {
+                        let n = e.len as usize;
+                        if *read_bytes + n > SERVE_READ_BYTES
+                            || self.read_bytes + n > CORE_READ_BYTES
+                            || charged.contains_key(&e.id)
+                        {
+                            respond.reply(Status::Retry, None);
+                            continue;
+                        }
+                        *read_bytes += n;
+                        self.read_bytes += n;
+                        charged.insert(e.id, n);
+                    }
                     handler.handle(&from, self.core as u32, *e, data_of(e, *start), respond);
                 }
             }
@@ -574,15 +533,30 @@ impl PeerService {
                     batch.push((e, o.data));
                 }
             }
-            Role::Served { replies, .. } => {
+            Role::Served {
+                replies,
+                in_flight,
+                read_bytes,
+                charged,
+                ..
+            } => {
                 while batch.len() < BATCH_ENTRIES && bytes < BATCH_BYTES {
                     let Some(r) = replies.pop_front() else { break };
+                    // Counted out once its reply is in the frame being sent (one at a time
+                    // per connection, at most `BATCH_BYTES`).
+                    *in_flight = in_flight.saturating_sub(1);
+                    if let Some(n) = charged.remove(&r.0.id) {
+                        *read_bytes -= n;
+                        self.read_bytes -= n;
+                    }
                     bytes += r.1.as_ref().map_or(0, |d| d.len);
                     batch.push(r);
                 }
             }
         }
-        if !batch.is_empty() {
+        let served = matches!(c.role, Role::Served { .. });
+        let any = !batch.is_empty();
+        if any {
             wire::encode_frame(&mut batch, &mut c.out);
             count_sent(batch.len(), c.out.len());
             c.sent = 0;
@@ -590,6 +564,10 @@ impl PeerService {
         }
         batch.clear();
         self.send_batch = batch;
+        // Replies counted out: a connection not read for its requests in flight may be again.
+        if served && any {
+            self.arm_recv(ctx, id);
+        }
     }
 
     fn on_send(&mut self, ctx: &mut CoreContext, id: u64, result: i32) {
@@ -698,6 +676,8 @@ impl PeerService {
                     handler,
                     recorder,
                     in_flight: 0,
+                    read_bytes: 0,
+                    charged: HashMap::new(),
                     replies: VecDeque::new(),
                 };
                 let id = self.add(Conn::new(Some(fd), role));
@@ -708,11 +688,7 @@ impl PeerService {
                 let Some(c) = self.conns.get_mut(&conn) else {
                     return;
                 };
-                if let Role::Served {
-                    in_flight, replies, ..
-                } = &mut c.role
-                {
-                    *in_flight = in_flight.saturating_sub(1);
+                if let Role::Served { replies, .. } = &mut c.role {
                     if !c.closing {
                         replies.push_back((entry, data));
                     }
