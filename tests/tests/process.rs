@@ -482,3 +482,31 @@ fn lone_writes_skip_the_ring_and_a_deeper_queue_keeps_it() {
     assert!(metric_total(&node, "torus_disk_write_ops_total") >= 16384 / 2);
     node.stop();
 }
+
+/// The limits of a process, as `/proc/PID/limits` says: (soft, hard) for the line `name`.
+fn limit(pid: i32, name: &str) -> (String, String) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(name))
+        .unwrap_or_else(|| panic!("no {name} in {text}"));
+    let words: Vec<&str> = line[name.len()..].split_whitespace().collect();
+    (words[0].to_owned(), words[1].to_owned())
+}
+
+/// Started with a soft limit of 256 open files (a shell's default is 1024), torusd raises it to
+/// its hard limit before it opens anything: every client and peer holds a descriptor.
+#[test]
+fn the_open_files_limit_is_raised_to_the_hard_limit() {
+    let dir = TempDir::new("nofile");
+    let mut node = Torusd::start_wrapped(
+        &dir.0,
+        &[],
+        &[],
+        &["bash", "-c", "ulimit -Sn 256 && exec \"$0\" \"$@\""],
+    );
+    let (soft, hard) = limit(node.pid(), "Max open files");
+    assert_eq!(soft, hard, "soft limit {soft}, hard {hard}");
+    assert_ne!(soft, "256");
+    node.stop();
+}

@@ -299,7 +299,34 @@ pub fn main() {
     }
 }
 
+/// Raises this process's limit on open files to the most it may have: every NBD client, peer
+/// connection and admin connection holds one, and the common default of 1024 runs out long
+/// before the node's own caps do. Says so when the hard limit itself is low.
+fn raise_open_files_limit() {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write the struct given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) != 0 || l.rlim_cur >= l.rlim_max {
+            return;
+        }
+        l.rlim_cur = l.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+            return;
+        }
+    }
+    if l.rlim_max < 65536 {
+        eprintln!(
+            "torusd: at most {} open files (RLIMIT_NOFILE): clients and peers past that are refused; raise it (LimitNOFILE= in the systemd unit, ulimit -Hn)",
+            l.rlim_max
+        );
+    }
+}
+
 fn run(args: Args) -> Result<()> {
+    raise_open_files_limit();
     let lease_ttl = parse_duration(&args.lease_ttl, Duration::from_secs(3600))
         .map_err(|e| anyhow::anyhow!("--lease-ttl {e}"))?;
     let down_out_after = match args.down_out_after.as_str() {
