@@ -158,12 +158,7 @@ pub fn host_allowed(host: Option<&str>, own_host: &str) -> bool {
     name.parse::<std::net::IpAddr>().is_ok()
         || name.eq_ignore_ascii_case("localhost")
         || name.eq_ignore_ascii_case(own_host)
-        || machine_name().is_some_and(|m| {
-            name.eq_ignore_ascii_case(&m)
-                || name
-                    .split_once('.')
-                    .is_some_and(|(short, _)| short.eq_ignore_ascii_case(&m))
-        })
+        || machine_name().is_some_and(|m| name.eq_ignore_ascii_case(&m))
 }
 
 /// This machine's host name (as `hostname` prints it).
@@ -240,5 +235,10 @@ mod tests {
         assert!(host_allowed(Some("localhost.:4321"), "node1"));
         assert!(!host_allowed(Some("evil.example:4321"), "node1"));
         assert!(!host_allowed(Some("127.0.0.1.evil.example"), "node1"));
+        // A page on a name whose first label is this machine's name is a stranger too.
+        if let Some(m) = machine_name() {
+            assert!(host_allowed(Some(&format!("{m}:4321")), "node1"));
+            assert!(!host_allowed(Some(&format!("{m}.evil.example:4321")), "node1"));
+        }
     }
 }
