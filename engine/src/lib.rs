@@ -19,6 +19,7 @@ pub mod reactor;
 pub mod request;
 pub mod slot_allocator;
 pub mod socket;
+pub mod source_slots;
 pub mod spare_buffers;
 mod store;
 #[cfg(feature = "testing")]

@@ -1,6 +1,7 @@
 //! What the result of a receive or send on a stream socket means, in one place for every
 //! socket path (the NBD connections, the peer connections): an io_uring completion's `res`,
-//! or a syscall's return turned into `-errno`.
+//! or a syscall's return turned into `-errno`. Also the TCP keepalive both paths set
+//! (`keepalive`).
 //!
 //! - `n > 0`: `n` bytes moved.
 //! - `0`: end of stream. A receive of a non-empty buffer returns 0 only once the other end has
@@ -8,6 +9,29 @@
 //!   progress either. Callers never submit empty buffers, so 0 always means the stream is done.
 //! - `-EINTR`, `-EAGAIN` (`-EWOULDBLOCK`): nothing happened; submit the same operation again.
 //! - any other `-errno` (`ECONNRESET`, `EPIPE`, `ETIMEDOUT`...): the connection is broken.
+
+use std::time::Duration;
+
+/// TCP keepalive on NBD and peer connections: one whose other end stopped answering (a host
+/// powered off or cut off, no reset sent) fails after about `idle + interval × probes` (25 s).
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVE_PROBES: u32 = 3;
+
+/// Turns on TCP keepalive (see `KEEPALIVE_IDLE`) and, if given, a TCP user timeout (how long
+/// sent data may stay unacknowledged, when keepalive does not probe); a socket that refuses
+/// keeps working without them.
+pub fn keepalive(socket: &impl std::os::fd::AsFd, user_timeout: Option<Duration>) {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    let s = socket2::SockRef::from(socket);
+    let _ = s.set_tcp_keepalive(&ka);
+    if user_timeout.is_some() {
+        let _ = s.set_tcp_user_timeout(user_timeout);
+    }
+}
 
 /// Linux defines them as one value; the match below names only `EAGAIN`.
 const _: () = assert!(libc::EAGAIN == libc::EWOULDBLOCK);

@@ -8,9 +8,11 @@ pub mod cluster;
 mod etcd;
 pub mod fuzzing;
 pub mod nbd;
+pub mod nft;
 pub mod sockets;
 
 pub use etcd::Etcd;
+pub use nft::nft;
 pub use sockets::{connect_from, still_open};
 
 use std::io::Read;

@@ -16,7 +16,6 @@
 //! Short form in `cargo test` (one round). Long form:
 //! `TORUS_CAMPAIGN_ROUNDS=5 cargo test --release -p torus-tests --test campaign -- --nocapture`
 
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -232,25 +231,6 @@ fn verify_all(port: u16, model: &Mutex<Model>) {
     client.disconnect();
 }
 
-fn nft(ns: &NetNs, script: &str) {
-    let nft = require_tool("nft", "nftables");
-    let mut child = Command::new(require_tool("ip", "iproute2"))
-        .args(["netns", "exec", &ns.name])
-        .arg(nft)
-        .args(["-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .expect("run nft");
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    assert!(child.wait().unwrap().success(), "nft {script}");
-}
-
 fn signal(node: &Torusd, sig: i32) {
     // SAFETY: plain syscall on a pid we started.
     assert_eq!(unsafe { libc::kill(node.pid(), sig) }, 0);
@@ -396,14 +376,14 @@ fn one_nemesis_at_a_time_loses_nothing() {
                     ns.link(true);
                 }
                 Nemesis::OneWayC => {
-                    nft(&ns, "table inet torus_nemesis {\n chain out {\n type filter hook output priority 0; policy drop;\n oifname \"lo\" accept\n }\n}\n");
+                    nft(Some(&ns.name), "table inet torus_nemesis {\n chain out {\n type filter hook output priority 0; policy drop;\n oifname \"lo\" accept\n }\n}\n");
                     std::thread::sleep(HOLD);
-                    nft(&ns, "delete table inet torus_nemesis");
+                    nft(Some(&ns.name), "delete table inet torus_nemesis");
                 }
                 Nemesis::LossC => {
-                    nft(&ns, "table inet torus_nemesis {\n chain out {\n type filter hook output priority 0;\n numgen random mod 100 < 20 drop\n }\n chain in {\n type filter hook input priority 0;\n numgen random mod 100 < 20 drop\n }\n}\n");
+                    nft(Some(&ns.name), "table inet torus_nemesis {\n chain out {\n type filter hook output priority 0;\n numgen random mod 100 < 20 drop\n }\n chain in {\n type filter hook input priority 0;\n numgen random mod 100 < 20 drop\n }\n}\n");
                     std::thread::sleep(HOLD);
-                    nft(&ns, "delete table inet torus_nemesis");
+                    nft(Some(&ns.name), "delete table inet torus_nemesis");
                 }
                 Nemesis::BitFlipsB => {
                     b.stop();

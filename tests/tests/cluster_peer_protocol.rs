@@ -30,6 +30,46 @@ fn frame(version: u16, len: u32, count: u32, body: &[u8], fix_crc: bool) -> Vec<
     h
 }
 
+/// A peer connection to `addr` that has said hello as node `name`.
+fn hello_as(addr: &str, name: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    let mut hello = vec![0u8; 48];
+    hello[0] = 1; // HELLO
+    hello[28..32].copy_from_slice(&(name.len() as u32).to_le_bytes()); // data_len
+    hello.resize(4096, 0);
+    hello.extend_from_slice(name.as_bytes());
+    s.write_all(&frame(1, hello.len() as u32, 1, &hello, true))
+        .unwrap();
+    s
+}
+
+/// A frame of one WRITE of 4096 bytes of `fill` at offset 0 of `volume`, request `id`, sent
+/// under map `map_epoch` by writer `writer`.
+fn write_frame(volume: u32, id: u64, map_epoch: u64, writer: u64, fill: u8) -> Vec<u8> {
+    let mut w = vec![0u8; 48];
+    w[0] = 2; // WRITE
+    w[4..8].copy_from_slice(&volume.to_le_bytes());
+    w[8..16].copy_from_slice(&id.to_le_bytes());
+    w[24..28].copy_from_slice(&4096u32.to_le_bytes()); // len
+    w[28..32].copy_from_slice(&4096u32.to_le_bytes()); // data_len
+    w[32..40].copy_from_slice(&map_epoch.to_le_bytes());
+    w[40..48].copy_from_slice(&writer.to_le_bytes());
+    w.resize(4096, 0);
+    w.extend_from_slice(&[fill; 4096]);
+    frame(1, w.len() as u32, 1, &w, true)
+}
+
+/// The status of the first entry of the next frame on `s`, which must be a reply.
+fn reply_status(s: &mut TcpStream) -> u16 {
+    let mut h = [0u8; 32];
+    std::io::Read::read_exact(s, &mut h).unwrap();
+    let len = u32::from_le_bytes(h[8..12].try_into().unwrap()) as usize;
+    let mut body = vec![0u8; len];
+    std::io::Read::read_exact(s, &mut body).unwrap();
+    assert_eq!(body[0], 64, "a reply");
+    u16::from_le_bytes([body[2], body[3]])
+}
+
 /// Peer-protocol bad input (bad magic, header checksum, version, length over the limit, body
 /// checksum, entries past the body, random bytes, a write before the hello) closes the connection
 /// and the node goes on serving; so do bad magic and a bad body checksum after a hello. A hello
@@ -290,34 +330,11 @@ fn one_writing_node_per_volume_and_stale_writers_are_fenced() {
         .as_str()
         .unwrap()
         .to_owned();
-    let mut s = TcpStream::connect(&b_addr).unwrap();
+    let mut s = hello_as(&b_addr, "rogue");
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut hello = vec![0u8; 48];
-    hello[0] = 1;
-    hello[28..32].copy_from_slice(&5u32.to_le_bytes());
-    hello.resize(4096, 0);
-    hello.extend_from_slice(b"rogue");
-    s.write_all(&frame(1, hello.len() as u32, 1, &hello, true))
-        .unwrap();
-    let mut w = vec![0u8; 48];
-    w[0] = 2; // WRITE
-    w[4..8].copy_from_slice(&1u32.to_le_bytes()); // volume id 1
-    w[8..16].copy_from_slice(&99u64.to_le_bytes()); // request id
-    w[24..28].copy_from_slice(&4096u32.to_le_bytes()); // len
-    w[28..32].copy_from_slice(&4096u32.to_le_bytes()); // data_len
-    w[32..40].copy_from_slice(&u64::MAX.to_le_bytes()); // a map epoch newer than any
-    w[40..48].copy_from_slice(&1u64.to_le_bytes()); // writer epoch 1: stale
-    w.resize(4096, 0);
-    w.extend_from_slice(&[9u8; 4096]);
-    s.write_all(&frame(1, w.len() as u32, 1, &w, true)).unwrap();
-    let mut h = [0u8; 32];
-    std::io::Read::read_exact(&mut s, &mut h).unwrap();
-    let len = u32::from_le_bytes(h[8..12].try_into().unwrap()) as usize;
-    let mut body = vec![0u8; len];
-    std::io::Read::read_exact(&mut s, &mut body).unwrap();
-    assert_eq!(body[0], 64, "a reply");
-    let status = u16::from_le_bytes([body[2], body[3]]);
-    assert_eq!(status, 5, "FENCED");
+    // Volume 1, a map epoch newer than any, writer epoch 1: stale.
+    s.write_all(&write_frame(1, 99, u64::MAX, 1, 9)).unwrap();
+    assert_eq!(reply_status(&mut s), 5, "FENCED");
     // Deleting it through b, which has no client of it, is refused while a client is
     // connected through a, and names a.
     let out = b.torusctl(&["volume", "delete", "vol"]);
@@ -361,37 +378,15 @@ fn a_forged_writer_and_map_epoch_leave_real_writes_working() {
     let mut writer = torus_tests::nbd::Client::connect(a.nbd_port, "vol").unwrap();
     assert_eq!(writer.write(0, &[7u8; 4096], 0).unwrap(), 0);
     let addr = peers(&a)[0]["peer_addr"].as_str().unwrap().to_owned();
-    let mut s = TcpStream::connect(&addr).unwrap();
+    let mut s = hello_as(&addr, "forger");
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut hello = vec![0u8; 48];
-    hello[0] = 1;
-    hello[28..32].copy_from_slice(&6u32.to_le_bytes());
-    hello.resize(4096, 0);
-    hello.extend_from_slice(b"forger");
-    s.write_all(&frame(1, hello.len() as u32, 1, &hello, true))
-        .unwrap();
     let vols: serde_json::Value =
         serde_json::from_str(&a.torusctl_ok(&["volume", "list", "--json"])).unwrap();
     let id = vols[0]["id"].as_u64().unwrap() as u32;
     for (request, map_epoch) in [(1u64, u64::MAX), (2, 1)] {
-        let mut w = vec![0u8; 48];
-        w[0] = 2; // WRITE
-        w[4..8].copy_from_slice(&id.to_le_bytes());
-        w[8..16].copy_from_slice(&request.to_le_bytes());
-        w[24..28].copy_from_slice(&4096u32.to_le_bytes()); // len
-        w[28..32].copy_from_slice(&4096u32.to_le_bytes()); // data_len
-        w[32..40].copy_from_slice(&map_epoch.to_le_bytes());
-        w[40..48].copy_from_slice(&u64::MAX.to_le_bytes()); // writer epoch
-        w.resize(4096, 0);
-        w.extend_from_slice(&[9u8; 4096]);
-        s.write_all(&frame(1, w.len() as u32, 1, &w, true)).unwrap();
-        let mut h = [0u8; 32];
-        std::io::Read::read_exact(&mut s, &mut h).unwrap();
-        let len = u32::from_le_bytes(h[8..12].try_into().unwrap()) as usize;
-        let mut body = vec![0u8; len];
-        std::io::Read::read_exact(&mut s, &mut body).unwrap();
-        assert_eq!(body[0], 64, "a reply");
-        let status = u16::from_le_bytes([body[2], body[3]]);
+        s.write_all(&write_frame(id, request, map_epoch, u64::MAX, 9))
+            .unwrap();
+        let status = reply_status(&mut s);
         assert_ne!(
             status, 0,
             "map epoch {map_epoch}: the forged write was applied"
@@ -439,14 +434,7 @@ fn a_peer_that_never_reads_its_replies_holds_a_bounded_amount_of_memory() {
     let id = vols[0]["id"].as_u64().unwrap() as u32;
     let addr = peers(&a)[0]["peer_addr"].as_str().unwrap().to_owned();
     let before = rss(a.pid());
-    let mut s = TcpStream::connect(&addr).unwrap();
-    let mut hello = vec![0u8; 48];
-    hello[0] = 1;
-    hello[28..32].copy_from_slice(&6u32.to_le_bytes());
-    hello.resize(4096, 0);
-    hello.extend_from_slice(b"reader");
-    s.write_all(&frame(1, hello.len() as u32, 1, &hello, true))
-        .unwrap();
+    let mut s = hello_as(&addr, "reader");
     // Written from another thread: once the node stops reading, the writes block.
     let sender = std::thread::spawn(move || {
         let chunk = 128u64 << 10;

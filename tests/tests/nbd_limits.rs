@@ -2,7 +2,7 @@
 //! finish their handshake, and a connection whose client host vanished without a reset.
 
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 use torus_tests::nbd::Client;
 use torus_tests::*;
@@ -49,31 +49,15 @@ impl Blackhole {
         let script = format!(
             "table inet {table} {{\n chain input {{\n  type filter hook input priority 0; policy accept;\n  tcp sport {port} drop\n  tcp dport {port} drop\n }}\n}}\n"
         );
-        nft(&script);
+        nft(None, &script);
         Blackhole(table)
     }
 }
 
 impl Drop for Blackhole {
     fn drop(&mut self) {
-        nft(&format!("delete table inet {}", self.0));
+        nft(None, &format!("delete table inet {}", self.0));
     }
-}
-
-fn nft(script: &str) {
-    use std::io::Write;
-    let mut child = Command::new(require_tool("nft", "nftables"))
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("run nft");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    assert!(child.wait().unwrap().success(), "nft {script}");
 }
 
 /// A client attached to the volume whose host then vanishes without a reset (every packet to

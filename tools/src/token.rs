@@ -132,6 +132,14 @@ pub fn publish(token: &Token, data_dir: &Path, addrs: &[String]) -> std::io::Res
     Ok(path)
 }
 
+/// The host part of an address with a port: `node1` of `node1:4321`, `::1` of `[::1]:4321`.
+pub fn host_of(addr: &str) -> &str {
+    match addr.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => addr.rsplit_once(':').map_or(addr, |(h, _)| h),
+    }
+}
+
 /// The token `torusctl` sends to the admin API at `server` (`http://HOST:PORT`), and the file
 /// it came from: `explicit` (`--token-file`) or `$TORUS_TOKEN_FILE` if given (an error if
 /// unreadable), else the first found of the file a node on this host wrote for that address
@@ -161,10 +169,7 @@ pub fn find_for(
         .unwrap_or("");
     // A data dir's token goes only to a node on this host: to another one it would tell
     // that node this one's secret, over plain HTTP.
-    let host = match addr.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or(""),
-        None => addr.rsplit_once(':').map_or(addr, |(h, _)| h),
-    };
+    let host = host_of(addr);
     let local = host.eq_ignore_ascii_case("localhost")
         || host
             .parse::<std::net::IpAddr>()

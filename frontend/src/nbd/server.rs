@@ -7,9 +7,7 @@
 use super::handshake::{negotiate, Outcome};
 use super::transmission::NewConnection;
 use crate::exports::Exports;
-use parking_lot::Mutex;
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
@@ -17,6 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
+use torus_engine::source_slots::{Full, SourceSlots};
 use torus_engine::{Message, Shared};
 
 /// Handshakes in progress at once; a flood of idle sockets cannot exhaust threads.
@@ -24,22 +23,17 @@ pub const HANDSHAKES_MAX: usize = 64;
 /// Handshakes in progress at once from one address: one host opening sockets and sending
 /// nothing cannot take the slots every other client needs.
 pub const HANDSHAKES_PER_SOURCE: usize = 8;
-/// TCP keepalive on NBD connections: one whose client host vanished without a reset (power
-/// lost, a cut link) is closed after about `KEEPALIVE_IDLE + KEEPALIVE_INTERVAL *
-/// KEEPALIVE_PROBES` (25 s) instead of holding its volume's writer lock for good; with replies
-/// unacknowledged, after `USER_TIMEOUT`.
-const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
-const KEEPALIVE_PROBES: u32 = 3;
+/// NBD connections have TCP keepalive (`torus_engine::socket::keepalive`): one whose client
+/// host vanished without a reset (power lost, a cut link) is closed within about 25 s instead
+/// of holding its volume's writer lock for good; with replies unacknowledged, after this.
 const USER_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct NbdServer {
     pub exports: Arc<Exports>,
     shared: Arc<Shared>,
     next_core: AtomicUsize,
-    handshakes: AtomicUsize,
-    /// Handshakes in progress per client address (TCP only).
-    by_source: Mutex<HashMap<IpAddr, usize>>,
+    /// Handshakes in progress, in all and per client address (TCP only).
+    handshakes: Arc<SourceSlots>,
     stopping: AtomicBool,
 }
 
@@ -69,8 +63,7 @@ impl NbdServer {
             exports,
             shared,
             next_core: AtomicUsize::new(0),
-            handshakes: AtomicUsize::new(0),
-            by_source: Mutex::new(HashMap::new()),
+            handshakes: SourceSlots::new(HANDSHAKES_MAX, HANDSHAKES_PER_SOURCE),
             stopping: AtomicBool::new(false),
         })
     }
@@ -118,40 +111,6 @@ impl NbdServer {
         }
     }
 
-    /// Takes a handshake slot for a connection from `source` (None: the Unix socket), or
-    /// refuses it when all are taken or that address has its share.
-    fn begin_handshake(&self, source: Option<IpAddr>) -> bool {
-        if self.handshakes.fetch_add(1, Ordering::SeqCst) >= HANDSHAKES_MAX {
-            self.handshakes.fetch_sub(1, Ordering::SeqCst);
-            eprintln!("torus: nbd: too many handshakes in progress; closing a new connection");
-            return false;
-        }
-        if let Some(ip) = source {
-            let mut by = self.by_source.lock();
-            let n = by.entry(ip).or_insert(0);
-            if *n >= HANDSHAKES_PER_SOURCE {
-                drop(by);
-                self.handshakes.fetch_sub(1, Ordering::SeqCst);
-                return false;
-            }
-            *n += 1;
-        }
-        true
-    }
-
-    fn end_handshake(&self, source: Option<IpAddr>) {
-        if let Some(ip) = source {
-            let mut by = self.by_source.lock();
-            if let Some(n) = by.get_mut(&ip) {
-                *n -= 1;
-                if *n == 0 {
-                    by.remove(&ip);
-                }
-            }
-        }
-        self.handshakes.fetch_sub(1, Ordering::SeqCst);
-    }
-
     /// Negotiates on a connected stream (one end of a socket pair: `torusd --nbd-stdin`) on
     /// this thread and hands it to a core like an accepted socket.
     pub fn serve_stream(&self, stream: std::os::unix::net::UnixStream, peer: &str) {
@@ -167,7 +126,7 @@ impl NbdServer {
                 let accepted = match &listener {
                     Listener::Tcp(l) => l.accept().map(|(s, a)| {
                         let _ = s.set_nodelay(true);
-                        keepalive(&s);
+                        torus_engine::socket::keepalive(&s, Some(USER_TIMEOUT));
                         Accepted::Tcp(s, a)
                     }),
                     Listener::Unix(l, p) => l
@@ -189,19 +148,24 @@ impl NbdServer {
                     Accepted::Tcp(_, a) => Some(a.ip()),
                     Accepted::Unix(..) => None,
                 };
-                if !server.begin_handshake(source) {
-                    continue;
-                }
+                let slot = match server.handshakes.take(source) {
+                    Ok(slot) => slot,
+                    Err(Full::All) => {
+                        eprintln!(
+                            "torus: nbd: too many handshakes in progress; closing a new connection"
+                        );
+                        continue;
+                    }
+                    Err(Full::Source) => continue,
+                };
                 let srv = server.clone();
-                let spawned = std::thread::Builder::new()
+                // The slot goes back when the thread ends (or is not started).
+                let _ = std::thread::Builder::new()
                     .name("torus-nbd-handshake".into())
                     .spawn(move || {
+                        let _slot = slot;
                         srv.negotiate_and_hand_off(accepted);
-                        srv.end_handshake(source);
                     });
-                if spawned.is_err() {
-                    server.end_handshake(source);
-                }
             })
             .expect("spawn accept thread")
     }
@@ -210,18 +174,6 @@ impl NbdServer {
 enum Accepted {
     Tcp(std::net::TcpStream, SocketAddr),
     Unix(std::os::unix::net::UnixStream, String),
-}
-
-/// Turns on TCP keepalive and a user timeout (see `KEEPALIVE_IDLE`); a socket that refuses
-/// keeps working without them.
-fn keepalive(socket: &std::net::TcpStream) {
-    let ka = socket2::TcpKeepalive::new()
-        .with_time(KEEPALIVE_IDLE)
-        .with_interval(KEEPALIVE_INTERVAL)
-        .with_retries(KEEPALIVE_PROBES);
-    let s = socket2::SockRef::from(socket);
-    let _ = s.set_tcp_keepalive(&ka);
-    let _ = s.set_tcp_user_timeout(Some(USER_TIMEOUT));
 }
 
 /// Wakes a blocked `accept` so the accept thread sees `stop_accepting`.

@@ -14,8 +14,9 @@ use std::time::Duration;
 pub(super) const CLAIMED_MAP_FETCH_GAP: Duration = Duration::from_millis(20);
 
 impl Cluster {
-    /// Called when a write sent under map `epoch` by writer `writer` of `volume` was answered
-    /// "ask again": looks up in etcd what it claims and this node has not seen.
+    /// Called when a write sent under map `epoch` by writer `writer` of `volume` was refused:
+    /// looks up in etcd what it claims and this node has not seen (nothing, when it claims
+    /// nothing newer).
     pub(super) fn check_claims(self: &Arc<Self>, epoch: u64, volume: u32, writer: u64) {
         if epoch > self.map().epoch {
             self.map_wanted.notify_one();

@@ -81,13 +81,11 @@ impl Handler for ClusterHandler {
                 // A newer map than this node's: asked again once it is here, and not counted
                 // in flight (a peer's made-up epochs would each add a counter).
                 if e.epoch > map_epoch {
+                    c.check_claims(e.epoch, e.volume, e.writer);
                     let s = match c.fence.check(e.volume, e.writer) {
                         Err(Status::Fenced) => Status::Fenced,
                         _ => Status::Retry,
                     };
-                    if s == Status::Retry {
-                        c.check_claims(e.epoch, e.volume, e.writer);
-                    }
                     return respond.reply(s, None);
                 }
                 if !c.enter_inflight(e.epoch) {
@@ -104,9 +102,7 @@ impl Handler for ClusterHandler {
                 if let Err(s) = admitted {
                     c.local_done(e.epoch);
                     c.inflight_done(e.epoch);
-                    if s == Status::Retry {
-                        c.check_claims(e.epoch, e.volume, e.writer);
-                    }
+                    c.check_claims(e.epoch, e.volume, e.writer);
                     return respond.reply(s, None);
                 }
                 if data.is_some() && replica_drops_this_write() {
@@ -168,9 +164,7 @@ impl Handler for ClusterHandler {
                 let is_write = matches!(op, Op::CWrite | Op::CZero);
                 if is_write {
                     if let Err(s) = c.fence.check(e.volume, e.writer) {
-                        if s == Status::Retry {
-                            c.check_claims(e.epoch, e.volume, e.writer);
-                        }
+                        c.check_claims(e.epoch, e.volume, e.writer);
                         return respond.reply(s, None);
                     }
                 }

@@ -3,12 +3,13 @@
 //! the hello sent off the core (`connect`), then handed to the core. A closed link fails every
 //! request it holds with `RETRY`, and every request sent on it after.
 
-use super::{keepalive, retry, to_core, FlushRecorder, Outgoing, PeerMsg, CONNECT_TIMEOUT};
+use super::{retry, to_core, FlushRecorder, Outgoing, PeerMsg, CONNECT_TIMEOUT};
 use crate::wire::{self, Data, Entry, Op};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use torus_engine::socket::keepalive;
 use torus_engine::{current_core, AlignedBuf, Message, Shared};
 
 pub(super) struct LinkInner {
@@ -94,7 +95,7 @@ pub(super) async fn connect(link: Arc<LinkInner>, core: usize, conn: u64) {
             .ok()?
             .ok()?;
         let _ = s.set_nodelay(true);
-        keepalive(&s);
+        keepalive(&s, None);
         // Closing a dead connection resets it: nothing still queued in the kernel is
         // delivered later.
         let _ = s.set_zero_linger();

@@ -5,10 +5,11 @@
 //! reading at most `wire::HELLO_MAX` bytes for at most the hello timeout; past that, new ones
 //! are closed at once.
 
-use super::{keepalive, FlushRecorder, Handler, LogEvery, PeerMsg, CONNECT_TIMEOUT};
+use super::{FlushRecorder, Handler, LogEvery, PeerMsg, CONNECT_TIMEOUT};
 use crate::wire::{self, Op};
 use std::sync::Arc;
 use tokio::net::TcpStream;
+use torus_engine::socket::keepalive;
 use torus_engine::{Message, Shared};
 
 /// Incoming connections that may be waiting to send their hello at once.
@@ -59,7 +60,7 @@ pub async fn accept(
     shared: Arc<Shared>,
 ) {
     let _ = stream.set_nodelay(true);
-    keepalive(&stream);
+    keepalive(&stream, None);
     let peer = stream
         .peer_addr()
         .map(|a| a.to_string())

@@ -63,12 +63,6 @@ use torus_engine::{current_core, Message, Shared};
 pub const OP_TIMEOUT: Duration = Duration::from_secs(8);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Keepalive on peer connections: one whose other end stopped answering (a node powered off
-/// or cut off, no reset sent) fails after about `idle + interval × probes`.
-const KEEPALIVE_IDLE_S: u64 = 10;
-const KEEPALIVE_INTERVAL_S: u64 = 5;
-const KEEPALIVE_PROBES: u32 = 3;
-
 /// Frames and entries this process sent and received over peer connections (both directions
 /// of every link): entries per frame is the batching factor.
 pub struct Counters {
@@ -198,16 +192,6 @@ pub fn run_on_core(shared: &Shared, core: usize, f: Box<dyn FnOnce() + Send>) {
         return f();
     }
     shared.mailboxes[core].send(Message::Service(Box::new(PeerMsg::Run(f))));
-}
-
-/// Turns on TCP keepalive (see `KEEPALIVE_IDLE_S`); a socket that refuses keeps working
-/// without it.
-fn keepalive(socket: &impl std::os::fd::AsFd) {
-    let ka = socket2::TcpKeepalive::new()
-        .with_time(Duration::from_secs(KEEPALIVE_IDLE_S))
-        .with_interval(Duration::from_secs(KEEPALIVE_INTERVAL_S))
-        .with_retries(KEEPALIVE_PROBES);
-    let _ = socket2::SockRef::from(socket).set_tcp_keepalive(&ka);
 }
 
 /// What a node does with one request from a peer. Called on the core the connection belongs

@@ -14,6 +14,7 @@
 //! `Host` is not an IP address, `localhost`, or the admin address's own host (a DNS-rebinding
 //! page), before its token is looked at.
 
+use crate::token::host_of;
 pub use crate::token::Token;
 use std::path::Path;
 use torus_net::cluster::Cluster;
@@ -30,7 +31,8 @@ pub enum Access {
 }
 
 /// Every route of the admin API: method, path (`{x}` is any one segment) and who may call it.
-/// `routes::handle` answers each; a test walks this table.
+/// `routes::handle` answers each but `/healthz`, which the server answers itself (it takes no
+/// request slot); a test walks this table.
 pub const ROUTES: &[(&str, &str, Access)] = &[
     ("GET", "/metrics", Access::Public),
     ("GET", "/healthz", Access::Public),
@@ -58,15 +60,18 @@ pub const ROUTES: &[(&str, &str, Access)] = &[
 /// Who may call `method path`; `None`: no such route. A path that names no route still needs
 /// a token to learn that (`Access::Client`).
 pub fn access_of(method: &str, path: &str) -> Option<Access> {
-    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let segments = |p: &'static str| p.trim_matches('/').split('/');
     ROUTES.iter().find_map(|(m, pattern, access)| {
-        let want: Vec<&str> = pattern.trim_matches('/').split('/').collect();
+        let mut have = path.trim_matches('/').split('/');
+        let mut want = segments(pattern);
         let matches = *m == method
-            && want.len() == parts.len()
-            && want
-                .iter()
-                .zip(&parts)
-                .all(|(w, p)| w.starts_with('{') || w == p);
+            && loop {
+                match (want.next(), have.next()) {
+                    (None, None) => break true,
+                    (Some(w), Some(p)) if w.starts_with('{') || w == p => {}
+                    _ => break false,
+                }
+            };
         matches.then_some(*access)
     })
 }
@@ -143,29 +148,32 @@ impl Credentials {
     }
 }
 
+/// The names a request's `Host` may give besides IP addresses and `localhost`: the host of
+/// the admin address as given (`--admin-listen`) and this machine's host name (as `hostname`
+/// prints it), found once when the server starts.
+pub fn own_names(admin_listen: &str) -> Vec<String> {
+    let mut names = vec![host_of(admin_listen).to_owned()];
+    if let Ok(name) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        let name = name.trim();
+        if !name.is_empty() {
+            names.push(name.to_owned());
+        }
+    }
+    names
+}
+
 /// True when a request's `Host` header may be answered: an IP address (with or without a
-/// port), `localhost`, `own_host` (the host part of the admin address) or this machine's
-/// host name. Anything else is a name some page made resolve to this host (DNS rebinding).
-pub fn host_allowed(host: Option<&str>, own_host: &str) -> bool {
+/// port), `localhost`, or one of `own_names`. Anything else is a name some page made resolve
+/// to this host (DNS rebinding).
+pub fn host_allowed(host: Option<&str>, own_names: &[String]) -> bool {
     let Some(host) = host else {
         return true; // HTTP/1.0 without Host: not a browser's request
     };
-    let name = match host.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or(""),
-        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
-    };
+    let name = host_of(host);
     let name = name.strip_suffix('.').unwrap_or(name);
     name.parse::<std::net::IpAddr>().is_ok()
         || name.eq_ignore_ascii_case("localhost")
-        || name.eq_ignore_ascii_case(own_host)
-        || machine_name().is_some_and(|m| name.eq_ignore_ascii_case(&m))
-}
-
-/// This machine's host name (as `hostname` prints it).
-fn machine_name() -> Option<String> {
-    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
-    let name = name.trim();
-    (!name.is_empty()).then(|| name.to_owned())
+        || own_names.iter().any(|n| name.eq_ignore_ascii_case(n))
 }
 
 #[cfg(test)]
@@ -222,6 +230,7 @@ mod tests {
 
     #[test]
     fn hosts_a_rebinding_page_would_use_are_refused() {
+        let names = own_names("node1:4321");
         for ok in [
             "127.0.0.1:4321",
             "10.0.0.5",
@@ -229,16 +238,19 @@ mod tests {
             "localhost:4321",
             "node1:4321",
         ] {
-            assert!(host_allowed(Some(ok), "node1"), "{ok}");
+            assert!(host_allowed(Some(ok), &names), "{ok}");
         }
-        assert!(host_allowed(None, "node1"));
-        assert!(host_allowed(Some("localhost.:4321"), "node1"));
-        assert!(!host_allowed(Some("evil.example:4321"), "node1"));
-        assert!(!host_allowed(Some("127.0.0.1.evil.example"), "node1"));
+        assert!(host_allowed(None, &names));
+        assert!(host_allowed(Some("localhost.:4321"), &names));
+        assert!(!host_allowed(Some("evil.example:4321"), &names));
+        assert!(!host_allowed(Some("127.0.0.1.evil.example"), &names));
         // A page on a name whose first label is this machine's name is a stranger too.
-        if let Some(m) = machine_name() {
-            assert!(host_allowed(Some(&format!("{m}:4321")), "node1"));
-            assert!(!host_allowed(Some(&format!("{m}.evil.example:4321")), "node1"));
+        if let Some(m) = names.get(1) {
+            assert!(host_allowed(Some(&format!("{m}:4321")), &names));
+            assert!(!host_allowed(
+                Some(&format!("{m}.evil.example:4321")),
+                &names
+            ));
         }
     }
 }

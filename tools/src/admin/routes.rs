@@ -21,11 +21,6 @@ pub(super) fn handle(node: &Node, method: &str, url: &str, body: &[u8]) -> Answe
             body: metrics::render(node),
             content_type: "text/plain; version=0.0.4",
         },
-        ("GET", ["healthz"]) => Answer {
-            code: 200,
-            body: "ok\n".into(),
-            content_type: "text/plain",
-        },
         ("GET", ["v1", "status"]) => {
             let s = node.status();
             json(200, &s)

@@ -16,12 +16,11 @@ use hyper::body::{Bytes, Incoming};
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST, ORIGIN};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use parking_lot::Mutex;
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Notify, Semaphore};
+use torus_engine::source_slots::SourceSlots;
 
 /// Largest request body accepted.
 const BODY_MAX: usize = 64 * 1024;
@@ -51,19 +50,20 @@ pub struct AdminServer {
 struct Ctx {
     node: Arc<Node>,
     credentials: Credentials,
-    /// The host part of the admin address, accepted in `Host` besides IPs and localhost.
-    own_host: String,
+    /// The names accepted in `Host` besides IPs and localhost (`auth::own_names`).
+    own_names: Vec<String>,
     busy: Arc<Semaphore>,
     scrapes: Arc<Semaphore>,
 }
 
 impl AdminServer {
-    /// Serves the admin API on `listener` until `stop`.
+    /// Serves the admin API on `listener` (bound to `admin_listen`, the address as given)
+    /// until `stop`.
     pub fn start(
         node: Arc<Node>,
         listener: std::net::TcpListener,
         credentials: Credentials,
-        own_host: String,
+        admin_listen: &str,
     ) -> std::io::Result<AdminServer> {
         let addr = listener.local_addr()?;
         listener.set_nonblocking(true)?;
@@ -71,7 +71,7 @@ impl AdminServer {
         let ctx = Arc::new(Ctx {
             node,
             credentials,
-            own_host,
+            own_names: auth::own_names(admin_listen),
             busy: Arc::new(Semaphore::new(ADMIN_CONCURRENCY)),
             scrapes: Arc::new(Semaphore::new(METRICS_CONCURRENCY)),
         });
@@ -99,42 +99,8 @@ impl AdminServer {
     }
 }
 
-/// Connections open, in all and per source address.
-#[derive(Default)]
-struct Open {
-    all: usize,
-    by_source: HashMap<IpAddr, usize>,
-}
-
-/// A connection counted in `Open` until it is dropped.
-struct Counted(Arc<Mutex<Open>>, IpAddr);
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        let mut o = self.0.lock();
-        o.all -= 1;
-        if let Some(n) = o.by_source.get_mut(&self.1) {
-            *n -= 1;
-            if *n == 0 {
-                o.by_source.remove(&self.1);
-            }
-        }
-    }
-}
-
-fn admit(open: &Arc<Mutex<Open>>, ip: IpAddr) -> Option<Counted> {
-    let mut o = open.lock();
-    let here = o.by_source.get(&ip).copied().unwrap_or(0);
-    if o.all >= CONNECTIONS_MAX || here >= CONNECTIONS_PER_SOURCE {
-        return None;
-    }
-    o.all += 1;
-    o.by_source.insert(ip, here + 1);
-    Some(Counted(open.clone(), ip))
-}
-
 async fn accept_loop(listener: tokio::net::TcpListener, ctx: Arc<Ctx>, stop: Arc<Notify>) {
-    let open = Arc::new(Mutex::new(Open::default()));
+    let open = SourceSlots::new(CONNECTIONS_MAX, CONNECTIONS_PER_SOURCE);
     let mut refused_logged = false;
     loop {
         let accepted = tokio::select! {
@@ -150,7 +116,7 @@ async fn accept_loop(listener: tokio::net::TcpListener, ctx: Arc<Ctx>, stop: Arc
                 continue;
             }
         };
-        let Some(counted) = admit(&open, peer.ip()) else {
+        let Ok(slot) = open.take(Some(peer.ip())) else {
             if !refused_logged {
                 eprintln!(
                     "torusd: admin API: connection from {peer} refused: over {CONNECTIONS_PER_SOURCE} from one address or {CONNECTIONS_MAX} in all (logged once)"
@@ -162,7 +128,7 @@ async fn accept_loop(listener: tokio::net::TcpListener, ctx: Arc<Ctx>, stop: Arc
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
         tokio::spawn(async move {
-            let _counted = counted;
+            let _slot = slot;
             let service = hyper::service::service_fn(move |req| {
                 let ctx = ctx.clone();
                 async move { Ok::<_, std::convert::Infallible>(serve(req, ctx).await) }
@@ -203,7 +169,7 @@ fn admitted(req: &Request<Incoming>, ctx: &Ctx) -> Result<(), Answer> {
         Some(Ok(h)) => Some(h),
         Some(Err(_)) => return Err(error(400, "a Host header that is not text")),
     };
-    if !auth::host_allowed(host, &ctx.own_host) {
+    if !auth::host_allowed(host, &ctx.own_names) {
         return Err(error(
             403,
             format!(

@@ -572,12 +572,13 @@ fn run(args: Args) -> Result<()> {
     let admin_listener = std::net::TcpListener::bind(&args.admin_listen)
         .with_context(|| format!("listen for the admin API on {}", args.admin_listen))?;
     // The bound address: with port 0 the kernel picked one.
-    let admin_addr = admin_listener.local_addr()?.to_string();
+    let admin_bound = admin_listener.local_addr()?;
+    let admin_addr = admin_bound.to_string();
     let credentials = admin::auth::node_credentials(&args.data_dir, cluster.as_deref())?;
     let token_file = torus_tools::token::publish(
         &credentials.admin,
         &args.data_dir,
-        &token_addrs(&args.admin_listen, &admin_listener.local_addr()?),
+        &token_addrs(&args.admin_listen, &admin_bound),
     )
     .context("write the admin token")?;
     eprintln!(
@@ -600,12 +601,7 @@ fn run(args: Args) -> Result<()> {
         ublk: ublk.clone(),
         node_token: credentials.node.clone(),
     });
-    let own_host = args
-        .admin_listen
-        .rsplit_once(':')
-        .map_or("", |(h, _)| h)
-        .to_owned();
-    let admin_server = AdminServer::start(node, admin_listener, credentials, own_host)
+    let admin_server = AdminServer::start(node, admin_listener, credentials, &args.admin_listen)
         .context("start the admin API")?;
     // ublk devices a previous torusd served: taken back in the background (user recovery).
     let recovering = ublk.clone();

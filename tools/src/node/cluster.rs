@@ -141,7 +141,7 @@ impl Node {
             let url = format!("http://{}/v1/volumes/-/clone-local", p.admin_addr);
             loop {
                 let sent = self
-                    .to_node(ureq::AgentBuilder::new().timeout(CLONE_LOCAL_TIMEOUT), &url)
+                    .to_node(CLONE_LOCAL_TIMEOUT, &url)
                     .send_json(serde_json::json!({ "from": from, "to": to }));
                 match sent {
                     Ok(_) => break,
@@ -191,10 +191,7 @@ impl Node {
                 };
                 let url = format!("http://{}/v1/snapshots", p.admin_addr);
                 match self
-                    .to_node(
-                        ureq::AgentBuilder::new().timeout(SNAPSHOT_FORWARD_TIMEOUT),
-                        &url,
-                    )
+                    .to_node(SNAPSHOT_FORWARD_TIMEOUT, &url)
                     .send_json(serde_json::json!({ "name": name }))
                 {
                     // The writer's answer, success or error, is this request's answer.
@@ -246,8 +243,8 @@ impl Node {
     }
 
     /// A POST to another node's admin API, with the cluster's node token.
-    fn to_node(&self, agent: ureq::AgentBuilder, url: &str) -> ureq::Request {
-        let request = agent.build().post(url);
+    fn to_node(&self, timeout: Duration, url: &str) -> ureq::Request {
+        let request = ureq::AgentBuilder::new().timeout(timeout).build().post(url);
         match &self.node_token {
             Some(t) => request.set("Authorization", &format!("Bearer {}", t.as_str())),
             None => request,
@@ -282,7 +279,7 @@ impl Node {
             }
             let url = format!("http://{}/v1/volumes/{name}/scrub?local=1", p.admin_addr);
             match self
-                .to_node(ureq::AgentBuilder::new().timeout(SCRUB_LOCAL_TIMEOUT), &url)
+                .to_node(SCRUB_LOCAL_TIMEOUT, &url)
                 .call()
                 .map_err(|e| e.to_string())
                 .and_then(|r| r.into_json::<Vec<ScrubReport>>().map_err(|e| e.to_string()))
